@@ -1,0 +1,28 @@
+# The README's two commands: `make reproduce` (the demo reproduction) and `make test` (the test suite).
+# Both create the project virtual environment .venv on first use and reuse it afterwards.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PROFILE ?= demo
+ARGS ?=
+
+.PHONY: install reproduce test export clean-nbs
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e ".[dev]" 2>&1 \
+	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	touch $@
+
+reproduce: install
+	$(VENV)/bin/diffusegen reproduce --profile $(PROFILE) $(ARGS)
+
+test: install
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+# For developers: regenerate diffusegen/ from nbs/ and strip notebook noise (CI checks both leave no diff).
+export: install
+	$(VENV)/bin/nbdev-export
+clean-nbs: install
+	$(VENV)/bin/nbdev-clean
