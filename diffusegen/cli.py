@@ -11,7 +11,7 @@ from .core import DiffusegenError, ConfigError, STAGES, load_config, profiles
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/91_cli.ipynb #413a609e
+# %% ../nbs/91_cli.ipynb #3e8dbe02
 def _overrides(pairs) -> dict:
     "`--set key=value` pairs → dict."
     out = {}
@@ -50,6 +50,35 @@ def _cmd_data_download(a) -> int:
     from diffusegen.datasets import download_dataset
     print(download_dataset(a.name, a.dest)); return 0
 
+def _stage_cfg(a):
+    return load_config(a.profile, {**_overrides(a.set), **({"out": a.out} if getattr(a, "out", None) else {})})
+
+def _cmd_cluster(a) -> int:
+    from diffusegen.clustering import run_clustering
+    cfg = _stage_cfg(a)
+    s = run_clustering(cfg)
+    print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}, default=str))
+    return 0
+
+def _cmd_train(a) -> int:
+    from diffusegen.training import run_training
+    cfg = _stage_cfg(a)
+    if a.all and a.cluster is not None: raise ConfigError("train: give --cluster K or --all, not both")
+    if a.cluster is not None: clusters, full = [a.cluster], a.full        # one cluster model (and the full one with --full)
+    elif a.all: clusters, full = None, a.full                             # every selected cluster model
+    elif a.full: clusters, full = [], True                                # the full-data model only
+    else: clusters, full = None, None                                     # as settings.ini says
+    s = run_training(cfg, clusters=clusters, full=full, resume=not a.restart)
+    for r in s["models"]:
+        print(f"{r['name']:<12} {r['status']:<8} {r.get('steps', '')} steps  loss {r.get('first_loss', float('nan')):.4f} → {r.get('final_loss', float('nan')):.4f}")
+    return 0
+
+def _cmd_bench(a) -> int:
+    from diffusegen.bench import bench_train
+    if a.part not in ("train", "all"): raise ConfigError(f"bench {a.part}: not implemented yet (available: train)")
+    print(bench_train(a.profiles, steps=a.steps, device=a.device).to_markdown(index=False))
+    return 0
+
 def _cmd_weights(a) -> int:
     from diffusegen.weights import weights_report
     cfg = load_config(a.profile, _overrides(a.set))
@@ -60,7 +89,7 @@ def _cmd_config(a) -> int:
     if a.list: print("\n".join(profiles())); return 0
     print(json.dumps(load_config(a.profile, _overrides(a.set)).to_dict(), indent=2)); return 0
 
-# %% ../nbs/91_cli.ipynb #4375b1a2
+# %% ../nbs/91_cli.ipynb #d1d5ebcb
 def build_parser() -> argparse.ArgumentParser:
     "The `diffusegen` argument parser."
     P = argparse.ArgumentParser(prog="diffusegen", description="Synthetic labelled polyp data with diffusion models: "
@@ -99,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--size", type=int, default=256, help="image side in px (default 256)")
     dm.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     dm.set_defaults(func=_cmd_data_demo)
+
+    cl = sub.add_parser("cluster", help="§2.3: Inception features of images and masks, KMeans (the clustering stage)")
+    common(cl); cl.add_argument("--out", help="folder for figures/ and runs/"); cl.set_defaults(func=_cmd_cluster)
+    tr = sub.add_parser("train", help="§2.4: train the 4-channel diffusion models (per cluster and on the full set)",
+                        description="Train one model per selected cluster (train_clusters) and the full-data model "
+                        "(train_full); unfinished models resume from their last checkpoint.")
+    common(tr); tr.add_argument("--out", help="folder for figures/ and runs/")
+    tr.add_argument("--cluster", type=int, metavar="K", help="train only cluster K's model")
+    tr.add_argument("--all", action="store_true", help="every cluster model selected by train_clusters (default)")
+    tr.add_argument("--full", action="store_true", help="the full-data model (with --cluster/--all: as well)")
+    tr.add_argument("--resume", action="store_true", default=True, help="continue unfinished models from their last checkpoint (default)")
+    tr.add_argument("--restart", action="store_true", help="ignore checkpoints of unfinished models and start over")
+    tr.set_defaults(func=_cmd_train)
+    b = sub.add_parser("bench", help="measure speed and memory (figures/bench/)")
+    b.add_argument("part", nargs="?", default="all", choices=["train", "generate", "style", "segment", "all"])
+    b.add_argument("--profiles", nargs="+", default=["smoke", "demo", "paper"], help="profiles whose networks to measure")
+    b.add_argument("--steps", type=int, default=3, help="timed steps per profile (default 3)")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    b.set_defaults(func=_cmd_bench)
 
     w = sub.add_parser("weights", help="show where each pretrained network's weights are found (or where to put them)")
     common(w); w.set_defaults(func=_cmd_weights)

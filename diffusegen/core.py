@@ -34,7 +34,7 @@ def project_root() -> Path:
     pkg_parent = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
     return pkg_parent
 
-# %% ../nbs/00_core.ipynb #ca74e87c
+# %% ../nbs/00_core.ipynb #35748f25
 def _f(default, stage, help=""):
     return field(default=default, metadata={"stage": stage, "help": help})
 
@@ -59,6 +59,39 @@ class Config:
     demo_n: int = _f(60, "data")
     demo_size: int = _f(256, "data")
     demo_seed: int = _f(0, "data")
+    # clustering (§2.3)
+    n_clusters: int = _f(20, "clustering")
+    kmeans_seed: int = _f(0, "clustering")
+    kmeans_n_init: int = _f(10, "clustering")
+    feature_size: int = _f(256, "clustering")
+    clusters_from: str = _f("kmeans", "clustering")
+    # diffusion model and training (§2.4)
+    diffusion_steps: int = _f(1000, "training")
+    noise_schedule: str = _f("linear", "training")
+    block_out_channels: str = _f("256 256 512 512 1024 1024", "training")
+    layers_per_block: int = _f(2, "training")
+    attention_resolutions: str = _f("16 8", "training")
+    attention_head_dim: int = _f(64, "training")
+    dropout: float = _f(0.0, "training")
+    lr: float = _f(1e-4, "training")
+    weight_decay: float = _f(0.0, "training")
+    batch_size: str = _f("1", "training")
+    microbatch: int = _f(0, "training")
+    train_steps: int = _f(110000, "training")
+    full_train_steps: int = _f(200000, "training")
+    full_attention_resolutions: str = _f("32 16 8", "training")
+    full_lr: float = _f(1e-4, "training")
+    full_batch_size: str = _f("1", "training")
+    ema_rate: float = _f(0.9999, "training")
+    random_flip: bool = _f(True, "training")
+    mixed_precision: str = _f("bf16", "training")
+    save_interval: int = _f(10000, "run")
+    overwrite_models: bool = _f(False, "run")
+    train_clusters: str = _f("all", "training")
+    train_full: bool = _f(True, "training")
+    sample_weights: str = _f("raw", "training")
+    monitor_samples: int = _f(8, "training")
+    monitor_sample_steps: int = _f(100, "training")
     # pretrained weights (§2.3, §2.5)
     inception_weights: str = _f("auto", "weights")
     dino_weights: str = _f("auto", "weights")
@@ -69,7 +102,8 @@ class Config:
     device: str = _f("auto", "run")
     num_workers: int = _f(0, "run")
 
-    _choices = {"resize_mode": ("stretch", "center_crop"), "on_bad_pairs": ("error", "skip")}
+    _choices = {"resize_mode": ("stretch", "center_crop"), "on_bad_pairs": ("error", "skip"), "noise_schedule": ("linear",),
+                "mixed_precision": ("no", "bf16", "fp16"), "sample_weights": ("raw", "ema"), "clusters_from": ("kmeans", "paper")}
 
     def __post_init__(self):
         for k, allowed in self._choices.items():

@@ -64,11 +64,12 @@ def _execute(nb: Path, cfg: Config, data, overrides: dict, nbs_dir: Path, progre
     tmp.replace(final); failed.unlink(missing_ok=True)
     return final
 
-# %% ../nbs/90_runner.ipynb #b6d3a676
+# %% ../nbs/90_runner.ipynb #50352159
 def _failed_cell(executed, index: int) -> str:
     "Name a failed cell as the user sees it in the source notebook: its number (papermill's injected cell not counted) and first line."
     import nbformat
-    cells = nbformat.read(executed, as_version=4).cells
+    cells = [c for c in nbformat.read(executed, as_version=4).cells     # without the error cells papermill inserted
+             if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
     injected = sum("injected-parameters" in c.metadata.get("tags", []) for c in cells[:index])
     first = next((l for l in cells[index].source.splitlines() if l.strip() and not l.startswith("#|")), "").strip()
     return f"cell {index - injected + 1} ({first[:60]!r})"

@@ -16,40 +16,49 @@ def tiny_data(tmp_path_factory):
 
 def status(runs): return {r.stage.name: r.status for r in runs}
 
-def test_reproduce_runs_then_caches_then_reruns_on_change(tmp_path, tiny_data):
-    runs = reproduce("smoke", data=tiny_data, out=tmp_path, progress=False)
+FAST = {"train_steps": 3, "full_train_steps": 3, "save_interval": 3, "monitor_samples": 2, "monitor_sample_steps": 2}
+
+def test_reproduce_runs_then_caches_then_reruns_downstream(tmp_path, tiny_data):
+    runs = reproduce("smoke", data=tiny_data, out=tmp_path, overrides=FAST, progress=False)
     st = status(runs)
-    assert st["data"] == "ran"
-    assert all(st[s.name] in ("missing", "blocked") for s in STAGES[1:])      # not stubbed: reported as missing
+    existing = [s.name for s in STAGES if (ROOT/"nbs"/s.notebook).exists()]
+    assert existing[:3] == ["data", "clustering", "training"]
+    assert all(st[n] == "ran" for n in existing)
+    assert all(st[s.name] in ("missing", "blocked") for s in STAGES if s.name not in existing)   # never stubbed
     cfg = load_config("smoke", {"out": str(tmp_path)})
     report = (cfg.fig_dir/"report.md").read_text()
-    assert "## Not yet implemented" in report and "02_clustering.ipynb does not exist yet" in report
+    assert "## Not yet implemented" in report and "04_inpainting.ipynb does not exist yet" in report
     assert "Dataset summary" in report and "| training images" in report and "348" in report   # ours next to the paper's
+    assert "FID Inception-v3" in report                                                    # weights provenance (clustering)
     executed = cfg.fig_dir/"executed"/"01_data.ipynb"
     assert executed.exists() and (cfg.fig_dir/"data"/"fig1_samples.png").exists()
     nb = nbformat.read(executed, as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
     stamp = executed.stat().st_mtime_ns
 
-    assert status(reproduce("smoke", data=tiny_data, out=tmp_path, progress=False))["data"] == "cached"
-    assert executed.stat().st_mtime_ns == stamp                                # not re-executed
+    st = status(reproduce("smoke", data=tiny_data, out=tmp_path, overrides=FAST, progress=False))
+    assert all(st[n] == "cached" for n in existing) and executed.stat().st_mtime_ns == stamp   # nothing re-executed
 
-    runs = reproduce("smoke", data=tiny_data, out=tmp_path, overrides={"image_size": 24}, progress=False)
-    assert status(runs)["data"] == "ran" and (cfg.run_dir/"data"/"pairs_24.safetensors").exists()
-    assert status(reproduce("smoke", data=tiny_data, out=tmp_path, overrides={"device": "cpu", "image_size": 24},
-                            progress=False))["data"] == "cached"              # run-only settings keep the cache
+    st = status(reproduce("smoke", data=tiny_data, out=tmp_path, overrides={**FAST, "device": "cpu"}, progress=False))
+    assert all(st[n] == "cached" for n in existing)                                        # run-only settings keep the cache
+
+    with pytest.raises(StageFailed, match="finished model trained with other settings"):     # finished models are protected…
+        reproduce("smoke", data=tiny_data, out=tmp_path, overrides={**FAST, "n_clusters": 3}, progress=False)
+    st = status(reproduce("smoke", data=tiny_data, out=tmp_path, progress=False,
+                          overrides={**FAST, "n_clusters": 3, "overwrite_models": True}))
+    assert st["data"] == "cached" and st["clustering"] == "cached" and st["training"] == "ran"  # …unless asked to retrain
 
     shutil.copy(tiny_data/"images"/"demo_0000.jpg", tiny_data/"images"/"extra.jpg")
     shutil.copy(tiny_data/"masks"/"demo_0000.png", tiny_data/"masks"/"extra.png")
     try:
-        assert status(reproduce("smoke", data=tiny_data, out=tmp_path, overrides={"image_size": 24},
-                                progress=False))["data"] == "ran"             # new data files: redone
+        st = status(reproduce("smoke", data=tiny_data, out=tmp_path, overrides={**FAST, "n_clusters": 3}, only=["data"], progress=False))
+        assert st["data"] == "ran" and st["clustering"] == "skipped"                      # new data files: redone
     finally:
         (tiny_data/"images"/"extra.jpg").unlink(); (tiny_data/"masks"/"extra.png").unlink()
 
 def test_only_selects_stages(tmp_path, tiny_data):
-    runs = reproduce("smoke", data=tiny_data, out=tmp_path, only=["clustering"], progress=False)
-    assert status(runs)["data"] == "skipped"
+    st = status(reproduce("smoke", data=tiny_data, out=tmp_path, only=["clustering"], progress=False))
+    assert st["data"] == "skipped" and st["clustering"] == "blocked"
     assert status(reproduce("smoke", data=tiny_data, out=tmp_path, only=["data"], progress=False))["data"] == "ran"
 
 def _failing_notebook(path):
@@ -67,7 +76,8 @@ def test_failing_notebook_stops_naming_notebook_and_cell(tmp_path, tiny_data):
     with pytest.raises(StageFailed) as e:
         reproduce("smoke", data=tiny_data, out=out, nbs_dir=nbs, progress=False)
     msg = str(e.value)
-    assert "\n" not in msg and "02_clustering.ipynb" in msg and "cell 3" in msg and "ValueError: clusters went wrong" in msg
+    assert "\n" not in msg and "02_clustering.ipynb" in msg and "ValueError: clusters went wrong" in msg
+    assert "cell 3 (\"raise ValueError('clusters went wrong')\")" in msg, msg
     cfg = load_config("smoke", {"out": str(out)})
     state = json.loads((cfg.run_dir/"stages.json").read_text())
     assert state["data"]["status"] == "done" and state["clustering"]["status"] == "failed"
