@@ -10,7 +10,7 @@ import pandas as pd
 from .core import load_config, write_json, atomic_write, project_root
 
 # %% auto #0
-__all__ = ['train_worker', 'bench_train']
+__all__ = ['train_worker', 'bench_train', 'generate_worker', 'bench_generate']
 
 # %% ../nbs/92_bench.ipynb #5a8dbfe0
 def _rss_mb() -> float:
@@ -72,4 +72,82 @@ def bench_train(profiles=("smoke", "demo", "paper"), steps: int = 3, device: str
     write_json(d/"train.json", {"rows": rows, "versions": _versions(), "steps": steps})
     with atomic_write(d/"train.md") as f:
         f.write(f"# bench train\n\n{json.dumps(_versions())}\n\n" + df.to_markdown(index=False) + "\n")
+    return df
+
+# %% ../nbs/92_bench.ipynb #94f9dbf8
+def _diffusers_repaint(unet, T: int, jump_length: int, resample: int, init4, keep, generator):
+    "diffusers' RePaintScheduler loop (as its deprecated pipeline runs it); returns (x, network evaluations)."
+    import torch
+    from diffusers import RePaintScheduler
+    sch = RePaintScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, eta=0.0)
+    sch.set_timesteps(T, jump_length=jump_length, jump_n_sample=resample, device=init4.device)
+    x = torch.randn(init4.shape, generator=generator).to(init4.device)
+    calls, t_last = 0, sch.timesteps[0] + 1
+    with torch.no_grad():
+        for t in sch.timesteps:
+            if t < t_last:
+                eps = unet(x, t).sample[:, :init4.shape[1]]; calls += 1
+                x = sch.step(eps, t, x, init4, keep, generator).prev_sample
+            else:
+                x = sch.undo_step(x, t_last, generator)
+            t_last = t
+    return x, calls
+
+def generate_worker(profile: str, respacing: int = 50, batch: int | None = None, device: str = "auto") -> list[dict]:
+    "Time `repaint` and the diffusers loop at batch 1 and `batch` (default the profile's inpaint_batch) in this process."
+    import torch
+    from diffusegen.core import resolve_device, torch_generator
+    from diffusegen.training import build_unet
+    from diffusegen.inpainting import inpaint_diffusion, inpaint_inputs, repaint, schedule_counts
+    cfg = load_config(profile, {"device": device, "timestep_respacing": respacing})
+    dev = resolve_device(cfg); S = cfg.image_size
+    unet = build_unet(cfg, seed=0).to(dev).eval()
+    diff = inpaint_diffusion(cfg)
+    full_nfe = schedule_counts(load_config(profile).timestep_respacing, cfg.jump_length, cfg.resample)["nfe"]
+    rows = []
+    for B in sorted({1, batch or cfg.inpaint_batch}):
+        x4 = torch.rand(B, 4, S, S, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+        x4[:, 3] = torch.where((yy - S / 2) ** 2 + (xx - S / 2) ** 2 < (S / 5) ** 2, 1.0, -1.0)
+        init4, known, _ = inpaint_inputs(x4, cfg.dilation)
+        init4, known = init4.to(dev), known.to(dev)
+        calls = []
+        def fn(x, t): calls.append(1); return unet(x, t).sample
+        with torch.no_grad(): unet(init4, torch.full((B,), 999, device=dev))     # warm-up (allocations)
+        res = {}
+        for impl in ("diffusegen", "diffusers"):
+            if dev.type == "cuda": torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if impl == "diffusegen":
+                repaint(fn, diff, init4, known, [torch_generator(i) for i in range(B)], cfg.jump_length, cfg.resample); n = len(calls)
+            else:
+                _, n = _diffusers_repaint(unet, respacing, cfg.jump_length, cfg.resample, init4, known, torch_generator(0))
+            if dev.type == "cuda": torch.cuda.synchronize()
+            res[impl] = (time.perf_counter() - t0, n)
+        for impl, (sec, n) in res.items():
+            rows.append({"profile": profile, "device": str(dev) + (f" ({torch.cuda.get_device_name()})" if dev.type == "cuda" else ""),
+                         "impl": impl if impl == "diffusegen" else "diffusers RePaintScheduler (eps only, eta 0)",
+                         "image_size": S, "batch": B, "respacing": respacing, "jump_length": cfg.jump_length, "resample": cfg.resample,
+                         "nfe_per_image": n, "seconds": round(sec, 3), "images_per_second": round(B / sec, 4),
+                         "ms_per_eval_image": round(1000 * sec / (n * B), 3),
+                         "ratio_diffusers_over_ours": round(res["diffusers"][0] / res["diffusegen"][0], 3),
+                         "profile_nfe": full_nfe, "projected_images_per_second_at_profile_nfe": round(B / sec * n / full_nfe, 5)})
+    return rows
+
+def bench_generate(profiles=("demo",), respacing: int = 50, batch: int | None = None, device: str = "auto", out=None,
+                   progress: bool = True) -> pd.DataFrame:
+    "Run `generate_worker` per profile in a fresh process; write figures/bench/generate.{json,md}; return the table."
+    rows = []
+    for p in profiles:
+        code = (f"import json; from diffusegen.bench import generate_worker; "
+                f"print('@@' + json.dumps(generate_worker({p!r}, {respacing}, {batch!r}, {device!r})))")
+        if progress: print(f"bench generate: {p} …", flush=True)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project_root())
+        line = [l for l in r.stdout.splitlines() if l.startswith("@@")]
+        rows += json.loads(line[0][2:]) if line else [{"profile": p, "error": (r.stderr.strip().splitlines() or ["failed"])[-1]}]
+    df = pd.DataFrame(rows)
+    d = Path(out or project_root()/"figures"/"bench"); d.mkdir(parents=True, exist_ok=True)
+    write_json(d/"generate.json", {"rows": rows, "versions": _versions(), "respacing": respacing})
+    with atomic_write(d/"generate.md") as f:
+        f.write(f"# bench generate\n\n{json.dumps(_versions())}\n\n" + df.to_markdown(index=False) + "\n")
     return df

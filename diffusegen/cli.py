@@ -11,7 +11,7 @@ from .core import DiffusegenError, ConfigError, STAGES, load_config, profiles
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/91_cli.ipynb #3e8dbe02
+# %% ../nbs/91_cli.ipynb #bc890c0d
 def _overrides(pairs) -> dict:
     "`--set key=value` pairs → dict."
     out = {}
@@ -73,10 +73,27 @@ def _cmd_train(a) -> int:
         print(f"{r['name']:<12} {r['status']:<8} {r.get('steps', '')} steps  loss {r.get('first_loss', float('nan')):.4f} → {r.get('final_loss', float('nan')):.4f}")
     return 0
 
+def _cmd_inpaint(a) -> int:
+    from diffusegen.inpainting import run_inpainting
+    s = run_inpainting(_stage_cfg(a), types=tuple(a.types))
+    print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}, default=str))
+    return 0
+
+def _cmd_style(a) -> int:
+    from diffusegen.styling import run_styling
+    s = run_styling(_stage_cfg(a))
+    print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}, default=str))
+    return 0
+
 def _cmd_bench(a) -> int:
-    from diffusegen.bench import bench_train
-    if a.part not in ("train", "all"): raise ConfigError(f"bench {a.part}: not implemented yet (available: train)")
-    print(bench_train(a.profiles, steps=a.steps, device=a.device).to_markdown(index=False))
+    from diffusegen import bench
+    parts = {"train": "bench_train", "generate": "bench_generate"}
+    todo = list(parts) if a.part == "all" else [a.part]
+    for p in todo:
+        if p not in parts: raise ConfigError(f"bench {p}: not implemented yet (available: {', '.join(parts)})")
+        fn = getattr(bench, parts[p])
+        df = fn(a.profiles, steps=a.steps, device=a.device) if p == "train" else fn(a.profiles, device=a.device)
+        print(df.to_markdown(index=False))
     return 0
 
 def _cmd_weights(a) -> int:
@@ -89,7 +106,7 @@ def _cmd_config(a) -> int:
     if a.list: print("\n".join(profiles())); return 0
     print(json.dumps(load_config(a.profile, _overrides(a.set)).to_dict(), indent=2)); return 0
 
-# %% ../nbs/91_cli.ipynb #d1d5ebcb
+# %% ../nbs/91_cli.ipynb #4c90577f
 def build_parser() -> argparse.ArgumentParser:
     "The `diffusegen` argument parser."
     P = argparse.ArgumentParser(prog="diffusegen", description="Synthetic labelled polyp data with diffusion models: "
@@ -141,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", default=True, help="continue unfinished models from their last checkpoint (default)")
     tr.add_argument("--restart", action="store_true", help="ignore checkpoints of unfinished models and start over")
     tr.set_defaults(func=_cmd_train)
+    ip = sub.add_parser("inpaint", help="§2.5: RePaint inpainting of new polyps and masks (Diff, Full-Diff)")
+    common(ip); ip.add_argument("--out", help="folder for figures/ and runs/")
+    ip.add_argument("--types", nargs="+", default=["diff", "full-diff"], choices=["diff", "full-diff"], help="which synthetic sets")
+    ip.set_defaults(func=_cmd_inpaint)
+    st = sub.add_parser("style", help="§2.5: the guided styling of the inpainted samples (Styled-Diff, Full-Styled-Diff)")
+    common(st); st.add_argument("--out", help="folder for figures/ and runs/"); st.set_defaults(func=_cmd_style)
     b = sub.add_parser("bench", help="measure speed and memory (figures/bench/)")
     b.add_argument("part", nargs="?", default="all", choices=["train", "generate", "style", "segment", "all"])
     b.add_argument("--profiles", nargs="+", default=["smoke", "demo", "paper"], help="profiles whose networks to measure")

@@ -34,7 +34,7 @@ def project_root() -> Path:
     pkg_parent = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
     return pkg_parent
 
-# %% ../nbs/00_core.ipynb #35748f25
+# %% ../nbs/00_core.ipynb #1b16a7f4
 def _f(default, stage, help=""):
     return field(default=default, metadata={"stage": stage, "help": help})
 
@@ -92,6 +92,34 @@ class Config:
     sample_weights: str = _f("raw", "training")
     monitor_samples: int = _f(8, "training")
     monitor_sample_steps: int = _f(100, "training")
+    # inpainting (§2.5, Appendix B.3; paper-code-facts b.3, b.4, c)
+    timestep_respacing: int = _f(200, "inpainting")
+    jump_length: int = _f(10, "inpainting")
+    resample: int = _f(5, "inpainting")
+    inpaint_variant: str = _f("paper-code", "inpainting")
+    skip_timesteps: int = _f(80, "inpainting")
+    dilation: int = _f(20, "inpainting")
+    mask_open: int = _f(16, "inpainting")
+    samples_per_image: int = _f(3, "inpainting")
+    inpaint_images: int = _f(0, "inpainting")
+    inpaint_batch: int = _f(8, "run")
+    # styling (§2.5, Appendix A.1.2, B.3; paper-code-facts b.5)
+    style_respacing: int = _f(200, "styling")
+    style_start: int = _f(119, "styling")
+    diff_iter: int = _f(100, "styling")
+    lambda_sty: float = _f(10000.0, "styling")
+    lambda_l2: float = _f(10000.0, "styling")
+    lambda_sem: float = _f(40000.0, "styling")
+    lambda_rng: float = _f(200.0, "styling")
+    lambda_zecon: float = _f(500.0, "styling")
+    lambda_vgg: float = _f(100.0, "styling")
+    lambda_mse: float = _f(5000.0, "styling")
+    zecon_patches: int = _f(256, "styling")
+    zecon_tau: float = _f(0.07, "styling")
+    noise_aug: bool = _f(True, "styling")
+    color_match: bool = _f(True, "styling")
+    style_images: int = _f(0, "styling")
+    style_batch: int = _f(4, "run")
     # pretrained weights (§2.3, §2.5)
     inception_weights: str = _f("auto", "weights")
     dino_weights: str = _f("auto", "weights")
@@ -103,7 +131,8 @@ class Config:
     num_workers: int = _f(0, "run")
 
     _choices = {"resize_mode": ("stretch", "center_crop"), "on_bad_pairs": ("error", "skip"), "noise_schedule": ("linear",),
-                "mixed_precision": ("no", "bf16", "fp16"), "sample_weights": ("raw", "ema"), "clusters_from": ("kmeans", "paper")}
+                "mixed_precision": ("no", "bf16", "fp16"), "sample_weights": ("raw", "ema"), "clusters_from": ("kmeans", "paper"),
+                "inpaint_variant": ("paper-code", "paper-text")}
 
     def __post_init__(self):
         for k, allowed in self._choices.items():

@@ -95,7 +95,7 @@ def spec_hash(cfg: Config, spec: ModelSpec) -> str:
     d = {"settings": cfg.keys_for("training"), "image_size": cfg.image_size, "spec": asdict(spec)}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
-# %% ../nbs/03_training.ipynb #c5c544b7
+# %% ../nbs/03_training.ipynb #691de45c
 def step_seed(seed: int, name: str, step: int) -> int:
     "A 63-bit seed for (global seed, model name, step)."
     h = hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()
@@ -143,7 +143,7 @@ def train_step(unet, opt, diffusion: GaussianDiffusion, x0, t, noise, microbatch
         sl = slice(i, i + mb)
         with _autocast(device, mixed_precision):
             out = unet(x_t[sl], diffusion.model_timesteps(t[sl])).sample
-        terms = diffusion.training_losses(out.float(), x0[sl], t[sl], noise[sl])
+        terms = diffusion.training_losses(out.float(), x0[sl], t[sl], noise[sl], x_t=x_t[sl])
         loss = terms["loss"].sum() / B                       # weighted: exact gradient of the full-batch mean
         (scaler.scale(loss) if scaler else loss).backward()
         for k in tot: tot[k] += float(terms[k].detach().sum()) / B

@@ -18,7 +18,7 @@ def test_every_setting_cites_its_source():
     for l in lines:
         assert ";" in l, f"no comment: {l}"
         comment = l.split(";", 1)[1]
-        assert re.search(r"§\d|Table|Fig\.|paper-code-facts", comment), f"no source cited: {l}"
+        assert re.search(r"§\d|Table|Fig\.|Appendix [AB]|paper-code-facts", comment), f"no source cited: {l}"
 
 def test_every_config_field_is_in_default_section():
     keys = set(read_settings()["DEFAULT"]) | {"base"}

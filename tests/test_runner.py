@@ -27,7 +27,7 @@ def test_reproduce_runs_then_caches_then_reruns_downstream(tmp_path, tiny_data):
     assert all(st[s.name] in ("missing", "blocked") for s in STAGES if s.name not in existing)   # never stubbed
     cfg = load_config("smoke", {"out": str(tmp_path)})
     report = (cfg.fig_dir/"report.md").read_text()
-    assert "## Not yet implemented" in report and "04_inpainting.ipynb does not exist yet" in report
+    assert "## Not yet implemented" in report and "06_intrinsic.ipynb does not exist yet" in report
     assert "Dataset summary" in report and "| training images" in report and "348" in report   # ours next to the paper's
     assert "FID Inception-v3" in report                                                    # weights provenance (clustering)
     executed = cfg.fig_dir/"executed"/"01_data.ipynb"
