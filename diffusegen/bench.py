@@ -12,7 +12,7 @@ from .core import load_config, write_json, atomic_write, project_root
 # %% auto #0
 __all__ = ['train_worker', 'bench_train', 'generate_worker', 'bench_generate']
 
-# %% ../nbs/92_bench.ipynb #5a8dbfe0
+# %% ../nbs/92_bench.ipynb #5d79c0a7
 def _rss_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -58,23 +58,29 @@ def _versions() -> dict:
         except md.PackageNotFoundError: pass
     return out
 
-def bench_train(profiles=("smoke", "demo", "paper"), steps: int = 3, device: str = "auto", out=None, progress: bool = True) -> pd.DataFrame:
-    "Run `train_worker` for each profile in a fresh process; write figures/bench/train.{json,md}; return the table."
-    rows = []
-    for p in profiles:
-        code = f"import json; from diffusegen.bench import train_worker; print('@@' + json.dumps(train_worker({p!r}, {steps}, {device!r})))"
-        if progress: print(f"bench train: {p} …", flush=True)
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project_root())
-        line = [l for l in r.stdout.splitlines() if l.startswith("@@")]
-        rows.append(json.loads(line[0][2:]) if line else {"profile": p, "error": (r.stderr.strip().splitlines() or ["failed"])[-1]})
+def _in_subprocess(call: str, label: str, progress: bool = True) -> list[dict]:
+    "Evaluate `diffusegen.bench.<call>` in a fresh process (so its peak memory is its own); its rows, or one error row."
+    code = f"import json, diffusegen.bench as b; r = b.{call}; print('@@' + json.dumps(r if isinstance(r, list) else [r]))"
+    if progress: print(f"bench {label} …", flush=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project_root())
+    line = [l for l in r.stdout.splitlines() if l.startswith("@@")]
+    return json.loads(line[0][2:]) if line else [{"run": label, "error": (r.stderr.strip().splitlines() or ["failed"])[-1]}]
+
+def _write_bench(name: str, rows: list, out=None, **extra) -> pd.DataFrame:
+    "Write figures/bench/<name>.{json,md} (rows, versions and `extra`); return the table."
     df = pd.DataFrame(rows)
     d = Path(out or project_root()/"figures"/"bench"); d.mkdir(parents=True, exist_ok=True)
-    write_json(d/"train.json", {"rows": rows, "versions": _versions(), "steps": steps})
-    with atomic_write(d/"train.md") as f:
-        f.write(f"# bench train\n\n{json.dumps(_versions())}\n\n" + df.to_markdown(index=False) + "\n")
+    write_json(d/f"{name}.json", {"rows": rows, "versions": _versions(), **extra})
+    with atomic_write(d/f"{name}.md") as f:
+        f.write(f"# bench {name}\n\n{json.dumps(_versions())}\n\n" + df.to_markdown(index=False) + "\n")
     return df
 
-# %% ../nbs/92_bench.ipynb #94f9dbf8
+def bench_train(profiles=("smoke", "demo", "paper"), steps: int = 3, device: str = "auto", out=None, progress: bool = True) -> pd.DataFrame:
+    "Run `train_worker` for each profile in a fresh process; write figures/bench/train.{json,md}; return the table."
+    rows = [r for p in profiles for r in _in_subprocess(f"train_worker({p!r}, {steps}, {device!r})", f"train: {p}", progress)]
+    return _write_bench("train", rows, out, steps=steps)
+
+# %% ../nbs/92_bench.ipynb #55be60f4
 def _diffusers_repaint(unet, T: int, jump_length: int, resample: int, init4, keep, generator):
     "diffusers' RePaintScheduler loop (as its deprecated pipeline runs it); returns (x, network evaluations)."
     import torch
@@ -137,17 +143,6 @@ def generate_worker(profile: str, respacing: int = 50, batch: int | None = None,
 def bench_generate(profiles=("demo",), respacing: int = 50, batch: int | None = None, device: str = "auto", out=None,
                    progress: bool = True) -> pd.DataFrame:
     "Run `generate_worker` per profile in a fresh process; write figures/bench/generate.{json,md}; return the table."
-    rows = []
-    for p in profiles:
-        code = (f"import json; from diffusegen.bench import generate_worker; "
-                f"print('@@' + json.dumps(generate_worker({p!r}, {respacing}, {batch!r}, {device!r})))")
-        if progress: print(f"bench generate: {p} …", flush=True)
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project_root())
-        line = [l for l in r.stdout.splitlines() if l.startswith("@@")]
-        rows += json.loads(line[0][2:]) if line else [{"profile": p, "error": (r.stderr.strip().splitlines() or ["failed"])[-1]}]
-    df = pd.DataFrame(rows)
-    d = Path(out or project_root()/"figures"/"bench"); d.mkdir(parents=True, exist_ok=True)
-    write_json(d/"generate.json", {"rows": rows, "versions": _versions(), "respacing": respacing})
-    with atomic_write(d/"generate.md") as f:
-        f.write(f"# bench generate\n\n{json.dumps(_versions())}\n\n" + df.to_markdown(index=False) + "\n")
-    return df
+    rows = [r for p in profiles
+            for r in _in_subprocess(f"generate_worker({p!r}, {respacing}, {batch!r}, {device!r})", f"generate: {p}", progress)]
+    return _write_bench("generate", rows, out, respacing=respacing)
