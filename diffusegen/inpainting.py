@@ -275,7 +275,7 @@ def fig5(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], n_sources: in
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_inpainting.ipynb #856fbc8e
+# %% ../nbs/04_inpainting.ipynb #0d2a21e4
 def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = True, stop_after: int | None = None) -> dict:
     "The inpainting stage: samples of each type under runs/<profile>/synthetic/<type>/, Fig. 5, table and manifest."
     import matplotlib.pyplot as plt
@@ -296,7 +296,9 @@ def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = Tr
         if rec["planned"] == 0: notes.append(f"{ty}: no trained model for this type; skipped")
         elif rec["skipped_images"]:
             notes.append(f"{ty}: {len(rec['skipped_images'])} image(s) skipped, their cluster has no trained model: " + " ".join(rec["skipped_images"]))
-        for m, sha in rec["models"].items(): weights[m] = {"name": m, "sha256": sha, "provenance": "trained by diffusegen (training stage)"}
+        for m, sha in rec["models"].items():
+            weights[m] = {"name": m, "label": f"{m} (trained by diffusegen, {cfg.sample_weights} weights)", "sha256": sha,
+                          "source": str(weights_file(cfg.run_dir/"training"/m)), "provenance": "trained by diffusegen (training stage)"}
         if rec["total"] and not rec["stopped"]:
             fig = fig5(cfg, ty, x4, ids); save_figure(fig, fig_d/f"fig5_{ty}.png"); plt.close(fig)
             arts.append(Artifact(str(fig_d/f"fig5_{ty}.png"), "figure", f"Fig. 5: {TYPES[ty]} inpainted samples", "Fig. 5, §2.5"))
