@@ -14,7 +14,7 @@ import numpy as np
 # %% auto #0
 __all__ = ['STAGES', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config', 'resolve_path',
            'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config', 'atomic_write',
-           'atomic_path', 'write_json', 'write_table', 'save_figure', 'seed_everything', 'torch_generator',
+           'atomic_path', 'write_json', 'write_table', 'save_figure', 'seed_everything', 'torch_generator', 'versions',
            'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
@@ -284,7 +284,7 @@ def save_figure(fig, path, dpi: int = 150) -> Path:
     with atomic_path(path) as tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     return Path(path)
 
-# %% ../nbs/00_core.ipynb #9044c71b
+# %% ../nbs/00_core.ipynb #caa63624
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and torch (all devices)."
     import torch
@@ -294,6 +294,15 @@ def torch_generator(seed: int, device="cpu"):
     "A `torch.Generator` on `device` seeded with `seed`."
     import torch
     return torch.Generator(device=device).manual_seed(int(seed))
+
+def versions() -> dict:
+    "Python, machine and the versions of the packages that make results (for reports and benchmarks)."
+    import importlib.metadata as md, platform
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    for p in ("diffusegen", "torch", "diffusers", "numpy"):
+        try: out[p] = md.version(p)
+        except md.PackageNotFoundError: pass
+    return out
 
 def resolve_device(cfg: Config):
     "The torch device `cfg.device` names (`auto`: cuda when available)."
