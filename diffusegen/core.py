@@ -34,7 +34,7 @@ def project_root() -> Path:
     pkg_parent = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
     return pkg_parent
 
-# %% ../nbs/00_core.ipynb #1b16a7f4
+# %% ../nbs/00_core.ipynb #19d3b5f8
 def _f(default, stage, help=""):
     return field(default=default, metadata={"stage": stage, "help": help})
 
@@ -89,6 +89,7 @@ class Config:
     overwrite_models: bool = _f(False, "run")
     train_clusters: str = _f("all", "training")
     train_full: bool = _f(True, "training")
+    init_from: str = _f("none", "training", "none = every model from scratch (the paper); full = cluster models start from the full model")
     sample_weights: str = _f("raw", "training")
     monitor_samples: int = _f(8, "training")
     monitor_sample_steps: int = _f(100, "training")
@@ -102,7 +103,7 @@ class Config:
     mask_open: int = _f(16, "inpainting")
     samples_per_image: int = _f(3, "inpainting")
     inpaint_images: int = _f(0, "inpainting")
-    inpaint_batch: int = _f(8, "run")
+    inpaint_batch: int = _f(0, "run")           # 0 = auto (issue 7)
     # styling (§2.5, Appendix A.1.2, B.3; paper-code-facts b.5)
     style_respacing: int = _f(200, "styling")
     style_start: int = _f(119, "styling")
@@ -119,7 +120,51 @@ class Config:
     noise_aug: bool = _f(True, "styling")
     color_match: bool = _f(True, "styling")
     style_images: int = _f(0, "styling")
-    style_batch: int = _f(4, "run")
+    style_batch: int = _f(0, "run")             # 0 = auto (issue 7)
+    # intrinsic evaluation (§2.6, Table 1, Appendix B.1): issue 5
+    fid_mode: str = _f("clean", "intrinsic")
+    fid_repeats: int = _f(3, "intrinsic")
+    fid_batch: int = _f(32, "run")
+    msssim_pairs: int = _f(1000, "intrinsic")
+    msssim_win: int = _f(11, "intrinsic")
+    survey_per_type: int = _f(10, "intrinsic")
+    memo_cosine: float = _f(0.95, "intrinsic")
+    memo_ssim: float = _f(0.9, "intrinsic")
+    gan_root: str = _f("none", "intrinsic segmentation")
+    fid_images: int = _f(0, "intrinsic")
+    memo_real_images: int = _f(0, "intrinsic")
+    # segmentation (§2.7, Appendix B.2; paper-code-facts b.6): issue 6
+    seg_arch: str = _f("UnetPlusPlus", "segmentation")
+    seg_encoder: str = _f("se_resnext50_32x4d", "segmentation")
+    seg_encoder_weights: str = _f("none", "segmentation")
+    seg_epochs: int = _f(150, "segmentation")
+    seg_lr: float = _f(1e-4, "segmentation")
+    seg_lr_drop_epoch: int = _f(50, "segmentation")
+    seg_lr_after: float = _f(1e-5, "segmentation")
+    seg_batch: int = _f(16, "segmentation")
+    seg_val_fraction: float = _f(0.2, "segmentation")
+    seg_train_aug: bool = _f(True, "segmentation")
+    seg_threshold: float = _f(0.5, "segmentation")
+    seg_repeats: int = _f(1, "segmentation")
+    table2_types: str = _f("real gan diff styled-diff full-diff full-styled-diff", "segmentation")
+    table2_n: str = _f("1 2 3", "segmentation")
+    table3_n: str = _f("16 32 64 128", "segmentation")
+    table3_r: str = _f("1 2 3", "segmentation")
+    table3_alpha: float = _f(0.5, "segmentation")
+    table3_mode: str = _f("add", "segmentation")
+    table3_types: str = _f("styled-diff gan", "segmentation")
+    # statistics (§2.8)
+    significance: float = _f(0.05, "statistics")
+    # speed and scale (issue 7): never change results
+    compile: bool = _f(False, "run")
+    channels_last: bool = _f(True, "run")
+    executor: str = _f("local", "run")
+    slurm_partition: str = _f("gpu", "run")
+    slurm_gpus: int = _f(1, "run")
+    slurm_time_min: int = _f(1440, "run")
+    # fast sampler (issue 7): these two change the inpainting results
+    inpaint_sampler: str = _f("ddpm", "inpainting")
+    ddim_eta: float = _f(0.0, "inpainting")
     # pretrained weights (§2.3, §2.5)
     inception_weights: str = _f("auto", "weights")
     dino_weights: str = _f("auto", "weights")
@@ -132,7 +177,9 @@ class Config:
 
     _choices = {"resize_mode": ("stretch", "center_crop"), "on_bad_pairs": ("error", "skip"), "noise_schedule": ("linear",),
                 "mixed_precision": ("no", "bf16", "fp16"), "sample_weights": ("raw", "ema"), "clusters_from": ("kmeans", "paper"),
-                "inpaint_variant": ("paper-code", "paper-text")}
+                "inpaint_variant": ("paper-code", "paper-text"),
+                "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"), "table3_mode": ("add", "replace"),
+                "executor": ("local", "slurm", "debug"), "inpaint_sampler": ("ddpm", "ddim"), "init_from": ("none", "full")}
 
     def __post_init__(self):
         for k, allowed in self._choices.items():
@@ -151,7 +198,7 @@ class Config:
 
     def keys_for(self, stage: str) -> dict:
         "The settings whose values change `stage`'s results (plus those of every stage: `seed`)."
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["stage"] in (stage, "all")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if {stage, "all"} & set(f.metadata["stage"].split())}
 
     def hash(self, stage: str | None = None) -> str:
         "Short sha256 of the settings that change `stage` (all result-changing settings when `stage` is None)."

@@ -15,8 +15,9 @@ from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write,
 from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
 
 # %% auto #0
-__all__ = ['TYPES', 'MANIFEST_COLUMNS', 'jump_schedule', 'schedule_counts', 'variant_start', 'ellipse', 'dilate_mask',
-           'refine_mask', 'to_uint8', 'inpaint_inputs', 'repaint', 'inpaint_diffusion', 'synthetic_dir',
+__all__ = ['SAMPLERS', 'TYPES', 'MANIFEST_COLUMNS', 'CPU_BATCH', 'jump_schedule', 'schedule_counts', 'variant_start', 'ellipse',
+           'dilate_mask', 'refine_mask', 'to_uint8', 'inpaint_inputs', 'DeviceDiffusion', 'device_diffusion',
+           'precision_label', 'sampling_fn', 'auto_batch', 'repaint', 'inpaint_diffusion', 'synthetic_dir',
            'load_synthetic', 'weights_file', 'sha256_file', 'inpaint_params', 'plan_samples', 'save_png',
            'generate_type', 'fig5', 'run_inpainting']
 
@@ -82,13 +83,121 @@ def inpaint_inputs(x4: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor
     dm = torch.from_numpy(dil).to(x4.dtype)[:, None]
     return torch.cat([x4[:, :3], dm * 2 - 1], 1), 1 - dm, dil
 
-# %% ../nbs/04_inpainting.ipynb #6e0be0e7
+# %% ../nbs/04_inpainting.ipynb #b582e29e
+class DeviceDiffusion:
+    "A `GaussianDiffusion`'s tables cached as tensors per (device, dtype): the same formulas, no host copy per step."
+    def __init__(self, base: GaussianDiffusion):
+        self.base, self._cache = base, {}
+        self._extra = {"sqrt_alphas": np.sqrt(base.alphas), "sqrt_betas": np.sqrt(base.betas), "log_betas": np.log(base.betas)}
+    def __getattr__(self, k):
+        if k in ("base", "_cache", "_extra"): raise AttributeError(k)
+        return getattr(self.base, k)                                  # numpy tables, num_timesteps, respace, ...
+    def __repr__(self): return f"DeviceDiffusion({self.base!r})"
+    def table(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        "The schedule array `name` as a tensor of `like`'s dtype on its device (made once)."
+        key = (name, like.dtype, like.device)
+        if key not in self._cache:
+            arr = self._extra[name] if name in self._extra else getattr(self.base, name)
+            self._cache[key] = torch.as_tensor(arr).to(dtype=like.dtype).to(like.device)
+        return self._cache[key]
+    def _e(self, name, t, x):
+        return self.table(name, x)[t].reshape(-1, *([1] * (x.ndim - 1)))
+    @staticmethod
+    def _t(t, x):
+        if isinstance(t, torch.Tensor): return t.to(device=x.device, dtype=torch.long).reshape(-1)
+        return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        key = ("timestep_map", t.device)
+        if key not in self._cache: self._cache[key] = torch.as_tensor(self.base.timestep_map).to(t.device)
+        return self._cache[key][t.long()]
+    def q_sample(self, x0, t, noise):
+        t = self._t(t, x0)
+        return self._e("sqrt_alphas_cumprod", t, x0) * x0 + self._e("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+    def q_step(self, x_prev, t, noise):
+        t = self._t(t, x_prev)
+        return self._e("sqrt_alphas", t, x_prev) * x_prev + self._e("sqrt_betas", t, x_prev) * noise
+    def p_mean_variance(self, model_output, x_t, t, clip_denoised: bool = False) -> dict:
+        C, t = x_t.shape[1], self._t(t, x_t)
+        if model_output.shape[1] != 2 * C:
+            raise ValueError(f"model output has {model_output.shape[1]} channels; learned-range needs 2×{C} = [eps, v]")
+        model_output = model_output.to(x_t.dtype)
+        eps, v = model_output[:, :C], model_output[:, C:]
+        frac = (v + 1) / 2
+        log_variance = frac * self._e("log_betas", t, x_t) + (1 - frac) * self._e("posterior_log_variance_clipped", t, x_t)
+        pred_xstart = self._e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        if clip_denoised: pred_xstart = pred_xstart.clamp(-1, 1)
+        mean = self._e("posterior_mean_coef1", t, x_t) * pred_xstart + self._e("posterior_mean_coef2", t, x_t) * x_t
+        return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)
+    def p_sample(self, model_output, x_t, t, noise, grad=None, return_out: bool = False):
+        t = self._t(t, x_t)
+        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
+        mean = out["mean"] if grad is None else out["mean"] + out["variance"] * grad
+        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        x_prev = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        return (x_prev, out) if return_out else x_prev
+    def ddim_sample(self, model_output, x_t, t, noise, eta: float = 0.0):
+        "One DDIM step t → t−1 from the network's ε (Song et al. 2021, Eq. 12); σ_t = η·(DDPM posterior std)."
+        C, t = x_t.shape[1], self._t(t, x_t)
+        eps = model_output.to(x_t.dtype)[:, :C]
+        x0 = self._e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        a, a_prev = self._e("alphas_cumprod", t, x_t), self._e("alphas_cumprod_prev", t, x_t)
+        sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
+        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+
+def device_diffusion(d) -> DeviceDiffusion:
+    "`d` as a `DeviceDiffusion` (unchanged when it is one)."
+    return d if isinstance(d, DeviceDiffusion) else DeviceDiffusion(d)
+
+def _amp_dtype(cfg: Config, device):
+    "bf16/fp16 autocast dtype on CUDA per `mixed_precision`; None elsewhere (the CPU always runs fp32)."
+    if torch.device(device).type != "cuda" or cfg.mixed_precision == "no": return None
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+
+def precision_label(cfg: Config, device) -> str:
+    "The arithmetic the network runs in on `device`: fp32, or bf16/fp16 autocast on CUDA."
+    a = _amp_dtype(cfg, device)
+    return "fp32" if a is None else f"{cfg.mixed_precision} autocast"
+
+def sampling_fn(unet, cfg: Config, device, compile: bool | None = None):
+    "`model_fn(x, t)` → the UNet's float32 output, with the speed settings: on CUDA channels_last and `mixed_precision` autocast; torch.compile when `cfg.compile`."
+    dev = torch.device(device)
+    cl = dev.type == "cuda" and cfg.channels_last
+    if cl: unet = unet.to(memory_format=torch.channels_last)
+    net = torch.compile(unet) if (cfg.compile if compile is None else compile) else unet
+    amp = _amp_dtype(cfg, dev)
+    def fn(x, t):
+        if cl: x = x.contiguous(memory_format=torch.channels_last)
+        if amp is None: return net(x, t).sample
+        with torch.autocast("cuda", dtype=amp): out = net(x, t).sample
+        return out.float()
+    return fn
+
+def auto_batch(probe, device, default: int = 8, cap: int = 64, fraction: float = 0.8) -> int:
+    "A batch size that fits: on CUDA from the peak memory of `probe(1)` and `probe(2)` and the free memory (≤ `cap`); elsewhere `default`."
+    dev = torch.device(device)
+    if dev.type != "cuda": return default
+    peaks = []
+    for b in (1, 2):
+        torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev); before = torch.cuda.memory_allocated(dev)
+        probe(b); torch.cuda.synchronize(dev)
+        peaks.append(torch.cuda.max_memory_allocated(dev) - before)
+    per = max(peaks[1] - peaks[0], 1)
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int(max(1, min(cap, (fraction * free - max(peaks[0] - per, 0)) // per)))
+
+# %% ../nbs/04_inpainting.ipynb #9d5c2b08
+SAMPLERS = ("ddpm", "ddim")
+
 @torch.no_grad()
 def repaint(model_fn, diffusion: GaussianDiffusion, init4: torch.Tensor, known_mask: torch.Tensor, generators,
-            jump_length: int = 10, resample: int = 5, start: int | None = None, progress: bool = False) -> torch.Tensor:
-    "RePaint a batch: `init4` B×C×H×W in [−1, 1], `known_mask` B×1×H×W (1 = keep), one generator per sample; `start` None = pure noise at T−1, else init4 noised to index `start`."
+            jump_length: int = 10, resample: int = 5, start: int | None = None, progress: bool = False,
+            sampler: str = "ddpm", eta: float = 0.0) -> torch.Tensor:
+    "RePaint a batch: `init4` B×C×H×W in [−1, 1], `known_mask` B×1×H×W (1 = keep), one generator per sample; `start` None = pure noise at T−1, else init4 noised to index `start`; `sampler` ddpm (ancestral, learned Σ) or ddim (η = `eta`)."
     B, shape, dev = init4.shape[0], tuple(init4.shape[1:]), init4.device
     if len(generators) != B: raise ValueError(f"{len(generators)} generators for a batch of {B}")
+    if sampler not in SAMPLERS: raise ValueError(f"sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
+    diffusion = device_diffusion(diffusion)
     known = known_mask.to(dev, init4.dtype)
     noise = lambda: randn_per_sample(generators, shape, device=dev, dtype=init4.dtype)
     seq = jump_schedule(diffusion.num_timesteps, jump_length, resample, start)
@@ -103,7 +212,8 @@ def repaint(model_fn, diffusion: GaussianDiffusion, init4: torch.Tensor, known_m
             if not first: x = known * diffusion.q_sample(init4, t_last, noise()) + (1 - known) * x
             first = False
             t = torch.full((B,), t_last, dtype=torch.long, device=dev)
-            x = diffusion.p_sample(model_fn(x, diffusion.model_timesteps(t)), x, t, noise())
+            out = model_fn(x, diffusion.model_timesteps(t))
+            x = diffusion.p_sample(out, x, t, noise()) if sampler == "ddpm" else diffusion.ddim_sample(out, x, t, noise(), eta)
         else:                                                                  # undo: x_{t+1} ~ q(x_{t+1}|x_t)
             x = diffusion.q_step(x, t_cur, noise())
     return known * init4 + (1 - known) * x                                     # paste the known region back
@@ -114,10 +224,11 @@ def inpaint_diffusion(cfg: Config) -> GaussianDiffusion:
     base = make_diffusion(cfg)
     return base.respace(space_timesteps(base.num_timesteps, cfg.timestep_respacing))
 
-# %% ../nbs/04_inpainting.ipynb #21820247
+# %% ../nbs/04_inpainting.ipynb #04404ef3
 TYPES = {"diff": "Diff", "full-diff": "Full-Diff"}
 MANIFEST_COLUMNS = ["file", "mask_file", "source_id", "cluster", "model", "sample", "seed", "checkpoint_sha256",
                     "variant", "nfe", "params", "weights"]
+CPU_BATCH = 8          # inpaint_batch = 0 on the CPU (on CUDA: as many as 80 % of the free memory holds, `auto_batch`)
 
 def synthetic_dir(cfg: Config, type: str) -> Path:
     "runs/<profile>/synthetic/<type>/ (type: `diff` or `full-diff`)."
@@ -145,10 +256,13 @@ def sha256_file(path) -> str:
         for b in iter(lambda: f.read(1 << 20), b""): h.update(b)
     return h.hexdigest()
 
-def inpaint_params(cfg: Config) -> dict:
-    "The settings a sample depends on (stored as JSON in every manifest row)."
+def inpaint_params(cfg: Config, device=None) -> dict:
+    "The settings a sample depends on (stored as JSON in every manifest row); the sampler, device and precision only when not the CPU/DDPM defaults."
     s = variant_start(cfg)
-    return {"variant": cfg.inpaint_variant, "timestep_respacing": cfg.timestep_respacing, "jump_length": cfg.jump_length,
+    dev = torch.device(device) if device is not None else resolve_device(cfg)
+    extra = {**({"sampler": "ddim", "ddim_eta": cfg.ddim_eta} if cfg.inpaint_sampler == "ddim" else {}),
+             **({"noise_device": dev.type, "precision": precision_label(cfg, dev)} if dev.type != "cpu" else {})}
+    return {**extra, "variant": cfg.inpaint_variant, "timestep_respacing": cfg.timestep_respacing, "jump_length": cfg.jump_length,
             "resample": cfg.resample, "skip_timesteps": cfg.skip_timesteps if s is not None else 0,
             "start_index": cfg.timestep_respacing - 1 if s is None else s, "dilation": cfg.dilation, "mask_open": cfg.mask_open,
             "image_size": cfg.image_size, "clip_denoised": False, "known_region": "pasted back after the loop"}
@@ -170,7 +284,7 @@ def plan_samples(cfg: Config, type: str, ids: list[str], clusters: dict, models:
                          "seed": step_seed(cfg.seed, f"inpaint/{type}/{sid}", i)})
     return rows, skipped
 
-# %% ../nbs/04_inpainting.ipynb #a12600b9
+# %% ../nbs/04_inpainting.ipynb #de2ddc96
 def _read_manifest_csv(path: Path) -> pd.DataFrame:
     if not path.exists(): return pd.DataFrame(columns=MANIFEST_COLUMNS)
     return pd.read_csv(path, dtype={"source_id": str, "params": str, "weights": str, "checkpoint_sha256": str})
@@ -191,8 +305,9 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
     plan, skipped = plan_samples(cfg, type, ids, clusters, models)
     sdir = synthetic_dir(cfg, type); (sdir/"images").mkdir(parents=True, exist_ok=True); (sdir/"masks").mkdir(parents=True, exist_ok=True)
     mpath = sdir/"manifest.csv"
-    params = json.dumps(inpaint_params(cfg), sort_keys=True)
-    start, diff = variant_start(cfg), inpaint_diffusion(cfg)
+    device = torch.device(device) if device is not None else resolve_device(cfg)
+    params = json.dumps(inpaint_params(cfg, device), sort_keys=True)
+    start, diff = variant_start(cfg), device_diffusion(inpaint_diffusion(cfg))
     nfe = schedule_counts(cfg.timestep_respacing, cfg.jump_length, cfg.resample, start)["nfe"]
     shas = {m: sha256_file(weights_file(tdir/m)) for m in sorted({r["model"] for r in plan})}
     for r in plan:
@@ -213,23 +328,26 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
     _write_manifest_csv(rows, mpath)
     todo = [r for r in plan if key(r) not in done]
     # 2. batches of one model each, across images and seeds
-    device = device or resolve_device(cfg)
     pos = {s: i for i, s in enumerate(ids)}
-    made, secs, n_batches, stopped = 0, 0.0, 0, False
-    bs = max(1, cfg.inpaint_batch)
+    made, secs, n_batches, stopped, batch_sizes = 0, 0.0, 0, False, []
+    S = cfg.image_size
     for model in sorted({r["model"] for r in todo}):
         mt = [r for r in todo if r["model"] == model]
         if stopped or not mt: continue
         unet = load_unet(tdir/model, device).eval()
-        fn = lambda x, t: unet(x, t).sample
+        fn = sampling_fn(unet, cfg, device)
+        bs = cfg.inpaint_batch if cfg.inpaint_batch > 0 else auto_batch(
+            lambda b: fn(torch.zeros(b, 4, S, S, device=device), torch.zeros(b, dtype=torch.long, device=device)),
+            device, default=CPU_BATCH, cap=len(mt))
+        batch_sizes.append(bs)
         for b in range(0, len(mt), bs):
             if stop_after is not None and n_batches >= stop_after: stopped = True; break
             batch = mt[b:b + bs]
             src = x4[[pos[r["source_id"]] for r in batch]]
             init4, known, _ = inpaint_inputs(src, cfg.dilation)
             t0 = time.perf_counter()
-            out = repaint(fn, diff, init4.to(device), known.to(device), [torch_generator(r["seed"]) for r in batch],
-                          cfg.jump_length, cfg.resample, start, progress=progress)
+            out = repaint(fn, diff, init4.to(device), known.to(device), [torch_generator(r["seed"], device) for r in batch],
+                          cfg.jump_length, cfg.resample, start, progress=progress, sampler=cfg.inpaint_sampler, eta=cfg.ddim_eta)
             secs += time.perf_counter() - t0
             u8 = to_uint8(out)
             for r, a in zip(batch, u8):
@@ -245,7 +363,7 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
     return {"type": type, "label": TYPES[type], "planned": len(plan), "cached": len(done), "made": made, "total": len(rows),
             "images": len({r["source_id"] for r in plan}), "skipped_images": skipped, "nfe_per_sample": nfe,
             "seconds": round(secs, 2), "samples_per_second": round(made / secs, 4) if secs else None,
-            "models": shas, "stopped": stopped}
+            "models": shas, "stopped": stopped, "batch_sizes": batch_sizes, "device": str(device)}
 
 # %% ../nbs/04_inpainting.ipynb #0a991eb2
 def fig5(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4):
@@ -275,7 +393,7 @@ def fig5(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], n_sources: in
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_inpainting.ipynb #0d2a21e4
+# %% ../nbs/04_inpainting.ipynb #ee70f94d
 def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = True, stop_after: int | None = None) -> dict:
     "The inpainting stage: samples of each type under runs/<profile>/synthetic/<type>/, Fig. 5, table and manifest."
     import matplotlib.pyplot as plt
@@ -289,7 +407,8 @@ def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = Tr
     notes.append(f"variant {cfg.inpaint_variant}: T={cfg.timestep_respacing} respaced steps, j={cfg.jump_length}, r={cfg.resample}, "
                  + ("pure-noise start at index T-1, skip ignored as in the paper's code" if start is None
                     else f"start from the real 4-channel image noised to index {start} (skip {cfg.skip_timesteps})")
-                 + f"; dilation {cfg.dilation} px, mask opening {cfg.mask_open} px at {cfg.image_size} px")
+                 + f"; dilation {cfg.dilation} px, mask opening {cfg.mask_open} px at {cfg.image_size} px"
+                 + (f"; DDIM steps (eta {cfg.ddim_eta}) instead of the ancestral step" if cfg.inpaint_sampler == "ddim" else ""))
     for ty in types:
         rec = generate_type(cfg, ty, x4, ids, clusters, progress=progress, stop_after=stop_after)
         recs.append(rec)

@@ -11,7 +11,7 @@ from .core import (Config, DiffusegenError, STAGES, Stage, get_stage, load_confi
                              atomic_write, read_manifest, stage_dirs, versions)
 
 # %% auto #0
-__all__ = ['StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'reproduce', 'write_report']
+__all__ = ['EXTRA_MANIFESTS', 'StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'reproduce', 'write_report']
 
 # %% ../nbs/90_runner.ipynb #709a40f2
 class StageFailed(DiffusegenError):
@@ -125,10 +125,12 @@ def reproduce(profile: str = "demo", data=None, out=None, only=None, overrides: 
     if failure is not None: raise failure
     return runs
 
-# %% ../nbs/90_runner.ipynb #f4a331ed
+# %% ../nbs/90_runner.ipynb #33ff5d9b
 def _rel(p, base: Path) -> str:
     try: return str(Path(p).resolve().relative_to(base.resolve()))
     except ValueError: return str(p)
+
+EXTRA_MANIFESTS = {"fast_sampler": "Fast sampler: FID against network evaluations (issue 7; `diffusegen bench fast-sampler`)"}
 
 def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     "Write `figures/<profile>/report.md` from the stage runs and their manifests."
@@ -142,25 +144,29 @@ def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
         t = f"{r.seconds:.0f} s" if r.status in ("ran", "cached") else ""
         L.append(f"| {r.stage.section} | {r.stage.title} | `{r.stage.notebook}` | {r.status} | {t} | {r.detail.replace('|', '/')} |")
     weights = {}
-    for r in runs:
-        m = read_manifest(cfg, r.stage.name) if r.status in ("ran", "cached") else None
-        if not m: continue
-        L += ["", f"## {r.stage.title} ({r.stage.section})", ""]
+    def section(m, title, stage_name):
+        L.extend(["", f"## {title}", ""])
         for n in m.get("notes", []): L.append(f"- {n}")
         if m.get("notes"): L.append("")
         for a in m["artifacts"]:
             rel = _rel(a["path"], base)
             ref = f" (paper: {a['paper_ref']})" if a.get("paper_ref") else ""
             if a["kind"] == "table":
-                L += [f"**{a['title']}**{ref}: `{rel}`", ""]
+                L.extend([f"**{a['title']}**{ref}: `{rel}`", ""])
                 md = Path(a["path"]).with_suffix(".md")
-                if md.exists(): L += [md.read_text().rstrip(), ""]
+                if md.exists(): L.extend([md.read_text().rstrip(), ""])
             elif a["kind"] == "figure":
-                L += [f"**{a['title']}**{ref}", "", f"![{a['title']}]({rel})", ""]
+                L.extend([f"**{a['title']}**{ref}", "", f"![{a['title']}]({rel})", ""])
             else:
                 vs = f": ours {a['value']}, paper {a['paper_value']}" if a.get("paper_value") else ""
-                L += [f"- {a['title']}{ref}{vs} (`{_rel(a['path'], cfg.root)}`)"]
-        for w in m.get("weights", []): weights.setdefault(w.get("label", w.get("name")), (w, set()))[1].add(r.stage.name)
+                L.append(f"- {a['title']}{ref}{vs} (`{_rel(a['path'], cfg.root)}`)")
+        for w in m.get("weights", []): weights.setdefault(w.get("label", w.get("name")), (w, set()))[1].add(stage_name)
+    for r in runs:
+        m = read_manifest(cfg, r.stage.name) if r.status in ("ran", "cached") else None
+        if m: section(m, f"{r.stage.title} ({r.stage.section})", r.stage.name)
+    for name, title in EXTRA_MANIFESTS.items():             # measurements made outside `reproduce` (e.g. `diffusegen bench fast-sampler`)
+        m = read_manifest(cfg, name)
+        if m: section(m, title, name)
     L += ["", "## Pretrained weights used", ""]
     if weights:
         L += ["| network | stages | source | sha256 |", "|---|---|---|---|"]

@@ -10,10 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = sorted((ROOT/"nbs").glob("*.ipynb"))
 SECTION_NBS = [ROOT/"nbs"/s.notebook for s in STAGES if (ROOT/"nbs"/s.notebook).exists()]
 
+@pytest.fixture(scope="session")
+def section_out(tmp_path_factory):
+    "One output folder for the section notebooks: run in order, each finds its upstream stages' outputs there."
+    return tmp_path_factory.mktemp("sections")
+
 @pytest.mark.parametrize("nb", NBS, ids=[p.name for p in NBS])
-def test_notebook_checks_pass(nb, tmp_path, monkeypatch):
+def test_notebook_checks_pass(nb, tmp_path, monkeypatch, section_out):
     "Every cell of every notebook runs (nbdev's test runner: exported code plus the checks after it)."
-    monkeypatch.setenv("DIFFUSEGEN_OUT", str(tmp_path))          # the stage cells write here, not into the checkout
+    out = section_out if nb in SECTION_NBS else tmp_path         # a notebook run alone still runs its upstream stages
+    monkeypatch.setenv("DIFFUSEGEN_OUT", str(out))               # the stage cells write here, not into the checkout
     monkeypatch.chdir(nb.parent)
     ok, secs = run_notebook(nb.name, skip_flags=["notest"], do_print=False, showerr=True)
     assert ok, f"{nb.name} failed (see the traceback above)"

@@ -1,0 +1,164 @@
+"""Issue 7: the fast sampler's schedule and determinism, the speed settings (no-ops on the CPU), the device tables,
+and tiny bench and fast-sampler runs that write their tables. No timing assertions: speeds go to the bench output."""
+import json
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusegen.core import load_config, torch_generator, write_json
+from diffusegen.diffusion import GaussianDiffusion, linear_betas, space_timesteps
+from diffusegen.inpainting import (DeviceDiffusion, auto_batch, inpaint_diffusion, inpaint_inputs, inpaint_params, repaint,
+                                   sampling_fn, schedule_counts, to_uint8)
+from diffusegen.training import build_unet, unet_kwargs
+from diffusegen import bench
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+@pytest.fixture(scope="module")
+def tiny():
+    "The smoke UNet (untrained) and a batch of 4 disc-masked random images at 32 px, with a 12-step schedule."
+    cfg = load_config("smoke", {"timestep_respacing": 12, "jump_length": 3, "resample": 2})
+    unet = build_unet(cfg, seed=0).eval()
+    init4, known = bench._bench_inputs(4, cfg.image_size, cfg.dilation)
+    return cfg, unet, init4, known
+
+# --- the device tables: bit-identical to GaussianDiffusion on the CPU ---
+
+def test_device_diffusion_is_bit_identical_on_cpu():
+    base = GaussianDiffusion(linear_betas(1000)).respace(space_timesteps(1000, 50))
+    dd = DeviceDiffusion(base)
+    g = torch.Generator().manual_seed(0)
+    x, n, mo = torch.randn(5, 4, 6, 6, generator=g), torch.randn(5, 4, 6, 6, generator=g), torch.randn(5, 8, 6, 6, generator=g)
+    t = torch.tensor([0, 1, 17, 48, 49])
+    assert torch.equal(dd.q_sample(x, t, n), base.q_sample(x, t, n))
+    assert torch.equal(dd.q_step(x, t, n), base.q_step(x, t, n))
+    assert torch.equal(dd.p_sample(mo, x, t, n), base.p_sample(mo, x, t, n))
+    assert torch.equal(dd.p_sample(mo, x, t, n, grad=n), base.p_sample(mo, x, t, n, grad=n))
+    for k, v in base.p_mean_variance(mo, x, t).items(): assert torch.equal(dd.p_mean_variance(mo, x, t)[k], v), k
+    assert torch.equal(dd.model_timesteps(t), base.model_timesteps(t))
+    x64 = x.double()                                          # another dtype: its own table, still exact
+    assert torch.equal(dd.q_sample(x64, t, n.double()), base.q_sample(x64, t, n.double()))
+
+def test_ddim_step_matches_its_formula():
+    base = GaussianDiffusion(linear_betas(1000)).respace(space_timesteps(1000, 20))
+    dd = DeviceDiffusion(base)
+    x, mo, z = torch.randn(2, 4, 5, 5), torch.randn(2, 8, 5, 5), torch.randn(2, 4, 5, 5)
+    i = 9
+    a, ap = base.alphas_cumprod[i], base.alphas_cumprod_prev[i]
+    eps = mo[:, :4]
+    x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    for eta in (0.0, 0.5, 1.0):
+        sig = eta * np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
+        want = np.sqrt(ap) * x0 + np.sqrt(1 - ap - sig ** 2) * eps + sig * z
+        assert torch.allclose(dd.ddim_sample(mo, x, i, z, eta), want.float(), atol=1e-5), eta
+    sig1 = np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
+    assert np.isclose(sig1 ** 2, base.posterior_variance[i])                 # η = 1: the DDPM posterior variance
+
+# --- the fast sampler in the RePaint loop ---
+
+@pytest.mark.parametrize("T,j,r", [(12, 3, 2), (12, 3, 1), (6, 2, 3)])
+def test_fast_sampler_nfe_is_the_schedules(tiny, T, j, r):
+    cfg, unet, init4, known = tiny
+    calls = []
+    def fn(x, t): calls.append(len(x)); return unet(x, t).sample
+    diff = inpaint_diffusion(cfg.replace(timestep_respacing=T))
+    repaint(fn, diff, init4[:1], known[:1], [torch_generator(0)], j, r, sampler="ddim", eta=0.3)
+    assert len(calls) == schedule_counts(T, j, r)["nfe"] == T + len(range(0, T - j, j)) * (r - 1) * j
+
+def test_paper_scale_fast_settings_counts():
+    assert schedule_counts(200, 10, 5)["nfe"] == 960                      # the paper's code
+    assert schedule_counts(50, 10, 5)["nfe"] == 210                       # demo's stand-in (the curve's reference)
+    assert schedule_counts(50, 10, 1)["nfe"] == 50 <= 210 / 4              # a fast setting at ≤ ¼ of the evaluations
+    assert schedule_counts(25, 5, 2)["nfe"] == 45
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_same_seed_same_pixels_batch_1_and_4(tiny, sampler, eta):
+    cfg, unet, init4, known = tiny
+    fn = lambda x, t: unet(x, t).sample
+    diff = inpaint_diffusion(cfg)
+    run = lambda sl, seeds: to_uint8(repaint(fn, diff, init4[sl], known[sl], [torch_generator(s) for s in seeds],
+                                             cfg.jump_length, cfg.resample, sampler=sampler, eta=eta))
+    four, one = run(slice(0, 4), [5, 6, 7, 8]), run(slice(2, 3), [7])
+    assert np.abs(four[2].astype(int) - one[0].astype(int)).max() <= 1
+    assert np.array_equal(one, run(slice(2, 3), [7]))                     # deterministic per seed
+    assert np.abs(run(slice(2, 3), [99])[0].astype(int) - one[0].astype(int)).max() > 10
+
+def test_ddim_differs_from_ddpm_and_settings_recorded(tiny):
+    cfg, unet, init4, known = tiny
+    fn = lambda x, t: unet(x, t).sample
+    diff = inpaint_diffusion(cfg)
+    a = repaint(fn, diff, init4[:1], known[:1], [torch_generator(3)], 3, 2, sampler="ddpm")
+    b = repaint(fn, diff, init4[:1], known[:1], [torch_generator(3)], 3, 2, sampler="ddim")
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError): repaint(fn, diff, init4[:1], known[:1], [torch_generator(3)], 3, 2, sampler="euler")
+    p_ddpm, p_ddim = inpaint_params(cfg, "cpu"), inpaint_params(cfg.replace(inpaint_sampler="ddim", ddim_eta=0.5), "cpu")
+    assert "sampler" not in p_ddpm and "precision" not in p_ddpm              # the defaults keep the old records
+    assert p_ddim["sampler"] == "ddim" and p_ddim["ddim_eta"] == 0.5
+    assert "inpaint_sampler" in cfg.keys_for("inpainting") and "ddim_eta" in cfg.keys_for("inpainting")
+    assert "compile" not in cfg.keys_for("inpainting")
+
+# --- speed settings: no-ops on the CPU ---
+
+def test_speed_flags_are_noops_on_cpu(tiny):
+    cfg, unet, init4, known = tiny
+    x, t = init4[:2], torch.tensor([999, 10])
+    plain = unet(x, t).sample
+    fast = sampling_fn(unet, cfg.replace(mixed_precision="bf16", channels_last=True, compile=False), "cpu")(x, t)
+    assert torch.equal(plain, fast)
+    assert next(unet.parameters()).is_contiguous()                          # the CPU model is left as it was
+    assert auto_batch(lambda b: None, "cpu", default=7) == 7
+    assert load_config("paper").inpaint_batch == 0 and load_config("paper").style_batch == 0   # auto by default
+
+# --- tiny bench runs ---
+
+REQUIRED = {"images_per_second", "peak_memory_MB", "GFLOP_per_forward_image", "fraction_of_peak", "device", "precision",
+            "baseline", "baseline_images_per_second", "speed_ratio"}
+
+def test_bench_smoke_writes_json_and_markdown(tmp_path):
+    res = bench.run_bench(["train", "generate", "style"], ["smoke"], steps=1, device="cpu", respacing=3, batch=2,
+                          out=tmp_path, progress=False, style_networks="tiny")
+    for part in ("train", "generate", "style"):
+        js = json.loads((tmp_path/f"{part}.json").read_text())
+        assert js["rows"] and "torch" in js["versions"] and "diffusegen" in js["versions"], part
+        assert not any("error" in r for r in js["rows"]), js["rows"]
+        assert REQUIRED <= set(js["rows"][0]), (part, REQUIRED - set(js["rows"][0]))
+        md = (tmp_path/f"{part}.md").read_text()
+        assert "speed_ratio" in md and "images_per_second" in md
+    gen = json.loads((tmp_path/"generate.json").read_text())["rows"]
+    assert [r["batch"] for r in gen] == [1, 2] and all(r["nfe_per_image"] == r["baseline_nfe_per_image"] for r in gen)
+    sty = json.loads((tmp_path/"style.json").read_text())["rows"]
+    assert all(r["unet_forwards_per_image"] == r["backwards_per_image"] == load_config("smoke").style_start + 1 for r in sty)
+    summ = json.loads((tmp_path/"summary.json").read_text())["rows"]
+    assert len(summ) == 1 and summ[0]["seconds_per_styled_pair"] > 0
+
+def test_segment_part_reports_or_says_not_available(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "diffusegen.segmentation", None)      # as if nbs/07 were missing
+    rows = bench.segment_worker("smoke", 1, "cpu")
+    assert len(rows) == 1 and rows[0]["status"].startswith("not available")
+
+# --- the FID-against-evaluations curve on tiny models ---
+
+def test_fast_sampler_curve_writes_table_figure_manifest(tmp_path, kvasir_root):
+    from diffusegen.data import run_data
+    cfg = load_config("smoke", {"out": str(tmp_path), "device": "cpu", "subset": 8})
+    run_data(cfg, kvasir_root, progress=False)
+    final = cfg.run_dir/"training"/"full"/"final"
+    build_unet(cfg, seed=1).save_pretrained(str(final/"unet"), safe_serialization=True)
+    write_json(final/"model.json", {"name": "full", "sample_weights": "raw", "unet": unet_kwargs(cfg)})
+    settings = [{"label": "ref", "reference": True, "timestep_respacing": 6, "jump_length": 2},
+                {"label": "fast ddim", "timestep_respacing": 3, "resample": 1, "inpaint_sampler": "ddim"}]
+    df = bench.fast_sampler_curve(cfg, settings, n_images=3, progress=False)
+    assert list(df.nfe_per_image) == [schedule_counts(6, 2, 2)["nfe"], 3]
+    assert df.nfe_fraction.iloc[0] == 1.0 and df.fid_ratio.iloc[0] == 1.0 and (df.fid > 0).all()
+    d = cfg.fig_dir/"fast_sampler"
+    assert (d/"fast_sampler.csv").exists() and (d/"fast_sampler.png").exists()
+    m = json.loads((d/"manifest.json").read_text())
+    assert m["stage"] == "fast_sampler" and {a["kind"] for a in m["artifacts"]} == {"table", "figure"} and m["weights"]
+    # the same seeds: a setting's images are identical when run again
+    df2 = bench.fast_sampler_curve(cfg, settings[1:], n_images=3, progress=False, write=False)
+    assert df2.fid.iloc[0] == df.fid.iloc[1]

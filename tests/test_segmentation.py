@@ -1,0 +1,277 @@
+"""Segmentation (§2.7, Appendix B.2): IoU, Dice and the soft Dice loss on hand-made masks (checked against smp's own
+metrics), the grouped train/validation split, Table 3's augmentation sampler (α, r, add and replace) on counts, and
+the stage end to end on real Kvasir images at 32 px with small synthetic sets made here (flipped real images in the
+synthetic layout, a SinGAN-Seg-layout GAN folder), including resume after a crash and retraining on changed settings."""
+import json
+from pathlib import Path
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from diffusegen.core import load_config
+from diffusegen.data import run_data
+from diffusegen import segmentation as S
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "One torch thread in this file: on a busy 2-core machine two threads mostly wait for each other."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# --- metrics on hand-made masks ---
+
+def _masks():
+    "Two 4×4 images: (prediction probabilities, ground truth) with counted TP/FP/FN."
+    g = torch.zeros(2, 4, 4); p = torch.zeros(2, 4, 4)
+    g[0, :2, :2] = 1; p[0, :2, :2] = 0.9; p[0, 0, 0] = 0.3; p[0, 3, 3] = 0.8     # TP 3, FN 1, FP 1
+    g[1, 1:3, :] = 1; p[1, 1, :] = 0.7; p[1, 0, :2] = 0.51; p[1, 3, 0] = 0.5      # TP 4, FN 4, FP 2 (0.5 is not > 0.5)
+    return p, g
+
+def test_iou_dice_hand_made():
+    p, g = _masks()
+    tp, fp, fn = S.confusion(p, g, 0.5)
+    assert tp.tolist() == [3, 4] and fp.tolist() == [1, 2] and fn.tolist() == [1, 4]
+    assert torch.allclose(S.iou_score(p, g), torch.tensor([3 / 5, 4 / 10]))
+    assert torch.allclose(S.dice_score(p, g), torch.tensor([6 / 8, 8 / 14]))
+    # threshold is a setting: at 0.25 the 0.3 pixel counts too
+    assert torch.allclose(S.iou_score(p, g, threshold=0.25)[0], torch.tensor(4 / 5))
+    # empty mask and empty prediction: 1 (the code's eps); a prediction on an empty mask: 0
+    z = torch.zeros(1, 4, 4)
+    assert S.iou_score(z, z).item() == pytest.approx(1.0) and S.dice_score(z, z).item() == pytest.approx(1.0)
+    assert S.iou_score(torch.ones(1, 4, 4), z).item() == pytest.approx(0.0, abs=1e-6)
+
+def test_iou_dice_agree_with_smp_metrics():
+    import segmentation_models_pytorch as smp
+    p, g = _masks()
+    # smp thresholds with >=, ours with > (the paper code); move the 0.5 pixel off the threshold to compare
+    p2 = p.clone(); p2[p2 == 0.5] = 0.49
+    tp, fp, fn, tn = smp.metrics.get_stats(p2[:, None], g[:, None].long(), mode="binary", threshold=0.5)
+    ref_iou = smp.metrics.iou_score(tp, fp, fn, tn, reduction="none").flatten()
+    ref_f1 = smp.metrics.f1_score(tp, fp, fn, tn, reduction="none").flatten()
+    assert torch.allclose(S.iou_score(p2, g), ref_iou.float(), atol=1e-6)
+    assert torch.allclose(S.dice_score(p2, g), ref_f1.float(), atol=1e-6)
+
+def test_soft_dice_loss_and_polyp_channel():
+    p, g = _masks()
+    per = S.soft_dice_loss(p, g)
+    exp = [1 - (2 * (p[i] * g[i]).sum() + 1) / (p[i].sum() + g[i].sum() + 1) for i in range(2)]
+    assert torch.allclose(per, torch.stack(exp))
+    pooled = S.soft_dice_loss(p, g, per_image=False)
+    assert torch.allclose(pooled, 1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1))
+    # the loss is on probabilities: a softer correct prediction costs more, the thresholded Dice does not change
+    assert (S.soft_dice_loss(g * 0.6, g) > S.soft_dice_loss(g * 0.9, g)).all()
+    assert torch.equal(S.dice_score(g * 0.6, g), S.dice_score(g * 0.9, g))
+    two = torch.stack([1 - p, p], 1)             # the softmax2d layout: channel 0 background (ignored), 1 polyp
+    assert torch.equal(S.polyp_channel(two), p)
+
+# --- grouped split and Table 3's sampler ---
+
+def test_grouped_split_keeps_siblings_together():
+    rng = np.random.default_rng(0)
+    groups = [f"src{g}" for g in rng.integers(0, 60, 400)]          # 400 synthetic images of ≤ 60 sources, uneven
+    val = S.grouped_split(groups, 0.2, seed=7)
+    vg = {g for g, v in zip(groups, val) if v}; tg = {g for g, v in zip(groups, val) if not v}
+    assert vg and tg and not (vg & tg)
+    assert len(vg) == round(0.2 * len(set(groups)))
+    assert np.array_equal(val, S.grouped_split(groups, 0.2, seed=7))            # seeded
+    assert not np.array_equal(val, S.grouped_split(groups, 0.2, seed=8))
+    # a source's side does not depend on the order of the items
+    perm = rng.permutation(len(groups))
+    val_p = S.grouped_split([groups[i] for i in perm], 0.2, seed=7)
+    assert {groups[i] for i, v in zip(perm, val_p) if v} == vg
+    # two sources: one each side; one source: an error
+    assert S.grouped_split(["a", "a", "b"], 0.2, seed=0).tolist() in ([True, True, False], [False, False, True])
+    with pytest.raises(S.DiffusegenError, match="at least 2 source"):
+        S.grouped_split(["a", "a"], 0.2, seed=0)
+
+def _sib(n, m=3):
+    ids = [f"r{k:04d}" for k in range(n)]
+    return ids, {i: [f"{i}_s{j}" for j in range(m)] for i in ids}
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+@pytest.mark.parametrize("r", [1, 2, 3])
+def test_sampler_counts(mode, r):
+    ids, sib = _sib(2000)
+    items, c = S.augment_small_set(ids, sib, r, 0.5, mode, coin_seed=1, pick_seed=2)
+    k = c["picked"]
+    assert 900 < k < 1100                                              # Binomial(2000, 0.5)
+    assert c["synthetic"] == k * r
+    assert c["real"] == (2000 if mode == "add" else 2000 - k)
+    assert len(items) == c["real"] + c["synthetic"]
+    # every synthetic image is a sibling of a picked real image, r distinct ones each
+    owners = pd.Series([q.split("_s")[0] for s, q in items if s == "syn"]).value_counts()
+    assert set(owners) == {r} and len(owners) == k
+    assert all(q in sib[q.split("_s")[0]] for s, q in items if s == "syn")
+    if mode == "replace":                                              # a picked image is gone, an unpicked one stays
+        reals = {q for s, q in items if s == "real"}
+        assert not (reals & set(owners.index)) and len(reals) == 2000 - k
+
+def test_sampler_alpha_extremes_shared_coins_and_short_sets():
+    ids, sib = _sib(50)
+    assert S.augment_small_set(ids, sib, 2, 0.0, "add", 1, 2)[1] == {"real": 50, "synthetic": 0, "picked": 0, "short_of_r": 0}
+    assert S.augment_small_set(ids, sib, 2, 1.0, "add", 1, 2)[1]["synthetic"] == 100
+    assert S.augment_small_set(ids, sib, 2, 1.0, "replace", 1, 2)[1] == {"real": 0, "synthetic": 100, "picked": 50, "short_of_r": 0}
+    a = S.augment_small_set(ids, sib, 1, 0.3, "add", 5, 6)[0]
+    b = S.augment_small_set(ids, sib, 1, 0.3, "add", 5, 99)[0]          # other type (pick seed), same coins
+    owners = lambda it: [q.split("_s")[0] for s, q in it if s == "syn"]
+    assert owners(a) == owners(b) and a == S.augment_small_set(ids, sib, 1, 0.3, "add", 5, 6)[0]
+    # fewer siblings than r: all of them; no siblings at all: the real image stays, even in replace mode
+    short = {i: sib[i][:2] for i in ids[:25]}
+    items, c = S.augment_small_set(ids, short, 3, 1.0, "replace", 1, 2)
+    assert c == {"real": 25, "synthetic": 50, "picked": 50, "short_of_r": 50}
+    with pytest.raises(S.ConfigError): S.augment_small_set(ids, sib, 1, 0.5, "swap", 1, 2)
+
+def test_grid_and_seeds():
+    cfg = load_config("paper")
+    g = S.grid(cfg)
+    t2 = [c for c in g if c["table"] == 2]; t3 = [c for c in g if c["table"] == 3]
+    assert len(t2) == 16 and len(t3) == 28 and {c["mode"] for c in t3} == {"add"}
+    assert len(S.grid(cfg.replace(seg_repeats=3))) == 3 * len(g)
+    seeds = [S.cell_seed(cfg, **c) for c in g]
+    assert len(set(seeds)) == len(seeds)
+    assert S.cell_seed(cfg, **g[3]) == S.cell_seed(load_config("paper"), **g[3])          # stable across runs
+    assert S.cell_seed(cfg.replace(seed=1), **g[3]) != seeds[3]
+    assert {c["mode"] for c in S.grid(cfg.replace(table3_mode="replace")) if c["table"] == 3} == {"replace"}
+
+def test_encoder_weights_from_local_torch_hub(tmp_path, monkeypatch):
+    cfg = load_config("smoke", {"seg_encoder": "resnet18", "seg_encoder_weights": "imagenet"})
+    import huggingface_hub
+    def no_hf(*a, **k): raise FileNotFoundError("not in the Hugging Face cache (offline)")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hf)        # an empty Hugging Face cache
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)                      # torch.hub.get_dir() follows $TORCH_HOME …
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))                        # … here tmp_path/hub (restored afterwards)
+    with pytest.raises(S.WeightsNotFound, match="checkpoints"):
+        S.encoder_weights_file(cfg, download=False)
+    src = S.build_model(cfg.replace(seg_encoder_weights="none"))
+    sd = {**src.encoder.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    (tmp_path/"hub"/"checkpoints").mkdir(parents=True)
+    torch.save(sd, tmp_path/"hub"/"checkpoints"/"resnet18-5c106cde.pth")
+    assert S.encoder_weights_file(cfg, download=False).name == "resnet18-5c106cde.pth"
+    torch.manual_seed(123)
+    m = S.build_model(cfg)
+    assert torch.equal(m.encoder.conv1.weight, src.encoder.conv1.weight)
+
+# --- the stage end to end ---
+
+def _fake_synthetic(cfg, kinds=("diff", "styled-diff"), n_src=10, m=2):
+    "Synthetic sets in the styling layout: m horizontally flipped copies (sample 0..m-1) of n_src real training images."
+    from diffusegen.data import load_split
+    from diffusegen.styling import real_images, synthetic_dir
+    real, masks = real_images(cfg)
+    ids = sorted(load_split(cfg).query("split == 'train'").id)[:n_src]
+    for kind in kinds:
+        d, rows = synthetic_dir(cfg)/kind, []
+        (d/"images").mkdir(parents=True, exist_ok=True); (d/"masks").mkdir(parents=True, exist_ok=True)
+        for sid in ids:
+            for j in range(m):
+                name = f"{sid}_{j}"
+                im = np.ascontiguousarray(np.roll(real[sid][:, ::-1], j, axis=0))
+                Image.fromarray(im).save(d/"images"/f"{name}.png")
+                Image.fromarray(np.ascontiguousarray(np.roll(masks[sid][:, ::-1], j, axis=0)) * 255).save(d/"masks"/f"{name}.png")
+                rows.append(dict(file=f"images/{name}.png", mask_file=f"masks/{name}.png", source_id=sid, sample=j, seed=j))
+        pd.DataFrame(rows).to_csv(d/"manifest.csv", index=False)
+    return ids
+
+def _fake_gan(cfg, root: Path, ids_sorted, use):
+    "A SinGAN-Seg-layout folder (chk_id_<k>_gen_scale_0_<i>_img/mask.png) at another size, for 3 training and 1 test image."
+    from diffusegen.styling import real_images
+    real, masks = real_images(cfg)
+    root.mkdir()
+    for sid in use:
+        c = ids_sorted.index(sid) + 1
+        for i in range(2):
+            Image.fromarray(real[sid]).resize((48, 40)).save(root/f"chk_id_{c}_gen_scale_0_{i}_img.png")
+            Image.fromarray(masks[sid] * 255).resize((48, 40)).save(root/f"chk_id_{c}_gen_scale_0_{i}_mask.png")
+
+GRID = {"table2_types": "real gan diff styled-diff", "table2_n": "1 2 3", "table3_n": "4 32", "table3_r": "1 2",
+        "table3_types": "styled-diff gan", "seg_epochs": 2}
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, kvasir_root):
+    out = tmp_path_factory.mktemp("seg")
+    cfg = load_config("smoke", {"out": str(out), **GRID})
+    run_data(cfg, kvasir_root, progress=False)
+    _fake_synthetic(cfg)
+    return cfg
+
+def test_stage_end_to_end_resume_and_settings(stage, monkeypatch, kvasir_root):
+    cfg = stage
+    from diffusegen.data import load_split
+    # a crash in the 4th trained cell: the three finished cells are in results.csv
+    real_train, calls = S.train_cell, []
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == 4: raise RuntimeError("crash")
+        return real_train(*a, **k)
+    monkeypatch.setattr(S, "train_cell", crashing)
+    with pytest.raises(RuntimeError): S.run_segmentation(cfg, progress=False)
+    ledger, res_p, fig_p = S.results_paths(cfg)
+    part = pd.read_csv(res_p, keep_default_na=False)
+    assert (part.status == "ok").sum() == 3
+    monkeypatch.setattr(S, "train_cell", real_train)
+    s = S.run_segmentation(cfg, progress=False)
+    assert s["reused"] == 3 and s["trained"] == s["ok"] - 3
+    res = pd.read_csv(res_p, keep_default_na=False)
+    assert list(res.columns) == S.RESULT_COLUMNS and fig_p.read_text() == res_p.read_text()
+    assert len(res) == len(S.grid(cfg))
+    st = dict(zip(zip(res.table, res.type, res.n, res.r), res.status))
+    assert st[(2, "gan", 1, 0)] == "not provided" and st[(3, "gan", 4, 1)] == "not provided"
+    assert st[(2, "diff", 3, 0)].startswith("skipped: no diff sample has index 2")
+    assert st[(3, "real", 32, 0)].startswith("skipped: N = 32")
+    ok = res[res.status == "ok"]
+    assert set(zip(ok.table, ok.type, ok.n)) >= {(2, "real", 1), (2, "diff", 1), (2, "diff", 2), (2, "styled-diff", 2), (3, "real", 4)}
+    for c in ("dice_loss", "dice", "iou", "val_iou"): assert ok[c].astype(float).between(0, 1).all()
+    assert (ok.iou.astype(float) <= ok.dice.astype(float) + 1e-9).all()
+    assert (ok.best_epoch.between(1, 2)).all() and (ok.epochs == 2).all() and (ok.n_test == 8).all()
+    assert (ok.encoder == cfg.seg_encoder).all()
+    # Table 2: N samples per source, 80/20 by source (10 sources: 8 train, 2 validation)
+    row = lambda t, ty, n, r=0: ok[(ok.table == t) & (ok.type == ty) & (ok.n == n) & (ok.r == r)].iloc[0]
+    assert (row(2, "diff", 1).n_train, row(2, "diff", 1).n_val) == (8, 2)
+    assert (row(2, "diff", 2).n_train, row(2, "diff", 2).n_val) == (16, 4)
+    n_real = (load_split(cfg).split == "train").sum()
+    assert row(2, "real", 1).n_train + row(2, "real", 1).n_val == n_real
+    # Table 3 (add): N real images plus r siblings for the picked ones; validation = held-out real images
+    t3 = row(3, "styled-diff", 4, 2)
+    assert t3.n_train >= 4 and (t3.n_train - 4) % 2 == 0 and t3.n_val == row(3, "real", 4).n_val
+    assert row(3, "real", 4).n_train == 4
+    # Markdown tables and the manifest
+    md = (cfg.fig_dir/"segmentation"/"table2.md").read_text()
+    assert "Styled-Diff-1" in md and "0.2556" in md and "not provided" in md
+    assert "| add " in (cfg.fig_dir/"segmentation"/"table3.md").read_text()
+    m = json.loads((cfg.fig_dir/"segmentation"/"manifest.json").read_text())
+    assert {a["paper_ref"] for a in m["artifacts"]} >= {"Table 2", "Table 3"}
+    # a rerun reuses everything; a changed setting retrains (only the selected cell here)
+    assert S.run_segmentation(cfg, progress=False)["trained"] == 0
+    before = pd.read_csv(res_p, keep_default_na=False)
+    cfg2 = cfg.replace(seg_lr=5e-4)
+    s2 = S.run_segmentation(cfg2, progress=False, only=[{"table": 2, "type": "diff", "n": 1}])
+    assert s2["trained"] == 1
+    after = pd.read_csv(res_p, keep_default_na=False)
+    k = (after.table == 2) & (after.type == "diff") & (after.n == 1)
+    assert after[k].iou.iloc[0] != before[k].iou.iloc[0] or after[k].dice_loss.iloc[0] != before[k].dice_loss.iloc[0]
+
+def test_gan_rows_and_replace_mode(stage, tmp_path, kvasir_root):
+    "A GAN set in the SinGAN-Seg layout: its test-image samples are dropped, its images resized; Table 3 in replace mode."
+    from diffusegen.data import load_split
+    sp = load_split(stage)
+    ids_sorted = sorted(sp.id)
+    train = sorted(sp[sp.split == "train"].id)
+    test_id = sorted(sp[sp.split == "test"].id)[0]
+    _fake_gan(stage, tmp_path/"gan", ids_sorted, train[:3] + [test_id])
+    pd.DataFrame({"chk_id": [ids_sorted.index(i) + 1 for i in ids_sorted], "source_id": ids_sorted}).to_csv(tmp_path/"gan"/"chk_id_map.csv", index=False)
+    cfg = stage.replace(gan_root=str(tmp_path/"gan"), table3_mode="replace", out=str(tmp_path/"o"))
+    import shutil
+    shutil.copytree(stage.run_dir/"data", cfg.run_dir/"data")
+    shutil.copytree(stage.run_dir/"synthetic", cfg.run_dir/"synthetic")
+    sets = S.Sets(cfg)
+    g = sets.synthetic("gan")
+    assert sorted(set(g.source_id)) == train[:3] and len(g) == 6 and g["image"].iloc[0].shape == (32, 32, 3)
+    assert "dropped" in sets.notes["gan"]
+    s = S.run_segmentation(cfg, progress=False, only=[{"table": 2, "type": "gan", "n": 1}, {"table": 3, "type": "gan", "n": 4, "r": 2}])
+    res = pd.DataFrame(s["results"])
+    gan2 = res[(res.table == 2) & (res.type == "gan") & (res.n == 1)].iloc[0]
+    assert gan2.status == "ok" and (gan2.n_train, gan2.n_val) == (2, 1)
+    t3 = res[(res.table == 3) & (res.type == "gan")]
+    assert set(t3["mode"]) == {"replace"}
