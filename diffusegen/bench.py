@@ -417,7 +417,7 @@ def run_bench(parts=PARTS, profiles=("demo",), steps: int = 3, device: str = "au
                                       method="1 / projected generate images/s (best batch) + style seconds per image (best batch)")
     return res
 
-# %% ../nbs/92_bench.ipynb #d7afad6e
+# %% ../nbs/92_bench.ipynb #7f17f5e8
 def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
     "FID between feature sets a (n1×d) and b (n2×d): ‖μa−μb‖² + tr Σa + tr Σb − 2 tr (ΣaΣb)^½, with tr (ΣaΣb)^½ = the nuclear norm of XaXbᵀ / √((n1−1)(n2−1)) (exact; no d×d square root)."
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -462,6 +462,8 @@ def _setting_cfg(cfg, s: dict):
         if k in ("label", "reference"): continue
         if v in ("half", "fifth"): v = max(1, getattr(cfg, k) // (2 if v == "half" else 5))
         over[k] = v
+    if "timestep_respacing" in over and "skip_timesteps" not in over:   # the paper-text skip keeps its share of the steps
+        over["skip_timesteps"] = cfg.skip_timesteps * over["timestep_respacing"] // cfg.timestep_respacing
     return cfg.replace(**over)
 
 def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 24, model: str = "full",
