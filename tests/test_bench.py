@@ -12,11 +12,7 @@ from diffusegen.inpainting import (DeviceDiffusion, auto_batch, inpaint_diffusio
 from diffusegen.training import build_unet, unet_kwargs
 from diffusegen import bench
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread for this file
 
 @pytest.fixture(scope="module")
 def tiny():

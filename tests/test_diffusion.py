@@ -14,13 +14,7 @@ from diffusegen.diffusion import (GaussianDiffusion, approx_standard_normal_cdf,
 TS = [0, 1, 2, 500, 998, 999]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: one thread is faster, and on a busy 2-core machine two OpenMP threads can be 100× slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread for this file
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from diffusegen.inpainting import (MANIFEST_COLUMNS, dilate_mask, inpaint_diffus
                                    load_synthetic, refine_mask, repaint, run_inpainting, schedule_counts, synthetic_dir,
                                    to_uint8, variant_start)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "One intra-op thread: the tiny UNet gains nothing from more, and a busy machine's oversubscription costs 10x."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread for this file
 
 # --- the schedule (paper-code-facts c) ---
 

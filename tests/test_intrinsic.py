@@ -9,11 +9,7 @@ from PIL import Image
 from diffusegen.core import load_config
 from diffusegen import intrinsic as I
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread for this file
 
 def _kvasir(root: Path, n: int, size: int, offset: int = 0) -> np.ndarray:
     files = sorted((root/"images").glob("*.jpg"))[offset:offset + n]

@@ -11,11 +11,7 @@ from diffusegen.core import load_config
 from diffusegen import memorization as M
 from diffusegen.intrinsic import file_features
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread for this file
 
 S = 64
 

@@ -13,12 +13,7 @@ from diffusegen.core import load_config
 from diffusegen.data import run_data
 from diffusegen import segmentation as S
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "One torch thread in this file: on a busy 2-core machine two threads mostly wait for each other."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread for this file
 
 # --- metrics on hand-made masks ---
 

@@ -15,12 +15,7 @@ from diffusegen.training import build_unet, unet_kwargs
 from diffusegen.weights import resolve_weights
 from diffusegen import styling as S
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "One torch thread in this file: on a busy 2-core machine two threads mostly wait for each other (results are the same)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread for this file
 
 FAST = {"style_respacing": 10, "style_start": 2, "diff_iter": 1, "zecon_patches": 16, "style_images": 0, "style_batch": 2}
 
