@@ -12,9 +12,10 @@ from .core import (load_config, write_json, atomic_write, project_root, versions
                              save_figure, write_manifest, stage_dirs, DiffusegenError)
 
 # %% auto #0
-__all__ = ['GPU_PEAK_TFLOPS', 'PAPER_SEG_ENCODER', 'PARTS', 'DEMO_FAST_SETTINGS', 'device_peak', 'forward_flops', 'train_worker',
-           'bench_train', 'generate_worker', 'bench_generate', 'style_worker', 'bench_style', 'segment_worker',
-           'bench_segment', 'run_bench', 'frechet_from_features', 'fid_files', 'fast_sampler_curve']
+__all__ = ['GPU_PEAK_TFLOPS', 'PAPER_SEG_ENCODER', 'PARTS', 'DEMO_FAST_SETTINGS', 'FAST_SETTING', 'device_peak', 'forward_flops',
+           'train_worker', 'bench_train', 'generate_worker', 'bench_generate', 'style_worker', 'bench_style',
+           'segment_worker', 'bench_segment', 'run_bench', 'frechet_from_features', 'fid_files', 'fast_sampler_curve',
+           'fast_sampler_nfe']
 
 # %% ../nbs/92_bench.ipynb #e649b5f4
 # (name substring, bf16/fp16 dense tensor TFLOP/s, fp32 TFLOP/s): vendors' data sheets, without sparsity
@@ -94,14 +95,17 @@ def _flop_columns(flops_per_image: float, images_per_second: float, dev, precisi
             "peak_TFLOPs": round(peak / 1e12, 2) if peak else None, "fraction_of_peak": round(achieved / peak, 5) if peak else None,
             "peak_source": how}
 
-# %% ../nbs/92_bench.ipynb #90f8efe4
+# %% ../nbs/92_bench.ipynb #1291b71a
 def _in_subprocess(call: str, label: str, progress: bool = True) -> list[dict]:
     "Evaluate `diffusegen.bench.<call>` in a fresh process (so its peak memory is its own); its rows, or one error row."
     code = f"import json, diffusegen.bench as b; r = b.{call}; print('@@' + json.dumps(r if isinstance(r, list) else [r]))"
     if progress: print(f"bench {label} …", flush=True)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project_root())
     line = [l for l in r.stdout.splitlines() if l.startswith("@@")]
-    return json.loads(line[0][2:]) if line else [{"run": label, "error": (r.stderr.strip().splitlines() or ["failed"])[-1]}]
+    if line: return json.loads(line[0][2:])
+    err = r.stderr.strip().splitlines() or [f"failed (exit {r.returncode})"]
+    if progress: print(f"bench {label} failed; the end of its output:\n" + "\n".join(err[-15:]), file=sys.stderr, flush=True)
+    return [{"run": label, "error": err[-1]}]
 
 def _write_bench(name: str, rows: list, out=None, **extra) -> pd.DataFrame:
     "Write figures/bench/<name>.{json,md} (rows, versions and `extra`); return the table."
@@ -113,7 +117,7 @@ def _write_bench(name: str, rows: list, out=None, **extra) -> pd.DataFrame:
         f.write(f"# bench {name}\n\n{json.dumps(versions())}\n\n{notes}\n" + df.to_markdown(index=False) + "\n")
     return df
 
-# %% ../nbs/92_bench.ipynb #f4292a5d
+# %% ../nbs/92_bench.ipynb #c17773ad
 def _diffusers_train_step(unet, opt, sch, x0, t, noise, amp_dtype):
     "diffusers' plain DDPM training step: add_noise, ε-MSE on the first C output channels, backward, AdamW."
     import contextlib, torch
@@ -124,14 +128,14 @@ def _diffusers_train_step(unet, opt, sch, x0, t, noise, amp_dtype):
     F.mse_loss(pred[:, :x0.shape[1]].float(), noise).backward()
     opt.step(); opt.zero_grad(set_to_none=True)
 
-def train_worker(profile: str, steps: int = 3, device: str = "auto", batch: int | None = None) -> dict:
+def train_worker(profile: str, steps: int = 3, device: str = "auto", batch: int | None = None, settings: dict | None = None) -> dict:
     "Measure one profile's training step, and diffusers' DDPMScheduler step, in this process (run by `bench_train` in a subprocess)."
     import torch
     from diffusers import DDPMScheduler
     from diffusegen.core import resolve_device
     from diffusegen.training import build_unet, make_diffusion, train_step
     from diffusegen.inpainting import _amp_dtype, precision_label
-    cfg = load_config(profile, {"device": device})
+    cfg = load_config(profile, {**(settings or {}), "device": device})
     dev = resolve_device(cfg); base_rss = _rss_mb()
     B = batch or (1 if cfg.batch_size.strip() == "cluster" else int(cfg.batch_size))
     unet = build_unet(cfg, seed=0).to(dev)
@@ -166,12 +170,13 @@ def train_worker(profile: str, steps: int = 3, device: str = "auto", batch: int 
             "peak_memory_MB": round(peak), "baseline_peak_memory_MB": round(peak_b), "process_baseline_rss_MB": round(base_rss),
             **_flop_columns(flops, ips, dev, prec, passes=3.0)}                  # forward + backward ≈ 3 forwards
 
-def bench_train(profiles=("smoke", "demo", "paper"), steps: int = 3, device: str = "auto", out=None, progress: bool = True) -> pd.DataFrame:
+def bench_train(profiles=("smoke", "demo", "paper"), steps: int = 3, device: str = "auto", out=None, progress: bool = True,
+                settings: dict | None = None) -> pd.DataFrame:
     "Run `train_worker` for each profile in a fresh process; write figures/bench/train.{json,md}; return the table."
-    rows = [r for p in profiles for r in _in_subprocess(f"train_worker({p!r}, {steps}, {device!r})", f"train: {p}", progress)]
-    return _write_bench("train", rows, out, steps=steps, achieved_TFLOPs="3 × forward FLOPs per image (forward + backward) × images/s")
+    rows = [r for p in profiles for r in _in_subprocess(f"train_worker({p!r}, {steps}, {device!r}, settings={settings!r})", f"train: {p}", progress)]
+    return _write_bench("train", rows, out, steps=steps, settings=settings or {}, achieved_TFLOPs="3 × forward FLOPs per image (forward + backward) × images/s")
 
-# %% ../nbs/92_bench.ipynb #40d67c2c
+# %% ../nbs/92_bench.ipynb #fa07b133
 def _diffusers_repaint(fn, T: int, jump_length: int, resample: int, init4, keep, generator):
     "diffusers' RePaintScheduler loop (as its deprecated pipeline runs it) around `fn(x, t)`; returns (x, network evaluations)."
     import torch
@@ -200,19 +205,21 @@ def _bench_inputs(B: int, S: int, dilation: int):
     init4, known, _ = inpaint_inputs(x4, dilation)
     return init4, known
 
-def generate_worker(profile: str, respacing: int = 50, batch: int | None = None, device: str = "auto") -> list[dict]:
+def generate_worker(profile: str, respacing: int = 50, batch: int | None = None, device: str = "auto",
+                    settings: dict | None = None) -> list[dict]:
     "Time `repaint` and the diffusers loop at batch 1 and `batch` in this process; one row per batch."
     import torch
     from diffusegen.core import resolve_device, torch_generator
     from diffusegen.training import build_unet
     from diffusegen.inpainting import (inpaint_diffusion, repaint, schedule_counts, sampling_fn, auto_batch, CPU_BATCH,
-                                       precision_label, device_diffusion)
-    cfg = load_config(profile, {"device": device, "timestep_respacing": respacing})
+                                       precision_label, device_diffusion, variant_start)
+    cfg = load_config(profile, {**(settings or {}), "device": device, "timestep_respacing": respacing})
     dev = resolve_device(cfg); S = cfg.image_size
     unet = build_unet(cfg, seed=0).to(dev).eval()
     fn = sampling_fn(unet, cfg, dev)
     diff = device_diffusion(inpaint_diffusion(cfg))
-    full_nfe = schedule_counts(load_config(profile).timestep_respacing, cfg.jump_length, cfg.resample)["nfe"]
+    prof = load_config(profile, settings or {})
+    full_nfe = schedule_counts(prof.timestep_respacing, prof.jump_length, prof.resample, variant_start(prof))["nfe"]
     prec = precision_label(cfg, dev)
     with torch.no_grad():
         B = batch or cfg.inpaint_batch or auto_batch(lambda b: fn(torch.zeros(b, 4, S, S, device=dev), torch.zeros(b, dtype=torch.long, device=dev)),
@@ -223,7 +230,9 @@ def generate_worker(profile: str, respacing: int = 50, batch: int | None = None,
         init4, known = (a.to(dev) for a in _bench_inputs(b, S, cfg.dilation))
         calls = []
         def counted(x, t): calls.append(1); return fn(x, t)
-        with torch.no_grad(): fn(init4, torch.full((b,), 999, device=dev))             # warm-up (allocations, autotuning)
+        with torch.no_grad():                    # warm-up (allocations, autotuning; with compile = true the compilation)
+            fn(init4, torch.full((b,), 999, device=dev))                                 # our loop: one timestep per sample
+            fn(init4, torch.tensor(999, device=dev))                                     # diffusers' loop: a 0-dim timestep
         res = {}
         for impl in ("diffusegen", "diffusers"):
             _reset_peak(dev); _sync(dev); t0 = time.perf_counter()
@@ -249,14 +258,14 @@ def generate_worker(profile: str, respacing: int = 50, batch: int | None = None,
     return rows
 
 def bench_generate(profiles=("demo",), respacing: int = 50, batch: int | None = None, device: str = "auto", out=None,
-                   progress: bool = True) -> pd.DataFrame:
+                   progress: bool = True, settings: dict | None = None) -> pd.DataFrame:
     "Run `generate_worker` per profile in a fresh process; write figures/bench/generate.{json,md}; return the table."
     rows = [r for p in profiles
-            for r in _in_subprocess(f"generate_worker({p!r}, {respacing}, {batch!r}, {device!r})", f"generate: {p}", progress)]
-    return _write_bench("generate", rows, out, respacing=respacing,
+            for r in _in_subprocess(f"generate_worker({p!r}, {respacing}, {batch!r}, {device!r}, settings={settings!r})", f"generate: {p}", progress)]
+    return _write_bench("generate", rows, out, respacing=respacing, settings=settings or {},
                         achieved_TFLOPs="forward FLOPs per image × evaluations per second")
 
-# %% ../nbs/92_bench.ipynb #4935502c
+# %% ../nbs/92_bench.ipynb #43965438
 def _tiny_style_nets(device):
     "Small stand-ins for the [CLS] and VGG networks (`networks='tiny'`: tests of the plumbing, not the stage's cost)."
     import torch
@@ -285,13 +294,14 @@ def _bench_style_networks(cfg, device, networks: str = "stage") -> tuple:
         return (DinoCLS(vit).to(device), VGGFeatures(torchvision.models.vgg19(weights=None).features).to(device),
                 "random-init DINO ViT-B/8 and VGG19 (weights absent; same cost)")
 
-def style_worker(profile: str, steps: int = 3, batch: int | None = None, device: str = "auto", networks: str = "stage") -> list[dict]:
+def style_worker(profile: str, steps: int = 3, batch: int | None = None, device: str = "auto", networks: str = "stage",
+                 settings: dict | None = None) -> list[dict]:
     "Time `steps` guided styling steps at batch 1 and `batch`, and the plain p_sample loop, in this process."
     import torch
     from diffusegen.core import resolve_device, torch_generator
     from diffusegen.training import build_unet
     from diffusegen.styling import StyleNets, guided_step, style_auto_batch, CPU_STYLE_BATCH
-    cfg = load_config(profile, {"device": device})
+    cfg = load_config(profile, {**(settings or {}), "device": device})
     dev = resolve_device(cfg); S = cfg.image_size
     cls_net, vgg_net, label = _bench_style_networks(cfg, dev, networks)
     nets = StyleNets(build_unet(cfg, seed=0).to(dev), cfg, cls_net, vgg_net, dev)
@@ -350,21 +360,22 @@ def style_worker(profile: str, steps: int = 3, batch: int | None = None, device:
     return rows
 
 def bench_style(profiles=("demo",), steps: int = 3, batch: int | None = None, device: str = "auto", out=None,
-                progress: bool = True, networks: str = "stage") -> pd.DataFrame:
+                progress: bool = True, networks: str = "stage", settings: dict | None = None) -> pd.DataFrame:
     "Run `style_worker` per profile in a fresh process; write figures/bench/style.{json,md}; return the table."
     rows = [r for p in profiles
-            for r in _in_subprocess(f"style_worker({p!r}, {steps}, {batch!r}, {device!r}, {networks!r})", f"style: {p}", progress)]
-    return _write_bench("style", rows, out, steps=steps,
+            for r in _in_subprocess(f"style_worker({p!r}, {steps}, {batch!r}, {device!r}, {networks!r}, settings={settings!r})", f"style: {p}", progress)]
+    return _write_bench("style", rows, out, steps=steps, settings=settings or {},
                         achieved_TFLOPs="FLOPs of a whole guided step (all networks, forward and backward) × steps/s × batch",
                         GFLOP_per_forward_image="the diffusion UNet's forward alone")
 
-# %% ../nbs/92_bench.ipynb #e9c05943
+# %% ../nbs/92_bench.ipynb #c277e85b
 PAPER_SEG_ENCODER = "se_resnext50_32x4d"
 
-def segment_worker(profile: str, steps: int = 3, device: str = "auto", encoders: list | None = None) -> list[dict]:
+def segment_worker(profile: str, steps: int = 3, device: str = "auto", encoders: list | None = None,
+                   settings: dict | None = None) -> list[dict]:
     "Rows of `segment_throughput` for the paper's encoder and the profile's; one 'not available' row when it is missing."
     from diffusegen.core import resolve_device
-    cfg = load_config(profile, {"device": device})
+    cfg = load_config(profile, {**(settings or {}), "device": device})
     dev = resolve_device(cfg)
     try:
         from diffusegen.segmentation import segment_throughput
@@ -381,26 +392,28 @@ def segment_worker(profile: str, steps: int = 3, device: str = "auto", encoders:
                          "status": f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"})
     return rows
 
-def bench_segment(profiles=("demo",), steps: int = 3, device: str = "auto", out=None, progress: bool = True) -> pd.DataFrame:
+def bench_segment(profiles=("demo",), steps: int = 3, device: str = "auto", out=None, progress: bool = True,
+                  settings: dict | None = None) -> pd.DataFrame:
     "Run `segment_worker` per profile in a fresh process; write figures/bench/segment.{json,md}; return the table."
-    rows = [r for p in profiles for r in _in_subprocess(f"segment_worker({p!r}, {steps}, {device!r})", f"segment: {p}", progress)]
-    return _write_bench("segment", rows, out, steps=steps)
+    rows = [r for p in profiles for r in _in_subprocess(f"segment_worker({p!r}, {steps}, {device!r}, settings={settings!r})", f"segment: {p}", progress)]
+    return _write_bench("segment", rows, out, steps=steps, settings=settings or {})
 
-# %% ../nbs/92_bench.ipynb #a0851940
+# %% ../nbs/92_bench.ipynb #af077f75
 PARTS = ("train", "generate", "style", "segment")
 
 def run_bench(parts=PARTS, profiles=("demo",), steps: int = 3, device: str = "auto", respacing: int = 50,
-              batch: int | None = None, out=None, progress: bool = True, style_networks: str = "stage") -> dict:
-    "Run the bench parts for the profiles; write each part's table (and the summary); return {part: DataFrame}."
+              batch: int | None = None, out=None, progress: bool = True, style_networks: str = "stage",
+              settings: dict | None = None) -> dict:
+    "Run the bench parts for the profiles, with the profiles' `settings` overridden (e.g. `{'compile': 'true'}`); write each part's table (and the summary); return {part: DataFrame}."
     parts = list(PARTS) if parts in ("all", None) else [parts] if isinstance(parts, str) else list(parts)
     bad = [p for p in parts if p not in PARTS]
     if bad: raise DiffusegenError(f"bench {bad[0]}: unknown part (parts: {', '.join(PARTS)}, all)")
     res = {}
     for p in parts:
-        if p == "train": res[p] = bench_train(profiles, steps, device, out, progress)
-        elif p == "generate": res[p] = bench_generate(profiles, respacing, batch, device, out, progress)
-        elif p == "style": res[p] = bench_style(profiles, steps, batch, device, out, progress, style_networks)
-        else: res[p] = bench_segment(profiles, steps, device, out, progress)
+        if p == "train": res[p] = bench_train(profiles, steps, device, out, progress, settings)
+        elif p == "generate": res[p] = bench_generate(profiles, respacing, batch, device, out, progress, settings)
+        elif p == "style": res[p] = bench_style(profiles, steps, batch, device, out, progress, style_networks, settings)
+        else: res[p] = bench_segment(profiles, steps, device, out, progress, settings)
     if {"generate", "style"} <= set(res):
         rows = []
         for prof in profiles:
@@ -409,12 +422,18 @@ def run_bench(parts=PARTS, profiles=("demo",), steps: int = 3, device: str = "au
             if not g or not s: continue
             gb = max(g, key=lambda r: r["projected_images_per_second_at_profile_nfe"]); sb = min(s, key=lambda r: r["seconds_per_styled_image"])
             gen_s = 1 / gb["projected_images_per_second_at_profile_nfe"]
-            rows.append({"profile": prof, "device": gb["device"], "inpaint_nfe": gb["profile_nfe"], "inpaint_batch": gb["batch"],
-                         "inpaint_seconds_per_image": round(gen_s, 3), "style_steps": sb["steps_per_image"], "style_batch": sb["batch"],
-                         "style_seconds_per_image": sb["seconds_per_styled_image"],
-                         "seconds_per_styled_pair": round(gen_s + sb["seconds_per_styled_image"], 3)})
-        res["summary"] = _write_bench("summary", rows, out, goal="≤ 6 s per styled pair at paper scale on one H100",
-                                      method="1 / projected generate images/s (best batch) + style seconds per image (best batch)")
+            per_eval = gen_s / gb["profile_nfe"]
+            for sampler, nfe in (("profile's (" + load_config(prof, settings or {}).inpaint_sampler + ")", gb["profile_nfe"]),
+                                 (f"fast: {FAST_SETTING}", fast_sampler_nfe(prof, settings=settings))):
+                rows.append({"profile": prof, "device": gb["device"], "sampler": sampler, "inpaint_nfe": nfe,
+                             "inpaint_batch": gb["batch"], "inpaint_seconds_per_image": round(per_eval * nfe, 3),
+                             "style_steps": sb["steps_per_image"], "style_batch": sb["batch"],
+                             "style_seconds_per_image": sb["seconds_per_styled_image"],
+                             "seconds_per_styled_pair": round(per_eval * nfe + sb["seconds_per_styled_image"], 3)})
+        res["summary"] = _write_bench("summary", rows, out, settings=settings or {}, goal="≤ 6 s per styled pair at paper scale on one H100",
+                                      method="seconds per network evaluation (best generate batch, measured) × evaluations of the "
+                                             "sampler + style seconds per image (best batch); the fast row reuses the measured "
+                                             "per-evaluation time (a DDIM step costs one evaluation, like a DDPM step)")
     return res
 
 # %% ../nbs/92_bench.ipynb #7f17f5e8
@@ -568,3 +587,12 @@ def _write_curve(cfg, df: pd.DataFrame, floor: float, how: str, model: str, sha:
     notes.append(("on FID − floor, the goal is met by: " + strict.sort_values("nfe_per_image").iloc[0]["label"]) if len(strict)
                  else "on FID − floor, no setting meets the goal")
     write_manifest(cfg, "fast_sampler", arts, weights, {"rows": df.to_dict("records"), "fid_floor": floor, "best": best}, notes)
+
+# %% ../nbs/92_bench.ipynb #4e80fa39
+FAST_SETTING = "ddim η0 T/2 j/2 r=2"      # the fast-sampler curve's setting that met the issue's goal on demo
+
+def fast_sampler_nfe(profile: str, label: str = FAST_SETTING, settings: dict | None = None) -> int:
+    "Network evaluations per image of the fast-sampler `label` (a `DEMO_FAST_SETTINGS` entry) applied to `profile` (with `settings` overridden)."
+    from diffusegen.inpainting import schedule_counts, variant_start
+    c = _setting_cfg(load_config(profile, settings or {}), next(s for s in DEMO_FAST_SETTINGS if s.get("label") == label))
+    return schedule_counts(c.timestep_respacing, c.jump_length, c.resample, variant_start(c))["nfe"]

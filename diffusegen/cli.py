@@ -11,7 +11,7 @@ from .core import DiffusegenError, ConfigError, STAGES, load_config, profiles
 # %% auto #0
 __all__ = ['pd_markdown', 'build_parser', 'main']
 
-# %% ../nbs/91_cli.ipynb #05b60389
+# %% ../nbs/91_cli.ipynb #a5e4d8e5
 def _overrides(pairs) -> dict:
     "`--set key=value` pairs → dict."
     out = {}
@@ -100,7 +100,8 @@ def _cmd_bench(a) -> int:
         over = {**_overrides(a.set), **({"out": a.out} if a.out else {})}
         df = bench.fast_sampler_curve(load_config(profiles[0], over), n_images=a.images, model=a.model)
         print(df.to_markdown(index=False)); return 0
-    res = bench.run_bench(a.part, profiles, steps=a.steps, device=a.device, respacing=a.respacing)
+    res = bench.run_bench(a.part, profiles, steps=a.steps, device=a.device, respacing=a.respacing, out=a.out,
+                          settings=_overrides(a.set))
     for k, df in res.items(): print(f"\n## {k}\n" + df.to_markdown(index=False))
     return 0
 
@@ -177,7 +178,7 @@ def _cmd_config(a) -> int:
     if a.list: print("\n".join(profiles())); return 0
     print(json.dumps(load_config(a.profile, _overrides(a.set)).to_dict(), indent=2)); return 0
 
-# %% ../nbs/91_cli.ipynb #7ce9d478
+# %% ../nbs/91_cli.ipynb #cbcd7bbc
 def build_parser() -> argparse.ArgumentParser:
     "The `diffusegen` argument parser."
     P = argparse.ArgumentParser(prog="diffusegen", description="Synthetic labelled polyp data with diffusion models: "
@@ -250,8 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--images", type=int, default=24, help="fast-sampler: inpainted images per setting (default 24)")
     b.add_argument("--model", default="full", help="fast-sampler: which trained model (default full)")
-    b.add_argument("--out", help="fast-sampler: folder for figures/ and runs/ (default the project root)")
-    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="fast-sampler: override a setting (repeatable)")
+    b.add_argument("--out", help="the parts: folder for the tables (default figures/bench/); "
+                   "fast-sampler: folder for figures/ and runs/ (default the project root)")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a profile setting, e.g. compile=true or inpaint_batch=32 (repeatable)")
     b.set_defaults(func=_cmd_bench)
 
     sa = sub.add_parser("stats", help="§2.8: mean ± std and t-tests of Tables 1-3; --paper: audit the paper's text against its tables",

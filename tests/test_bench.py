@@ -115,8 +115,9 @@ REQUIRED = {"images_per_second", "peak_memory_MB", "GFLOP_per_forward_image", "f
             "baseline", "baseline_images_per_second", "speed_ratio"}
 
 def test_bench_smoke_writes_json_and_markdown(tmp_path):
+    over = {"jump_length": "1", "resample": "2"}                         # overrides reach the workers' subprocesses
     res = bench.run_bench(["train", "generate", "style"], ["smoke"], steps=1, device="cpu", respacing=3, batch=2,
-                          out=tmp_path, progress=False, style_networks="tiny")
+                          out=tmp_path, progress=False, style_networks="tiny", settings=over)
     for part in ("train", "generate", "style"):
         js = json.loads((tmp_path/f"{part}.json").read_text())
         assert js["rows"] and "torch" in js["versions"] and "diffusegen" in js["versions"], part
@@ -126,10 +127,15 @@ def test_bench_smoke_writes_json_and_markdown(tmp_path):
         assert "speed_ratio" in md and "images_per_second" in md
     gen = json.loads((tmp_path/"generate.json").read_text())["rows"]
     assert [r["batch"] for r in gen] == [1, 2] and all(r["nfe_per_image"] == r["baseline_nfe_per_image"] for r in gen)
+    assert all(r["nfe_per_image"] == schedule_counts(3, 1, 2)["nfe"] == 5 != schedule_counts(3, 5, 5)["nfe"] for r in gen)
+    assert all(json.loads((tmp_path/f"{p}.json").read_text())["settings"] == over for p in ("train", "generate", "style"))
     sty = json.loads((tmp_path/"style.json").read_text())["rows"]
     assert all(r["unet_forwards_per_image"] == r["backwards_per_image"] == load_config("smoke").style_start + 1 for r in sty)
     summ = json.loads((tmp_path/"summary.json").read_text())["rows"]
-    assert len(summ) == 1 and summ[0]["seconds_per_styled_pair"] > 0
+    assert [r["sampler"] for r in summ] == ["profile's (ddpm)", f"fast: {bench.FAST_SETTING}"]
+    assert summ[1]["inpaint_nfe"] == bench.fast_sampler_nfe("smoke", settings=over) < summ[0]["inpaint_nfe"]
+    per_eval = [r["inpaint_seconds_per_image"] / r["inpaint_nfe"] for r in summ]      # one measured cost per evaluation
+    assert per_eval[1] == pytest.approx(per_eval[0], rel=0.05) and all(r["seconds_per_styled_pair"] > 0 for r in summ)
 
 def test_segment_part_reports_or_says_not_available(monkeypatch):
     import sys
