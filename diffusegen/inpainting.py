@@ -15,11 +15,11 @@ from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write,
 from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'TYPES', 'MANIFEST_COLUMNS', 'CPU_BATCH', 'jump_schedule', 'schedule_counts', 'variant_start', 'ellipse',
-           'dilate_mask', 'refine_mask', 'to_uint8', 'inpaint_inputs', 'DeviceDiffusion', 'device_diffusion',
-           'precision_label', 'sampling_fn', 'auto_batch', 'repaint', 'inpaint_diffusion', 'synthetic_dir',
-           'load_synthetic', 'weights_file', 'sha256_file', 'inpaint_params', 'plan_samples', 'save_png',
-           'generate_type', 'fig5', 'run_inpainting']
+__all__ = ['SAMPLERS', 'TYPES', 'MANIFEST_COLUMNS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts',
+           'variant_start', 'ellipse', 'dilate_mask', 'refine_mask', 'to_uint8', 'inpaint_inputs', 'DeviceDiffusion',
+           'device_diffusion', 'precision_label', 'sampling_fn', 'auto_batch', 'repaint', 'inpaint_diffusion',
+           'synthetic_dir', 'load_synthetic', 'weights_file', 'sha256_file', 'inpaint_params', 'settings_key',
+           'plan_samples', 'save_png', 'generate_type', 'fig5', 'run_inpainting']
 
 # %% ../nbs/04_inpainting.ipynb #e39ca771
 def jump_schedule(T: int, jump_length: int = 10, resample: int = 5, start: int | None = None) -> list[int]:
@@ -224,7 +224,7 @@ def inpaint_diffusion(cfg: Config) -> GaussianDiffusion:
     base = make_diffusion(cfg)
     return base.respace(space_timesteps(base.num_timesteps, cfg.timestep_respacing))
 
-# %% ../nbs/04_inpainting.ipynb #04404ef3
+# %% ../nbs/04_inpainting.ipynb #0d02388a
 TYPES = {"diff": "Diff", "full-diff": "Full-Diff"}
 MANIFEST_COLUMNS = ["file", "mask_file", "source_id", "cluster", "model", "sample", "seed", "checkpoint_sha256",
                     "variant", "nfe", "params", "weights"]
@@ -267,6 +267,14 @@ def inpaint_params(cfg: Config, device=None) -> dict:
             "start_index": cfg.timestep_respacing - 1 if s is None else s, "dilation": cfg.dilation, "mask_open": cfg.mask_open,
             "image_size": cfg.image_size, "clip_denoised": False, "known_region": "pasted back after the loop"}
 
+DEVICE_KEYS = ("noise_device", "precision")
+
+def settings_key(params: str) -> str:
+    """A row's `params` without where it was made (`DEVICE_KEYS`): the resume key. A sample made on a GPU (a shard, a
+    job) is done for a run on the CPU too, and is not made again; its row keeps its device and precision."""
+    p = json.loads(params)
+    return json.dumps({k: v for k, v in p.items() if k not in DEVICE_KEYS}, sort_keys=True)
+
 def plan_samples(cfg: Config, type: str, ids: list[str], clusters: dict, models: set) -> tuple[list[dict], list[str]]:
     "The samples of `type` to make (dicts) and the images skipped because their model is missing."
     from diffusegen.training import step_seed
@@ -284,7 +292,7 @@ def plan_samples(cfg: Config, type: str, ids: list[str], clusters: dict, models:
                          "seed": step_seed(cfg.seed, f"inpaint/{type}/{sid}", i)})
     return rows, skipped
 
-# %% ../nbs/04_inpainting.ipynb #de2ddc96
+# %% ../nbs/04_inpainting.ipynb #3782edab
 def _read_manifest_csv(path: Path) -> pd.DataFrame:
     if not path.exists(): return pd.DataFrame(columns=MANIFEST_COLUMNS)
     return pd.read_csv(path, dtype={"source_id": str, "params": str, "weights": str, "checkpoint_sha256": str})
@@ -317,7 +325,7 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
                                      "sample_weights": json.loads((tdir/r["model"]/"final"/"model.json").read_text()).get("sample_weights", cfg.sample_weights)}))
     # 1. what is already done (same sample, seed, weights and settings, files present)
     old = _read_manifest_csv(mpath)
-    key = lambda r: (str(r["file"]), int(r["seed"]), str(r["checkpoint_sha256"]), str(r["params"]))
+    key = lambda r: (str(r["file"]), int(r["seed"]), str(r["checkpoint_sha256"]), settings_key(r["params"]))
     planned = {key(r) for r in plan}
     done_rows = [r for r in old.to_dict("records") if key(r) in planned and (sdir/r["file"]).exists() and (sdir/r["mask_file"]).exists()]
     done = {key(r) for r in done_rows}

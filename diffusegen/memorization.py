@@ -45,7 +45,7 @@ def region_ssim(x, ys, region, data_range: float = 255.0, win: int = 11, chunk: 
         out.append(((m * r).flatten(1).sum(1) / r.sum()).numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
-# %% ../nbs/06b_memorization.ipynb #b1555be1
+# %% ../nbs/06b_memorization.ipynb #aa655692
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     "Cosine similarity of every row of `a` with every row of `b`."
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
@@ -53,14 +53,16 @@ def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a @ b.T
 
 def read_rgb(path, size: int | None = None) -> np.ndarray:
-    "An image file as (H, W, 3) uint8, resized (bicubic) to size×size when it differs."
-    im = Image.open(path).convert("RGB")
+    "An image file as (H, W, 3) uint8, resized (bicubic) to size×size when it differs; unreadable: one DataError line."
+    from diffusegen.data import read_image
+    im = Image.fromarray(read_image(path))
     if size and im.size != (size, size): im = im.resize((size, size), Image.BICUBIC)
     return np.asarray(im)
 
 def read_mask01(path, size: int | None = None) -> np.ndarray:
-    "A mask file as (H, W) 0/1 (L ≥ 128), resized (nearest) to size×size when it differs."
-    im = Image.open(path).convert("L")
+    "A mask file as (H, W) 0/1 (L ≥ 128), resized (nearest) to size×size when it differs; unreadable: one DataError line."
+    from diffusegen.data import read_mask_grey
+    im = Image.fromarray(read_mask_grey(path))
     if size and im.size != (size, size): im = im.resize((size, size), Image.NEAREST)
     return (np.asarray(im) >= 128).astype(np.uint8)
 

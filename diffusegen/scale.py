@@ -12,10 +12,10 @@ import torch
 from .core import Config, ConfigError, DiffusegenError, atomic_write, resolve_device, stage_dirs, torch_generator
 
 # %% auto #0
-__all__ = ['parse_shard', 'make_executor', 'fanout_training', 'shard_root', 'generate_shard', 'merge_shards',
-           'sharded_inpainting']
+__all__ = ['parse_shard', 'make_executor', 'local_waves', 'run_array', 'fanout_training', 'shard_root', 'generate_shard',
+           'merge_shards', 'sharded_inpainting']
 
-# %% ../nbs/03b_scale.ipynb #4b6d6a5f
+# %% ../nbs/03b_scale.ipynb #648e1f54
 def parse_shard(s: str) -> tuple[int, int]:
     "'I/K' → (I, K) with 0 ≤ I < K."
     try: i, k = (int(v) for v in str(s).split("/"))
@@ -49,6 +49,43 @@ def _wait(jobs, names) -> list:
             raise DiffusegenError(f"{n}: job {j.job_id} failed: {last[0].strip()} (log: {j.paths.stderr})") from None
     return out
 
+def local_waves(n: int, gpu_ids: list[str]) -> list[list[tuple[int, str | None]]]:
+    "Jobs 0..n−1 in waves for the local executor: one job per GPU at a time, each on its own GPU id; one at a time without GPUs."
+    w = max(1, len(gpu_ids))
+    return [[(i, gpu_ids[i - a] if gpu_ids else None) for i in range(a, min(n, a + w))] for a in range(0, n, w)]
+
+def _gpu_ids() -> list[str]:
+    "This machine's GPUs as CUDA_VISIBLE_DEVICES names them for this process (ids or UUIDs); [] without CUDA."
+    if not torch.cuda.is_available(): return []
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [v.strip() for v in vis.split(",") if v.strip()][:torch.cuda.device_count()] if vis else [str(i) for i in range(torch.cuda.device_count())]
+
+def run_array(cfg: Config, stage: str, name: str, fn, arglists: list, labels: list, gpus: int | None = None,
+              what: str = "", progress: bool = True, gpu_ids: list[str] | None = None) -> tuple[list, list]:
+    """Run `fn(*args)` for each `args` in `arglists` as one submitit job each and wait: (results, jobs). `slurm`: one job
+    array (`gpus` per job); `debug`: in this process, one after the other; `local`: one job per GPU at a time, each seeing
+    only its own GPU (`gpu_ids`, default this machine's), or one at a time without GPUs. (submitit's local executor would
+    start every job at once and hide all GPUs from them: `CUDA_VISIBLE_DEVICES` empty unless GPUs are asked for.)"""
+    n = len(arglists)
+    if cfg.executor != "local":
+        js = make_executor(cfg, stage, name, gpus).map_array(fn, *map(list, zip(*arglists)))
+        if progress: print(f"submitted {n} {what}job(s) ({cfg.executor}): " + ", ".join(f"{l}={j.job_id}" for l, j in zip(labels, js)), flush=True)
+        return _wait(js, labels), js
+    ids = _gpu_ids() if gpu_ids is None else list(gpu_ids)
+    waves = local_waves(n, ids)
+    if progress: print(f"submitted {n} {what}job(s) (local, {len(waves[0]) if waves else 0} at a time"
+                       + (f", one GPU each: {','.join(ids)}" if ids else ", no GPU") + ")", flush=True)
+    res, jobs = [], []
+    for wave in waves:
+        js = []
+        for i, gid in wave:
+            ex = make_executor(cfg, stage, name)
+            if gid is not None: ex.update_parameters(gpus_per_node=1, local_setup=[f"export CUDA_VISIBLE_DEVICES={gid}"])
+            js.append(ex.submit(fn, *arglists[i]))
+            if progress: print(f"  {labels[i]}: job {js[-1].job_id}" + (f" on GPU {gid}" if gid is not None else ""), flush=True)
+        res += _wait(js, [labels[i] for i, _ in wave]); jobs += js
+    return res, jobs
+
 def _job_env():
     "In a job with several tasks (SLURM, one per GPU): export RANK/WORLD_SIZE/MASTER_* so the tasks form one DDP group."
     import submitit
@@ -56,7 +93,7 @@ def _job_env():
     except RuntimeError: return
     if env.num_tasks > 1: submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
-# %% ../nbs/03b_scale.ipynb #f10a361f
+# %% ../nbs/03b_scale.ipynb #a57f1f26
 def _train_job(cfg: Config, clusters: list, full: bool, resume: bool = True) -> list:
     from diffusegen.training import run_training
     _job_env()
@@ -72,10 +109,8 @@ def fanout_training(cfg: Config, clusters: list | None = None, full: bool | None
     for group in (first, rest):
         if not group: continue
         args = [([], True) if s.full else ([int(s.name.split("_", 1)[1])], False) for s in group]
-        ex = make_executor(cfg, "training", f"diffusegen-train-{cfg.profile}")
-        js = ex.map_array(_train_job, [cfg] * len(args), [a[0] for a in args], [a[1] for a in args], [resume] * len(args))
-        if progress: print(f"submitted {len(js)} training job(s) ({cfg.executor}): " + ", ".join(f"{s.name}={j.job_id}" for s, j in zip(group, js)), flush=True)
-        _wait(js, [s.name for s in group])
+        _, js = run_array(cfg, "training", f"diffusegen-train-{cfg.profile}", _train_job, [(cfg, c, f, resume) for c, f in args],
+                          [s.name for s in group], what="training ", progress=progress)
         jobs += [{"name": s.name, "job_id": str(j.job_id), "executor": cfg.executor, "log": str(j.paths.stdout)} for s, j in zip(group, js)]
     summary = run_training(cfg, clusters, full, progress=False)      # every model is finished: reused, then reported
     return {**summary, "jobs": jobs}
@@ -146,7 +181,7 @@ def merge_shards(cfg: Config, type: str) -> int:
     if base.is_dir() and not any(base.iterdir()): base.rmdir()
     return len(df)
 
-# %% ../nbs/03b_scale.ipynb #a26583b7
+# %% ../nbs/03b_scale.ipynb #e1c08936
 def _inpaint_job(cfg: Config, types: tuple, i: int, k: int) -> list:
     return [generate_shard(cfg, ty, (i, k)) for ty in types]
 
@@ -161,10 +196,9 @@ def sharded_inpainting(cfg: Config, types=("diff", "full-diff"), shard: str | No
     if executor or shards:
         cfg = cfg.replace(out=str(cfg.root), **({"executor": executor} if executor else {}))
         k = int(shards or 1)
-        ex = make_executor(cfg, "inpainting", f"diffusegen-inpaint-{cfg.profile}", gpus=min(1, cfg.slurm_gpus))   # one GPU per shard
-        js = ex.map_array(_inpaint_job, [cfg] * k, [tuple(types)] * k, list(range(k)), [k] * k)
-        if progress: print(f"submitted {k} inpainting shard job(s) ({cfg.executor}): " + ", ".join(str(j.job_id) for j in js), flush=True)
-        done = _wait(js, [f"shard {i}/{k}" for i in range(k)])
+        done, _ = run_array(cfg, "inpainting", f"diffusegen-inpaint-{cfg.profile}", _inpaint_job,   # one GPU per shard
+                            [(cfg, tuple(types), i, k) for i in range(k)], [f"shard {i}/{k}" for i in range(k)],
+                            gpus=min(1, cfg.slurm_gpus), what="inpainting shard ", progress=progress)
         for ty in types: merge_shards(cfg, ty)
         return {**run_inpainting(cfg, types, progress=False), "shards": [r for d in done for r in d]}
     if world > 1:

@@ -17,11 +17,12 @@ from .core import (Config, DataError, Artifact, atomic_write, write_table, save_
 
 # %% auto #0
 __all__ = ['NAMES', 'METRICS', 'LOWER_IS_BETTER', 'SEG_COLUMNS', 'OPS', 'CLAIM_COLUMNS', 'type_name', 'mean_std', 'fmt_num',
-           'fmt_pm', 'TTest', 'ttest', 'paper_dir', 'normalize_seg', 'normalize_t1', 'load_paper_tables', 'values',
-           'Derived', 'paired_diff', 'b1_counts', 'derive', 'check', 'load_claims', 'audit_paper', 'audit_lines',
-           'audit_markdown', 'write_paper_audit', 'results_path', 'table1_values_path', 'read_results',
-           'table1_from_wide', 'read_table1_values', 'table1_stats', 'table2_stats', 'table3_stats', 'tex_escape',
-           'latex_table', 'write_tables', 'figure_table2', 'figure_table3', 'figure_table1', 'run_statistics']
+           'fmt_pm', 'TTest', 'repeat_means', 'ttest', 'paper_dir', 'normalize_seg', 'normalize_t1',
+           'load_paper_tables', 'values', 'Derived', 'paired_diff', 'b1_counts', 'derive', 'check', 'load_claims',
+           'audit_paper', 'audit_lines', 'audit_markdown', 'write_paper_audit', 'results_path', 'table1_values_path',
+           'read_results', 'table1_from_wide', 'read_table1_values', 'table1_stats', 'table2_stats', 'table3_stats',
+           'tex_escape', 'latex_table', 'write_tables', 'figure_table2', 'figure_table3', 'figure_table1',
+           'run_statistics']
 
 # %% ../nbs/08_statistics.ipynb #3e883a45
 NAMES = {"real": "Real", "gan": "GAN", "diff": "Diff", "styled-diff": "Styled-Diff", "full-diff": "Full-Diff",
@@ -51,7 +52,7 @@ def fmt_pm(x, digits: int = 4) -> str:
     d = 2 if abs(m) >= 10 else digits                  # the std gets the mean's decimals
     return f"{m:.{d}f} ± {s:.{d}f}"
 
-# %% ../nbs/08_statistics.ipynb #609f30a7
+# %% ../nbs/08_statistics.ipynb #36a6c482
 @dataclass
 class TTest:
     "One t-test: its kind, the number of values (pairs) it used, t, the two-sided p and the mean difference a − b."
@@ -72,8 +73,13 @@ class TTest:
 
 def _finite(s: pd.Series) -> pd.Series: return pd.Series(s, dtype=float).dropna()
 
-def ttest(a: pd.Series, b: pd.Series, one_sample: bool = True) -> TTest:
-    "Compare `a` with `b` (Series indexed by their matching keys): paired, one-sample against a single value, or Welch."
+def repeat_means(s: pd.Series) -> pd.Series:
+    "The mean of `s` within each repeat (over N or r), indexed by the repeat; `s` itself when it has no repeat level."
+    return s.groupby(level="repeat").mean() if "repeat" in s.index.names else s
+
+def ttest(a: pd.Series, b: pd.Series, one_sample: bool = False) -> TTest:
+    """Compare `a` with `b` (Series indexed by their matching keys): paired on the keys (Welch when they share none);
+    `one_sample=True` (one of them is Real): one-sample against its single value, or repeat means paired on the repeat."""
     with warnings.catch_warnings():                  # identical values: scipy warns, the result (p = 0 or nan) says it
         warnings.simplefilter("ignore", RuntimeWarning)
         return _ttest(a, b, one_sample)
@@ -86,6 +92,13 @@ def _ttest(a: pd.Series, b: pd.Series, one_sample: bool) -> TTest:
         if len(many) < 2: return TTest("one-sample", len(many), note=f"n/a ({len(many)} values)")
         r = sps.ttest_1samp(many.to_numpy(), float(one.iloc[0]))
         tt = TTest("one-sample", len(many), sign*float(r.statistic), float(r.pvalue), sign*(many.mean() - one.iloc[0]))
+    elif one_sample:                                 # Real has one value per repeat: repeat means, paired on the repeat
+        x, y = repeat_means(a), repeat_means(b)
+        keys = x.index.intersection(y.index)
+        if len(keys) < 2: return TTest("paired by repeat", len(keys), note=f"n/a ({len(keys)} repeats in common)")
+        x, y = x.loc[keys].to_numpy(), y.loc[keys].to_numpy()
+        r = sps.ttest_rel(x, y)
+        tt = TTest("paired by repeat", len(keys), float(r.statistic), float(r.pvalue), float((x - y).mean()))
     else:
         keys = a.index.intersection(b.index)
         if len(keys) >= 2:
@@ -99,20 +112,33 @@ def _ttest(a: pd.Series, b: pd.Series, one_sample: bool) -> TTest:
     if not tt.ok: tt.note = f"n/a (no variance, k={tt.k})"
     return tt
 
-# %% ../nbs/08_statistics.ipynb #b4abfc7a
+# %% ../nbs/08_statistics.ipynb #d90331a5
 SEG_COLUMNS = ["table", "type", "n", "r", "mode", "repeat", "seed", "dice_loss", "dice", "iou", "val_iou", "best_epoch",
-               "epochs", "n_train", "n_val", "n_test", "encoder", "status"]
+               "epochs", "n_train", "n_val", "n_test", "encoder", "status", "n_syn", "short_of_r"]   # = segmentation.RESULT_COLUMNS
 
 def paper_dir() -> Path: return resolve_path("data/paper")
 
 def _read_csv(p: Path) -> pd.DataFrame:
     if not p.exists(): raise DataError(f"{p}: file not found (the paper's tables belong in data/paper/)")
     try: return pd.read_csv(p, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError: raise DataError(f"{p}: empty file (no CSV header)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e: raise DataError(f"{p}: not a readable CSV ({' '.join(str(e).split())[:120]})") from None
 
 def _need(df: pd.DataFrame, cols, p) -> pd.DataFrame:
     miss = [c for c in cols if c not in df.columns]
     if miss: raise DataError(f"{p}: missing column(s) {', '.join(miss)}")
+    return df
+
+def _int_keys(df: pd.DataFrame, cols, where) -> pd.DataFrame:
+    "Key columns as integers; a missing, non-numeric or fractional key is a DataError naming the file and the rows."
+    for c in cols:
+        v = pd.to_numeric(df[c], errors="coerce")
+        bad = v.isna() | (v.notna() & (v != v.round()))
+        if bad.any():
+            rows = [int(i) + 1 for i in np.flatnonzero(bad.to_numpy())]
+            raise DataError(f"{where}: column {c} is not an integer in data row(s) {', '.join(map(str, rows[:5]))}"
+                            f"{' …' if len(rows) > 5 else ''} (e.g. {str(df[c].iloc[rows[0] - 1])!r})")
+        df[c] = v.astype(int)
     return df
 
 def normalize_seg(df: pd.DataFrame, where="results") -> pd.DataFrame:
@@ -123,7 +149,7 @@ def normalize_seg(df: pd.DataFrame, where="results") -> pd.DataFrame:
     df["type"] = df["type"].astype(str).str.strip().str.lower()
     df["mode"] = df["mode"].fillna("").astype(str)
     df["status"] = df["status"].fillna("ok").astype(str).str.strip()
-    for c in ("table", "n", "r", "repeat"): df[c] = pd.to_numeric(df[c], errors="coerce").fillna(0).astype(int)
+    df = _int_keys(df, ("table", "n", "r", "repeat"), where)
     for c in ("dice_loss", "iou"): df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
 
@@ -135,7 +161,7 @@ def normalize_t1(df: pd.DataFrame, where="table1_values") -> pd.DataFrame:
     if "repeat" not in df.columns: df["repeat"] = 0
     if "status" not in df.columns: df["status"] = "ok"
     df["type"] = [t.lower() if t.lower() in NAMES else t for t in df["type"].astype(str).str.strip()]
-    df["repeat"] = pd.to_numeric(df["repeat"], errors="coerce").fillna(0).astype(int)
+    df["repeat"] = pd.to_numeric(df["repeat"], errors="coerce").fillna(0).astype(int)    # Real's empty set: one value
     df["status"] = df["status"].fillna("ok").astype(str).str.strip()
     for c in ("fid", "msssim"): df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
@@ -374,7 +400,7 @@ def write_paper_audit(cfg: Config, df: pd.DataFrame | None = None) -> list[Path]
     with atomic_write(d/"paper_audit.csv") as f: df.to_csv(f, index=False)
     return [d/"paper_audit.md", d/"paper_audit.csv"]
 
-# %% ../nbs/08_statistics.ipynb #a469e9c3
+# %% ../nbs/08_statistics.ipynb #38375cb3
 def results_path(cfg: Config) -> Path: return stage_dirs(cfg, "segmentation")[0]/"results.csv"
 def table1_values_path(cfg: Config) -> Path: return stage_dirs(cfg, "intrinsic")[1]/"table1_values.csv"
 
@@ -437,7 +463,7 @@ def table1_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
             row[f"{METRICS[m]}"] = fmt_pm(v, 4 if m == "msssim" else 2) if len(v) else ""
             row[f"paper {METRICS[m]}"] = fmt_pm(pv, 4 if m == "msssim" else 2) if len(pv) else ""
             if t != "styled-diff":
-                one = t == "real"                    # one-sample tests only against Real's single value
+                one = t == "real"                    # against Real: one-sample, or repeat means paired on the repeat
                 r, pr = ttest(values(T, 1, m, "styled-diff"), v, one), ttest(values(paper, 1, m, "styled-diff"), pv, one)
                 row[f"p {METRICS[m]} vs Styled-Diff"] = _ptext(r, alpha) if len(v) else ""
                 row[f"paper p {METRICS[m]}"] = _ptext(pr, alpha) if len(pv) else ""
@@ -466,7 +492,7 @@ def table2_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
             row[METRICS[m]] = fmt_pm(v) if len(v) else ""
             row[f"paper {METRICS[m]}"] = fmt_pm(pv)
             if t != "styled-diff":
-                one = t == "real"                    # one-sample tests only against Real's single value
+                one = t == "real"                    # against Real: one-sample, or repeat means paired on the repeat
                 r, pr = ttest(values(T, 2, m, "styled-diff"), v, one), ttest(values(paper, 2, m, "styled-diff"), pv, one)
                 row[f"p {METRICS[m]} vs Styled-Diff"] = _ptext(r, alpha) if len(v) else ""
                 row[f"paper p {METRICS[m]}"] = _ptext(pr, alpha)
@@ -480,7 +506,7 @@ def table2_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
     return pd.DataFrame(rows)[cols], tests
 
 def table3_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[pd.DataFrame, list[dict]]:
-    "Table 3: per N, mean ± std across r; against Real (one-sample) and Styled-Diff against GAN (paired on r)."
+    "Table 3: per N, mean ± std across r; against Real (one-sample, or by repeat) and Styled-Diff against GAN (paired on r)."
     alpha, tests, rows = cfg.significance, [], []
     seg = ours[ours.table == 3] if ours is not None else None
     T = {"seg": seg if seg is not None else normalize_seg(pd.DataFrame(columns=["table", "type", "n", "dice_loss", "iou"]))}
@@ -599,7 +625,7 @@ def figure_table1(t1: pd.DataFrame | None, paper: dict):
     axes[0].legend(fontsize=8); fig.tight_layout()
     return fig
 
-# %% ../nbs/08_statistics.ipynb #45e95e19
+# %% ../nbs/08_statistics.ipynb #b4187578
 def run_statistics(cfg: Config, progress: bool = True) -> dict:
     "Tables 1–3 with mean ± std and t-tests (CSV, Markdown, LaTeX), error-bar figures, the paper audit, and the manifest."
     import matplotlib.pyplot as plt
@@ -608,9 +634,12 @@ def run_statistics(cfg: Config, progress: bool = True) -> dict:
     t1v, seg = read_table1_values(cfg), read_results(cfg)
     notes = [f"Mean ± population std (ddof = 0, as the paper); two-sided t-tests at significance {cfg.significance} (* marks p below it): "
              "paired (scipy ttest_rel) on matching repeats/N/r, one-sample (ttest_1samp) against a single value (Real); "
+             "against Real with one value per repeat, the other set's means over N (or r) per repeat paired with Real on the repeat; "
              "'paper …' columns are the same statistics computed from the paper's tables (data/paper/)."]
     if t1v is None: notes.append(f"upstream missing: {table1_values_path(cfg)} not found (the intrinsic stage has not run), Table 1 has the paper's values only")
     if seg is None: notes.append(f"upstream missing: {results_path(cfg)} not found (the segmentation stage has not run), Tables 2 and 3 have the paper's values only")
+    elif (stale := int(seg.status.str.startswith("stale").sum())):
+        notes.append(f"{stale} rows of {results_path(cfg)} are stale (trained under other settings) and left out; rerun the segmentation stage")
     arts, tests = [], []
     tabs = {}
     for name, fn, src, ref, title in (("table1", table1_stats, t1v, "Table 1", "FID and MS-SSIM, mean ± std over repeats, tests against Styled-Diff"),

@@ -65,3 +65,12 @@ def test_real_control_and_filtered_manifest(setup, tmp_path):
     (p,) = M.write_filtered_manifests(cfg, a, {"Diff": sd}, dest=tmp_path)
     kept = pd.read_csv(p)
     assert [Path(f).stem for f in kept.file] == ["new"] and all(Path(f).is_file() for f in kept.file)
+
+def test_unreadable_image_is_one_line(setup, tmp_path):
+    from diffusegen.core import DataError
+    cfg, real, synth, _, _ = setup
+    bad = tmp_path/"cut.png"
+    bad.write_bytes(Path(synth.image_path[0]).read_bytes()[:200])             # a truncated PNG
+    broken = synth.head(1).assign(image_path=str(bad))
+    zeros = lambda files: np.zeros((len(files), 8))                           # the image reader alone, not the Inception
+    with pytest.raises(DataError, match="cut.png: (truncated|corrupt|not a readable)"): M.audit(cfg, broken, real, zeros)

@@ -89,7 +89,7 @@ def test_submitit_local_trains_two_cluster_models_as_two_jobs(prepared, tmp_path
             *[a for k, v in {**TINY, "train_full": "false"}.items() for a in ("--set", f"{k}={v}")]]
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "submitted 2 training job(s) (local)" in r.stdout, r.stdout
+    assert "submitted 2 training job(s) (local, 1 at a time, no GPU)" in r.stdout, r.stdout
     names = sorted(f"cluster_{k}" for k in pd.read_csv(cfg.run_dir/"clustering"/"clusters.csv").cluster.unique())
     jobs = cfg.run_dir/"jobs"/"training"
     assert len(list(jobs.glob("*_result.pkl"))) == 2                              # two jobs ran and returned
@@ -101,7 +101,7 @@ def test_submitit_local_trains_two_cluster_models_as_two_jobs(prepared, tmp_path
     man = read_manifest(cfg, "training")
     assert sorted(m["name"] for m in man["summary"]["models"]) == names
     assert all(m["status"] == "cached" for m in man["summary"]["models"])        # trained by the jobs, reported here
-    assert all(f"{n} " in r.stdout for n in names)
+    assert all(f"{n}: job " in r.stdout and f"{n} " in r.stdout for n in names)
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
@@ -152,6 +152,15 @@ def test_inpainting_shards_give_the_one_process_pixels(trained, tmp_path):
     for i in (1, 0): assert sharded_inpainting(hand, ("diff",), shard=f"{i}/2")["shards"][0]["made"] == 2   # `inpaint --shard I/2`
     assert sharded_inpainting(hand, ("diff",)) is None                                # a plain `inpaint`: merges, then ...
     assert run_inpainting(hand, ("diff",), progress=False)["types"][0]["cached"] == 4  # ... finds every sample done
+    # samples made on a GPU (their rows say so) are done for a run on the CPU too: a merge on a login node redoes nothing
+    man = hand.run_dir/"synthetic"/"diff"/"manifest.csv"
+    df = pd.read_csv(man, dtype=str, keep_default_na=False)
+    gpu = df.assign(params=[json.dumps({**json.loads(p), "noise_device": "cuda", "precision": "bf16 autocast"}, sort_keys=True) for p in df.params])
+    gpu.to_csv(man, index=False)
+    again = run_inpainting(hand, ("diff",), progress=False)["types"][0]
+    assert again["made"] == 0 and again["cached"] == 4
+    assert pd.read_csv(man, dtype=str, keep_default_na=False).params.tolist() == gpu.params.tolist()   # rows keep their device
+    df.to_csv(man, index=False)
     cols = ["file", "mask_file", "source_id", "seed", "checkpoint_sha256", "params"]
     for out, tys in ((two, types), (jobs, ("diff",)), (hand, ("diff",))):
         assert read_manifest(out, "inpainting") is not None
@@ -161,3 +170,13 @@ def test_inpainting_shards_give_the_one_process_pixels(trained, tmp_path):
             assert not list((out.run_dir/"synthetic"/ty).glob("manifest.shard-*"))
             for pa, pb in zip([*a.image_path, *a.mask_path], [*b.image_path, *b.mask_path]):
                 assert np.array_equal(np.array(Image.open(pa)), np.array(Image.open(pb))), pb
+
+@pytest.mark.parametrize("gpu_ids,seen", [(["7"], ["7"]), (["2", "3"], ["2", "3", "2"]), ([], ["", "", ""])])
+def test_local_executor_one_job_per_gpu(tmp_path, gpu_ids, seen):
+    "`executor = local`: each job sees only its own GPU (one per GPU at a time); without GPUs none, one at a time."
+    from diffusegen.scale import run_array
+    cfg = load_config("smoke", {"out": str(tmp_path), "executor": "local"})
+    n = len(seen)
+    res, jobs = run_array(cfg, "check", "check", os.getenv, [("CUDA_VISIBLE_DEVICES", "unset")] * n, [f"j{i}" for i in range(n)],
+                          progress=False, gpu_ids=gpu_ids)
+    assert res == seen and len({j.job_id for j in jobs}) == n

@@ -122,13 +122,18 @@ def test_grid_and_seeds():
     cfg = load_config("paper")
     g = S.grid(cfg)
     t2 = [c for c in g if c["table"] == 2]; t3 = [c for c in g if c["table"] == 3]
-    assert len(t2) == 16 and len(t3) == 28 and {c["mode"] for c in t3} == {"add"}
+    assert len(t2) == 16 and len(t3) == 28 and {c["mode"] for c in t3 if c["type"] != "real"} == {"add"}
+    assert {c["mode"] for c in t3 if c["type"] == "real"} == {""}                        # Real baselines: no mode
     assert len(S.grid(cfg.replace(seg_repeats=3))) == 3 * len(g)
     seeds = [S.cell_seed(cfg, **c) for c in g]
     assert len(set(seeds)) == len(seeds)
     assert S.cell_seed(cfg, **g[3]) == S.cell_seed(load_config("paper"), **g[3])          # stable across runs
     assert S.cell_seed(cfg.replace(seed=1), **g[3]) != seeds[3]
-    assert {c["mode"] for c in S.grid(cfg.replace(table3_mode="replace")) if c["table"] == 3} == {"replace"}
+    g_rep = S.grid(cfg.replace(table3_mode="replace"))
+    assert {c["mode"] for c in g_rep if c["table"] == 3 and c["type"] != "real"} == {"replace"}
+    # add and replace share the Real cells: same keys and seeds
+    real3 = lambda g: [(c, S.cell_seed(cfg, **c)) for c in g if c["table"] == 3 and c["type"] == "real"]
+    assert real3(g_rep) == real3(g)
 
 def test_encoder_weights_from_local_torch_hub(tmp_path, monkeypatch):
     cfg = load_config("smoke", {"seg_encoder": "resnet18", "seg_encoder_weights": "imagenet"})
@@ -221,15 +226,18 @@ def test_stage_end_to_end_resume_and_settings(stage, monkeypatch, kvasir_root):
     assert (ok.iou.astype(float) <= ok.dice.astype(float) + 1e-9).all()
     assert (ok.best_epoch.between(1, 2)).all() and (ok.epochs == 2).all() and (ok.n_test == 8).all()
     assert (ok.encoder == cfg.seg_encoder).all()
+    assert list(res.columns[-2:]) == ["n_syn", "short_of_r"] and (ok[ok.type == "real"].n_syn == 0).all()
     # Table 2: N samples per source, 80/20 by source (10 sources: 8 train, 2 validation)
     row = lambda t, ty, n, r=0: ok[(ok.table == t) & (ok.type == ty) & (ok.n == n) & (ok.r == r)].iloc[0]
     assert (row(2, "diff", 1).n_train, row(2, "diff", 1).n_val) == (8, 2)
     assert (row(2, "diff", 2).n_train, row(2, "diff", 2).n_val) == (16, 4)
+    assert row(2, "diff", 2).n_syn == 16 and row(2, "diff", 2).short_of_r == 0
     n_real = (load_split(cfg).split == "train").sum()
     assert row(2, "real", 1).n_train + row(2, "real", 1).n_val == n_real
     # Table 3 (add): N real images plus r siblings for the picked ones; validation = held-out real images
     t3 = row(3, "styled-diff", 4, 2)
     assert t3.n_train >= 4 and (t3.n_train - 4) % 2 == 0 and t3.n_val == row(3, "real", 4).n_val
+    assert t3.n_syn == t3.n_train - 4 and t3.short_of_r == 0 and t3["mode"] == "add" and row(3, "real", 4)["mode"] == ""
     assert row(3, "real", 4).n_train == 4
     # Markdown tables and the manifest
     md = (cfg.fig_dir/"segmentation"/"table2.md").read_text()
@@ -246,6 +254,18 @@ def test_stage_end_to_end_resume_and_settings(stage, monkeypatch, kvasir_root):
     after = pd.read_csv(res_p, keep_default_na=False)
     k = (after.table == 2) & (after.type == "diff") & (after.n == 1)
     assert after[k].iou.iloc[0] != before[k].iou.iloc[0] or after[k].dice_loss.iloc[0] != before[k].dice_loss.iloc[0]
+    # every other trained cell ran under the old seg_lr: stale, without scores; untrainable cells keep their status
+    old_ok = (before.status == "ok") & ~k
+    assert old_ok.sum() >= 5 and after[k].status.iloc[0] == "ok"
+    assert (after[old_ok].status == S.STALE).all() and (after[old_ok][["dice_loss", "dice", "iou", "val_iou"]] == "").all().all()
+    assert after[~old_ok & ~k].status.tolist() == before[~old_ok & ~k].status.tolist()
+    # … and the statistics stage uses none of them
+    from diffusegen import statistics as ST
+    seg = ST.read_results(cfg2)
+    assert ST.values({"seg": seg}, 2, "iou", "diff").index.tolist() == [(1, 0)]
+    assert len(ST.values({"seg": seg}, 2, "iou", "styled-diff")) == 0 and len(ST.values({"seg": seg}, 3, "iou", "real")) == 0
+    t2, _ = ST.table2_stats(cfg2, seg, ST.load_paper_tables())
+    assert S.STALE in t2.set_index("type").loc["Styled-Diff", "status"] and t2.set_index("type").loc["Styled-Diff", "DL"] == ""
 
 def test_gan_rows_and_replace_mode(stage, tmp_path, kvasir_root):
     "A GAN set in the SinGAN-Seg layout: its test-image samples are dropped, its images resized; Table 3 in replace mode."
@@ -270,3 +290,100 @@ def test_gan_rows_and_replace_mode(stage, tmp_path, kvasir_root):
     assert gan2.status == "ok" and (gan2.n_train, gan2.n_val) == (2, 1)
     t3 = res[(res.table == 3) & (res.type == "gan")]
     assert set(t3["mode"]) == {"replace"}
+
+
+def test_gan_numbered_from_1_gives_n_per_source_and_first_m_siblings(stage, tmp_path):
+    "A SinGAN-Seg set numbers its 10 samples per source 1..10: Table 2 takes N per source, Table 3 the first M."
+    from diffusegen.data import load_split
+    from diffusegen.styling import real_images
+    sp = load_split(stage)
+    train = sorted(sp[sp.split == "train"].id)
+    real, masks = real_images(stage)
+    root = tmp_path/"gan"; root.mkdir()
+    for c, sid in enumerate(train, 1):
+        for i in range(1, 11):
+            Image.fromarray(np.ascontiguousarray(np.roll(real[sid], i, axis=1))).save(root/f"chk_id_{c}_gen_scale_0_{i}_img.png")
+            Image.fromarray(masks[sid] * 255).save(root/f"chk_id_{c}_gen_scale_0_{i}_mask.png")
+    pd.DataFrame({"chk_id": range(1, len(train) + 1), "source_id": train}).to_csv(root/"chk_id_map.csv", index=False)
+    cfg = stage.replace(gan_root=str(root), samples_per_image=3, table3_alpha=1.0)
+    sets = S.Sets(cfg)
+    g = sets.synthetic("gan")
+    assert len(g) == 10 * len(train) and (g["sample"] == g["file_sample"] - 1).all()
+    assert all(sorted(v) == list(range(10)) for v in g.groupby("source_id")["sample"].apply(list))
+    fnum = lambda key: int(key.split("_gen_scale_0_")[1].split("_")[0])          # the file's own sample number
+    for n in (1, 2, 3):                                                           # Table 2: N samples per source
+        tk, vk = S.cell_data(cfg, sets, dict(table=2, type="gan", n=n, r=0, mode="", repeat=0))["keys"]
+        assert len(tk) + len(vk) == n * len(train) and {fnum(q) for q in tk + vk} == set(range(1, n + 1))
+    cell = dict(table=3, type="gan", n=4, r=3, mode="add", repeat=0)              # Table 3: r of the first M = 3
+    d = S.cell_data(cfg, sets, cell)
+    syn = [q for q in d["keys"][0] if q.startswith("gan/")]
+    assert d["counts"]["picked"] == 4 and len(syn) == 12 and {fnum(q) for q in syn} == {1, 2, 3}
+    assert d["counts"]["short_of_r"] == 0 and d["counts"]["synthetic"] == 12
+    d = S.cell_data(cfg.replace(samples_per_image=2), sets, cell)                 # M = 2 < r = 3: each picked image is short
+    syn = [q for q in d["keys"][0] if q.startswith("gan/")]
+    assert len(syn) == 8 and {fnum(q) for q in syn} == {1, 2} and d["counts"]["short_of_r"] == 4
+
+# --- small units that need no data ---
+
+def test_scale_augmentation_is_isotropic():
+    "ShiftScaleRotate's one scale for both axes: a square stays a square (albumentations 2 Affine with keep_ratio)."
+    sq = np.zeros((64, 64), np.uint8); sq[24:40, 24:40] = 1
+    sides = set()
+    for seed in range(20):
+        m = S.train_augmentation(seed)(image=np.zeros((64, 64, 3), np.uint8), mask=sq)["mask"]
+        ys, xs = np.nonzero(m)
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert abs(int(h) - int(w)) <= 1, (seed, h, w)
+        sides.add(int(h))
+    assert min(sides) <= 12 and max(sides) >= 20                     # it does scale, within 0.5 … 1.5
+
+def test_read_pair_follows_resize_mode_threshold_and_names_bad_files(tmp_path):
+    im = np.zeros((32, 64, 3), np.uint8); im[:, :16] = [255, 0, 0]; im[:, 16:] = [0, 0, 255]
+    mk = np.zeros((32, 64), np.uint8); mk[:, :16] = 200
+    Image.fromarray(im).save(tmp_path/"a.png"); Image.fromarray(mk).save(tmp_path/"m.png")
+    i1, m1 = S._read_pair(tmp_path/"a.png", tmp_path/"m.png", 32, "stretch", 128)
+    i2, m2 = S._read_pair(tmp_path/"a.png", tmp_path/"m.png", 32, "center_crop", 128)
+    assert m1.dtype == np.uint8 and m1[:, :8].all() and not m1[:, 8:].any() and i1[:, :6, 0].min() > 200
+    assert not m2.any() and i2[..., 0].max() < 50                     # the centre crop has no red column
+    assert not S._read_pair(tmp_path/"a.png", tmp_path/"m.png", 32, "stretch", 201)[1].any()   # mask_threshold
+    (tmp_path/"bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png" * 8)
+    with pytest.raises(S.DataError, match=r"bad\.png: .*(corrupt|not a readable)") as e: S._read_pair(tmp_path/"bad.png", tmp_path/"m.png", 32)
+    assert "\n" not in str(e.value)
+    (tmp_path/"empty.png").write_bytes(b"")
+    with pytest.raises(S.DataError, match=r"empty\.png: empty file"): S._read_pair(tmp_path/"a.png", tmp_path/"empty.png", 32)
+
+def _ledger_rows(cells, hashes):
+    return pd.DataFrame([dict(**c, seed=1, dice_loss=0.3, dice=0.7, iou=0.6, val_iou=0.6, best_epoch=1, epochs=1, n_train=8,
+                              n_val=2, n_test=8, encoder="x", status="ok", n_syn=0, short_of_r=0, settings_hash=h, seconds=1.0)
+                         for c, h in zip(cells, hashes)])[S.LEDGER_COLUMNS]
+
+def test_write_results_marks_rows_of_other_settings_stale(tmp_path):
+    cfg = load_config("smoke", {"out": str(tmp_path)})
+    for d in S.stage_dirs(cfg, "segmentation"): d.mkdir(parents=True, exist_ok=True)
+    cells = S.grid(cfg)[:3]
+    current = {S._key(c): h for c, h in zip(cells, ["h0", "new", "h2"])}     # cell 1's settings changed since its row
+    res = S.write_results(cfg, _ledger_rows(cells, ["h0", "h1", "h2"]), cells, current)
+    assert res.status.tolist() == ["ok", S.STALE, "ok"] and np.isnan(res.iou.iloc[1]) and res.iou.iloc[0] == 0.6
+    disk = pd.read_csv(S.results_paths(cfg)[1], keep_default_na=False)
+    assert list(disk.columns) == S.RESULT_COLUMNS and disk.status.tolist() == ["ok", S.STALE, "ok"] and disk.iou.iloc[1] == ""
+    assert S.read_ledger(cfg).iou.tolist() == [0.6, 0.6, 0.6]           # the ledger keeps the row until the cell retrains
+
+def test_read_ledger_schema(tmp_path):
+    cfg = load_config("smoke", {"out": str(tmp_path)})
+    p = S.results_paths(cfg)[0]; p.parent.mkdir(parents=True)
+    assert S.read_ledger(cfg).columns.tolist() == S.LEDGER_COLUMNS           # no ledger yet: empty
+    p.write_text("table,type,n\n2,real,1\n")
+    with pytest.raises(S.DataError, match=r"cells\.csv: missing column\(s\) r, mode, repeat"): S.read_ledger(cfg)
+    p.write_text("")
+    with pytest.raises(S.DataError, match=r"cells\.csv: not a readable cells ledger"): S.read_ledger(cfg)
+    old = [c for c in S.LEDGER_COLUMNS if c not in ("n_syn", "short_of_r")]   # written before the two columns existed
+    led = _ledger_rows(S.grid(cfg)[:1], ["h"])
+    led[old].to_csv(p, index=False)
+    got = S.read_ledger(cfg)
+    assert got.columns.tolist() == S.LEDGER_COLUMNS and got.n_syn.iloc[0] == "" and got.iou.iloc[0] == 0.6
+    led.assign(n="x").to_csv(p, index=False)
+    with pytest.raises(S.DataError, match=r"cells\.csv: non-numeric n"): S.read_ledger(cfg)
+
+def test_results_schema_is_the_statistics_schema():
+    from diffusegen import statistics as ST
+    assert S.RESULT_COLUMNS == ST.SEG_COLUMNS and S.RESULT_COLUMNS[-2:] == ["n_syn", "short_of_r"]

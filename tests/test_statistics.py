@@ -136,7 +136,8 @@ def upstream(tmp_path):
     cfg = load_config("smoke", {"out": str(tmp_path), "table2_types": "real gan diff styled-diff full-diff full-styled-diff",
                                 "table3_n": "16 32", "table3_types": "styled-diff gan"})
     rng = np.random.default_rng(0)
-    base = dict(mode="", seed=0, dice=0.0, val_iou=0.0, best_epoch=1, epochs=2, n_train=8, n_val=2, n_test=8, encoder="tiny", status="ok")
+    base = dict(mode="", seed=0, dice=0.0, val_iou=0.0, best_epoch=1, epochs=2, n_train=8, n_val=2, n_test=8, encoder="tiny", status="ok",
+                n_syn=0, short_of_r=0)
     rows = [dict(base, table=2, type="real", n=1, r=0, repeat=0, dice_loss=0.2, iou=0.7)]
     for t, ns in (("diff", (1, 2, 3)), ("styled-diff", (1, 2, 3)), ("full-diff", (1,))):
         for n in ns: rows.append(dict(base, table=2, type=t, n=n, r=0, repeat=0, dice_loss=rng.uniform(0.2, 0.5), iou=rng.uniform(0.4, 0.7)))
@@ -201,6 +202,81 @@ def test_bad_results_file_is_one_line(tmp_path):
     S.results_path(cfg).parent.mkdir(parents=True)
     S.results_path(cfg).write_text("table,type\n2,real\n")
     with pytest.raises(DataError, match=r"results.csv: missing column\(s\) n, dice_loss, iou"): S.run_statistics(cfg, progress=False)
+
+def test_empty_results_file_is_one_line(tmp_path):
+    cfg = load_config("smoke", {"out": str(tmp_path)})
+    S.results_path(cfg).parent.mkdir(parents=True)
+    S.results_path(cfg).write_text("")                                  # zero bytes (e.g. a disk that filled up)
+    with pytest.raises(DataError, match=r"results\.csv: empty file") as e: S.run_statistics(cfg, progress=False)
+    assert str(S.results_path(cfg)) in str(e.value) and "\n" not in str(e.value)
+
+@pytest.mark.parametrize("col,bad", [("n", "two"), ("repeat", ""), ("table", "2.5"), ("r", "x")])
+def test_malformed_result_keys_are_rejected(tmp_path, col, bad):
+    "A key that is not an integer is a one-line DataError naming the file, not a silent 0."
+    cfg = load_config("smoke", {"out": str(tmp_path)})
+    rows = pd.DataFrame({"table": [2, 2], "type": ["real", "diff"], "n": [1, 1], "r": [0, 0], "repeat": [0, 0],
+                         "dice_loss": [0.2, 0.3], "iou": [0.7, 0.6]}).astype(str)
+    rows.loc[1, col] = bad
+    S.results_path(cfg).parent.mkdir(parents=True); rows.to_csv(S.results_path(cfg), index=False)
+    with pytest.raises(DataError, match=rf"results\.csv: column {col} is not an integer in data row\(s\) 2"): S.read_results(cfg)
+    rows.loc[1, col] = "1" if col != "table" else "2"
+    rows.to_csv(S.results_path(cfg), index=False)
+    assert S.read_results(cfg)[col].tolist()[1] == int(rows.loc[1, col])
+
+def _results_with_repeats(repeats: int) -> pd.DataFrame:
+    "Synthetic results: Table 2 Real, Styled-Diff, Diff (N = 1..3) and Table 3 at N = 16 (Real; Styled-Diff, GAN r = 1..3)."
+    rng = np.random.default_rng(repeats)
+    rows = []
+    for k in range(repeats):
+        rows.append(dict(table=2, type="real", n=1, r=0, mode="", repeat=k, dice_loss=rng.uniform(.1, .2), iou=rng.uniform(.75, .85)))
+        for t in ("styled-diff", "diff"):
+            for n in (1, 2, 3): rows.append(dict(table=2, type=t, n=n, r=0, mode="", repeat=k, dice_loss=rng.uniform(.2, .4), iou=rng.uniform(.55, .75)))
+        rows.append(dict(table=3, type="real", n=16, r=0, mode="", repeat=k, dice_loss=rng.uniform(.5, .6), iou=rng.uniform(.5, .6)))
+        for t in ("styled-diff", "gan"):
+            for r in (1, 2, 3): rows.append(dict(table=3, type=t, n=16, r=r, mode="add", repeat=k, dice_loss=rng.uniform(.4, .6), iou=rng.uniform(.55, .65)))
+    return S.normalize_seg(pd.DataFrame(rows))
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_tests_against_real_across_n_and_r(repeats):
+    """§2.8's dependent tests across N (Table 2) and r (Table 3) against Real, whatever seg_repeats: one Real value →
+    one-sample; one Real value per repeat → the other set's means over N (r) per repeat, paired with Real on the repeat."""
+    cfg = load_config("smoke", {"table2_types": "real styled-diff diff", "table3_n": "16", "table3_types": "styled-diff gan",
+                                "table3_mode": "add", "seg_repeats": repeats})
+    seg, P = _results_with_repeats(repeats), S.load_paper_tables()
+    t2, tests2 = S.table2_stats(cfg, seg, P)
+    t3, tests3 = S.table3_stats(cfg, seg, P)
+    assert "Welch" not in {t["kind"] for t in tests2 + tests3}
+    def expect(x, real):                                  # x: rows of one type, real: Real's rows
+        if repeats == 1: return "one-sample", len(x), sps.ttest_1samp(x.iou, real.iou.item()).pvalue
+        m = x.groupby("repeat").iou.mean().sort_index()
+        return "paired by repeat", repeats, sps.ttest_rel(m, real.set_index("repeat").iou.sort_index()).pvalue
+    # Table 2: Styled-Diff (N = 1, 2, 3) against Real (tests are a = Styled-Diff, b = the row's type)
+    got = next(t for t in tests2 if t["b"] == "real" and t["metric"] == "iou")
+    kind, k, p = expect(seg.query("table == 2 and type == 'styled-diff'"), seg.query("table == 2 and type == 'real'"))
+    assert (got["kind"], got["k"]) == (kind, k) and got["p"] == pytest.approx(p, rel=1e-9)
+    assert f"({kind}, k={k})" in t2.set_index("type").loc["Real", "p IoU vs Styled-Diff"]
+    # Table 2 between synthetic types: paired on (N, repeat)
+    got = next(t for t in tests2 if t["b"] == "diff" and t["metric"] == "iou")
+    assert (got["kind"], got["k"]) == ("paired", 3 * repeats)
+    # Table 3 at N = 16: Styled-Diff and GAN (r = 1, 2, 3) against Real; Styled-Diff against GAN paired on (r, repeat)
+    for t in ("styled-diff", "gan"):
+        got = next(x for x in tests3 if x["a"] == t and x["b"] == "real" and x["metric"] == "iou")
+        kind, k, p = expect(seg.query(f"table == 3 and type == '{t}'"), seg.query("table == 3 and type == 'real'"))
+        assert (got["kind"], got["k"]) == (kind, k) and got["p"] == pytest.approx(p, rel=1e-9)
+        assert f"({kind}, k={k})" in t3.set_index("type").loc[S.type_name(t), "p IoU vs Real"]
+    got = next(x for x in tests3 if x["a"] == "styled-diff" and x["b"] == "gan" and x["metric"] == "iou")
+    assert (got["kind"], got["k"]) == ("paired", 3 * repeats)
+
+def test_stale_rows_are_left_out(upstream):
+    cfg, res, t1 = upstream
+    stale = (res.table == 2) & (res.type == "diff") & (res.n == 3)
+    res.loc[stale, "status"] = "stale: settings changed"
+    res.loc[stale, ["dice_loss", "iou"]] = np.nan
+    res.to_csv(S.results_path(cfg), index=False)
+    S.run_statistics(cfg, progress=False)
+    t2 = pd.read_csv(cfg.fig_dir/"statistics"/"table2.csv", keep_default_na=False).set_index("type")
+    assert t2.loc["Diff", "k"] == 2 and t2.loc["Diff", "status"].startswith("ok (2 of 3 rows; others: stale")
+    assert any("stale" in n for n in read_manifest(cfg, "statistics")["notes"])
 
 def test_cli_stats_paper_needs_no_pipeline(tmp_path):
     out = io.StringIO()

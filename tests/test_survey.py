@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from diffusegen.core import DiffusegenError
 from diffusegen.survey import build_survey, score_survey, read_answers, RATINGS, SURVEY_TYPES
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -105,6 +106,15 @@ def test_survey_end_to_end(tmp_path, driver):
     assert target.exists(), f"no download in {driver.download_dir}: {list(driver.download_dir.iterdir())}"
     downloaded = json.loads(target.read_text())
     assert downloaded["answers"] == dom["answers"] and downloaded["survey"] == info["survey"]
+    driver.find_element(By.ID, "export-csv").click()          # the CSV export: the same answers, with the survey id
+    csv = driver.download_dir/"survey_answers.csv"
+    for _ in range(100):
+        if csv.exists() and csv.stat().st_size > 0: break
+        time.sleep(0.1)
+    got = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    assert list(got.columns) == ["item", "image", "seg", "rf", "survey"] and (got.survey == info["survey"]).all()
+    assert got.drop(columns="survey").to_dict("records") == dom["answers"]
+    assert score_survey(csv, key)[0].equals(score_survey(target, key)[0])
 
     # score: Table B1 counts must be exactly what was clicked
     table, metrics = score_survey(target, key)
@@ -136,6 +146,38 @@ def test_answers_for_another_survey_are_refused(tmp_path):
         {"item": it, "image": "Good", "seg": "Good", "rf": "Real"} for it in items.item]}))
     table, m = score_survey(tmp_path/"ans.json", tmp_path/"a.csv")
     assert table.n.sum() == 6 and m["answered"] == 6
-    from diffusegen.core import DiffusegenError
     with pytest.raises(DiffusegenError, match="belong to survey"):
         score_survey(tmp_path/"ans.json", tmp_path/"b.csv")
+
+def test_a_rebuilt_survey_keeps_the_old_key(tmp_path):
+    "Answers to an earlier page are scored against that page's key, found by survey id, after the key file was rebuilt."
+    d = tmp_path/"imgs"; d.mkdir()
+    pool = _pool(d, 2)
+    key = tmp_path/"runs"/"survey_key.csv"
+    first = build_survey(pool, tmp_path/"survey.html", key, 2, seed=0)
+    items = pd.read_csv(key)
+    ans = pd.DataFrame({"item": items.item, "image": "Good", "seg": "Good", "rf": ["Real" if t == "Real" else "Fake" for t in items.type]})
+    ans.assign(survey=first["survey"]).to_csv(tmp_path/"ans.csv", index=False)
+    second = build_survey(pool, tmp_path/"survey.html", key, 2, seed=1)   # a new survey: survey_key.csv now holds its key
+    assert second["survey"] != first["survey"] and set(pd.read_csv(key).survey) == {second["survey"]}
+    table, m = score_survey(tmp_path/"ans.csv", key)
+    assert m["key"].endswith(f"survey_key_{first['survey']}.csv") and m["positive_real"]["accuracy"] == 1.0   # the right key
+    (tmp_path/"runs"/f"survey_key_{first['survey']}.csv").unlink()
+    with pytest.raises(DiffusegenError, match=f"belong to survey {first['survey']}"): score_survey(tmp_path/"ans.csv", key)
+
+def test_answers_are_validated(tmp_path):
+    d = tmp_path/"imgs"; d.mkdir()
+    info = build_survey(_pool(d, 2), tmp_path/"s.html", tmp_path/"key.csv", 2, seed=0)
+    items = pd.read_csv(tmp_path/"key.csv").item.tolist()
+    base = pd.DataFrame({"item": items, "image": "Good", "seg": "Poor", "rf": "Real", "survey": info["survey"]})
+    def score(df, name="a.csv"):
+        df.to_csv(tmp_path/name, index=False); return score_survey(tmp_path/name, tmp_path/"key.csv")
+    assert score(base)[1]["answered"] == 6
+    bad = base.copy(); bad.loc[2, "rf"] = "fake"              # not one of the page's options
+    with pytest.raises(DiffusegenError, match=rf"a.csv: item {items[2]} has rf = 'fake' \(allowed: Real, Fake"): score(bad)
+    bad = base.copy(); bad.loc[1, "image"] = "good"
+    with pytest.raises(DiffusegenError, match=f"item {items[1]} has image = 'good'"): score(bad)
+    with pytest.raises(DiffusegenError, match=f"a.csv: item {items[0]} is answered more than once"): score(pd.concat([base, base.head(1)]))
+    with pytest.raises(DiffusegenError, match="a.csv: the answers carry no survey id"): score(base.drop(columns="survey"))
+    pd.read_csv(tmp_path/"key.csv").drop(columns="type").to_csv(tmp_path/"key.csv", index=False)
+    with pytest.raises(DiffusegenError, match="key.csv: the answer key has no type column"): score(base)
