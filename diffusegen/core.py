@@ -87,6 +87,7 @@ class Config:
     mixed_precision: str = _f("bf16", "training")
     save_interval: int = _f(10000, "run")
     overwrite_models: bool = _f(False, "run")
+    check_draws: int = _f(32, "run")
     train_clusters: str = _f("all", "training")
     train_full: bool = _f(True, "training")
     init_from: str = _f("none", "training", "none = every model from scratch (the paper); full = cluster models start from the full model")
@@ -280,6 +281,8 @@ def load_config(profile: str = "demo", overrides: dict | None = None, path: Path
         if k not in _TYPES or k == "profile": raise _unknown(k, where)
         kw[k] = _parse(k, v, where)
     if os.environ.get("DIFFUSEGEN_OUT"): kw["out"] = os.environ["DIFFUSEGEN_OUT"]   # tests and batch jobs redirect outputs
+    # a new user's machine in CI: DIFFUSEGEN_DATA_SEARCH=none finds no dataset even where one lies beside the checkout
+    if "DIFFUSEGEN_DATA_SEARCH" in os.environ: kw["data_search"] = os.environ["DIFFUSEGEN_DATA_SEARCH"]
     return apply_overrides(Config(profile=profile, **kw), overrides, "override (--set or papermill `overrides`)")
 
 # %% ../nbs/00_core.ipynb #8522149c

@@ -328,13 +328,15 @@ def resolve_data_root(cfg: Config, data=None) -> tuple[Path, str]:
     "The dataset folder to use and a sentence saying where it came from."
     if data: return resolve_path(data), "given with --data"
     if cfg.data_root != "auto": return resolve_path(cfg.data_root), "settings.ini data_root"
-    for cand in cfg.data_search.split():
+    search = [] if cfg.data_search.strip().lower() in ("", "none") else cfg.data_search.split()
+    for cand in search:
         p = resolve_path(cand)
         if (p/"images").is_dir() and (p/"masks").is_dir(): return p, f"found at {cand} (data_search)"
     from diffusegen.datasets import make_demo_dataset
     dest = cfg.run_dir/"data"/"demo-dataset"
     make_demo_dataset(dest, n=cfg.demo_n, size=cfg.demo_size, seed=cfg.demo_seed)
-    return dest, (f"no dataset found (looked in {', '.join(cfg.data_search.split())}): using the embedded procedural demo "
+    where = f"looked in {', '.join(search)}" if search else "data_search = none"
+    return dest, (f"no dataset found ({where}): using the embedded procedural demo "
                   f"dataset ({cfg.demo_n} images, seed {cfg.demo_seed}); pass --data DIR for real data")
 
 def dataset_fingerprint(root) -> str:

@@ -17,9 +17,9 @@ from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
 
 # %% auto #0
 __all__ = ['parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters', 'model_specs',
-           'spec_hash', 'step_seed', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'save_checkpoint',
-           'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model', 'training_images', 'full_init',
-           'stage_specs', 'run_training']
+           'spec_hash', 'step_seed', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss',
+           'save_checkpoint', 'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model',
+           'training_images', 'full_init', 'stage_specs', 'run_training']
 
 # %% ../nbs/03_training.ipynb #9bc14f01
 def parse_ints(s: str) -> tuple[int, ...]:
@@ -164,6 +164,25 @@ def train_step(unet, opt, diffusion: GaussianDiffusion, x0, t, noise, microbatch
     else: opt.step()
     opt.zero_grad(set_to_none=True)
     return tot
+
+# %% ../nbs/03_training.ipynb #78b3bc42
+@torch.no_grad()
+def fixed_loss(unet, images: torch.Tensor, diffusion: GaussianDiffusion, device, n: int = 32, seed: int = 0,
+               batch: int = 8, mixed_precision: str = "no") -> float:
+    "The mean hybrid loss of `unet` over `n` draws (image, t, ε) seeded by `seed`: the same draws for any weights."
+    g, device = torch.Generator().manual_seed(seed), torch.device(device)
+    idx = torch.randint(len(images), (n,), generator=g)
+    t = torch.randint(diffusion.num_timesteps, (n,), generator=g)
+    noise = torch.randn((n, *images.shape[1:]), generator=g)
+    was_training = unet.training; unet.eval(); total = 0.0
+    for i in range(0, n, batch):
+        x0, tt, nn_ = images[idx[i:i + batch]].to(device), t[i:i + batch].to(device), noise[i:i + batch].to(device)
+        x_t = diffusion.q_sample(x0, tt, nn_)
+        with _autocast(device, mixed_precision):
+            out = unet(x_t, diffusion.model_timesteps(tt)).sample
+        total += float(diffusion.training_losses(out.float(), x0, tt, nn_, x_t=x_t)["loss"].double().sum())
+    unet.train(was_training)
+    return total / n
 
 # %% ../nbs/03_training.ipynb #0bb8be79
 def _save_optimizer(opt, path: Path):
@@ -311,6 +330,9 @@ def train_model(spec: ModelSpec, images: torch.Tensor, cfg: Config, mdir, resume
     unet = build_unet(cfg, spec.full, seed=step_seed(cfg.seed, spec.name, -10**6)).to(device)
     if spec.init: _init_weights(unet, spec.init, cfg.root, device)
     if device.type == "cuda": unet = unet.to(memory_format=torch.channels_last)
+    check = dict(device=device, n=cfg.check_draws, seed=cfg.seed, batch=max(1, spec.microbatch or spec.batch),
+                 mixed_precision=cfg.mixed_precision)
+    init_loss = fixed_loss(unet, images, diffusion, **check) if main else None   # the starting weights, before any resume
     ema = ConstantEMA(unet, cfg.ema_rate)
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.mixed_precision == "fp16" else None
@@ -360,6 +382,7 @@ def train_model(spec: ModelSpec, images: torch.Tensor, cfg: Config, mdir, resume
     rec = {"name": spec.name, "spec_hash": shash, "ids": spec.ids, "n_images": len(spec.ids), "steps": spec.steps,
            "lr": spec.lr, "batch": spec.batch, "microbatch": spec.microbatch, "full": spec.full,
            "final_loss": float(ldf.loss.tail(max(1, len(ldf) // 10)).mean()), "first_loss": float(ldf.loss.head(max(1, len(ldf) // 10)).mean()),
+           "init_fixed_loss": init_loss, "fixed_loss": fixed_loss(unet, images, diffusion, **check), "check_draws": cfg.check_draws,
            "resumed_from": start, "seconds_this_run": round(secs, 1), "steps_per_second": round(done_here / secs, 3) if secs else None,
            "parameters": n_params, "sample_weights": cfg.sample_weights, "device": str(device), "world_size": world,
            "unet": unet_kwargs(cfg, spec.full), "init": spec.init, "provenance": prov}
