@@ -17,6 +17,8 @@ __all__ = ['EXTRA_MANIFESTS', 'StageFailed', 'notebook_hash', 'stage_key', 'Stag
 class StageFailed(DiffusegenError):
     "A section notebook raised: the message names the notebook and the cell."
 
+_RESUME = "finished stages and samples are kept: fix the cause, then rerun the same command to resume from this stage"
+
 def notebook_hash(path) -> str:
     "sha256 of a notebook's cell types and sources (outputs and metadata do not count)."
     nb = json.loads(Path(path).read_text())
@@ -57,9 +59,14 @@ def _execute(nb: Path, cfg: Config, data, overrides: dict, nbs_dir: Path, progre
     except pm.PapermillExecutionError as e:
         tmp.replace(failed)
         raise StageFailed(f"{nb}: {_failed_cell(failed, e.cell_index)} failed with {e.ename}: "
-                          f"{(str(e.evalue).strip().splitlines() or [''])[-1][:300]} (executed copy: {failed})") from None
-    except BaseException:
+                          f"{(str(e.evalue).strip().splitlines() or [''])[-1][:300]} (executed copy: {failed}); {_RESUME}") from None
+    except BaseException as e:
         if tmp.exists(): tmp.replace(failed)
+        if type(e).__name__ == "DeadKernelError":          # nbclient's: the kernel process is gone, mostly killed for memory
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20     # KiB on Linux → GiB
+            raise StageFailed(f"{nb}: the notebook's kernel died, most likely out of memory (largest kernel so far: "
+                              f"{peak:.1f} GiB); lower image_size or the batch settings or use a larger machine; {_RESUME}") from None
         raise
     tmp.replace(final); failed.unlink(missing_ok=True)
     return final
@@ -138,8 +145,15 @@ def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     write_json(base/"config.json", cfg.to_dict())
     L = [f"# diffusegen reproduction report: profile `{cfg.profile}`", "",
          f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} with {', '.join(f'{k} {v}' for k, v in versions().items())}. Full configuration: `config.json` "
-         f"(settings hash `{cfg.hash()}`). Executed notebooks: `executed/`.", "",
-         "## Stages", "", "| section | stage | notebook | status | time | detail |", "|---|---|---|---|---|---|"]
+         f"(settings hash `{cfg.hash()}`). Executed notebooks: `executed/`.", ""]
+    dm = read_manifest(cfg, "data")
+    if dm:                                   # which data every number below comes from, before anything else
+        s = dm.get("summary", {}); meta = Path(s.get("dataset", ""))/"dataset.json"
+        procedural = meta.is_file() and json.loads(meta.read_text()).get("procedural", False)
+        L += [f"**Data:** `{s.get('dataset', '?')}` — {s.get('origin', '')}."
+              + (" These are procedurally drawn stand-ins, not endoscopy images: the pipeline runs end to end, but no number"
+                 " below is comparable with the paper's." if procedural else ""), ""]
+    L += ["## Stages", "", "| section | stage | notebook | status | time | detail |", "|---|---|---|---|---|---|"]
     for r in runs:
         t = f"{r.seconds:.0f} s" if r.status in ("ran", "cached") else ""
         L.append(f"| {r.stage.section} | {r.stage.title} | `{r.stage.notebook}` | {r.status} | {t} | {r.detail.replace('|', '/')} |")

@@ -22,3 +22,21 @@ def one_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def numeric_dataset(dest: Path, n: int = 24, size: int = 96) -> Path:
+    """The procedural demo set with files named by number, as CVC-ClinicDB names them: `1.png`, `2.png`, … and, for
+    every third image, a zero-padded name (`003.png`) whose leading zeros an id read back as a number would lose."""
+    from PIL import Image
+    from diffusegen.datasets import demo_pair
+    (dest/"images").mkdir(parents=True, exist_ok=True); (dest/"masks").mkdir(exist_ok=True)
+    for k in range(1, n + 1):
+        name = f"{k:03d}" if k % 3 == 0 else str(k)
+        im, m = demo_pair(0, k, size)
+        im.save(dest/"images"/f"{name}.png"); m.save(dest/"masks"/f"{name}.png")
+    return dest
+
+@pytest.fixture(scope="session")
+def numeric_data(tmp_path_factory) -> Path:
+    "A small dataset with numeric file names (see `numeric_dataset`)."
+    return numeric_dataset(tmp_path_factory.mktemp("numeric")/"data")

@@ -16,10 +16,13 @@ def section_out(tmp_path_factory):
     return tmp_path_factory.mktemp("sections")
 
 @pytest.mark.parametrize("nb", NBS, ids=[p.name for p in NBS])
-def test_notebook_checks_pass(nb, tmp_path, monkeypatch, section_out):
-    "Every cell of every notebook runs (nbdev's test runner: exported code plus the checks after it)."
+def test_notebook_checks_pass(nb, tmp_path, monkeypatch, section_out, numeric_data):
+    """Every cell of every notebook runs (nbdev's test runner: exported code plus the checks after it). The section
+    notebooks run the smoke pipeline end to end on a dataset whose files are named by number (`1.png`, `003.png`):
+    ids are strings wherever they are read back, and no check may trip over them."""
     out = section_out if nb in SECTION_NBS else tmp_path         # a notebook run alone still runs its upstream stages
     monkeypatch.setenv("DIFFUSEGEN_OUT", str(out))               # the stage cells write here, not into the checkout
+    monkeypatch.setenv("DIFFUSEGEN_DATA_SEARCH", str(numeric_data))   # data_root = auto finds it (and nothing else)
     monkeypatch.chdir(nb.parent)
     ok, secs = run_notebook(nb.name, skip_flags=["notest"], do_print=False, showerr=True)
     assert ok, f"{nb.name} failed (see the traceback above)"
