@@ -32,6 +32,7 @@ def test_reproduce_runs_then_caches_then_reruns_downstream(tmp_path, tiny_data):
         assert "Every stage is implemented." in report
         for ref in ("Table 1", "Table 2", "Table 3", "Fig. 5", "Fig. 6"): assert ref in report, ref   # every section reports
     assert "Dataset summary" in report and "| training images" in report and "348" in report   # ours next to the paper's
+    assert f"**Data:** `{tiny_data}`" in report and "procedurally drawn stand-ins" in report  # which data, up front
     assert "FID Inception-v3" in report                                                    # weights provenance (clustering)
     executed = cfg.fig_dir/"executed"/"01_data.ipynb"
     assert executed.exists() and (cfg.fig_dir/"data"/"fig1_samples.png").exists()
@@ -81,6 +82,7 @@ def test_failing_notebook_stops_naming_notebook_and_cell(tmp_path, tiny_data):
     msg = str(e.value)
     assert "\n" not in msg and "02_clustering.ipynb" in msg and "ValueError: clusters went wrong" in msg
     assert "cell 3 (\"raise ValueError('clusters went wrong')\")" in msg, msg
+    assert msg.endswith("rerun the same command to resume from this stage")                 # what the user can do
     cfg = load_config("smoke", {"out": str(out)})
     state = json.loads((cfg.run_dir/"stages.json").read_text())
     assert state["data"]["status"] == "done" and state["clustering"]["status"] == "failed"
@@ -91,6 +93,18 @@ def test_failing_notebook_stops_naming_notebook_and_cell(tmp_path, tiny_data):
     with pytest.raises(StageFailed):
         runs = reproduce("smoke", data=tiny_data, out=out, nbs_dir=nbs, progress=False)
     assert json.loads((cfg.run_dir/"stages.json").read_text())["data"]["status"] == "done"
+
+def test_dead_kernel_is_one_line_naming_memory(tmp_path, tiny_data):
+    "A kernel killed (as the kernel OOM killer does) stops the run with one line naming the notebook and memory."
+    nbs = tmp_path/"nbs"; nbs.mkdir()
+    _failing_notebook(nbs/"01_data.ipynb")
+    nb = nbformat.read(nbs/"01_data.ipynb", as_version=4)
+    nb.cells[2] = nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    nbformat.write(nb, nbs/"01_data.ipynb")
+    with pytest.raises(StageFailed) as e:
+        reproduce("smoke", data=tiny_data, out=tmp_path/"out", nbs_dir=nbs, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "01_data.ipynb" in msg and "kernel died" in msg and "out of memory" in msg and "GiB" in msg
 
 def test_cli_reproduce_bad_data_is_one_line(tmp_path):
     exe = Path(sys.executable).parent/"diffusegen"
