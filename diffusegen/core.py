@@ -15,7 +15,8 @@ import numpy as np
 __all__ = ['STAGES', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config', 'resolve_path',
            'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config', 'atomic_write',
            'atomic_path', 'write_json', 'write_table', 'save_figure', 'seed_everything', 'torch_generator', 'versions',
-           'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest']
+           'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest',
+           'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 class DiffusegenError(Exception):
@@ -415,3 +416,18 @@ def write_manifest(cfg: Config, stage: str, artifacts: list, weights: list | Non
 def read_manifest(cfg: Config, stage: str) -> dict | None:
     p = stage_dirs(cfg, stage)[1]/"manifest.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+# %% ../nbs/00_core.ipynb #fc9c33da
+def show_stage(cfg: Config, stage: str, kinds: tuple = ("figure", "table"), match: str = "") -> int:
+    """Display the figures and tables of `stage` (its manifest's artifacts of `kinds` whose title contains `match`)
+    in a notebook; return how many were shown. Figures come from their PNG files, tables from their Markdown."""
+    from IPython.display import Image, Markdown, display
+    m, shown = read_manifest(cfg, stage), 0
+    for a in (m or {}).get("artifacts", []):
+        p = Path(a["path"])
+        if a["kind"] not in kinds or match not in a["title"]: continue
+        head = f"**{a['title']}**" + (f" (paper: {a['paper_ref']})" if a.get("paper_ref") else "")
+        if a["kind"] == "figure" and p.exists(): display(Markdown(head), Image(filename=str(p))); shown += 1
+        elif a["kind"] == "table" and p.with_suffix(".md").exists():
+            display(Markdown(head + "\n\n" + p.with_suffix(".md").read_text())); shown += 1
+    return shown
