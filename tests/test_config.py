@@ -126,3 +126,14 @@ def test_every_number_declares_a_range():
     from dataclasses import fields
     for f in fields(Config):
         if f.type in ("int", "float"): assert any(v is not None for v in f.metadata["range"].values()), f.name
+
+def test_python_m_diffusegen_is_the_cli():
+    "`python -m diffusegen` runs the same command line; a bad --set value is one line on stderr and exit status 2."
+    import subprocess, sys
+    ok = subprocess.run([sys.executable, "-m", "diffusegen", "config", "--profile", "smoke", "--set", "image_size=48"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["image_size"] == 48, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "diffusegen", "config", "--profile", "smoke", "--set", "train_steps=-5"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.splitlines() == ["diffusegen: error: override (--set or papermill `overrides`): setting train_steps=-5: must be an integer ≥ 1"]

@@ -226,3 +226,23 @@ def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(prep
     assert gone == {f for f in before if f not in {*cur.file, *cur.mask_file}}
     assert _bytes(sdir) == {f: b for f, b in before.items() if f not in gone}  # the plan's files untouched
     assert len(load_synthetic(small, ty)) == 1 and len(pd.read_csv(sdir/UNPLANNED)) == 0
+
+def test_cli_inpaint_prints_a_line_per_type_and_prunes(prepared, tmp_path, capsys):
+    "`diffusegen inpaint` prints one line of counts per type (not `{}`); `--prune` lists each file it removes."
+    import shutil
+    from diffusegen.cli import main
+    out = tmp_path/"cli"
+    shutil.copytree(prepared.run_dir, out/"runs"/prepared.profile, ignore=shutil.ignore_patterns("synthetic"))
+    sets = ["timestep_respacing=10", "jump_length=3", "resample=2", "inpaint_batch=4", "inpaint_images=1"]
+    args = ["inpaint", "--profile", "smoke", "--out", str(out), "--types", "full-diff"]
+    cli = lambda *extra: main([*args, *[a for s in [*sets, *extra] for a in ("--set", s)]])
+    assert cli("samples_per_image=2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "{}" not in lines and any(l.startswith("full-diff") and "planned 2" in l and "made 2" in l for l in lines), lines
+    assert cli("samples_per_image=1") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(l.startswith("full-diff") and "kept outside the plan 1" in l for l in lines), lines
+    assert any("manifest_unplanned.csv" in l and "--prune" in l for l in lines), lines
+    assert main([*args, "--prune", *[a for s in [*sets, "samples_per_image=1"] for a in ("--set", s)]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len([l for l in lines if l.startswith("pruned ")]) == 2 and any("pruned 2" in l for l in lines), lines
