@@ -81,16 +81,25 @@ def _cmd_inpaint(a) -> int:
     from diffusegen.inpainting import run_inpainting
     from diffusegen.scale import sharded_inpainting
     cfg = _stage_cfg(a)
-    s = sharded_inpainting(cfg, tuple(a.types), shard=a.shard, shards=a.shards, executor=a.executor)   # None: not sharded
-    if s is None: s = run_inpainting(cfg, types=tuple(a.types))
+    if a.prune and a.shard: raise ConfigError("--prune with --shard: prune in a plain `diffusegen inpaint --prune` (it merges the shards first)")
+    s = sharded_inpainting(cfg, tuple(a.types), shard=a.shard, shards=a.shards, executor=a.executor, prune=a.prune)   # None: not sharded
+    if s is None: s = run_inpainting(cfg, types=tuple(a.types), prune=a.prune)
     if os.environ.get("RANK", "0") != "0": return 0
-    print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}, default=str))
+    for r in s.get("types", []):
+        print(f"{r['type']:<10} planned {r['planned']}  cached {r['cached']}  made {r['made']}  total {r['total']}  "
+              f"kept outside the plan {r['unplanned']}  pruned {len(r['pruned'])}" + ("  (stopped)" if r["stopped"] else ""))
+    for r in s.get("shards", []):
+        print(f"shard {r['shard']} {r['type']:<10} planned {r['planned']}  cached {r['cached']}  made {r['made']}")
+    for n in s.get("notes", []): print(n)
     return 0
 
 def _cmd_style(a) -> int:
     from diffusegen.styling import run_styling
-    s = run_styling(_stage_cfg(a))
-    print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}, default=str))
+    s = run_styling(_stage_cfg(a), prune=a.prune)
+    for r in s.get("types", []):
+        print(f"{r['type']:<17} {r['status']:<8} styled {r['styled']}  new {r['new']}  "
+              f"kept outside the plan {r.get('unplanned', 0)}  pruned {len(r.get('pruned', []))}")
+    for n in s.get("notes", []): print(n)
     return 0
 
 def _cmd_bench(a) -> int:
@@ -238,9 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--shard", metavar="I/K", help="make only shard I of K (the planned source images whose index %% K == I); a later plain `inpaint` merges the shards")
     ip.add_argument("--executor", choices=["local", "slurm", "debug"], help="submit the shards as a submitit job array, wait, merge")
     ip.add_argument("--shards", type=int, metavar="K", help="number of shard jobs with --executor (default 1)")
+    ip.add_argument("--prune", action="store_true", help="remove finished samples outside the current plan (kept by default, "
+                    "listed in manifest_unplanned.csv); prints each file removed")
     ip.set_defaults(func=_cmd_inpaint)
     st = sub.add_parser("style", help="§2.5: the guided styling of the inpainted samples (Styled-Diff, Full-Styled-Diff)")
-    common(st); st.add_argument("--out", help="folder for figures/ and runs/"); st.set_defaults(func=_cmd_style)
+    common(st); st.add_argument("--out", help="folder for figures/ and runs/")
+    st.add_argument("--prune", action="store_true", help="remove styled samples outside the current plan (kept by default, "
+                    "listed in manifest_unplanned.csv); prints each file removed")
+    st.set_defaults(func=_cmd_style)
     b = sub.add_parser("bench", help="measure speed and memory (figures/bench/)")
     b.add_argument("part", nargs="?", default="all", choices=["train", "generate", "style", "segment", "all", "fast-sampler"],
                    help="a part, all four, or fast-sampler (FID against evaluations; needs the profile's trained models)")

@@ -5,7 +5,7 @@ rules every artifact follows (atomic writes, a config and a manifest beside each
 
 # %% ../nbs/00_core.ipynb #daa580b1
 from __future__ import annotations
-import configparser, dataclasses, difflib, hashlib, json, os, random, re, tempfile, time
+import configparser, dataclasses, difflib, hashlib, json, math, os, random, re, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,8 +36,27 @@ def project_root() -> Path:
     return pkg_parent
 
 # %% ../nbs/00_core.ipynb #19d3b5f8
-def _f(default, stage, help=""):
-    return field(default=default, metadata={"stage": stage, "help": help})
+def _f(default, stage, help="", ge=None, gt=None, le=None, lt=None):
+    "A setting: its default, the stages whose results it changes (`keys_for`), and for a number its valid range."
+    return field(default=default, metadata={"stage": stage, "help": help, "range": dict(ge=ge, gt=gt, le=le, lt=lt)})
+
+def _range_text(typ: str, r: dict) -> str:
+    "'an integer ≥ 1', 'a number in [0, 1]', 'a number > 0 and < 1': the range `r` of a setting of type `typ`."
+    what = "an integer" if typ == "int" else "a number"
+    lo = ("ge", r["ge"]) if r.get("ge") is not None else ("gt", r["gt"]) if r.get("gt") is not None else None
+    hi = ("le", r["le"]) if r.get("le") is not None else ("lt", r["lt"]) if r.get("lt") is not None else None
+    if lo and hi and lo[0] == "ge" and hi[0] == "le": return f"{what} in [{lo[1]}, {hi[1]}]"
+    sym = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    return what + " " + " and ".join(f"{sym[b[0]]} {b[1]}" for b in (lo, hi) if b)
+
+def _in_range(v, r: dict) -> bool:
+    return ((r.get("ge") is None or v >= r["ge"]) and (r.get("gt") is None or v > r["gt"])
+            and (r.get("le") is None or v <= r["le"]) and (r.get("lt") is None or v < r["lt"]))
+
+def _int_list(s: str) -> list[int] | None:
+    "'16 8' or '16,8' → [16, 8]; None when an entry is not an integer."
+    try: return [int(v) for v in str(s).replace(",", " ").split()]
+    except ValueError: return None
 
 @dataclass(frozen=True)
 class Config:
@@ -47,135 +66,135 @@ class Config:
     # data (§2.1, §2.3)
     data_root: str = _f("auto", "data")
     data_search: str = _f("data/kvasir-seg", "data")
-    image_size: int = _f(256, "data")
+    image_size: int = _f(256, "data", ge=8)
     resize_mode: str = _f("stretch", "data")
-    mask_threshold: int = _f(128, "data")
-    mask_grey_tolerance: float = _f(0.05, "data")
+    mask_threshold: int = _f(128, "data", ge=0, le=255)
+    mask_grey_tolerance: float = _f(0.05, "data", ge=0, le=1)
     on_bad_pairs: str = _f("error", "data")
     train_ids: str = _f("none", "data")
-    n_train: int = _f(0, "data")
-    subset: int = _f(0, "data")
-    n_test: int = _f(200, "data")
-    split_seed: int = _f(0, "data")
-    demo_n: int = _f(60, "data")
-    demo_size: int = _f(256, "data")
-    demo_seed: int = _f(0, "data")
+    n_train: int = _f(0, "data", ge=0)
+    subset: int = _f(0, "data", ge=0)
+    n_test: int = _f(200, "data", ge=1)
+    split_seed: int = _f(0, "data", ge=0)
+    demo_n: int = _f(60, "data", ge=2)
+    demo_size: int = _f(256, "data", ge=8)
+    demo_seed: int = _f(0, "data", ge=0)
     # clustering (§2.3)
-    n_clusters: int = _f(20, "clustering")
-    kmeans_seed: int = _f(0, "clustering")
-    kmeans_n_init: int = _f(10, "clustering")
-    feature_size: int = _f(256, "clustering")
+    n_clusters: int = _f(20, "clustering", ge=1)
+    kmeans_seed: int = _f(0, "clustering", ge=0)
+    kmeans_n_init: int = _f(10, "clustering", ge=1)
+    feature_size: int = _f(256, "clustering", ge=8)
     clusters_from: str = _f("kmeans", "clustering")
     # diffusion model and training (§2.4)
-    diffusion_steps: int = _f(1000, "training")
+    diffusion_steps: int = _f(1000, "training", ge=2)
     noise_schedule: str = _f("linear", "training")
     block_out_channels: str = _f("256 256 512 512 1024 1024", "training")
-    layers_per_block: int = _f(2, "training")
+    layers_per_block: int = _f(2, "training", ge=1)
     attention_resolutions: str = _f("16 8", "training")
-    attention_head_dim: int = _f(64, "training")
-    dropout: float = _f(0.0, "training")
-    lr: float = _f(1e-4, "training")
-    weight_decay: float = _f(0.0, "training")
+    attention_head_dim: int = _f(64, "training", ge=1)
+    dropout: float = _f(0.0, "training", ge=0, lt=1)
+    lr: float = _f(1e-4, "training", gt=0)
+    weight_decay: float = _f(0.0, "training", ge=0)
     batch_size: str = _f("1", "training")
-    microbatch: int = _f(0, "training")
-    train_steps: int = _f(110000, "training")
-    full_train_steps: int = _f(200000, "training")
+    microbatch: int = _f(0, "training", ge=0)
+    train_steps: int = _f(110000, "training", ge=1)
+    full_train_steps: int = _f(200000, "training", ge=1)
     full_attention_resolutions: str = _f("32 16 8", "training")
-    full_lr: float = _f(1e-4, "training")
+    full_lr: float = _f(1e-4, "training", gt=0)
     full_batch_size: str = _f("1", "training")
-    ema_rate: float = _f(0.9999, "training")
+    ema_rate: float = _f(0.9999, "training", ge=0, le=1)
     random_flip: bool = _f(True, "training")
     mixed_precision: str = _f("bf16", "training")
-    save_interval: int = _f(10000, "run")
+    save_interval: int = _f(10000, "run", ge=1)
     overwrite_models: bool = _f(False, "run")
-    check_draws: int = _f(32, "run")
+    check_draws: int = _f(32, "run", ge=1)
     train_clusters: str = _f("all", "training")
     train_full: bool = _f(True, "training")
     init_from: str = _f("none", "training", "none = every model from scratch (the paper); full = cluster models start from the full model")
     sample_weights: str = _f("raw", "training")
-    monitor_samples: int = _f(8, "training")
-    monitor_sample_steps: int = _f(100, "training")
+    monitor_samples: int = _f(8, "training", ge=1)
+    monitor_sample_steps: int = _f(100, "training", ge=1)
     # inpainting (§2.5, Appendix B.3; paper-code-facts b.3, b.4, c)
-    timestep_respacing: int = _f(200, "inpainting")
-    jump_length: int = _f(10, "inpainting")
-    resample: int = _f(5, "inpainting")
+    timestep_respacing: int = _f(200, "inpainting", ge=1)
+    jump_length: int = _f(10, "inpainting", ge=1)
+    resample: int = _f(5, "inpainting", ge=1)
     inpaint_variant: str = _f("paper-code", "inpainting")
-    skip_timesteps: int = _f(80, "inpainting")
-    dilation: int = _f(20, "inpainting")
-    mask_open: int = _f(16, "inpainting")
-    samples_per_image: int = _f(3, "inpainting")
-    inpaint_images: int = _f(0, "inpainting")
-    inpaint_batch: int = _f(0, "run")           # 0 = auto (issue 7)
+    skip_timesteps: int = _f(80, "inpainting", ge=0)
+    dilation: int = _f(20, "inpainting", ge=0)
+    mask_open: int = _f(16, "inpainting", ge=0)
+    samples_per_image: int = _f(3, "inpainting", ge=1)
+    inpaint_images: int = _f(0, "inpainting", ge=0)
+    inpaint_batch: int = _f(0, "run", ge=0)           # 0 = auto (issue 7)
     # styling (§2.5, Appendix A.1.2, B.3; paper-code-facts b.5)
-    style_respacing: int = _f(200, "styling")
-    style_start: int = _f(119, "styling")
-    diff_iter: int = _f(100, "styling")
-    lambda_sty: float = _f(10000.0, "styling")
-    lambda_l2: float = _f(10000.0, "styling")
-    lambda_sem: float = _f(40000.0, "styling")
-    lambda_rng: float = _f(200.0, "styling")
-    lambda_zecon: float = _f(500.0, "styling")
-    lambda_vgg: float = _f(100.0, "styling")
-    lambda_mse: float = _f(5000.0, "styling")
-    zecon_patches: int = _f(256, "styling")
-    zecon_tau: float = _f(0.07, "styling")
+    style_respacing: int = _f(200, "styling", ge=1)
+    style_start: int = _f(119, "styling", ge=0)
+    diff_iter: int = _f(100, "styling", ge=0)
+    lambda_sty: float = _f(10000.0, "styling", ge=0)
+    lambda_l2: float = _f(10000.0, "styling", ge=0)
+    lambda_sem: float = _f(40000.0, "styling", ge=0)
+    lambda_rng: float = _f(200.0, "styling", ge=0)
+    lambda_zecon: float = _f(500.0, "styling", ge=0)
+    lambda_vgg: float = _f(100.0, "styling", ge=0)
+    lambda_mse: float = _f(5000.0, "styling", ge=0)
+    zecon_patches: int = _f(256, "styling", ge=1)
+    zecon_tau: float = _f(0.07, "styling", gt=0)
     noise_aug: bool = _f(True, "styling")
     color_match: bool = _f(True, "styling")
-    style_images: int = _f(0, "styling")
-    style_batch: int = _f(0, "run")             # 0 = auto (issue 7)
+    style_images: int = _f(0, "styling", ge=0)
+    style_batch: int = _f(0, "run", ge=0)             # 0 = auto (issue 7)
     # intrinsic evaluation (§2.6, Table 1, Appendix B.1): issue 5
     fid_mode: str = _f("clean", "intrinsic")
-    fid_repeats: int = _f(3, "intrinsic")
-    fid_batch: int = _f(32, "run")
-    msssim_pairs: int = _f(1000, "intrinsic")
-    msssim_win: int = _f(11, "intrinsic")
-    survey_per_type: int = _f(10, "intrinsic")
-    memo_cosine: float = _f(0.95, "intrinsic")
-    memo_ssim: float = _f(0.9, "intrinsic")
+    fid_repeats: int = _f(3, "intrinsic", ge=1)
+    fid_batch: int = _f(32, "run", ge=1)
+    msssim_pairs: int = _f(1000, "intrinsic", ge=1)
+    msssim_win: int = _f(11, "intrinsic", ge=3)
+    survey_per_type: int = _f(10, "intrinsic", ge=1)
+    memo_cosine: float = _f(0.95, "intrinsic", ge=-1, le=1)
+    memo_ssim: float = _f(0.9, "intrinsic", ge=-1, le=1)
     gan_root: str = _f("none", "intrinsic segmentation")
-    fid_images: int = _f(0, "intrinsic")
-    memo_real_images: int = _f(0, "intrinsic")
+    fid_images: int = _f(0, "intrinsic", ge=0)
+    memo_real_images: int = _f(0, "intrinsic", ge=0)
     # segmentation (§2.7, Appendix B.2; paper-code-facts b.6): issue 6
     seg_arch: str = _f("UnetPlusPlus", "segmentation")
     seg_encoder: str = _f("se_resnext50_32x4d", "segmentation")
     seg_encoder_weights: str = _f("none", "segmentation")
-    seg_epochs: int = _f(150, "segmentation")
-    seg_lr: float = _f(1e-4, "segmentation")
-    seg_lr_drop_epoch: int = _f(50, "segmentation")
-    seg_lr_after: float = _f(1e-5, "segmentation")
-    seg_batch: int = _f(16, "segmentation")
-    seg_val_fraction: float = _f(0.2, "segmentation")
+    seg_epochs: int = _f(150, "segmentation", ge=1)
+    seg_lr: float = _f(1e-4, "segmentation", gt=0)
+    seg_lr_drop_epoch: int = _f(50, "segmentation", ge=0)
+    seg_lr_after: float = _f(1e-5, "segmentation", gt=0)
+    seg_batch: int = _f(16, "segmentation", ge=1)
+    seg_val_fraction: float = _f(0.2, "segmentation", gt=0, lt=1)
     seg_train_aug: bool = _f(True, "segmentation")
-    seg_threshold: float = _f(0.5, "segmentation")
-    seg_repeats: int = _f(1, "segmentation")
+    seg_threshold: float = _f(0.5, "segmentation", gt=0, lt=1)
+    seg_repeats: int = _f(1, "segmentation", ge=1)
     table2_types: str = _f("real gan diff styled-diff full-diff full-styled-diff", "segmentation")
     table2_n: str = _f("1 2 3", "segmentation")
     table3_n: str = _f("16 32 64 128", "segmentation")
     table3_r: str = _f("1 2 3", "segmentation")
-    table3_alpha: float = _f(0.5, "segmentation")
+    table3_alpha: float = _f(0.5, "segmentation", ge=0, le=1)
     table3_mode: str = _f("add", "segmentation")
     table3_types: str = _f("styled-diff gan", "segmentation")
     # statistics (§2.8)
-    significance: float = _f(0.05, "statistics")
+    significance: float = _f(0.05, "statistics", gt=0, lt=1)
     # speed and scale (issue 7): never change results
     compile: bool = _f(False, "run")
     channels_last: bool = _f(True, "run")
     executor: str = _f("local", "run")
     slurm_partition: str = _f("gpu", "run")
-    slurm_gpus: int = _f(1, "run")
-    slurm_time_min: int = _f(1440, "run")
+    slurm_gpus: int = _f(1, "run", ge=0)
+    slurm_time_min: int = _f(1440, "run", ge=1)
     # fast sampler (issue 7): these two change the inpainting results
     inpaint_sampler: str = _f("ddpm", "inpainting")
-    ddim_eta: float = _f(0.0, "inpainting")
+    ddim_eta: float = _f(0.0, "inpainting", ge=0)
     # pretrained weights (§2.3, §2.5)
     inception_weights: str = _f("auto", "weights")
     dino_weights: str = _f("auto", "weights")
     vgg_weights: str = _f("auto", "weights")
     allow_substitute_weights: bool = _f(False, "weights")
     # run
-    seed: int = _f(0, "all")
+    seed: int = _f(0, "all", ge=0)
     device: str = _f("auto", "run")
-    num_workers: int = _f(0, "run")
+    num_workers: int = _f(0, "run", ge=0)
 
     _choices = {"resize_mode": ("stretch", "center_crop"), "on_bad_pairs": ("error", "skip"), "noise_schedule": ("linear",),
                 "mixed_precision": ("no", "bf16", "fp16"), "sample_weights": ("raw", "ema"), "clusters_from": ("kmeans", "paper"),
@@ -183,10 +202,49 @@ class Config:
                 "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"), "table3_mode": ("add", "replace"),
                 "executor": ("local", "slurm", "debug"), "inpaint_sampler": ("ddpm", "ddim"), "init_from": ("none", "full")}
 
+    _int_lists = {"block_out_channels": True, "attention_resolutions": False, "full_attention_resolutions": False,
+                  "table2_n": True, "table3_n": True, "table3_r": True}     # lists of positive integers (True: at least one)
+
     def __post_init__(self):
+        "Every value in its range and the settings consistent with each other; else one `ConfigError` line naming the key."
         for k, allowed in self._choices.items():
             if getattr(self, k) not in allowed:
                 raise ConfigError(f"setting {k}={getattr(self, k)!r}: must be one of {', '.join(allowed)}")
+        for f in fields(self):
+            v, r = getattr(self, f.name), f.metadata.get("range") or {}
+            if f.type == "float" and not math.isfinite(v):
+                raise ConfigError(f"setting {f.name}={v!r}: must be " + (f"{_range_text('float', r)} (finite)" if any(x is not None for x in r.values()) else "a finite number"))
+            if f.type in ("int", "float") and not _in_range(v, r):
+                raise ConfigError(f"setting {f.name}={v!r}: must be {_range_text(f.type, r)}")
+        for k, nonempty in self._int_lists.items():
+            vals = _int_list(getattr(self, k))
+            if vals is None or any(x < 1 for x in vals) or (nonempty and not vals):
+                raise ConfigError(f"setting {k}={getattr(self, k)!r}: must be {'one or more' if nonempty else 'zero or more'} "
+                                  f"positive integers separated by spaces")
+        for k in ("batch_size", "full_batch_size"):
+            v = getattr(self, k).strip()
+            if v != "cluster" and not (v.isdigit() and int(v) >= 1):
+                raise ConfigError(f"setting {k}={getattr(self, k)!r}: must be an integer ≥ 1 or `cluster`")
+        self._check_relations()
+
+    def _check_relations(self):
+        "The relations between settings that must hold (each error names both keys and their values)."
+        def need(ok: bool, k: str, rule: str):
+            if not ok: raise ConfigError(f"setting {k}={getattr(self, k)!r}: must be {rule}")
+        for k in ("timestep_respacing", "style_respacing", "monitor_sample_steps"):
+            need(getattr(self, k) <= self.diffusion_steps, k, f"≤ diffusion_steps={self.diffusion_steps}")
+        if self.resample > 1:                      # jumps need a jump point below the start
+            need(self.jump_length < self.timestep_respacing, "jump_length",
+                 f"< timestep_respacing={self.timestep_respacing} (resample={self.resample} jumps back jump_length steps)")
+        if self.inpaint_variant == "paper-text":
+            need(self.skip_timesteps < self.timestep_respacing, "skip_timesteps",
+                 f"< timestep_respacing={self.timestep_respacing} (inpaint_variant=paper-text starts after the skipped steps)")
+        need(self.style_start < self.style_respacing, "style_start", f"< style_respacing={self.style_respacing} (an index of the respaced steps)")
+        need(self.diff_iter < self.style_respacing, "diff_iter", f"< style_respacing={self.style_respacing} (an index of the respaced steps)")
+        need(self.msssim_win % 2 == 1, "msssim_win", "odd (the Gaussian window has a centre pixel)")
+        down = 2 ** (len(_int_list(self.block_out_channels)) - 1)
+        need(self.image_size % down == 0, "image_size",
+             f"a multiple of {down} (the UNet halves it {down.bit_length() - 1} times: block_out_channels={self.block_out_channels!r})")
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
     def replace(self, **kw) -> "Config": return apply_overrides(self, kw, "replace()")
@@ -245,7 +303,8 @@ def apply_overrides(cfg: Config, overrides: dict | None, where: str = "overrides
     for k, v in (overrides or {}).items():
         if k not in _TYPES or k == "profile": raise _unknown(k, where)
         kw[k] = _parse(k, v, where)
-    return dataclasses.replace(cfg, **kw)
+    try: return dataclasses.replace(cfg, **kw)
+    except ConfigError as e: raise ConfigError(f"{where}: {e}") from None
 
 # %% ../nbs/00_core.ipynb #76e58763
 def settings_path() -> Path: return project_root()/"settings.ini"
@@ -284,7 +343,9 @@ def load_config(profile: str = "demo", overrides: dict | None = None, path: Path
     if os.environ.get("DIFFUSEGEN_OUT"): kw["out"] = os.environ["DIFFUSEGEN_OUT"]   # tests and batch jobs redirect outputs
     # a new user's machine in CI: DIFFUSEGEN_DATA_SEARCH=none finds no dataset even where one lies beside the checkout
     if "DIFFUSEGEN_DATA_SEARCH" in os.environ: kw["data_search"] = os.environ["DIFFUSEGEN_DATA_SEARCH"]
-    return apply_overrides(Config(profile=profile, **kw), overrides, "override (--set or papermill `overrides`)")
+    try: cfg = Config(profile=profile, **kw)
+    except ConfigError as e: raise ConfigError(f"{where}: {e}") from None
+    return apply_overrides(cfg, overrides, "override (--set or papermill `overrides`)")
 
 # %% ../nbs/00_core.ipynb #8522149c
 @contextmanager

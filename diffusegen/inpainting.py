@@ -15,11 +15,12 @@ from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write,
 from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'TYPES', 'MANIFEST_COLUMNS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts',
+__all__ = ['SAMPLERS', 'TYPES', 'MANIFEST_COLUMNS', 'CPU_BATCH', 'DEVICE_KEYS', 'UNPLANNED', 'jump_schedule', 'schedule_counts',
            'variant_start', 'ellipse', 'dilate_mask', 'refine_mask', 'to_uint8', 'inpaint_inputs', 'DeviceDiffusion',
            'device_diffusion', 'precision_label', 'sampling_fn', 'auto_batch', 'repaint', 'inpaint_diffusion',
            'synthetic_dir', 'load_synthetic', 'weights_file', 'sha256_file', 'inpaint_params', 'settings_key',
-           'plan_samples', 'save_png', 'generate_type', 'fig5', 'run_inpainting']
+           'plan_samples', 'split_ledger', 'prune_rows', 'write_unplanned', 'save_png', 'generate_type', 'fig5',
+           'run_inpainting']
 
 # %% ../nbs/04_inpainting.ipynb #e39ca771
 def jump_schedule(T: int, jump_length: int = 10, resample: int = 5, start: int | None = None) -> list[int]:
@@ -300,13 +301,42 @@ def _read_manifest_csv(path: Path) -> pd.DataFrame:
 def _write_manifest_csv(df: pd.DataFrame, path: Path):
     with atomic_write(path) as f: df[MANIFEST_COLUMNS].to_csv(f, index=False)
 
+UNPLANNED = "manifest_unplanned.csv"   # beside manifest.csv: finished samples outside the current plan, kept
+
+def split_ledger(rows: list[dict], current, planned_files: set, exists) -> tuple[list[dict], list[dict]]:
+    """(done, aside) from earlier rows (manifest.csv's, then manifest_unplanned.csv's): `done` = rows of the current
+    plan (`current(row)`) whose files exist; `aside` = finished rows outside the plan, kept on disk and recorded in
+    manifest_unplanned.csv, never deleted here. A row whose file the plan makes again under other settings is in
+    neither (the file is rewritten)."""
+    done, aside, seen = [], [], set()
+    for r in rows:
+        f = str(r["file"])
+        if f in seen or not exists(r): continue
+        if current(r): done.append(r); seen.add(f)
+        elif f not in planned_files: aside.append(r); seen.add(f)
+    return done, aside
+
+def prune_rows(folder: Path, rows: list[dict], subs=("file", "mask_file"), extra=lambda r: [], log=print) -> list[Path]:
+    "Remove the files of `rows` (columns `subs` under `folder`, and `extra(row)` paths), printing each file removed."
+    removed = []
+    for r in rows:
+        for q in [Path(folder)/str(r[s]) for s in subs] + [Path(q) for q in extra(r)]:
+            if q.is_file(): q.unlink(); removed.append(q); log(f"pruned {q}")
+    return removed
+
+def write_unplanned(rows: list[dict], path: Path, columns: list[str]):
+    "Write manifest_unplanned.csv (`rows` outside the plan): when there are any, or to empty an earlier one."
+    if rows or path.exists():
+        with atomic_write(path) as f: pd.DataFrame(rows, columns=columns).to_csv(f, index=False)
+
 def save_png(arr: np.ndarray, path: Path):
     "Write a uint8 array (H×W×3 RGB or H×W L) as PNG, atomically."
     with atomic_path(path) as tmp: Image.fromarray(arr).save(tmp, format="PNG")
 
 def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clusters: dict, device=None,
-                  progress: bool = True, stop_after: int | None = None) -> dict:
-    "Make (or finish) the samples of one type; returns counts, timings and skipped images. `stop_after`: stop after that many batches (tests)."
+                  progress: bool = True, stop_after: int | None = None, prune: bool = False) -> dict:
+    """Make (or finish) the samples of one type; returns counts, timings and skipped images. `stop_after`: stop after that
+    many batches (tests). Finished samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them."""
     from diffusegen.training import load_unet
     tdir = stage_dirs(cfg, "training")[0]
     models = {p.parent.parent.name for p in tdir.glob("*/final/model.json")}
@@ -323,17 +353,19 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
                  variant=cfg.inpaint_variant, nfe=nfe, params=params,
                  weights=json.dumps({"source": "trained by diffusegen", "model_dir": str((tdir/r["model"]/"final").relative_to(cfg.root)),
                                      "sample_weights": json.loads((tdir/r["model"]/"final"/"model.json").read_text()).get("sample_weights", cfg.sample_weights)}))
-    # 1. what is already done (same sample, seed, weights and settings, files present)
-    old = _read_manifest_csv(mpath)
+    # 1. what is already done (same sample, seed, weights and settings, files present); what lies outside the plan is kept
+    upath = sdir/UNPLANNED
+    old = [*_read_manifest_csv(mpath).to_dict("records"), *_read_manifest_csv(upath).to_dict("records")]
     key = lambda r: (str(r["file"]), int(r["seed"]), str(r["checkpoint_sha256"]), settings_key(r["params"]))
     planned = {key(r) for r in plan}
-    done_rows = [r for r in old.to_dict("records") if key(r) in planned and (sdir/r["file"]).exists() and (sdir/r["mask_file"]).exists()]
+    done_rows, aside = split_ledger(old, lambda r: key(r) in planned, {p["file"] for p in plan},
+                                    lambda r: (sdir/str(r["file"])).exists() and (sdir/str(r["mask_file"])).exists())
     done = {key(r) for r in done_rows}
-    for r in old.to_dict("records"):                       # drop what is no longer planned
-        if key(r) not in planned and r["file"] not in {p["file"] for p in plan}:
-            (sdir/str(r["file"])).unlink(missing_ok=True); (sdir/str(r["mask_file"])).unlink(missing_ok=True)
+    pruned = prune_rows(sdir, aside) if prune else []
+    if prune: aside = []
     rows = pd.DataFrame(done_rows, columns=MANIFEST_COLUMNS)
-    _write_manifest_csv(rows, mpath)
+    _write_manifest_csv(rows, mpath)                        # first the plan's record, then the kept rows
+    write_unplanned(aside, upath, MANIFEST_COLUMNS)
     todo = [r for r in plan if key(r) not in done]
     # 2. batches of one model each, across images and seeds
     pos = {s: i for i, s in enumerate(ids)}
@@ -371,7 +403,8 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
     return {"type": type, "label": TYPES[type], "planned": len(plan), "cached": len(done), "made": made, "total": len(rows),
             "images": len({r["source_id"] for r in plan}), "skipped_images": skipped, "nfe_per_sample": nfe,
             "seconds": round(secs, 2), "samples_per_second": round(made / secs, 4) if secs else None,
-            "models": shas, "stopped": stopped, "batch_sizes": batch_sizes, "device": str(device)}
+            "models": shas, "stopped": stopped, "batch_sizes": batch_sizes, "device": str(device),
+            "unplanned": len(aside), "pruned": [str(q) for q in pruned]}
 
 # %% ../nbs/04_inpainting.ipynb #0a991eb2
 def fig5(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4):
@@ -402,8 +435,11 @@ def fig5(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], n_sources: in
     return fig
 
 # %% ../nbs/04_inpainting.ipynb #ee70f94d
-def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = True, stop_after: int | None = None) -> dict:
-    "The inpainting stage: samples of each type under runs/<profile>/synthetic/<type>/, Fig. 5, table and manifest."
+def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = True, stop_after: int | None = None,
+                   prune: bool = False) -> dict:
+    """The inpainting stage: samples of each type under runs/<profile>/synthetic/<type>/, Fig. 5, table and manifest.
+    Finished samples outside the plan (a smaller `inpaint_images` or `samples_per_image`) are kept and listed in
+    manifest_unplanned.csv; `prune=True` removes them, printing each file."""
     import matplotlib.pyplot as plt
     from diffusegen.clustering import load_clusters
     from diffusegen.training import training_images
@@ -418,11 +454,15 @@ def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = Tr
                  + f"; dilation {cfg.dilation} px, mask opening {cfg.mask_open} px at {cfg.image_size} px"
                  + (f"; DDIM steps (eta {cfg.ddim_eta}) instead of the ancestral step" if cfg.inpaint_sampler == "ddim" else ""))
     for ty in types:
-        rec = generate_type(cfg, ty, x4, ids, clusters, progress=progress, stop_after=stop_after)
+        rec = generate_type(cfg, ty, x4, ids, clusters, progress=progress, stop_after=stop_after, prune=prune)
         recs.append(rec)
         if rec["planned"] == 0: notes.append(f"{ty}: no trained model for this type; skipped")
         elif rec["skipped_images"]:
             notes.append(f"{ty}: {len(rec['skipped_images'])} image(s) skipped, their cluster has no trained model: " + " ".join(rec["skipped_images"]))
+        if rec["unplanned"]:
+            notes.append(f"{ty}: {rec['unplanned']} finished sample(s) outside the current plan kept in {synthetic_dir(cfg, ty)/UNPLANNED} "
+                         f"(not used; remove them with `diffusegen inpaint --prune`)")
+        if rec["pruned"]: notes.append(f"{ty}: pruned {len(rec['pruned'])} file(s) outside the current plan")
         for m, sha in rec["models"].items():
             weights[m] = {"name": m, "label": f"{m} (trained by diffusegen, {cfg.sample_weights} weights)", "sha256": sha,
                           "source": str(weights_file(cfg.run_dir/"training"/m)), "provenance": "trained by diffusegen (training stage)"}

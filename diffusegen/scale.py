@@ -149,7 +149,8 @@ def generate_shard(cfg: Config, type: str, shard: tuple[int, int], device=None, 
     scfg = _shard_cfg(cfg, i, k)
     sdir, ssdir = ip.synthetic_dir(cfg, type), ip.synthetic_dir(scfg, type)
     if not (ssdir/"manifest.csv").exists():                         # samples the real folder already has: not made again
-        old = _read_rows(sdir/"manifest.csv"); keep = []
+        from diffusegen.inpainting import UNPLANNED           # rows kept aside by a smaller plan count too
+        old = pd.concat([_read_rows(sdir/"manifest.csv"), _read_rows(sdir/UNPLANNED)], ignore_index=True); keep = []
         for r in old[old.source_id.isin(sources)].to_dict("records"):
             if (sdir/r["file"]).exists() and (sdir/r["mask_file"]).exists():
                 for f in (r["file"], r["mask_file"]):
@@ -186,7 +187,7 @@ def _inpaint_job(cfg: Config, types: tuple, i: int, k: int) -> list:
     return [generate_shard(cfg, ty, (i, k)) for ty in types]
 
 def sharded_inpainting(cfg: Config, types=("diff", "full-diff"), shard: str | None = None, shards: int | None = None,
-                       executor: str | None = None, progress: bool = True) -> dict | None:
+                       executor: str | None = None, progress: bool = True, prune: bool = False) -> dict | None:
     "Inpainting in shards (see above); None when not sharded (after merging finished shards), for `run_inpainting` to do."
     from diffusegen.inpainting import run_inpainting
     if shard:
@@ -200,7 +201,7 @@ def sharded_inpainting(cfg: Config, types=("diff", "full-diff"), shard: str | No
                             [(cfg, tuple(types), i, k) for i in range(k)], [f"shard {i}/{k}" for i in range(k)],
                             gpus=min(1, cfg.slurm_gpus), what="inpainting shard ", progress=progress)
         for ty in types: merge_shards(cfg, ty)
-        return {**run_inpainting(cfg, types, progress=False), "shards": [r for d in done for r in d]}
+        return {**run_inpainting(cfg, types, progress=False, prune=prune), "shards": [r for d in done for r in d]}
     if world > 1:
         import torch.distributed as dist
         rank = int(os.environ["RANK"])
@@ -212,7 +213,7 @@ def sharded_inpainting(cfg: Config, types=("diff", "full-diff"), shard: str | No
         dist.barrier()                                        # every shard is done
         if rank == 0:
             for ty in types: merge_shards(cfg, ty)
-            out = {**run_inpainting(cfg, types, progress=False), "shards": mine}
+            out = {**run_inpainting(cfg, types, progress=False, prune=prune), "shards": mine}
         dist.barrier(); dist.destroy_process_group()
         return out if rank == 0 else {"shards": mine}
     for ty in types: merge_shards(cfg, ty)

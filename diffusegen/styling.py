@@ -16,13 +16,14 @@ from .core import (Config, DiffusegenError, Artifact, atomic_write, atomic_path,
                              save_figure, write_manifest, stage_dirs, torch_generator, resolve_device)
 from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
 from .training import make_diffusion, load_unet, step_seed
-from .inpainting import save_png, sha256_file, weights_file, device_diffusion, sampling_fn, auto_batch, _amp_dtype, precision_label
+from .inpainting import (save_png, sha256_file, weights_file, device_diffusion, sampling_fn, auto_batch, _amp_dtype, precision_label,
+                                   UNPLANNED, split_ledger, prune_rows, write_unplanned)
 
 # %% auto #0
-__all__ = ['ZECON_LEVELS', 'LOSS_KEYS', 'STYLED_TYPES', 'MANIFEST_COLUMNS', 'CPU_STYLE_BATCH', 'mse_per_sample', 'range_loss',
-           'style_loss', 'semantic_divergence', 'vgg_loss', 'zecon_layers', 'unet_encoder_features', 'patch_ids',
-           'patch_nce', 'zecon_loss', 'StyleNets', 'guidance', 'guided_step', 'style_samples', 'mkl_transfer',
-           'colour_match', 'synthetic_dir', 'read_synthetic_manifest', 'sample_seed', 'select_samples',
+__all__ = ['ZECON_LEVELS', 'LOSS_KEYS', 'STYLED_TYPES', 'MANIFEST_COLUMNS', 'PLAN_KEYS', 'CPU_STYLE_BATCH', 'mse_per_sample',
+           'range_loss', 'style_loss', 'semantic_divergence', 'vgg_loss', 'zecon_layers', 'unet_encoder_features',
+           'patch_ids', 'patch_nce', 'zecon_loss', 'StyleNets', 'guidance', 'guided_step', 'style_samples',
+           'mkl_transfer', 'colour_match', 'synthetic_dir', 'read_synthetic_manifest', 'sample_seed', 'select_samples',
            'style_networks', 'weights_tag', 'style_auto_batch', 'style_type', 'style_figure', 'real_images',
            'run_styling']
 
@@ -273,19 +274,27 @@ def weights_tag(provenance: list) -> str:
     return "; ".join(f"{p['name']}: " + ("SUBSTITUTE (FID Inception-v3)" if p["substitute"] else p["label"]) for p in provenance)
 
 # %% ../nbs/05_styling.ipynb #72eb000f
+PLAN_KEYS = ("style_images",)     # which samples are styled, not how: a smaller or larger plan is no settings change
+
 def _settings_record(cfg: Config, kind: str, labels: dict, device="cpu") -> dict:
-    keys = cfg.keys_for("styling")
+    keys = {k: v for k, v in cfg.keys_for("styling").items() if k not in PLAN_KEYS}
     rec = {"type": kind, "settings": keys, "image_size": cfg.image_size, "weights": labels}
     dev = torch.device(device)
     if dev.type != "cpu": rec.update(device=dev.type, precision=precision_label(cfg, dev))   # other noise and rounding than the CPU
     rec["hash"] = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
     return rec
 
+def _same_settings(old: dict, rec: dict) -> bool:
+    "Whether style.json's record `old` describes the styling of `rec`, the plan keys aside (records written before that rule kept them)."
+    strip = lambda d: {**{k: v for k, v in d.items() if k != "hash"},
+                       "settings": {k: v for k, v in d.get("settings", {}).items() if k not in PLAN_KEYS}}
+    return strip(old) == strip(json.loads(json.dumps(rec)))
+
 def _check_settings(tdir: Path, rec: dict, has_rows: bool):
     p = tdir/"style.json"
     if p.exists() and has_rows:
-        old = json.loads(p.read_text()).get("hash")
-        if old != rec["hash"]:
+        oldrec = json.loads(p.read_text()); old = oldrec.get("hash")
+        if old != rec["hash"] and not _same_settings(oldrec, rec):
             raise DiffusegenError(f"{tdir}: styled with other settings or weights (hash {old}, now {rec['hash']}); "
                                   f"delete the folder or use another --out")
     write_json(p, rec)
@@ -306,8 +315,9 @@ def style_auto_batch(nets: StyleNets, cap: int = 64) -> int:
     return auto_batch(probe, dev, default=CPU_STYLE_BATCH, cap=cap)
 
 def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: dict, progress: bool = True,
-               stop_after: int | None = None) -> dict:
-    "Style the upstream set of `kind` ('styled-diff' or 'full-styled-diff'); resumable. Returns a summary dict."
+               stop_after: int | None = None, prune: bool = False) -> dict:
+    """Style the upstream set of `kind` ('styled-diff' or 'full-styled-diff'); resumable. Returns a summary dict.
+    Styled samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them, printing each file."""
     up_kind = STYLED_TYPES[kind]
     up = read_synthetic_manifest(cfg, up_kind)
     if up is None: raise DiffusegenError(f"{synthetic_dir(cfg)/up_kind/'manifest.csv'}: no {up_kind} samples; run the inpainting stage first")
@@ -316,17 +326,19 @@ def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: 
     tdir = synthetic_dir(cfg)/kind
     (tdir/"images").mkdir(parents=True, exist_ok=True); (tdir/"masks").mkdir(exist_ok=True); (tdir/"raw").mkdir(exist_ok=True)
     mpath = tdir/"manifest.csv"
-    rows = pd.read_csv(mpath, dtype=str, keep_default_na=False).to_dict("records") if mpath.exists() else []
+    upath = tdir/UNPLANNED
+    read = lambda q: pd.read_csv(q, dtype=str, keep_default_na=False).to_dict("records") if q.exists() else []
+    rows, old_aside = read(mpath), read(upath)
     device = resolve_device(cfg)
-    _check_settings(tdir, _settings_record(cfg, kind, labels, device), bool(rows))
-    # a styled row counts as done while its inpainted sample is still the same one (same file, seed and model)
+    _check_settings(tdir, _settings_record(cfg, kind, labels, device), bool(rows or old_aside))
+    # a styled row counts as done while its inpainted sample is still the same one (same file, seed and model); styled
+    # samples outside the plan (a smaller style_images or inpainting plan) are kept aside, not deleted
     current = {f"{up_kind}/{r.file}": _upstream_key(r) for r in todo.itertuples()}
-    keep = [r for r in rows if current.get(r["inpainted_file"]) == json.loads(r["params"]).get("upstream")]
-    for r in rows:
-        if r not in keep and r["file"] not in {k["file"] for k in keep}:
-            for sub in ("file", "mask_file"): (tdir/r[sub]).unlink(missing_ok=True)
-            (tdir/"raw"/Path(r["file"]).name).unlink(missing_ok=True)
-    if len(keep) != len(rows): rows = keep; _write_rows(mpath, rows)
+    rows, aside = split_ledger(rows + old_aside, lambda r: current.get(r["inpainted_file"]) == json.loads(r["params"]).get("upstream"),
+                               {f"images/{Path(f).stem}.png" for f in todo.file}, lambda r: (tdir/r["file"]).exists())
+    pruned = prune_rows(tdir, aside, extra=lambda r: [tdir/"raw"/Path(r["file"]).name]) if prune else []
+    if prune: aside = []
+    _write_rows(mpath, rows); write_unplanned(aside, upath, MANIFEST_COLUMNS)
     done = {r["inpainted_file"] for r in rows}
     pending = todo[~todo.file.map(lambda f: f"{up_kind}/{f}").isin(done)]
     n_steps = cfg.style_start + 1
@@ -383,10 +395,12 @@ def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: 
             bar.update(len(chunk))
             if stop_after is not None and batches >= stop_after:
                 bar.close()
-                return {"type": kind, "status": "stopped", "styled": len(rows), "new": n_new, "seconds": secs}
+                return {"type": kind, "status": "stopped", "styled": len(rows), "new": n_new, "seconds": secs,
+                        "unplanned": len(aside), "pruned": [str(q) for q in pruned]}
     bar.close()
     return {"type": kind, "status": "done", "styled": len(rows), "selected": len(todo), "new": n_new, "seconds": round(secs, 2),
-            "seconds_per_sample": round(secs / n_new, 3) if n_new else None, "steps": n_steps}
+            "seconds_per_sample": round(secs / n_new, 3) if n_new else None, "steps": n_steps,
+            "unplanned": len(aside), "pruned": [str(q) for q in pruned]}
 
 # %% ../nbs/05_styling.ipynb #db8d7fb3
 def style_figure(cfg: Config, kind: str, real: dict, real_masks: dict, tag: str, n: int = 4):
@@ -419,8 +433,9 @@ def real_images(cfg: Config) -> tuple[dict, dict]:
     imgs, masks = t["images"].permute(0, 2, 3, 1).numpy(), t["masks"].numpy()
     return {i: imgs[k] for k, i in enumerate(ids)}, {i: masks[k] for k, i in enumerate(ids)}
 
-def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = None) -> dict:
-    "The styling stage: Styled-Diff and Full-Styled-Diff from the inpainted sets; tables, Fig. 6 and manifest."
+def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = None, prune: bool = False) -> dict:
+    """The styling stage: Styled-Diff and Full-Styled-Diff from the inpainted sets; tables, Fig. 6 and manifest.
+    Styled samples outside the plan are kept and listed in manifest_unplanned.csv; `prune=True` removes them."""
     import matplotlib.pyplot as plt
     run_d, fig_d = stage_dirs(cfg, "styling")
     device = resolve_device(cfg)
@@ -431,9 +446,13 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
     for kind, up_kind in STYLED_TYPES.items():
         if read_synthetic_manifest(cfg, up_kind) is None:
             notes.append(f"{kind}: skipped, no {up_kind} set"); continue
-        res = style_type(cfg, kind, nets_cache, networks, real, progress, stop_after)
+        res = style_type(cfg, kind, nets_cache, networks, real, progress, stop_after, prune)
         results.append(res)
-        if res["status"] == "stopped": return {"types": results, "status": "stopped"}
+        if res["unplanned"]:
+            notes.append(f"{kind}: {res['unplanned']} styled sample(s) outside the current plan kept in {synthetic_dir(cfg)/kind/UNPLANNED} "
+                         f"(not used; remove them with `diffusegen style --prune`)")
+        if res["pruned"]: notes.append(f"{kind}: pruned {len(res['pruned'])} file(s) outside the current plan")
+        if res["status"] == "stopped": return {"types": results, "status": "stopped", "notes": notes}
     if not results: raise DiffusegenError(f"{synthetic_dir(cfg)}: no diff or full-diff set; run the inpainting stage first")
     arts, rows = [], []
     fig_d.mkdir(parents=True, exist_ok=True)
@@ -458,4 +477,4 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
               f"(paper: 120 of 200); ℓ_sem while t > {cfg.diff_iter}",
               f"weights: {tag}"] + [f"SUBSTITUTE in use: {p['label']}" for p in subs]
     write_manifest(cfg, "styling", arts, prov, {"types": results, "device": str(device)}, notes)
-    return {"types": results, "table": table.to_dict("records"), "status": "done"}
+    return {"types": results, "table": table.to_dict("records"), "status": "done", "notes": notes}

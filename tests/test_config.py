@@ -46,9 +46,9 @@ def test_unknown_key_is_a_clear_error(tmp_path):
 
 def test_base_inheritance_and_cycles(tmp_path):
     p = tmp_path/"settings.ini"
-    p.write_text("[DEFAULT]\nimage_size = 256 ; §2.3\n[a]\nbase = b ; x\n[b]\nbase = a ; x\n[c]\nbase = d ; x\n[d]\nimage_size = 8 ; x\n")
+    p.write_text("[DEFAULT]\nimage_size = 256 ; §2.3\n[a]\nbase = b ; x\n[b]\nbase = a ; x\n[c]\nbase = d ; x\n[d]\nimage_size = 64 ; x\n")
     with pytest.raises(ConfigError, match="inherits from itself"): load_config("a", path=p)
-    assert load_config("c", path=p).image_size == 8
+    assert load_config("c", path=p).image_size == 64
 
 def test_hash_ignores_run_only_settings():
     a = load_config("demo")
@@ -67,3 +67,73 @@ def test_config_json_beside_artifacts(tmp_path):
 def test_env_redirects_outputs(monkeypatch, tmp_path):
     monkeypatch.setenv("DIFFUSEGEN_OUT", str(tmp_path))
     assert load_config("demo").run_dir == tmp_path/"runs"/"demo"
+
+# --- ranges and relations: a bad value is one line naming the key, its value and what is allowed ---
+
+def _one_line_error(profile, over) -> str:
+    with pytest.raises(ConfigError) as e: load_config(profile, over)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("override (--set or papermill `overrides`): setting "), msg
+    return msg
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("train_steps", "-5", "an integer ≥ 1"), ("full_train_steps", "0", "an integer ≥ 1"),
+    ("samples_per_image", "0", "an integer ≥ 1"), ("samples_per_image", "-1", "an integer ≥ 1"),
+    ("n_test", "-5", "an integer ≥ 1"), ("save_interval", "0", "an integer ≥ 1"),
+    ("timestep_respacing", "0", "an integer ≥ 1"), ("jump_length", "0", "an integer ≥ 1"),
+    ("image_size", "0", "an integer ≥ 8"), ("lr", "nan", "a number > 0 (finite)"), ("lr", "-0.5", "a number > 0"),
+    ("full_lr", "inf", "a number > 0 (finite)"), ("mask_threshold", "256", "an integer in [0, 255]"),
+    ("mask_threshold", "-1", "an integer in [0, 255]"), ("seg_val_fraction", "1", "a number > 0 and < 1"),
+    ("ema_rate", "1.5", "a number in [0, 1]"), ("inpaint_images", "-1", "an integer ≥ 0"),
+    ("lambda_sty", "-1", "a number ≥ 0"), ("seed", "-1", "an integer ≥ 0"), ("significance", "0", "a number > 0 and < 1"),
+    ("batch_size", "0", "an integer ≥ 1 or `cluster`"), ("table3_n", "16 -2", "one or more positive integers"),
+    ("block_out_channels", "", "one or more positive integers"), ("msssim_win", "4", "odd")])
+def test_bad_value_is_one_line_with_the_key(key, value, allowed):
+    for profile in ("smoke", "paper"):
+        msg = _one_line_error(profile, {key: value})
+        assert f"setting {key}=" in msg and value.strip("'") in msg and allowed in msg, msg
+
+@pytest.mark.parametrize("over,key,rule", [
+    ({"jump_length": 20}, "jump_length", "< timestep_respacing=20"),          # smoke: T = 20, r = 2
+    ({"timestep_respacing": 4}, "jump_length", "< timestep_respacing=4"),      # the other side of the same rule
+    ({"style_start": 10}, "style_start", "< style_respacing=10"),
+    ({"diff_iter": 10}, "diff_iter", "< style_respacing=10"),
+    ({"timestep_respacing": 1001}, "timestep_respacing", "≤ diffusion_steps=1000"),
+    ({"style_respacing": 5, "style_start": 5}, "style_start", "< style_respacing=5"),
+    ({"image_size": 34}, "image_size", "a multiple of 4"),                    # smoke's UNet halves 32 px twice
+    ({"inpaint_variant": "paper-text"}, "skip_timesteps", "< timestep_respacing=20")])   # smoke keeps the paper's skip 80
+def test_relations_between_settings(over, key, rule):
+    msg = _one_line_error("smoke", over)
+    assert f"setting {key}=" in msg and rule in msg, msg
+
+def test_relations_hold_where_they_should_not_bite():
+    load_config("smoke", {"timestep_respacing": 5, "resample": 1})          # no jumps: jump_length ≥ T is harmless
+    load_config("smoke", {"inpaint_variant": "paper-text", "skip_timesteps": 8})
+    load_config("paper", {"style_respacing": 50, "style_start": 29, "diff_iter": 25})
+
+def test_every_profile_in_settings_ini_loads_and_replace_checks_too():
+    for p in profiles(): assert load_config(p).profile == p      # every profile's values lie in the declared ranges
+    with pytest.raises(ConfigError, match=r"^replace\(\): setting samples_per_image=0: must be an integer ≥ 1$"):
+        load_config("smoke").replace(samples_per_image=0)
+
+def test_a_bad_profile_value_names_the_file_and_profile(tmp_path):
+    bad = tmp_path/"settings.ini"
+    bad.write_text(settings_path().read_text(encoding="utf-8") + "\n[broken]\ntrain_steps = -5 ; §2.4\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e: load_config("broken", path=bad)
+    assert str(e.value) == f"{bad} [broken]: setting train_steps=-5: must be an integer ≥ 1"
+
+def test_every_number_declares_a_range():
+    from dataclasses import fields
+    for f in fields(Config):
+        if f.type in ("int", "float"): assert any(v is not None for v in f.metadata["range"].values()), f.name
+
+def test_python_m_diffusegen_is_the_cli():
+    "`python -m diffusegen` runs the same command line; a bad --set value is one line on stderr and exit status 2."
+    import subprocess, sys
+    ok = subprocess.run([sys.executable, "-m", "diffusegen", "config", "--profile", "smoke", "--set", "image_size=48"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["image_size"] == 48, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "diffusegen", "config", "--profile", "smoke", "--set", "train_steps=-5"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.splitlines() == ["diffusegen: error: override (--set or papermill `overrides`): setting train_steps=-5: must be an integer ≥ 1"]

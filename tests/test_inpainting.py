@@ -190,3 +190,59 @@ def test_missing_models_are_skipped_with_notes(prepared, tmp_path):
     assert full["planned"] == 0 and any("full-diff: no trained model" in n for n in s["notes"])
     assert any("skipped, their cluster has no trained model" in n for n in s["notes"])
     assert set(load_synthetic(cfg, "diff").model) == {"cluster_0"}
+
+def _bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(prepared, tmp_path, capsys):
+    "A smaller plan keeps earlier samples byte for byte (aside, in manifest_unplanned.csv); only `prune` removes them."
+    import shutil
+    from diffusegen.inpainting import UNPLANNED
+    cfg = prepared.replace(out=str(tmp_path/"shrink"), inpaint_images=2, samples_per_image=2, inpaint_batch=4)
+    shutil.copytree(prepared.run_dir, cfg.run_dir, ignore=shutil.ignore_patterns("synthetic"))
+    ty, sdir = "full-diff", synthetic_dir(cfg, "full-diff")
+    run_inpainting(cfg, types=(ty,), progress=False)
+    before, full = _bytes(sdir), load_synthetic(cfg, ty)
+    assert len(before) == 8 and len(full) == 4
+    small = cfg.replace(inpaint_images=1, samples_per_image=1)
+    r = run_inpainting(small, types=(ty,), progress=False)["types"][0]
+    assert (r["planned"], r["made"], r["unplanned"], r["pruned"]) == (1, 0, 3, [])
+    assert _bytes(sdir) == before                                               # nothing deleted, nothing rewritten
+    cur, aside = load_synthetic(small, ty), pd.read_csv(sdir/UNPLANNED, dtype={"source_id": str})
+    assert len(cur) == 1 and len(aside) == 3                                    # readers see only the plan
+    assert sorted([*cur.file, *aside.file]) == sorted(full.file)
+    # the plan grows back: the kept samples count as done, nothing is made again
+    r = run_inpainting(cfg, types=(ty,), progress=False)["types"][0]
+    assert (r["cached"], r["made"], r["unplanned"]) == (4, 0, 0) and _bytes(sdir) == before
+    assert list(load_synthetic(cfg, ty).file) == list(full.file)
+    assert len(pd.read_csv(sdir/UNPLANNED)) == 0
+    # prune: removes the kept-aside files, prints each, and nothing else
+    run_inpainting(small, types=(ty,), progress=False)
+    capsys.readouterr()
+    r = run_inpainting(small, types=(ty,), progress=False, prune=True)["types"][0]
+    printed = [l for l in capsys.readouterr().out.splitlines() if l.startswith("pruned ")]
+    gone = {str(Path(p).relative_to(sdir)) for p in r["pruned"]}
+    assert len(gone) == 6 and len(printed) == 6 and all(any(g in l for l in printed) for g in gone)
+    assert gone == {f for f in before if f not in {*cur.file, *cur.mask_file}}
+    assert _bytes(sdir) == {f: b for f, b in before.items() if f not in gone}  # the plan's files untouched
+    assert len(load_synthetic(small, ty)) == 1 and len(pd.read_csv(sdir/UNPLANNED)) == 0
+
+def test_cli_inpaint_prints_a_line_per_type_and_prunes(prepared, tmp_path, capsys):
+    "`diffusegen inpaint` prints one line of counts per type (not `{}`); `--prune` lists each file it removes."
+    import shutil
+    from diffusegen.cli import main
+    out = tmp_path/"cli"
+    shutil.copytree(prepared.run_dir, out/"runs"/prepared.profile, ignore=shutil.ignore_patterns("synthetic"))
+    sets = ["timestep_respacing=10", "jump_length=3", "resample=2", "inpaint_batch=4", "inpaint_images=1"]
+    args = ["inpaint", "--profile", "smoke", "--out", str(out), "--types", "full-diff"]
+    cli = lambda *extra: main([*args, *[a for s in [*sets, *extra] for a in ("--set", s)]])
+    assert cli("samples_per_image=2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "{}" not in lines and any(l.startswith("full-diff") and "planned 2" in l and "made 2" in l for l in lines), lines
+    assert cli("samples_per_image=1") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(l.startswith("full-diff") and "kept outside the plan 1" in l for l in lines), lines
+    assert any("manifest_unplanned.csv" in l and "--prune" in l for l in lines), lines
+    assert main([*args, "--prune", *[a for s in [*sets, "samples_per_image=1"] for a in ("--set", s)]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len([l for l in lines if l.startswith("pruned ")]) == 2 and any("pruned 2" in l for l in lines), lines

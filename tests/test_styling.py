@@ -185,6 +185,42 @@ def test_resume_neither_duplicates_nor_loses(base, tmp_path):
     # the subset is the same seeded one whatever the batch size
     assert sorted(df.inpainted_file) == sorted("diff/" + S.select_samples(cfg, S.read_synthetic_manifest(cfg, "diff")).file)
 
+def _bytes(folder: Path) -> dict:
+    return {str(q.relative_to(folder)): q.read_bytes() for q in sorted(folder.rglob("*.png"))}
+
+def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(base, tmp_path, capsys):
+    "A smaller style_images keeps the styled samples byte for byte (in manifest_unplanned.csv); only `prune` removes them."
+    cfg = _copy_inputs(base, tmp_path, style_images=0, style_batch=3)
+    S.run_styling(cfg, progress=False)
+    dirs = {k: S.synthetic_dir(cfg)/k for k in S.STYLED_TYPES}
+    before = {k: _bytes(d) for k, d in dirs.items()}
+    full = {k: S.read_synthetic_manifest(cfg, k) for k in dirs}
+    assert all(len(full[k]) == 3 and len(before[k]) == 9 for k in dirs)         # images, masks, raw
+    small = cfg.replace(style_images=1)
+    res = S.run_styling(small, progress=False)
+    assert [(r["new"], r["unplanned"], r["pruned"]) for r in res["types"]] == [(0, 2, [])] * 2
+    assert any("manifest_unplanned.csv" in n for n in res["notes"])
+    for k, d in dirs.items():
+        assert _bytes(d) == before[k]                                          # nothing deleted, nothing rewritten
+        cur, aside = S.read_synthetic_manifest(small, k), pd.read_csv(d/S.UNPLANNED, dtype=str)
+        assert len(cur) == 1 and len(aside) == 2 and sorted([*cur.file, *aside.file]) == sorted(full[k].file)
+    # the plan grows back: nothing is styled again
+    res = S.run_styling(cfg, progress=False)
+    assert [(r["new"], r["unplanned"]) for r in res["types"]] == [(0, 0)] * 2
+    assert all(_bytes(d) == before[k] and len(S.read_synthetic_manifest(cfg, k)) == 3 for k, d in dirs.items())
+    # prune removes the kept-aside files (image, mask, raw), prints each, and nothing else
+    S.run_styling(small, progress=False); capsys.readouterr()
+    res = S.run_styling(small, progress=False, prune=True)
+    printed = [l for l in capsys.readouterr().out.splitlines() if l.startswith("pruned ")]
+    assert len(printed) == sum(len(r["pruned"]) for r in res["types"]) == 2 * 6
+    for r in res["types"]:
+        d, k = dirs[r["type"]], r["type"]
+        gone = {str(Path(q).relative_to(d)) for q in r["pruned"]}
+        cur = S.read_synthetic_manifest(small, k)
+        keep = {*cur.file, *cur.mask_file, "raw/" + Path(cur.file[0]).name}
+        assert gone == set(before[k]) - keep and _bytes(d) == {f: b for f, b in before[k].items() if f in keep}
+        assert len(pd.read_csv(d/S.UNPLANNED)) == 0
+
 def test_other_settings_are_an_error(base, tmp_path):
     cfg = _copy_inputs(base, tmp_path, style_images=1)
     S.run_styling(cfg, progress=False, stop_after=1)
