@@ -5,7 +5,7 @@ import pytest
 from diffusegen.core import ConfigError, load_config, profiles, read_settings, settings_path, write_manifest, Config
 
 def test_profiles_exist_and_build():
-    assert profiles() == ["smoke", "demo", "paper", "paper-revision"]
+    assert profiles() == ["smoke", "demo", "demo-weights", "paper", "paper-revision"]
     for p in profiles():
         cfg = load_config(p)
         assert isinstance(cfg, Config) and cfg.profile == p
