@@ -71,7 +71,7 @@ class Config:
     mask_threshold: int = _f(128, "data", ge=0, le=255)
     mask_grey_tolerance: float = _f(0.05, "data", ge=0, le=1)
     on_bad_pairs: str = _f("error", "data")
-    train_ids: str = _f("none", "data")
+    train_ids: str = _f("data/paper/paper_clusters_k20.csv", "data")
     n_train: int = _f(0, "data", ge=0)
     subset: int = _f(0, "data", ge=0)
     n_test: int = _f(200, "data", ge=1)

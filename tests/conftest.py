@@ -5,7 +5,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-KVASIR = Path(os.environ.get("DIFFUSEGEN_KVASIR", ROOT.parent/"shared"/"data"/"kvasir-seg"))
+# real data for the tests that need it: $DIFFUSEGEN_KVASIR, else the project's own data/kvasir-seg (never committed)
+KVASIR = Path(os.environ.get("DIFFUSEGEN_KVASIR", ROOT/"data"/"kvasir-seg"))
 
 @pytest.fixture(scope="session")
 def kvasir_root() -> Path:

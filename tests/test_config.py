@@ -25,6 +25,14 @@ def test_every_config_field_is_in_default_section():
     fields = set(Config.__dataclass_fields__) - {"profile", "out"}
     assert fields <= keys, fields - keys
 
+def test_config_defaults_are_the_default_section():
+    "One source of defaults: a Config built without settings.ini has [DEFAULT]'s values."
+    from diffusegen.core import _parse
+    d = read_settings()["DEFAULT"]
+    differ = {f: (getattr(Config(), f), d[f]) for f in Config.__dataclass_fields__ if f in d
+              and _parse(f, d[f], "[DEFAULT]") != getattr(Config(), f)}
+    assert not differ, differ
+
 def test_paper_profiles_never_allow_substitutes():
     assert not load_config("paper").allow_substitute_weights
     assert not load_config("paper-revision").allow_substitute_weights
