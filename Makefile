@@ -9,14 +9,14 @@ ARGS ?=
 .PHONY: install reproduce test export clean-nbs
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@# the survey's browser test needs Debian's chromium + chromedriver (installed when missing and run as root)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null; \
 	  else echo "note: no chromium/chromedriver: the survey's browser test will be skipped (apt-get install chromium chromium-driver)"; fi; }
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e ".[dev]" 2>&1 \
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e ".[dev]" -c constraints.txt 2>&1 \
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $@
 

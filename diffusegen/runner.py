@@ -146,6 +146,10 @@ def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     L = [f"# diffusegen reproduction report: profile `{cfg.profile}`", "",
          f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} with {', '.join(f'{k} {v}' for k, v in versions().items())}. Full configuration: `config.json` "
          f"(settings hash `{cfg.hash()}`). Executed notebooks: `executed/`.", ""]
+    lock = project_root()/"constraints.txt"
+    if lock.exists():                        # the pinned stack `make install` installs: how to get these versions back
+        L += [f"Packages: `make install` pins them with `constraints.txt` (sha256 `{hashlib.sha256(lock.read_bytes()).hexdigest()[:12]}`), "
+              "the stack the test suite passed with.", ""]
     dm = read_manifest(cfg, "data")
     if dm:                                   # which data every number below comes from, before anything else
         s = dm.get("summary", {}); meta = Path(s.get("dataset", ""))/"dataset.json"
