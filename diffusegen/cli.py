@@ -295,7 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--key", help="the answer key (default: runs/<profile>/intrinsic/survey_key.csv)")
     ss.add_argument("--out", help="folder for figures/ and runs/"); ss.set_defaults(func=_cmd_survey_score)
 
-    # ---- more subcommand parsers above this line ----
 
     w = sub.add_parser("weights", help="show where each pretrained network's weights are found (or where to put them)")
     common(w); w.set_defaults(func=_cmd_weights)

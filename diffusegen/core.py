@@ -124,7 +124,7 @@ class Config:
     mask_open: int = _f(16, "inpainting", ge=0)
     samples_per_image: int = _f(3, "inpainting", ge=1)
     inpaint_images: int = _f(0, "inpainting", ge=0)
-    inpaint_batch: int = _f(0, "run", ge=0)           # 0 = auto (issue 7)
+    inpaint_batch: int = _f(0, "run", ge=0)           # 0 = auto: as many as the free memory holds
     # styling (§2.5, Appendix A.1.2, B.3; paper-code-facts b.5)
     style_respacing: int = _f(200, "styling", ge=1)
     style_start: int = _f(119, "styling", ge=0)
@@ -141,8 +141,8 @@ class Config:
     noise_aug: bool = _f(True, "styling")
     color_match: bool = _f(True, "styling")
     style_images: int = _f(0, "styling", ge=0)
-    style_batch: int = _f(0, "run", ge=0)             # 0 = auto (issue 7)
-    # intrinsic evaluation (§2.6, Table 1, Appendix B.1): issue 5
+    style_batch: int = _f(0, "run", ge=0)             # 0 = auto: as many as the free memory holds
+    # intrinsic evaluation (§2.6, Table 1, Appendix B.1)
     fid_mode: str = _f("clean", "intrinsic")
     fid_repeats: int = _f(3, "intrinsic", ge=1)
     fid_batch: int = _f(32, "run", ge=1)
@@ -154,7 +154,7 @@ class Config:
     gan_root: str = _f("none", "intrinsic segmentation")
     fid_images: int = _f(0, "intrinsic", ge=0)
     memo_real_images: int = _f(0, "intrinsic", ge=0)
-    # segmentation (§2.7, Appendix B.2; paper-code-facts b.6): issue 6
+    # segmentation (§2.7, Appendix B.2; paper-code-facts b.6)
     seg_arch: str = _f("UnetPlusPlus", "segmentation")
     seg_encoder: str = _f("se_resnext50_32x4d", "segmentation")
     seg_encoder_weights: str = _f("none", "segmentation")
@@ -176,14 +176,14 @@ class Config:
     table3_types: str = _f("styled-diff gan", "segmentation")
     # statistics (§2.8)
     significance: float = _f(0.05, "statistics", gt=0, lt=1)
-    # speed and scale (issue 7): never change results
+    # speed and scale: never change results
     compile: bool = _f(False, "run")
     channels_last: bool = _f(True, "run")
     executor: str = _f("local", "run")
     slurm_partition: str = _f("gpu", "run")
     slurm_gpus: int = _f(1, "run", ge=0)
     slurm_time_min: int = _f(1440, "run", ge=1)
-    # fast sampler (issue 7): these two change the inpainting results
+    # fast sampler: these two change the inpainting results
     inpaint_sampler: str = _f("ddpm", "inpainting")
     ddim_eta: float = _f(0.0, "inpainting", ge=0)
     # pretrained weights (§2.3, §2.5)

@@ -137,7 +137,7 @@ def _rel(p, base: Path) -> str:
     try: return str(Path(p).resolve().relative_to(base.resolve()))
     except ValueError: return str(p)
 
-EXTRA_MANIFESTS = {"fast_sampler": "Fast sampler: FID against network evaluations (issue 7; `diffusegen bench fast-sampler`)"}
+EXTRA_MANIFESTS = {"fast_sampler": "Fast sampler: FID against network evaluations (`diffusegen bench fast-sampler`)"}
 
 def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     "Write `figures/<profile>/report.md` from the stage runs and their manifests."

@@ -276,10 +276,8 @@ class Sets:
         if kind in self._syn: return self._syn[kind]
         df = None
         if kind == "gan":
-            try:
-                from diffusegen.gan import load_gan
-                g = load_gan(self.cfg)
-            except ImportError: g, self.notes["gan"] = None, "diffusegen.gan is not built yet"
+            from diffusegen.gan import load_gan
+            g = load_gan(self.cfg)
             if g is not None and len(g):
                 df = g.assign(key=[f"gan/{Path(p).name}" for p in g.image_path])[["key", "source_id", "sample", "image_path", "mask_path"]]
         elif kind in SYNTHETIC_TYPES:

@@ -1,4 +1,4 @@
-"""Issue 7: the fast sampler's schedule and determinism, the speed settings (no-ops on the CPU), the device tables,
+"""The fast sampler's schedule and determinism, the speed settings (no-ops on the CPU), the device tables,
 and tiny bench and fast-sampler runs that write their tables. No timing assertions: speeds go to the bench output."""
 import json
 import numpy as np

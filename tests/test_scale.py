@@ -1,4 +1,4 @@
-"Scale (issue 7): 2-process DDP training (CPU, gloo), submitit job arrays, generation shards, init_from = full."
+"Scale: 2-process DDP training (CPU, gloo), submitit job arrays, generation shards, init_from = full."
 import hashlib, json, os, shutil, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np
