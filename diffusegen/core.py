@@ -293,7 +293,8 @@ def _parse(key: str, value, where: str):
         raise ConfigError(f"{where}: setting {key}={value!r} is not a valid {typ}") from None
 
 def _unknown(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _TYPES, n=1)
+    if key == "profile": return ConfigError(f"{where}: `profile` is not a setting; choose the profile with --profile (or papermill's `profile`)")
+    close = difflib.get_close_matches(key, [k for k in _TYPES if k != "profile"], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"{where}: unknown setting {key!r}{hint}")
 

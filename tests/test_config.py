@@ -145,3 +145,10 @@ def test_python_m_diffusegen_is_the_cli():
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.splitlines() == ["diffusegen: error: override (--set or papermill `overrides`): setting train_steps=-5: must be an integer ≥ 1"]
+
+
+def test_profile_is_not_a_setting_and_the_hint_says_so():
+    with pytest.raises(ConfigError, match="not a setting; choose the profile with --profile"):
+        load_config("smoke", {"profile": "demo"})
+    with pytest.raises(ConfigError, match="did you mean 'image_size'"):
+        load_config("smoke", {"image_sise": 32})
