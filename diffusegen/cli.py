@@ -30,7 +30,7 @@ def _cmd_reproduce(a) -> int:
 
 def _cmd_data_check(a) -> int:
     from diffusegen.data import check_dataset
-    rep = check_dataset(a.path, a.threshold, a.tolerance, progress=sys.stderr.isatty())
+    rep = check_dataset(a.path, a.threshold, a.tolerance, progress=sys.stderr.isatty(), max_pixels=a.max_pixels)
     for p in rep.problems: print(p)
     for line in rep.summary_lines(): print(line)
     return 1 if rep.problems else 0
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", help="folder with images/ and masks/")
     c.add_argument("--threshold", type=int, default=128, help="mask grey level counted as polyp (default 128)")
     c.add_argument("--tolerance", type=float, default=0.05, help="largest share of mid-grey mask pixels (default 0.05)")
+    c.add_argument("--max-pixels", type=int, default=100_000_000, help="largest width × height read; a larger file is a problem "
+                   "(default 100000000, as max_image_pixels)")
     c.set_defaults(func=_cmd_data_check)
     pr = dsub.add_parser("prepare", help="run the data stage: check, split and resize (as the 01_data notebook)")
     common(pr); pr.add_argument("--data", help="dataset folder"); pr.add_argument("--out", help="folder for figures/ and runs/")

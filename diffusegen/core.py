@@ -50,6 +50,7 @@ class Config:
     resize_mode: str = _f("stretch", "data")
     mask_threshold: int = _f(128, "data")
     mask_grey_tolerance: float = _f(0.05, "data")
+    max_image_pixels: int = _f(100_000_000, "data", "largest width × height read; a larger file is a bad pair (decompression-bomb guard)")
     on_bad_pairs: str = _f("error", "data")
     train_ids: str = _f("none", "data")
     n_train: int = _f(0, "data")

@@ -1,0 +1,63 @@
+"Every bad setting or file gets one clear line: decompression bombs, permissions, odd names, bad options, settings files, writes."
+import os, struct, subprocess, sys, zlib
+from pathlib import Path
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from diffusegen.core import DataError, load_config
+from diffusegen.data import PairedDataset, check_dataset, read_image, run_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def cli(*args, cwd=ROOT):
+    "Run the installed `diffusegen` command in a subprocess (to see exactly what a user sees)."
+    exe = Path(sys.executable).parent/"diffusegen"
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+def good_pair(d: Path, name: str, seed: int = 0, iext=".jpg", mext=".png"):
+    (d/"images").mkdir(parents=True, exist_ok=True); (d/"masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((24, 32, 3)) * 255).astype(np.uint8)).save(d/"images"/f"{name}{iext}")
+    m = np.zeros((24, 32), np.uint8); m[5:15, 8:20] = 255
+    Image.fromarray(m).save(d/"masks"/f"{name}{mext}")
+
+def bomb_png(path: Path, w: int = 20000, h: int = 20000) -> Path:
+    "A tiny PNG whose IHDR claims w×h pixels (CRC fixed): PIL sees a huge image in a few bytes."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (4, 4)).save(path)
+    b = bytearray(path.read_bytes())
+    assert b[12:16] == b"IHDR"
+    b[16:24] = struct.pack(">II", w, h)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(b))
+    return path
+
+# ---- 1. decompression bombs ----
+
+def test_bomb_is_one_problem_of_its_pair(tmp_path):
+    d = tmp_path/"ds"; good_pair(d, "good"); good_pair(d, "bomb"); bomb_png(d/"images"/"bomb.png"); (d/"images"/"bomb.jpg").unlink()
+    rep = check_dataset(d)
+    assert [p.id for p in rep.valid] == ["good"]
+    assert len(rep.problems) == 1 and rep.problems[0].path == d/"images"/"bomb.png"
+    assert "image too large (400 megapixels; max_image_pixels = 100000000)" in rep.problems[0].message
+    with pytest.raises(DataError, match="too large"): read_image(d/"images"/"bomb.png")
+    bomb_png(d/"images"/"bomb.png", 12000, 10000)              # under PIL's own refusal, over ours: refused by size, undecoded
+    assert "image too large (12000×10000 pixels, 120 megapixels" in check_dataset(d).problems[0].message
+    assert len(check_dataset(d, max_pixels=32 * 24).valid) == 1             # the setting is the limit: 32×24 still fits…
+    assert len(check_dataset(d, max_pixels=32 * 24 - 1).valid) == 0         # …one pixel less and the good pair is too large
+
+def test_bomb_cli_check_and_prepare_skip(tmp_path):
+    d = tmp_path/"ds"
+    for i in range(6): good_pair(d, f"ok{i}", seed=i)
+    bomb_png(d/"masks"/"ok5_mask.png"); (d/"masks"/"ok5.png").unlink()   # the bomb is a mask
+    r = cli("data", "check", d)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    bad = [l for l in r.stdout.splitlines() if "too large" in l]
+    assert len(bad) == 1 and bad[0].startswith(str(d/"masks"/"ok5_mask.png") + ": ")
+    cfg = load_config("smoke", {"out": str(tmp_path/"out"), "train_ids": "none", "on_bad_pairs": "skip"})
+    s = run_data(cfg, d, progress=False)
+    assert s["pairs"] == "5" and s["skipped"] == 1
+    assert "too large" in pd.read_csv(cfg.run_dir/"data"/"bad_pairs.csv").problem[0]
+    with pytest.raises(DataError) as e: run_data(cfg.replace(on_bad_pairs="error"), d, progress=False)
+    assert "ok5_mask.png" in str(e.value) and "too large" in str(e.value) and "\n" not in str(e.value)
