@@ -39,11 +39,19 @@ class Problem:
     message: str
     def __str__(self): return f"{self.path}: {self.message}"
 
-def _listing(d: Path, kind: str, problems: list) -> dict:
-    "stem → file of the images in `d`; non-images and duplicate stems become problems."
+def _kind(p: Path) -> str:
+    "'dir', 'file', 'missing' or 'denied' (a folder on the way may not be searched)."
+    try: return "dir" if p.is_dir() else "file" if p.exists() else "missing"
+    except PermissionError: return "denied"
+
+def _listing(d: Path, kind: str, problems: list) -> dict | None:
+    "stem → file of the images in `d`; non-images and duplicate stems become problems; None when `d` cannot be listed."
     files = {}
-    for p in sorted(d.iterdir()):
-        if p.name.startswith(".") or p.name in ("Thumbs.db", "desktop.ini") or p.is_dir(): continue
+    try: entries = sorted(d.iterdir())
+    except PermissionError:
+        problems.append(Problem(d, "permission denied (cannot list this folder)")); return None
+    for p in entries:
+        if p.name.startswith(".") or p.name in ("Thumbs.db", "desktop.ini") or _kind(p) == "dir": continue
         if p.suffix.lower() not in IMAGE_EXTS:
             problems.append(Problem(p, f"not an image file (extension {p.suffix or 'none'!r}; expected {', '.join(IMAGE_EXTS)})")); continue
         stem = p.stem
@@ -57,12 +65,17 @@ def _listing(d: Path, kind: str, problems: list) -> dict:
 def find_pairs(root) -> tuple[list[Pair], list[Problem]]:
     "Pair `root/images` with `root/masks` by stem; return the pairs and the problems found on the way."
     root = Path(root); problems = []
-    if not root.is_dir(): return [], [Problem(root, "no such folder")]
+    need = "a dataset is a folder with images/ and masks/ paired by file stem"
+    why = {"missing": "no such folder", "denied": "permission denied (cannot open this folder)",
+           "file": f"not a folder ({need})"}
+    if _kind(root) != "dir": return [], [Problem(root, why[_kind(root)])]
     dirs = {k: root/k for k in ("images", "masks")}
     for k, d in dirs.items():
-        if not d.is_dir(): problems.append(Problem(d, f"missing folder (a dataset needs images/ and masks/ paired by file stem)"))
+        kind = _kind(d)
+        if kind != "dir": problems.append(Problem(d, f"missing folder ({need})" if kind == "missing" else why[kind]))
     if problems: return [], problems
     imgs, masks = _listing(dirs["images"], "image", problems), _listing(dirs["masks"], "mask", problems)
+    if imgs is None or masks is None: return [], problems
     for k, d in dirs.items():
         if not (imgs if k == "images" else masks): problems.append(Problem(d, "no image files in this folder"))
     for s in sorted(set(imgs) - set(masks)): problems.append(Problem(imgs[s], f"image without a mask (no masks/{s}.* file)"))
@@ -84,6 +97,7 @@ def _open(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     "Open and fully decode `path`, turning every failure into a one-line `DataError`; refuse more than `max_pixels` pixels."
     path = Path(path)
     try: size = path.stat().st_size
+    except PermissionError: raise DataError(f"{path}: permission denied (cannot open a folder on its path)") from None
     except OSError as e: raise DataError(f"{path}: cannot read ({e.strerror})") from None
     if size == 0: raise DataError(f"{path}: empty file (0 bytes)")
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
@@ -97,6 +111,7 @@ def _open(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         m = re.search(r"\((\d+) pixels\)", str(e))
         raise _too_large(path, max_pixels, int(m.group(1)) if m else max_pixels + 1) from None
     except UnidentifiedImageError: raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except PermissionError: raise DataError(f"{path}: permission denied (cannot read this file)") from None
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e).split("\n")[0]
         kind = "truncated image" if "truncated" in msg.lower() else "corrupt image"

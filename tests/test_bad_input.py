@@ -61,3 +61,51 @@ def test_bomb_cli_check_and_prepare_skip(tmp_path):
     assert "too large" in pd.read_csv(cfg.run_dir/"data"/"bad_pairs.csv").problem[0]
     with pytest.raises(DataError) as e: run_data(cfg.replace(on_bad_pairs="error"), d, progress=False)
     assert "ok5_mask.png" in str(e.value) and "too large" in str(e.value) and "\n" not in str(e.value)
+
+# ---- 2. permissions ----
+
+def _deny(monkeypatch, *denied):
+    "Make reading `denied` files and listing `denied` folders fail as they do for a user without permission (tests run as root)."
+    import pathlib
+    from PIL import Image as PILImage
+    denied = {Path(p) for p in denied}
+    real_iterdir, real_open = pathlib.Path.iterdir, PILImage.open
+    def iterdir(self):
+        if self in denied: raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+    def open_(fp, *a, **kw):
+        if isinstance(fp, (str, os.PathLike)) and Path(fp) in denied: raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **kw)
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    monkeypatch.setattr(PILImage, "open", open_)
+
+def test_unreadable_file_and_folder_say_permission_denied(tmp_path, monkeypatch):
+    d = tmp_path/"ds"; good_pair(d, "a"); good_pair(d, "b", seed=1)
+    _deny(monkeypatch, d/"images"/"b.jpg")
+    rep = check_dataset(d)
+    assert [p.id for p in rep.valid] == ["a"]
+    assert [str(p) for p in rep.problems] == [f"{d/'images'/'b.jpg'}: permission denied (cannot read this file)"]
+    _deny(monkeypatch, d/"masks")
+    rep = check_dataset(d)                                   # a traceback before
+    assert not rep.valid and [str(p) for p in rep.problems] == [f"{d/'masks'}: permission denied (cannot list this folder)"]
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode (the monkeypatched test above runs)")
+def test_unreadable_file_and_folder_cli(tmp_path):
+    d = tmp_path/"ds"; good_pair(d, "a"); good_pair(d, "b", seed=1)
+    (d/"images"/"b.jpg").chmod(0)
+    r = cli("data", "check", d)
+    assert r.returncode == 1 and f"{d/'images'/'b.jpg'}: permission denied" in r.stdout
+    (d/"masks").chmod(0)
+    try:
+        r = cli("data", "check", d)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and f"{d/'masks'}: permission denied" in r.stdout
+    finally: (d/"masks").chmod(0o755); (d/"images"/"b.jpg").chmod(0o644)
+
+# ---- 4. data check options ----
+
+def test_check_a_file_says_not_a_folder(tmp_path):
+    f = tmp_path/"notes.txt"; f.write_text("x")
+    r = cli("data", "check", f)
+    assert r.returncode == 1 and r.stdout.splitlines()[0] == f"{f}: not a folder (a dataset is a folder with images/ and masks/ paired by file stem)"
+    (tmp_path/"ds").mkdir(); (tmp_path/"ds"/"images").write_text("x"); (tmp_path/"ds"/"masks").mkdir()
+    assert [p.message.split(" (")[0] for p in check_dataset(tmp_path/"ds").problems] == ["not a folder"]
