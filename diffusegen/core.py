@@ -12,14 +12,21 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['STAGES', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config', 'resolve_path',
-           'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config', 'atomic_write',
-           'atomic_path', 'write_json', 'write_table', 'save_figure', 'seed_everything', 'torch_generator', 'versions',
-           'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest']
+__all__ = ['STAGES', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config',
+           'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
+           'atomic_write', 'atomic_path', 'write_json', 'write_table', 'save_figure', 'seed_everything',
+           'torch_generator', 'versions', 'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs',
+           'write_manifest', 'read_manifest']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
+def one_line(s) -> str:
+    "`s` as one printable line: newlines, other control characters and undecodable bytes escaped as Python writes them."
+    s = str(s)
+    return s if s.isprintable() else "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+
 class DiffusegenError(Exception):
-    "A problem the user can fix. `str(e)` is one line naming the file and the problem."
+    "A problem the user can fix. `str(e)` is one line naming the file and the problem (a newline in a name is escaped)."
+    def __str__(self): return one_line(super().__str__())
 class ConfigError(DiffusegenError): "A bad profile, setting or override."
 class DataError(DiffusegenError): "A bad dataset, split file or data folder."
 class WeightsNotFound(DiffusegenError): "Pretrained weights that cannot be found locally."

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from .core import (Config, DataError, Artifact, atomic_path, atomic_write, write_json, write_table, save_figure,
+from .core import (Config, DataError, one_line, Artifact, atomic_path, atomic_write, write_json, write_table, save_figure,
                              write_manifest, stage_dirs, resolve_path, load_config)
 
 # %% auto #0
@@ -37,7 +37,7 @@ class Problem:
     "One bad file or pair: printed as `path: message`."
     path: Path
     message: str
-    def __str__(self): return f"{self.path}: {self.message}"
+    def __str__(self): return one_line(f"{self.path}: {self.message}")   # one problem, one line, whatever the file name
 
 def _kind(p: Path) -> str:
     "'dir', 'file', 'missing' or 'denied' (a folder on the way may not be searched)."
@@ -88,18 +88,24 @@ MAX_IMAGE_PIXELS = 100_000_000   # the default of the `max_image_pixels` setting
 # We enforce our own limit (below), so PIL's warning for images between its limit and twice it is noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+class _BadFile(DataError):
+    "A `DataError` about one file, with the file and the problem apart (a path may itself contain ': ')."
+    def __init__(self, path, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path}: {problem}")
+
 def _too_large(path, max_pixels: int, pixels: int, size=None) -> DataError:
     dims = f"{size[0]}×{size[1]} pixels, " if size else ""
-    return DataError(f"{path}: image too large ({dims}{pixels / 1e6:.3g} megapixels; max_image_pixels = {max_pixels}): "
+    return _BadFile(path, f"image too large ({dims}{pixels / 1e6:.3g} megapixels; max_image_pixels = {max_pixels}): "
                      f"a decompression bomb or a corrupt header? if the image is real, raise max_image_pixels")
 
 def _open(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     "Open and fully decode `path`, turning every failure into a one-line `DataError`; refuse more than `max_pixels` pixels."
     path = Path(path)
     try: size = path.stat().st_size
-    except PermissionError: raise DataError(f"{path}: permission denied (cannot open a folder on its path)") from None
-    except OSError as e: raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if size == 0: raise DataError(f"{path}: empty file (0 bytes)")
+    except PermissionError: raise _BadFile(path, f"permission denied (cannot open a folder on its path)") from None
+    except OSError as e: raise _BadFile(path, f"cannot read ({e.strerror})") from None
+    if size == 0: raise _BadFile(path, f"empty file (0 bytes)")
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1      # PIL refuses above twice its limit: never below ours
     try:
@@ -110,12 +116,12 @@ def _open(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     except Image.DecompressionBombError as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
         raise _too_large(path, max_pixels, int(m.group(1)) if m else max_pixels + 1) from None
-    except UnidentifiedImageError: raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
-    except PermissionError: raise DataError(f"{path}: permission denied (cannot read this file)") from None
+    except UnidentifiedImageError: raise _BadFile(path, f"not a readable image (unknown or corrupt format)") from None
+    except PermissionError: raise _BadFile(path, f"permission denied (cannot read this file)") from None
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e).split("\n")[0]
         kind = "truncated image" if "truncated" in msg.lower() else "corrupt image"
-        raise DataError(f"{path}: {kind} ({msg})") from None
+        raise _BadFile(path, f"{kind} ({msg})") from None
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8: return a
@@ -180,9 +186,9 @@ def _check_pair(pair: Pair, threshold: int, tolerance: float, max_pixels: int = 
     "(PairStats, []) for a good pair, (None, problems) for a bad one."
     problems, img, grey = [], None, None
     try: img = _open(pair.image, max_pixels)
-    except DataError as e: problems.append(Problem(pair.image, str(e).split(": ", 1)[1]))
+    except _BadFile as e: problems.append(Problem(pair.image, e.problem))
     try: grey = read_mask_grey(pair.mask, max_pixels)
-    except DataError as e: problems.append(Problem(pair.mask, str(e).split(": ", 1)[1]))
+    except _BadFile as e: problems.append(Problem(pair.mask, e.problem))
     if problems: return None, problems
     (w, h), (mh, mw) = img.size, grey.shape
     if (w, h) != (mw, mh):

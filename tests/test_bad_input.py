@@ -109,3 +109,26 @@ def test_check_a_file_says_not_a_folder(tmp_path):
     assert r.returncode == 1 and r.stdout.splitlines()[0] == f"{f}: not a folder (a dataset is a folder with images/ and masks/ paired by file stem)"
     (tmp_path/"ds").mkdir(); (tmp_path/"ds"/"images").write_text("x"); (tmp_path/"ds"/"masks").mkdir()
     assert [p.message.split(" (")[0] for p in check_dataset(tmp_path/"ds").problems] == ["not a folder"]
+
+# ---- 3. one problem, one line ----
+
+def test_path_with_colon_space_is_not_repeated(tmp_path):
+    d = tmp_path/"study: polyps"; good_pair(d, "a"); good_pair(d, "b", seed=1)
+    (d/"images"/"b.jpg").write_bytes(b"not a jpeg at all")
+    (p,) = check_dataset(d).problems
+    assert p.message == "not a readable image (unknown or corrupt format)"
+    assert str(p) == f"{d/'images'/'b.jpg'}: not a readable image (unknown or corrupt format)" and str(p).count("polyps") == 1
+
+def test_control_characters_and_undecodable_bytes_in_names_stay_on_one_line(tmp_path):
+    d = tmp_path/"ds"; good_pair(d, "a"); good_pair(d, "new\nline", seed=1); good_pair(d, "esc\x1b[31m", seed=2)
+    (d/"masks"/"new\nline.png").unlink()                                  # an image without a mask
+    (d/"images"/"esc\x1b[31m.jpg").write_bytes(b"")                      # an empty file
+    with open(os.path.join(os.fsencode(d/"images"), b"bad\xff.jpg"), "wb") as f: f.write(b"x")   # not UTF-8: no mask
+    r = cli("data", "check", d)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 + 3, lines                                      # three problems, then three summary lines
+    assert f"{d/'images'}/new\\nline.jpg: image without a mask (no masks/new\\nline.* file)" in lines
+    assert f"{d/'images'}/esc\\x1b[31m.jpg: empty file (0 bytes)" in lines
+    assert any(l.startswith(f"{d/'images'}/bad\\udcff.jpg: image without a mask") for l in lines)
+    assert lines[3] == "1 valid pair, 3 problems"
