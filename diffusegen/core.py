@@ -190,10 +190,16 @@ class Config:
                 "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"), "table3_mode": ("add", "replace"),
                 "executor": ("local", "slurm", "debug"), "inpaint_sampler": ("ddpm", "ddim"), "init_from": ("none", "full")}
 
+    _ranges = {"mask_threshold": (0, 255), "mask_grey_tolerance": (0, 1), "max_image_pixels": (1, None)}
+
     def __post_init__(self):
         for k, allowed in self._choices.items():
             if getattr(self, k) not in allowed:
                 raise ConfigError(f"setting {k}={getattr(self, k)!r}: must be one of {', '.join(allowed)}")
+        for k, (lo, hi) in self._ranges.items():
+            v = getattr(self, k)
+            if not (lo <= v and (hi is None or v <= hi)):
+                raise ConfigError(f"setting {k}={v!r}: must be " + (f"{lo}..{hi}" if hi is not None else f"at least {lo}"))
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
     def replace(self, **kw) -> "Config": return apply_overrides(self, kw, "replace()")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from .core import (Config, DataError, one_line, Artifact, atomic_path, atomic_write, write_json, write_table, save_figure,
+from .core import (Config, ConfigError, DataError, one_line, Artifact, atomic_path, atomic_write, write_json, write_table, save_figure,
                              write_manifest, stage_dirs, resolve_path, load_config)
 
 # %% auto #0
@@ -203,6 +203,10 @@ def _check_pair(pair: Pair, threshold: int, tolerance: float, max_pixels: int = 
 def check_dataset(root, threshold: int = 128, tolerance: float = 0.05, workers: int | None = None,
                   progress: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> CheckReport:
     "Decode every pair under `root` and report the valid pairs, their statistics and every problem."
+    for name, v, ok, rng in (("threshold", threshold, 0 <= threshold <= 255, "a grey level 0..255"),
+                             ("tolerance", tolerance, 0 <= tolerance <= 1, "a share 0..1"),
+                             ("max_pixels", max_pixels, max_pixels >= 1, "at least 1")):
+        if not ok: raise ConfigError(f"{name}={v!r}: must be {rng}")
     root = Path(root)
     pairs, problems = find_pairs(root)
     rep = CheckReport(root, problems=list(problems))

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from diffusegen.core import DataError, load_config
+from diffusegen.core import ConfigError, DataError, load_config
 from diffusegen.data import PairedDataset, check_dataset, read_image, run_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +132,32 @@ def test_control_characters_and_undecodable_bytes_in_names_stay_on_one_line(tmp_
     assert f"{d/'images'}/esc\\x1b[31m.jpg: empty file (0 bytes)" in lines
     assert any(l.startswith(f"{d/'images'}/bad\\udcff.jpg: image without a mask") for l in lines)
     assert lines[3] == "1 valid pair, 3 problems"
+
+@pytest.mark.parametrize("opt,value,words", [("--threshold", "999", "a grey level 0..255"), ("--threshold", "-1", "a grey level 0..255"),
+                                             ("--tolerance", "-1", "a share of pixels 0..1"), ("--tolerance", "1.5", "a share of pixels 0..1"),
+                                             ("--max-pixels", "0", "at least 1")])
+def test_check_options_out_of_range_are_one_line_errors(tmp_path, opt, value, words):
+    good_pair(tmp_path, "a")
+    r = cli("data", "check", tmp_path, opt, value)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == f"diffusegen: error: data check {opt} {value}: must be {words}\n"
+
+def test_out_of_range_settings_and_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="mask_threshold=999: must be 0..255"): load_config("smoke", {"mask_threshold": 999})
+    with pytest.raises(ConfigError, match="mask_grey_tolerance=-1.0: must be 0..1"): load_config("smoke", {"mask_grey_tolerance": -1})
+    with pytest.raises(ConfigError, match="tolerance=2: must be a share 0..1"): check_dataset(tmp_path, tolerance=2)
+
+# ---- 6. exit codes: 1 = problems found, 2 = an error ----
+
+def test_data_check_crash_exits_2_not_1(tmp_path, monkeypatch, capsys):
+    import diffusegen.data
+    from diffusegen.cli import main
+    good_pair(tmp_path, "a")
+    assert main(["data", "check", str(tmp_path)]) == 0
+    def boom(*a, **kw): raise RuntimeError("a bug")
+    monkeypatch.setattr(diffusegen.data, "check_dataset", boom)
+    assert main(["data", "check", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "diffusegen: error: internal error (RuntimeError: a bug); please report it with the traceback above"
+    def full(*a, **kw): raise OSError(28, "No space left on device", str(tmp_path/"x"))
+    monkeypatch.setattr(diffusegen.data, "check_dataset", full)
+    assert main(["data", "check", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"diffusegen: error: {tmp_path/'x'}: No space left on device\n"
