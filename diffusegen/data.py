@@ -44,8 +44,9 @@ def _kind(p: Path) -> str:
     try: return "dir" if p.is_dir() else "file" if p.exists() else "missing"
     except PermissionError: return "denied"
 
-def _listing(d: Path, kind: str, problems: list) -> dict | None:
-    "stem → file of the images in `d`; non-images and duplicate stems become problems; None when `d` cannot be listed."
+def _listing(d: Path, kind: str, problems: list, images: dict | None = None) -> dict | None:
+    """stem → file of the images in `d`; non-images and duplicate stems become problems; None when `d` cannot be listed.
+    A mask's stem loses a `_mask`/`_seg`/`_gt` suffix unless an image has the stem as it is (`images`: their listing)."""
     files = {}
     try: entries = sorted(d.iterdir())
     except PermissionError:
@@ -55,7 +56,7 @@ def _listing(d: Path, kind: str, problems: list) -> dict | None:
         if p.suffix.lower() not in IMAGE_EXTS:
             problems.append(Problem(p, f"not an image file (extension {p.suffix or 'none'!r}; expected {', '.join(IMAGE_EXTS)})")); continue
         stem = p.stem
-        if kind == "mask":
+        if kind == "mask" and stem not in (images or {}):   # masks/a_mask.png pairs with images/a_mask.jpg if there is one
             for suf in MASK_SUFFIXES:
                 if stem.endswith(suf) and len(stem) > len(suf): stem = stem[: -len(suf)]; break
         if stem in files: problems.append(Problem(p, f"two {kind}s share the stem {stem!r} (also {files[stem].name})")); continue
@@ -74,7 +75,8 @@ def find_pairs(root) -> tuple[list[Pair], list[Problem]]:
         kind = _kind(d)
         if kind != "dir": problems.append(Problem(d, f"missing folder ({need})" if kind == "missing" else why[kind]))
     if problems: return [], problems
-    imgs, masks = _listing(dirs["images"], "image", problems), _listing(dirs["masks"], "mask", problems)
+    imgs = _listing(dirs["images"], "image", problems)
+    masks = _listing(dirs["masks"], "mask", problems, imgs)
     if imgs is None or masks is None: return [], problems
     for k, d in dirs.items():
         if not (imgs if k == "images" else masks): problems.append(Problem(d, "no image files in this folder"))

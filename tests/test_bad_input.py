@@ -161,3 +161,17 @@ def test_data_check_crash_exits_2_not_1(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(diffusegen.data, "check_dataset", full)
     assert main(["data", "check", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"diffusegen: error: {tmp_path/'x'}: No space left on device\n"
+
+# ---- 5. image stems that end in a mask suffix ----
+
+def test_image_stem_with_mask_suffix_pairs(tmp_path):
+    from diffusegen.data import find_pairs
+    for img, mask in [("a_mask", "a_mask"), ("b_seg", "b_seg"), ("c_gt", "c_gt_mask"), ("d", "d_mask")]:
+        good_pair(tmp_path, "tmp"); (tmp_path/"images"/"tmp.jpg").rename(tmp_path/"images"/f"{img}.jpg")
+        (tmp_path/"masks"/"tmp.png").rename(tmp_path/"masks"/f"{mask}.png")
+    pairs, problems = find_pairs(tmp_path)
+    assert not problems, [str(p) for p in problems]
+    assert [(p.id, p.mask.name) for p in pairs] == [("a_mask", "a_mask.png"), ("b_seg", "b_seg.png"), ("c_gt", "c_gt_mask.png"), ("d", "d_mask.png")]
+    good_pair(tmp_path, "d")                                              # masks/d.png and masks/d_mask.png both claim images/d.jpg
+    problems = find_pairs(tmp_path)[1]
+    assert [str(p) for p in problems] == [f"{tmp_path/'masks'/'d_mask.png'}: two masks share the stem 'd' (also d.png)"]
