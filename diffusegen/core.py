@@ -266,9 +266,18 @@ def settings_path() -> Path: return project_root()/"settings.ini"
 def read_settings(path: Path | None = None) -> configparser.ConfigParser:
     "Parse `settings.ini` (inline comments start with `;`); `[DEFAULT]` is kept as its own section."
     path = Path(path or settings_path())
-    if not path.exists(): raise ConfigError(f"{path}: settings file not found (run from the diffusegen folder or set DIFFUSEGEN_ROOT)")
+    try: raw = path.read_bytes()          # ConfigParser.read() would skip a folder or an unreadable file without a word
+    except FileNotFoundError: raise ConfigError(f"{path}: settings file not found (run from the diffusegen folder or set DIFFUSEGEN_ROOT)") from None
+    except IsADirectoryError: raise ConfigError(f"{path}: is a folder, not a settings file") from None
+    except PermissionError: raise ConfigError(f"{path}: permission denied (cannot read the settings file)") from None
+    except OSError as e: raise ConfigError(f"{path}: cannot read the settings file ({e.strerror or e})") from None
+    try: text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
     cp = configparser.ConfigParser(inline_comment_prefixes=(";",), interpolation=None, default_section="\0")
-    try: cp.read(path, encoding="utf-8")
+    try: cp.read_string(text, source=str(path))
     except configparser.Error as e: raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
     return cp
 

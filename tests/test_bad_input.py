@@ -175,3 +175,24 @@ def test_image_stem_with_mask_suffix_pairs(tmp_path):
     good_pair(tmp_path, "d")                                              # masks/d.png and masks/d_mask.png both claim images/d.jpg
     problems = find_pairs(tmp_path)[1]
     assert [str(p) for p in problems] == [f"{tmp_path/'masks'/'d_mask.png'}: two masks share the stem 'd' (also d.png)"]
+
+# ---- 7. the settings file ----
+
+def test_settings_file_not_utf8_or_a_folder(tmp_path):
+    from diffusegen.core import read_settings
+    p = tmp_path/"settings.ini"
+    p.write_bytes((ROOT/"settings.ini").read_text(encoding="utf-8").encode("latin-1", "replace"))   # § and × become latin-1 bytes
+    with pytest.raises(ConfigError) as e: load_config("smoke", path=p)
+    assert str(e.value).startswith(f"{p}: not UTF-8 text (byte 0x") and "save it as UTF-8" in str(e.value)
+    p.unlink(); p.mkdir()
+    with pytest.raises(ConfigError, match="is a folder, not a settings file"): read_settings(p)
+    (tmp_path/"nbs").mkdir()
+    r = subprocess.run([str(Path(sys.executable).parent/"diffusegen"), "config", "--profile", "smoke"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "DIFFUSEGEN_ROOT": str(tmp_path)})
+    assert r.returncode == 2 and r.stderr == f"diffusegen: error: {p}: is a folder, not a settings file\n"
+
+def test_settings_file_with_bom_reads():
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d)/"settings.ini"; p.write_bytes(b"\xef\xbb\xbf" + (ROOT/"settings.ini").read_bytes())
+        assert load_config("smoke", path=p) == load_config("smoke")
