@@ -5,7 +5,7 @@ rules every artifact follows (atomic writes, a config and a manifest beside each
 
 # %% ../nbs/00_core.ipynb #daa580b1
 from __future__ import annotations
-import configparser, dataclasses, difflib, hashlib, json, os, random, re, tempfile, time
+import configparser, dataclasses, difflib, hashlib, json, os, random, re, tempfile, threading, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,9 +14,9 @@ import numpy as np
 # %% auto #0
 __all__ = ['STAGES', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config',
            'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
-           'atomic_write', 'atomic_path', 'write_json', 'write_table', 'save_figure', 'seed_everything',
-           'torch_generator', 'versions', 'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs',
-           'write_manifest', 'read_manifest']
+           'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write', 'atomic_path', 'write_json', 'write_table',
+           'save_figure', 'seed_everything', 'torch_generator', 'versions', 'resolve_device', 'Stage', 'get_stage',
+           'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 def one_line(s) -> str:
@@ -309,26 +309,60 @@ def load_config(profile: str = "demo", overrides: dict | None = None, path: Path
     return apply_overrides(Config(profile=profile, **kw), overrides, "override (--set or papermill `overrides`)")
 
 # %% ../nbs/00_core.ipynb #8522149c
+_UMASK_LOCK = threading.Lock()
+
+def current_umask() -> int:
+    "The process's umask, without changing it where /proc tells it (elsewhere set and restored under a lock)."
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    with _UMASK_LOCK:
+        m = os.umask(0o022); os.umask(m)
+    return m
+
+def fsync_path(p) -> None:
+    "Flush a file, or a folder's entries, to disk (best effort where the file system cannot)."
+    try: fd = os.open(p, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+def fsync_tree(d) -> None:
+    "Flush every file under folder `d`, then the folders themselves: before a folder is renamed into place."
+    for sub, _, files in os.walk(d, topdown=False):
+        for f in files: fsync_path(os.path.join(sub, f))
+        fsync_path(sub)
+
 @contextmanager
 def atomic_write(path, mode: str = "w", **kw):
-    "Open a temporary file beside `path`; on success rename it onto `path`, on error remove it."
+    """Open a temporary file beside `path`; on success flush it to disk and rename it onto `path`, on error remove it.
+    The file gets the mode a plain `open` would (0666 less the umask), not `mkstemp`'s 0600."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        with open(tmp, mode, **kw) as f: yield f
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
+            f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+        fsync_path(path.parent)                  # the rename itself survives a power cut
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
 @contextmanager
 def atomic_path(path):
-    "Yield a temporary path beside `path` for a library that writes files itself; rename it on success."
+    """Yield a temporary path beside `path` for a library that writes files itself (with the umask's mode);
+    on success flush it to disk and rename it onto `path`, on error remove it."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")   # unique per thread
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True); raise
 

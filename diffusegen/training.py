@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, DiffusegenError, Artifact, atomic_write, write_json, write_table, save_figure,
+from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json, write_table, save_figure,
                              write_manifest, stage_dirs, load_config, torch_generator, resolve_device)
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
 
@@ -216,7 +216,8 @@ def save_checkpoint(mdir: Path, step: int, unet, ema: ConstantEMA, opt, losses: 
     _save_optimizer(opt, tmp/"optimizer.safetensors")
     write_json(tmp/"state.json", {"step": step, "spec_hash": shash, "losses": losses,
                                   "torch_rng": torch.get_rng_state().tolist()})
-    shutil.rmtree(final, ignore_errors=True); os.replace(tmp, final)
+    fsync_tree(tmp)                                               # on disk before the rename: a power cut leaves old or new
+    shutil.rmtree(final, ignore_errors=True); os.replace(tmp, final); fsync_path(ck)
     write_json(mdir/"latest.json", {"step": step, "path": final.name})
     for old in ck.glob("step_*"):
         if old != final: shutil.rmtree(old, ignore_errors=True)
@@ -387,7 +388,8 @@ def train_model(spec: ModelSpec, images: torch.Tensor, cfg: Config, mdir, resume
            "parameters": n_params, "sample_weights": cfg.sample_weights, "device": str(device), "world_size": world,
            "unet": unet_kwargs(cfg, spec.full), "init": spec.init, "provenance": prov}
     write_json(tmp/"model.json", rec)
-    shutil.rmtree(mdir/"final", ignore_errors=True); os.replace(tmp, mdir/"final")
+    fsync_tree(tmp)
+    shutil.rmtree(mdir/"final", ignore_errors=True); os.replace(tmp, mdir/"final"); fsync_path(mdir)
     shutil.rmtree(mdir/"checkpoints", ignore_errors=True); (mdir/"latest.json").unlink(missing_ok=True)
     if acc: acc.wait_for_everyone(); acc.free_memory()          # drop accelerate's reference to the wrapped model
     return {**rec, "status": "trained"}

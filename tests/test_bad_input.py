@@ -196,3 +196,24 @@ def test_settings_file_with_bom_reads():
     with tempfile.TemporaryDirectory() as d:
         p = Path(d)/"settings.ini"; p.write_bytes(b"\xef\xbb\xbf" + (ROOT/"settings.ini").read_bytes())
         assert load_config("smoke", path=p) == load_config("smoke")
+
+# ---- 8. writes: the umask's mode, on disk before the rename ----
+
+def test_atomic_writes_respect_umask_and_fsync(tmp_path, monkeypatch):
+    import pandas as pd
+    from diffusegen.core import atomic_path, current_umask, write_json, write_table
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    old = os.umask(0o002)                                    # a shared project folder: group-writable
+    try:
+        assert current_umask() == 0o002
+        write_json(tmp_path/"a.json", {"x": 1})
+        write_table(pd.DataFrame({"x": [1]}), tmp_path/"t")
+        with atomic_path(tmp_path/"b.bin") as p: p.write_bytes(b"b")
+    finally: os.umask(old)
+    for name in ("a.json", "t.csv", "t.md", "b.bin"):
+        assert oct((tmp_path/name).stat().st_mode & 0o777) == oct(0o664), name     # mkstemp's 0600 before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "t.csv", "t.md"]
+    assert any(s.startswith(str(tmp_path/".a.json.")) for s in synced)                 # the file before its rename…
+    assert synced.count(str(tmp_path)) >= 4                                            # …and the folder after each rename
