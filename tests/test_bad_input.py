@@ -217,3 +217,40 @@ def test_atomic_writes_respect_umask_and_fsync(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "t.csv", "t.md"]
     assert any(s.startswith(str(tmp_path/".a.json.")) for s in synced)                 # the file before its rename…
     assert synced.count(str(tmp_path)) >= 4                                            # …and the folder after each rename
+
+# ---- 9. damaged run state in training ----
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    "A tiny model stopped after its checkpoint at step 2 (random images: no data stage needed)."
+    import torch
+    from diffusegen.training import ModelSpec, train_model
+    out = tmp_path_factory.mktemp("train")
+    cfg = load_config("smoke", {"out": str(out), "check_draws": 2, "save_interval": 2, "monitor_samples": 1})
+    images = torch.rand(4, 4, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    spec = ModelSpec("m", ["a", "b", "c", "d"], False, 6, cfg.lr, 4, 0)
+    assert train_model(spec, images, cfg, out/"m", progress=False, stop_after=2)["status"] == "stopped"
+    return cfg, spec, images, out/"m"
+
+def _cut(p: Path): p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+@pytest.mark.parametrize("damage,named,words", [
+    ("latest", "latest.json", "damaged ("), ("no_checkpoints", "checkpoints/step_000002", "the checkpoint latest.json points at is missing"),
+    ("state", "checkpoints/step_000002/state.json", "damaged ("), ("optimizer", "checkpoints/step_000002/optimizer.safetensors", "damaged checkpoint ("),
+    ("unet", "checkpoints/step_000002/unet", "damaged checkpoint (")])
+def test_damaged_run_state_is_one_line_and_restart_recovers(stopped_run, tmp_path, damage, named, words):
+    import shutil
+    from diffusegen.core import DiffusegenError
+    from diffusegen.training import train_model
+    cfg, spec, images, pristine = stopped_run
+    mdir = tmp_path/"m"; shutil.copytree(pristine, mdir)
+    ck = mdir/"checkpoints"/"step_000002"
+    {"latest": lambda: _cut(mdir/"latest.json"), "no_checkpoints": lambda: shutil.rmtree(mdir/"checkpoints"),
+     "state": lambda: _cut(ck/"state.json"), "optimizer": lambda: _cut(ck/"optimizer.safetensors"),
+     "unet": lambda: _cut(ck/"unet"/"diffusion_pytorch_model.safetensors")}[damage]()
+    with pytest.raises(DiffusegenError) as e: train_model(spec, images, cfg, mdir, progress=False, stop_after=1)
+    msg = str(e.value)
+    assert msg.startswith(f"{mdir/named}: {words}") and "\n" not in msg, msg
+    assert "rerun with --restart to train m from step 0" in msg
+    r = train_model(spec, images, cfg, mdir, resume=False, progress=False, stop_after=1)      # --restart
+    assert r == {"name": "m", "status": "stopped", "step": 1}
