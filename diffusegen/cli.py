@@ -4,9 +4,9 @@
 
 # %% ../nbs/91_cli.ipynb #6ccd8373
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, json, os, sys, traceback
 from pathlib import Path
-from .core import DiffusegenError, ConfigError, STAGES, load_config, profiles
+from .core import DiffusegenError, ConfigError, STAGES, load_config, one_line, profiles
 
 # %% auto #0
 __all__ = ['pd_markdown', 'build_parser', 'main']
@@ -30,10 +30,14 @@ def _cmd_reproduce(a) -> int:
 
 def _cmd_data_check(a) -> int:
     from diffusegen.data import check_dataset
-    rep = check_dataset(a.path, a.threshold, a.tolerance, progress=sys.stderr.isatty())
+    for opt, v, ok, rng in (("--threshold", a.threshold, 0 <= a.threshold <= 255, "a grey level 0..255"),
+                            ("--tolerance", a.tolerance, 0 <= a.tolerance <= 1, "a share of pixels 0..1"),
+                            ("--max-pixels", a.max_pixels, a.max_pixels >= 1, "at least 1")):
+        if not ok: raise ConfigError(f"data check {opt} {v:g}: must be {rng}")
+    rep = check_dataset(a.path, a.threshold, a.tolerance, progress=sys.stderr.isatty(), max_pixels=a.max_pixels)
     for p in rep.problems: print(p)
     for line in rep.summary_lines(): print(line)
-    return 1 if rep.problems else 0
+    return 1 if rep.problems else 0          # 1: problems found; an error (bad option, crash) is 2, from `main`
 
 def _cmd_data_prepare(a) -> int:
     from diffusegen.data import run_data
@@ -213,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", help="folder with images/ and masks/")
     c.add_argument("--threshold", type=int, default=128, help="mask grey level counted as polyp (default 128)")
     c.add_argument("--tolerance", type=float, default=0.05, help="largest share of mid-grey mask pixels (default 0.05)")
+    c.add_argument("--max-pixels", type=int, default=100_000_000, help="largest width × height read; a larger file is a problem "
+                   "(default 100000000, as max_image_pixels)")
     c.set_defaults(func=_cmd_data_check)
     pr = dsub.add_parser("prepare", help="run the data stage: check, split and resize (as the 01_data notebook)")
     common(pr); pr.add_argument("--data", help="dataset folder"); pr.add_argument("--out", help="folder for figures/ and runs/")
@@ -310,3 +316,11 @@ def main(argv=None) -> int:
         print(f"diffusegen: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print("diffusegen: interrupted", file=sys.stderr); return 130
+    except OSError as e:                  # a full disk, a read-only or vanished folder: the system's words and the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(one_line(f"diffusegen: error: {where}{e.strerror or e}"), file=sys.stderr); return 2
+    except Exception as e:                # a bug: its traceback, then one line; 2 as every error (1 means `data check` found problems)
+        traceback.print_exc()
+        print(one_line(f"diffusegen: error: internal error ({type(e).__name__}: {e}); please report it with the traceback above"),
+              file=sys.stderr)
+        return 2

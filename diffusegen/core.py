@@ -5,22 +5,28 @@ rules every artifact follows (atomic writes, a config and a manifest beside each
 
 # %% ../nbs/00_core.ipynb #daa580b1
 from __future__ import annotations
-import configparser, dataclasses, difflib, hashlib, json, math, os, random, re, tempfile, time
+import configparser, dataclasses, difflib, hashlib, json, math, os, random, re, tempfile, threading, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['STAGES', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config', 'resolve_path',
-           'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config', 'atomic_write',
-           'atomic_path', 'write_json', 'write_table', 'save_figure', 'seed_everything', 'torch_generator', 'versions',
-           'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest',
-           'show_stage']
+__all__ = ['STAGES', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config',
+           'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
+           'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write', 'atomic_path', 'write_json', 'write_table',
+           'save_figure', 'seed_everything', 'torch_generator', 'versions', 'resolve_device', 'Stage', 'get_stage',
+           'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest', 'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
+def one_line(s) -> str:
+    "`s` as one printable line: newlines, other control characters and undecodable bytes escaped as Python writes them."
+    s = str(s)
+    return s if s.isprintable() else "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+
 class DiffusegenError(Exception):
-    "A problem the user can fix. `str(e)` is one line naming the file and the problem."
+    "A problem the user can fix. `str(e)` is one line naming the file and the problem (a newline in a name is escaped)."
+    def __str__(self): return one_line(super().__str__())
 class ConfigError(DiffusegenError): "A bad profile, setting or override."
 class DataError(DiffusegenError): "A bad dataset, split file or data folder."
 class WeightsNotFound(DiffusegenError): "Pretrained weights that cannot be found locally."
@@ -70,6 +76,7 @@ class Config:
     resize_mode: str = _f("stretch", "data")
     mask_threshold: int = _f(128, "data", ge=0, le=255)
     mask_grey_tolerance: float = _f(0.05, "data", ge=0, le=1)
+    max_image_pixels: int = _f(100_000_000, "data", "largest width × height read; a larger file is a bad pair (decompression-bomb guard)", ge=1)
     on_bad_pairs: str = _f("error", "data")
     train_ids: str = _f("data/paper/paper_clusters_k20.csv", "data")
     n_train: int = _f(0, "data", ge=0)
@@ -313,9 +320,18 @@ def settings_path() -> Path: return project_root()/"settings.ini"
 def read_settings(path: Path | None = None) -> configparser.ConfigParser:
     "Parse `settings.ini` (inline comments start with `;`); `[DEFAULT]` is kept as its own section."
     path = Path(path or settings_path())
-    if not path.exists(): raise ConfigError(f"{path}: settings file not found (run from the diffusegen folder or set DIFFUSEGEN_ROOT)")
+    try: raw = path.read_bytes()          # ConfigParser.read() would skip a folder or an unreadable file without a word
+    except FileNotFoundError: raise ConfigError(f"{path}: settings file not found (run from the diffusegen folder or set DIFFUSEGEN_ROOT)") from None
+    except IsADirectoryError: raise ConfigError(f"{path}: is a folder, not a settings file") from None
+    except PermissionError: raise ConfigError(f"{path}: permission denied (cannot read the settings file)") from None
+    except OSError as e: raise ConfigError(f"{path}: cannot read the settings file ({e.strerror or e})") from None
+    try: text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
     cp = configparser.ConfigParser(inline_comment_prefixes=(";",), interpolation=None, default_section="\0")
-    try: cp.read(path, encoding="utf-8")
+    try: cp.read_string(text, source=str(path))
     except configparser.Error as e: raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
     return cp
 
@@ -349,26 +365,60 @@ def load_config(profile: str = "demo", overrides: dict | None = None, path: Path
     return apply_overrides(cfg, overrides, "override (--set or papermill `overrides`)")
 
 # %% ../nbs/00_core.ipynb #8522149c
+_UMASK_LOCK = threading.Lock()
+
+def current_umask() -> int:
+    "The process's umask, without changing it where /proc tells it (elsewhere set and restored under a lock)."
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    with _UMASK_LOCK:
+        m = os.umask(0o022); os.umask(m)
+    return m
+
+def fsync_path(p) -> None:
+    "Flush a file, or a folder's entries, to disk (best effort where the file system cannot)."
+    try: fd = os.open(p, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+def fsync_tree(d) -> None:
+    "Flush every file under folder `d`, then the folders themselves: before a folder is renamed into place."
+    for sub, _, files in os.walk(d, topdown=False):
+        for f in files: fsync_path(os.path.join(sub, f))
+        fsync_path(sub)
+
 @contextmanager
 def atomic_write(path, mode: str = "w", **kw):
-    "Open a temporary file beside `path`; on success rename it onto `path`, on error remove it."
+    """Open a temporary file beside `path`; on success flush it to disk and rename it onto `path`, on error remove it.
+    The file gets the mode a plain `open` would (0666 less the umask), not `mkstemp`'s 0600."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        with open(tmp, mode, **kw) as f: yield f
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
+            f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+        fsync_path(path.parent)                  # the rename itself survives a power cut
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
 @contextmanager
 def atomic_path(path):
-    "Yield a temporary path beside `path` for a library that writes files itself; rename it on success."
+    """Yield a temporary path beside `path` for a library that writes files itself (with the umask's mode);
+    on success flush it to disk and rename it onto `path`, on error remove it."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")   # unique per thread
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True); raise
 

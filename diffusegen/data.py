@@ -4,20 +4,20 @@
 
 # %% ../nbs/01_data.ipynb #55d39415
 from __future__ import annotations
-import io, json, os, pickle, importlib
+import io, json, os, pickle, importlib, re, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from .core import (Config, DataError, Artifact, atomic_path, atomic_write, write_json, write_table, save_figure,
+from .core import (Config, ConfigError, DataError, one_line, Artifact, atomic_path, atomic_write, write_json, write_table, save_figure,
                              write_manifest, stage_dirs, resolve_path, load_config)
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'GREY_BAND', 'PAPER_DATA', 'Pair', 'Problem', 'find_pairs', 'read_image',
-           'read_mask_grey', 'read_mask', 'PairStats', 'CheckReport', 'check_dataset', 'resize_pair', 'to_tensor4',
-           'from_tensor4', 'load_pair', 'PairedDataset', 'safe_unpickle', 'read_id_list', 'make_splits',
+__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'PAPER_DATA', 'Pair', 'Problem', 'find_pairs',
+           'read_image', 'read_mask_grey', 'read_mask', 'PairStats', 'CheckReport', 'check_dataset', 'resize_pair',
+           'to_tensor4', 'from_tensor4', 'load_pair', 'PairedDataset', 'safe_unpickle', 'read_id_list', 'make_splits',
            'resolve_data_root', 'dataset_fingerprint', 'preprocess_pairs', 'save_pairs', 'load_pairs', 'pairs_path',
            'load_split', 'sample_figure', 'run_data']
 
@@ -37,17 +37,26 @@ class Problem:
     "One bad file or pair: printed as `path: message`."
     path: Path
     message: str
-    def __str__(self): return f"{self.path}: {self.message}"
+    def __str__(self): return one_line(f"{self.path}: {self.message}")   # one problem, one line, whatever the file name
 
-def _listing(d: Path, kind: str, problems: list) -> dict:
-    "stem → file of the images in `d`; non-images and duplicate stems become problems."
+def _kind(p: Path) -> str:
+    "'dir', 'file', 'missing' or 'denied' (a folder on the way may not be searched)."
+    try: return "dir" if p.is_dir() else "file" if p.exists() else "missing"
+    except PermissionError: return "denied"
+
+def _listing(d: Path, kind: str, problems: list, images: dict | None = None) -> dict | None:
+    """stem → file of the images in `d`; non-images and duplicate stems become problems; None when `d` cannot be listed.
+    A mask's stem loses a `_mask`/`_seg`/`_gt` suffix unless an image has the stem as it is (`images`: their listing)."""
     files = {}
-    for p in sorted(d.iterdir()):
-        if p.name.startswith(".") or p.name in ("Thumbs.db", "desktop.ini") or p.is_dir(): continue
+    try: entries = sorted(d.iterdir())
+    except PermissionError:
+        problems.append(Problem(d, "permission denied (cannot list this folder)")); return None
+    for p in entries:
+        if p.name.startswith(".") or p.name in ("Thumbs.db", "desktop.ini") or _kind(p) == "dir": continue
         if p.suffix.lower() not in IMAGE_EXTS:
             problems.append(Problem(p, f"not an image file (extension {p.suffix or 'none'!r}; expected {', '.join(IMAGE_EXTS)})")); continue
         stem = p.stem
-        if kind == "mask":
+        if kind == "mask" and stem not in (images or {}):   # masks/a_mask.png pairs with images/a_mask.jpg if there is one
             for suf in MASK_SUFFIXES:
                 if stem.endswith(suf) and len(stem) > len(suf): stem = stem[: -len(suf)]; break
         if stem in files: problems.append(Problem(p, f"two {kind}s share the stem {stem!r} (also {files[stem].name})")); continue
@@ -57,12 +66,18 @@ def _listing(d: Path, kind: str, problems: list) -> dict:
 def find_pairs(root) -> tuple[list[Pair], list[Problem]]:
     "Pair `root/images` with `root/masks` by stem; return the pairs and the problems found on the way."
     root = Path(root); problems = []
-    if not root.is_dir(): return [], [Problem(root, "no such folder")]
+    need = "a dataset is a folder with images/ and masks/ paired by file stem"
+    why = {"missing": "no such folder", "denied": "permission denied (cannot open this folder)",
+           "file": f"not a folder ({need})"}
+    if _kind(root) != "dir": return [], [Problem(root, why[_kind(root)])]
     dirs = {k: root/k for k in ("images", "masks")}
     for k, d in dirs.items():
-        if not d.is_dir(): problems.append(Problem(d, f"missing folder (a dataset needs images/ and masks/ paired by file stem)"))
+        kind = _kind(d)
+        if kind != "dir": problems.append(Problem(d, f"missing folder ({need})" if kind == "missing" else why[kind]))
     if problems: return [], problems
-    imgs, masks = _listing(dirs["images"], "image", problems), _listing(dirs["masks"], "mask", problems)
+    imgs = _listing(dirs["images"], "image", problems)
+    masks = _listing(dirs["masks"], "mask", problems, imgs)
+    if imgs is None or masks is None: return [], problems
     for k, d in dirs.items():
         if not (imgs if k == "images" else masks): problems.append(Problem(d, "no image files in this folder"))
     for s in sorted(set(imgs) - set(masks)): problems.append(Problem(imgs[s], f"image without a mask (no masks/{s}.* file)"))
@@ -71,19 +86,44 @@ def find_pairs(root) -> tuple[list[Pair], list[Problem]]:
     return pairs, problems
 
 # %% ../nbs/01_data.ipynb #349051bf
-def _open(path: Path) -> Image.Image:
-    "Open and fully decode `path`, turning every failure into a one-line `DataError`."
+MAX_IMAGE_PIXELS = 100_000_000   # the default of the `max_image_pixels` setting: 100 megapixels
+# We enforce our own limit (below), so PIL's warning for images between its limit and twice it is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+class _BadFile(DataError):
+    "A `DataError` about one file, with the file and the problem apart (a path may itself contain ': ')."
+    def __init__(self, path, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path}: {problem}")
+
+def _too_large(path, max_pixels: int, pixels: int, size=None) -> DataError:
+    dims = f"{size[0]}×{size[1]} pixels, " if size else ""
+    return _BadFile(path, f"image too large ({dims}{pixels / 1e6:.3g} megapixels; max_image_pixels = {max_pixels}): "
+                     f"a decompression bomb or a corrupt header? if the image is real, raise max_image_pixels")
+
+def _open(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    "Open and fully decode `path`, turning every failure into a one-line `DataError`; refuse more than `max_pixels` pixels."
     path = Path(path)
     try: size = path.stat().st_size
-    except OSError as e: raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if size == 0: raise DataError(f"{path}: empty file (0 bytes)")
+    except PermissionError: raise _BadFile(path, f"permission denied (cannot open a folder on its path)") from None
+    except OSError as e: raise _BadFile(path, f"cannot read ({e.strerror})") from None
+    if size == 0: raise _BadFile(path, f"empty file (0 bytes)")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1      # PIL refuses above twice its limit: never below ours
     try:
-        im = Image.open(path); im.load(); return im
-    except UnidentifiedImageError: raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
+        im = Image.open(path)                              # reads the header only
+        if im.width * im.height > max_pixels:
+            im.close(); raise _too_large(path, max_pixels, im.width * im.height, im.size)
+        im.load(); return im
+    except Image.DecompressionBombError as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(path, max_pixels, int(m.group(1)) if m else max_pixels + 1) from None
+    except UnidentifiedImageError: raise _BadFile(path, f"not a readable image (unknown or corrupt format)") from None
+    except PermissionError: raise _BadFile(path, f"permission denied (cannot read this file)") from None
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e).split("\n")[0]
         kind = "truncated image" if "truncated" in msg.lower() else "corrupt image"
-        raise DataError(f"{path}: {kind} ({msg})") from None
+        raise _BadFile(path, f"{kind} ({msg})") from None
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8: return a
@@ -92,25 +132,25 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     hi = 65535.0 if a.max() > 255 else 255.0
     return np.clip(np.round(a / hi * 255), 0, 255).astype(np.uint8)
 
-def read_image(path) -> np.ndarray:
+def read_image(path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     "An image file as H×W×3 `uint8` RGB."
-    im = _open(path)
+    im = _open(path, max_pixels)
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"): a = _to_uint8(np.asarray(im))
     else: a = np.asarray(im.convert("RGB") if im.mode != "L" else im)
     if a.ndim == 2: a = np.repeat(a[..., None], 3, axis=2)
     return np.ascontiguousarray(a[..., :3])
 
-def read_mask_grey(path) -> np.ndarray:
+def read_mask_grey(path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     "A mask file as H×W `uint8` grey levels (L); a {0,1} mask is scaled to {0,255}."
-    im = _open(path)
+    im = _open(path, max_pixels)
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "1"): a = _to_uint8(np.asarray(im))
     else: a = np.asarray(im.convert("L"))
     if a.max() == 1: a = a * np.uint8(255)
     return a
 
-def read_mask(path, threshold: int = 128) -> np.ndarray:
+def read_mask(path, threshold: int = 128, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     "A mask file as an H×W boolean array: polyp where the L value ≥ `threshold`."
-    return read_mask_grey(path) >= threshold
+    return read_mask_grey(path, max_pixels) >= threshold
 
 # %% ../nbs/01_data.ipynb #d1320d66
 GREY_BAND = (21, 234)   # mid-grey levels: neither background nor polyp, even with JPEG ringing
@@ -144,13 +184,13 @@ class CheckReport:
             lines.append(f"polyp area share: min {a.min():.2f}%, median {np.median(a):.1f}%, max {a.max():.1f}%")
         return lines
 
-def _check_pair(pair: Pair, threshold: int, tolerance: float):
+def _check_pair(pair: Pair, threshold: int, tolerance: float, max_pixels: int = MAX_IMAGE_PIXELS):
     "(PairStats, []) for a good pair, (None, problems) for a bad one."
     problems, img, grey = [], None, None
-    try: img = _open(pair.image)
-    except DataError as e: problems.append(Problem(pair.image, str(e).split(": ", 1)[1]))
-    try: grey = read_mask_grey(pair.mask)
-    except DataError as e: problems.append(Problem(pair.mask, str(e).split(": ", 1)[1]))
+    try: img = _open(pair.image, max_pixels)
+    except _BadFile as e: problems.append(Problem(pair.image, e.problem))
+    try: grey = read_mask_grey(pair.mask, max_pixels)
+    except _BadFile as e: problems.append(Problem(pair.mask, e.problem))
     if problems: return None, problems
     (w, h), (mh, mw) = img.size, grey.shape
     if (w, h) != (mw, mh):
@@ -163,14 +203,18 @@ def _check_pair(pair: Pair, threshold: int, tolerance: float):
     return (None, problems) if problems else (PairStats(pair.id, w, h, share), [])
 
 def check_dataset(root, threshold: int = 128, tolerance: float = 0.05, workers: int | None = None,
-                  progress: bool = False) -> CheckReport:
+                  progress: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> CheckReport:
     "Decode every pair under `root` and report the valid pairs, their statistics and every problem."
+    for name, v, ok, rng in (("threshold", threshold, 0 <= threshold <= 255, "a grey level 0..255"),
+                             ("tolerance", tolerance, 0 <= tolerance <= 1, "a share 0..1"),
+                             ("max_pixels", max_pixels, max_pixels >= 1, "at least 1")):
+        if not ok: raise ConfigError(f"{name}={v!r}: must be {rng}")
     root = Path(root)
     pairs, problems = find_pairs(root)
     rep = CheckReport(root, problems=list(problems))
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as ex:      # PIL decodes without the GIL: threads scale
-        results = ex.map(lambda p: _check_pair(p, threshold, tolerance), pairs)
+        results = ex.map(lambda p: _check_pair(p, threshold, tolerance, max_pixels), pairs)
         if progress:
             from tqdm.auto import tqdm
             results = tqdm(results, total=len(pairs), desc="checking pairs", unit="pair")
@@ -205,9 +249,10 @@ def from_tensor4(x) -> tuple[np.ndarray, np.ndarray]:
     rgb = ((x[:3].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return rgb, (x[3] > 0).cpu().numpy()
 
-def load_pair(pair: Pair, size: int, mode: str = "stretch", threshold: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(pair: Pair, size: int, mode: str = "stretch", threshold: int = 128,
+              max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     "Read and resize one pair: (size×size×3 `uint8`, size×size bool)."
-    img, mask = read_image(pair.image), read_mask(pair.mask, threshold)
+    img, mask = read_image(pair.image, max_pixels), read_mask(pair.mask, threshold, max_pixels)
     if img.shape[:2] != mask.shape: raise DataError(f"{pair.mask}: size {mask.shape[1]}×{mask.shape[0]} differs from its image's {img.shape[1]}×{img.shape[0]}")
     return resize_pair(img, mask, size, mode)
 
@@ -220,10 +265,10 @@ def _raise_problems(root, problems, what="dataset"):
 class PairedDataset:
     "4-channel (RGB + mask) tensors of the pairs under `root`, resized to `size`."
     def __init__(self, root, size: int = 256, mode: str = "stretch", threshold: int = 128, tolerance: float = 0.05,
-                 on_bad: str = "error", ids: list | None = None):
-        rep = check_dataset(root, threshold, tolerance)
+                 on_bad: str = "error", ids: list | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+        rep = check_dataset(root, threshold, tolerance, max_pixels=max_pixels)
         if rep.problems and on_bad != "skip": _raise_problems(root, rep.problems)
-        self.root, self.size, self.mode, self.threshold = Path(root), size, mode, threshold
+        self.root, self.size, self.mode, self.threshold, self.max_pixels = Path(root), size, mode, threshold, max_pixels
         self.skipped = rep.problems
         pairs = {p.id: p for p in rep.valid}
         if ids is not None:
@@ -233,7 +278,7 @@ class PairedDataset:
     @property
     def ids(self) -> list[str]: return [p.id for p in self.pairs]
     def __len__(self): return len(self.pairs)
-    def __getitem__(self, i): return to_tensor4(*load_pair(self.pairs[i], self.size, self.mode, self.threshold))
+    def __getitem__(self, i): return to_tensor4(*load_pair(self.pairs[i], self.size, self.mode, self.threshold, self.max_pixels))
 
 # %% ../nbs/01_data.ipynb #7f3cd9df
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -353,7 +398,7 @@ def preprocess_pairs(pairs: list[Pair], cfg: Config, progress: bool = True) -> d
     "Resize `pairs` to `cfg.image_size`: {'images': N×3×S×S uint8, 'masks': N×S×S uint8 (0/1)} tensors."
     import torch
     from tqdm.auto import tqdm
-    f = lambda p: load_pair(p, cfg.image_size, cfg.resize_mode, cfg.mask_threshold)
+    f = lambda p: load_pair(p, cfg.image_size, cfg.resize_mode, cfg.mask_threshold, cfg.max_image_pixels)
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as ex:
         res = list(tqdm(ex.map(f, pairs), total=len(pairs), desc=f"resizing to {cfg.image_size}px", unit="pair", disable=not progress))
     imgs = torch.from_numpy(np.stack([r[0] for r in res])).permute(0, 3, 1, 2).contiguous()
@@ -407,7 +452,7 @@ def run_data(cfg: Config, data=None, progress: bool = True) -> dict:
     run_d, fig_d = stage_dirs(cfg, "data")
     root, origin = resolve_data_root(cfg, data)
     if progress: print(f"dataset: {root} ({origin})")
-    rep = check_dataset(root, cfg.mask_threshold, cfg.mask_grey_tolerance, progress=progress)
+    rep = check_dataset(root, cfg.mask_threshold, cfg.mask_grey_tolerance, progress=progress, max_pixels=cfg.max_image_pixels)
     if rep.problems and cfg.on_bad_pairs != "skip": _raise_problems(root, rep.problems)
     if not rep.valid: raise DataError(f"{root}: no valid pairs")
     notes = [origin] + [f"skipped: {p}" for p in rep.problems]

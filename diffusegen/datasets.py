@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
-from .core import DataError, write_json
+from .core import DataError, fsync_path, fsync_tree, write_json
 
 # %% auto #0
 __all__ = ['DEMO_VERSION', 'DEMO_AREA_RANGE', 'DATASETS', 'IMAGE_EXTS', 'demo_pair', 'make_demo_dataset', 'RemoteDataset',
@@ -172,6 +172,7 @@ def make_demo_dataset(dest, n: int = 60, size: int = 256, seed: int = 0) -> Path
             "generator": "diffusegen.datasets.make_demo_dataset", "generator_version": DEMO_VERSION,
             "n": n, "size": size, "seed": seed, "image_format": "JPEG quality 90", "mask_format": "PNG, 0 = background, 255 = polyp",
             "polyp_share": shares})
+        fsync_tree(tmp)                                     # on disk before the rename
         old = None
         if dest.exists():                                   # an empty folder or an outdated demo set
             old = dest.parent/f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -303,7 +304,7 @@ def _finish(part: Path, zip_path: Path, url: str, total: int | None) -> Path:
     if not zipfile.is_zipfile(part):
         part.unlink()
         raise DataError(f"{url}: the downloaded file is not a zip (deleted {part}); check the URL")
-    os.replace(part, zip_path)
+    fsync_path(part); os.replace(part, zip_path); fsync_path(zip_path.parent)
     return zip_path
 
 # %% ../nbs/01a_datasets.ipynb #36936634
@@ -339,7 +340,7 @@ def download_dataset(name: str, dest, *, url: str | None = None, timeout: float 
         found = _find_pair_folder(tmp)
         if found is None: raise DataError(f"{zip_path}: holds no folder with both images/ and masks/")
         check_layout(found, n_exp)
-        os.rename(found, final)
+        fsync_tree(found); os.rename(found, final); fsync_path(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, DiffusegenError, Artifact, atomic_write, write_json, write_table, save_figure,
+from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json, write_table, save_figure,
                              write_manifest, stage_dirs, load_config, torch_generator, resolve_device)
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
 
@@ -216,7 +216,8 @@ def save_checkpoint(mdir: Path, step: int, unet, ema: ConstantEMA, opt, losses: 
     _save_optimizer(opt, tmp/"optimizer.safetensors")
     write_json(tmp/"state.json", {"step": step, "spec_hash": shash, "losses": losses,
                                   "torch_rng": torch.get_rng_state().tolist()})
-    shutil.rmtree(final, ignore_errors=True); os.replace(tmp, final)
+    fsync_tree(tmp)                                               # on disk before the rename: a power cut leaves old or new
+    shutil.rmtree(final, ignore_errors=True); os.replace(tmp, final); fsync_path(ck)
     write_json(mdir/"latest.json", {"step": step, "path": final.name})
     for old in ck.glob("step_*"):
         if old != final: shutil.rmtree(old, ignore_errors=True)
@@ -265,11 +266,39 @@ def sample_grid(unet, cfg: Config, n: int, seed: int, device, title: str):
     return fig, x
 
 # %% ../nbs/03_training.ipynb #2dba6890
-def _check_existing(mdir: Path, shash: str, overwrite: bool) -> str:
-    "'done' (finished with these settings), 'resume', or 'fresh'; a finished model with other settings is an error."
+def _read_state(p: Path, fix: str):
+    "A JSON file of the run state; a missing or damaged one is one line naming it and what to do (`fix`)."
+    try: return json.loads(p.read_text())
+    except FileNotFoundError: raise DiffusegenError(f"{p}: missing; {fix}") from None
+    except (ValueError, OSError) as e:         # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DiffusegenError(f"{p}: damaged ({' '.join(str(e).split())[:100]}); {fix}") from None
+
+def _restart_hint(mdir: Path) -> str:
+    return f"rerun with --restart to train {mdir.name} from step 0 (or delete {mdir/'latest.json'})"
+
+def _latest_checkpoint(mdir: Path) -> Path:
+    "The checkpoint folder `latest.json` points at; a damaged `latest.json` or a missing folder is one line."
+    lj = mdir/"latest.json"
+    ptr = _read_state(lj, _restart_hint(mdir))
+    if not isinstance(ptr, dict) or not isinstance(ptr.get("path"), str):
+        raise DiffusegenError(f"{lj}: damaged (no checkpoint path in it); {_restart_hint(mdir)}")
+    ck = mdir/"checkpoints"/ptr["path"]
+    if not ck.is_dir(): raise DiffusegenError(f"{ck}: the checkpoint {lj.name} points at is missing; {_restart_hint(mdir)}")
+    return ck
+
+def _load_part(path: Path, load, hint: str):
+    "`load(path)`, any failure of a checkpoint file becoming one line naming it."
+    try: return load(path)
+    except DiffusegenError: raise
+    except Exception as e:
+        raise DiffusegenError(f"{path}: damaged checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]}); {hint}") from None
+
+def _check_existing(mdir: Path, shash: str, overwrite: bool, resume: bool = True) -> str:
+    """'done' (finished with these settings), 'resume', or 'fresh'; a finished model with other settings is an error.
+    Damaged checkpoints are an error naming the file, unless `resume` is False (--restart): then they are removed."""
     mj = mdir/"final"/"model.json"
     if mj.exists():
-        old = json.loads(mj.read_text()).get("spec_hash")
+        old = _read_state(mj, f"delete {mdir/'final'} to train {mdir.name} again").get("spec_hash")
         if old == shash: return "done"
         if not overwrite:
             raise DiffusegenError(f"{mdir/'final'}: a finished model trained with other settings (hash {old}, now {shash}); "
@@ -277,7 +306,10 @@ def _check_existing(mdir: Path, shash: str, overwrite: bool) -> str:
         shutil.rmtree(mdir/"final")
     lj = mdir/"latest.json"
     if lj.exists():
-        st = json.loads((mdir/"checkpoints"/json.loads(lj.read_text())["path"]/"state.json").read_text())
+        try: st = _read_state(_latest_checkpoint(mdir)/"state.json", _restart_hint(mdir))
+        except DiffusegenError:
+            if resume: raise
+            shutil.rmtree(mdir/"checkpoints", ignore_errors=True); lj.unlink(); return "fresh"   # --restart: start over
         if st.get("spec_hash") == shash: return "resume"
         if not overwrite:
             raise DiffusegenError(f"{mdir}: checkpoints of a run with other settings (hash {st.get('spec_hash')}, now {shash}); "
@@ -323,7 +355,7 @@ def train_model(spec: ModelSpec, images: torch.Tensor, cfg: Config, mdir, resume
     mdir = Path(mdir); shash = spec_hash(cfg, spec)
     if world > spec.batch:
         raise DiffusegenError(f"{mdir.name}: batch {spec.batch} cannot be split between {world} processes (batch_size must be at least the number of processes)")
-    state = _on_main(acc, lambda: _check_existing(mdir, shash, cfg.overwrite_models))
+    state = _on_main(acc, lambda: _check_existing(mdir, shash, cfg.overwrite_models, resume))
     if state == "done": return {**json.loads((mdir/"final"/"model.json").read_text()), "status": "cached"}
     device = acc.device if acc else resolve_device(cfg)
     diffusion = make_diffusion(cfg)
@@ -338,11 +370,11 @@ def train_model(spec: ModelSpec, images: torch.Tensor, cfg: Config, mdir, resume
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.mixed_precision == "fp16" else None
     start, losses = 0, []
     if state == "resume" and resume:
-        ck = mdir/"checkpoints"/json.loads((mdir/"latest.json").read_text())["path"]
-        unet.load_state_dict(load_unet(ck/"unet", device).state_dict())
-        ema.model.load_state_dict(load_unet(ck/"unet_ema", device).state_dict())
-        _load_optimizer(opt, ck/"optimizer.safetensors")
-        st = json.loads((ck/"state.json").read_text())
+        ck = _latest_checkpoint(mdir); hint = _restart_hint(mdir)
+        unet.load_state_dict(_load_part(ck/"unet", lambda p: load_unet(p, device).state_dict(), hint))
+        ema.model.load_state_dict(_load_part(ck/"unet_ema", lambda p: load_unet(p, device).state_dict(), hint))
+        _load_part(ck/"optimizer.safetensors", lambda p: _load_optimizer(opt, p), hint)
+        st = _load_part(ck/"state.json", lambda p: json.loads(p.read_text()), hint)
         start, losses = st["step"], st["losses"]
         torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
     net = acc.prepare_model(unet) if acc else unet                # DDP: the same parameters, gradients averaged
@@ -387,7 +419,8 @@ def train_model(spec: ModelSpec, images: torch.Tensor, cfg: Config, mdir, resume
            "parameters": n_params, "sample_weights": cfg.sample_weights, "device": str(device), "world_size": world,
            "unet": unet_kwargs(cfg, spec.full), "init": spec.init, "provenance": prov}
     write_json(tmp/"model.json", rec)
-    shutil.rmtree(mdir/"final", ignore_errors=True); os.replace(tmp, mdir/"final")
+    fsync_tree(tmp)
+    shutil.rmtree(mdir/"final", ignore_errors=True); os.replace(tmp, mdir/"final"); fsync_path(mdir)
     shutil.rmtree(mdir/"checkpoints", ignore_errors=True); (mdir/"latest.json").unlink(missing_ok=True)
     if acc: acc.wait_for_everyone(); acc.free_memory()          # drop accelerate's reference to the wrapped model
     return {**rec, "status": "trained"}
