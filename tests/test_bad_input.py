@@ -142,8 +142,8 @@ def test_check_options_out_of_range_are_one_line_errors(tmp_path, opt, value, wo
     assert r.returncode == 2 and r.stdout == "" and r.stderr == f"diffusegen: error: data check {opt} {value}: must be {words}\n"
 
 def test_out_of_range_settings_and_arguments(tmp_path):
-    with pytest.raises(ConfigError, match="mask_threshold=999: must be 0..255"): load_config("smoke", {"mask_threshold": 999})
-    with pytest.raises(ConfigError, match="mask_grey_tolerance=-1.0: must be 0..1"): load_config("smoke", {"mask_grey_tolerance": -1})
+    with pytest.raises(ConfigError, match=r"mask_threshold=999: must be an integer in \[0, 255\]"): load_config("smoke", {"mask_threshold": 999})
+    with pytest.raises(ConfigError, match=r"mask_grey_tolerance=-1.0: must be a number in \[0, 1\]"): load_config("smoke", {"mask_grey_tolerance": -1})
     with pytest.raises(ConfigError, match="tolerance=2: must be a share 0..1"): check_dataset(tmp_path, tolerance=2)
 
 # ---- 6. exit codes: 1 = problems found, 2 = an error ----
