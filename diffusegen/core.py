@@ -15,8 +15,8 @@ import numpy as np
 __all__ = ['STAGES', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config',
            'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
            'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write', 'atomic_path', 'write_json', 'write_table',
-           'save_figure', 'seed_everything', 'torch_generator', 'versions', 'resolve_device', 'Stage', 'get_stage',
-           'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest', 'show_stage']
+           'save_figure', 'save_png', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device',
+           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest', 'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 def one_line(s) -> str:
@@ -447,7 +447,18 @@ def save_figure(fig, path, dpi: int = 150) -> Path:
     with atomic_path(path) as tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     return Path(path)
 
+def save_png(arr, path) -> Path:
+    "Write a uint8 array (H×W×3 RGB or H×W L) as PNG, atomically."
+    from PIL import Image
+    with atomic_path(path) as tmp: Image.fromarray(arr).save(tmp, format="PNG")
+    return Path(path)
+
 # %% ../nbs/00_core.ipynb #caa63624
+def step_seed(seed: int, name: str, step: int) -> int:
+    "A 63-bit seed for (global seed, name, step): every stage derives its draws' seeds from it."
+    h = hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and torch (all devices)."
     import torch

@@ -17,9 +17,9 @@ from .core import (Config, ConfigError, DataError, one_line, Artifact, atomic_pa
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'PAPER_DATA', 'Pair', 'Problem', 'find_pairs',
            'read_image', 'read_mask_grey', 'read_mask', 'PairStats', 'CheckReport', 'check_dataset', 'resize_pair',
-           'to_tensor4', 'from_tensor4', 'load_pair', 'PairedDataset', 'safe_unpickle', 'read_id_list', 'make_splits',
-           'resolve_data_root', 'dataset_fingerprint', 'preprocess_pairs', 'save_pairs', 'load_pairs', 'pairs_path',
-           'load_split', 'sample_figure', 'run_data']
+           'to_tensor4', 'from_tensor4', 'load_pair', 'ellipse', 'dilate_mask', 'PairedDataset', 'safe_unpickle',
+           'read_id_list', 'make_splits', 'resolve_data_root', 'dataset_fingerprint', 'preprocess_pairs', 'save_pairs',
+           'load_pairs', 'pairs_path', 'load_split', 'sample_figure', 'run_data']
 
 # %% ../nbs/01_data.ipynb #0748cfb9
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -255,6 +255,18 @@ def load_pair(pair: Pair, size: int, mode: str = "stretch", threshold: int = 128
     img, mask = read_image(pair.image, max_pixels), read_mask(pair.mask, threshold, max_pixels)
     if img.shape[:2] != mask.shape: raise DataError(f"{pair.mask}: size {mask.shape[1]}×{mask.shape[0]} differs from its image's {img.shape[1]}×{img.shape[0]}")
     return resize_pair(img, mask, size, mode)
+
+# %% ../nbs/01_data.ipynb #d76684fe
+def ellipse(d: int) -> np.ndarray:
+    "cv2's elliptic structuring element of diameter d px."
+    import cv2
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(d), int(d)))
+
+def dilate_mask(mask: np.ndarray, d: int) -> np.ndarray:
+    "A 0/1 mask dilated once with a d-px ellipse (§2.5; d ≤ 0: unchanged)."
+    import cv2
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+    return m if d <= 0 else cv2.dilate(m, ellipse(d), iterations=1)
 
 # %% ../nbs/01_data.ipynb #902934c7
 def _raise_problems(root, problems, what="dataset"):

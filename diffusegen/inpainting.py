@@ -11,16 +11,17 @@ import pandas as pd
 import torch
 from PIL import Image
 from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_table, save_figure,
-                             write_manifest, stage_dirs, torch_generator, resolve_device)
+                             write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed)
 from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
+from .data import ellipse, dilate_mask
+from .sets import (MANIFEST_COLUMNS, UNPLANNED, set_dir, type_label, read_set, read_manifest_csv,
+                             write_manifest_csv, split_ledger, prune_rows, write_unplanned)
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'TYPES', 'MANIFEST_COLUMNS', 'CPU_BATCH', 'DEVICE_KEYS', 'UNPLANNED', 'jump_schedule', 'schedule_counts',
-           'variant_start', 'ellipse', 'dilate_mask', 'refine_mask', 'to_uint8', 'inpaint_inputs', 'DeviceDiffusion',
-           'device_diffusion', 'precision_label', 'sampling_fn', 'auto_batch', 'repaint', 'inpaint_diffusion',
-           'synthetic_dir', 'load_synthetic', 'weights_file', 'sha256_file', 'inpaint_params', 'settings_key',
-           'plan_samples', 'split_ledger', 'prune_rows', 'write_unplanned', 'save_png', 'generate_type', 'fig5',
-           'run_inpainting']
+__all__ = ['SAMPLERS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts', 'variant_start', 'refine_mask', 'to_uint8',
+           'inpaint_inputs', 'DeviceDiffusion', 'device_diffusion', 'precision_label', 'sampling_fn', 'auto_batch',
+           'repaint', 'inpaint_diffusion', 'weights_file', 'sha256_file', 'inpaint_params', 'settings_key',
+           'plan_samples', 'generate_type', 'fig5', 'run_inpainting']
 
 # %% ../nbs/04_inpainting.ipynb #e39ca771
 def jump_schedule(T: int, jump_length: int = 10, resample: int = 5, start: int | None = None) -> list[int]:
@@ -54,17 +55,6 @@ def variant_start(cfg: Config) -> int | None:
     return None
 
 # %% ../nbs/04_inpainting.ipynb #fa0628d9
-def ellipse(d: int) -> np.ndarray:
-    "cv2's elliptic structuring element of diameter d px."
-    import cv2
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(d), int(d)))
-
-def dilate_mask(mask: np.ndarray, d: int) -> np.ndarray:
-    "A 0/1 mask dilated once with a d-px ellipse (§2.5; d ≤ 0: unchanged)."
-    import cv2
-    m = (np.asarray(mask) > 0).astype(np.uint8)
-    return m if d <= 0 else cv2.dilate(m, ellipse(d), iterations=1)
-
 def refine_mask(channel: np.ndarray, d: int) -> np.ndarray:
     "The generated mask: uint8 channel > 127 (float > 0), opened with a d-px ellipse; 0/255 uint8 (paper-code-facts b.4.5)."
     import cv2
@@ -226,24 +216,7 @@ def inpaint_diffusion(cfg: Config) -> GaussianDiffusion:
     return base.respace(space_timesteps(base.num_timesteps, cfg.timestep_respacing))
 
 # %% ../nbs/04_inpainting.ipynb #0d02388a
-TYPES = {"diff": "Diff", "full-diff": "Full-Diff"}
-MANIFEST_COLUMNS = ["file", "mask_file", "source_id", "cluster", "model", "sample", "seed", "checkpoint_sha256",
-                    "variant", "nfe", "params", "weights"]
 CPU_BATCH = 8          # inpaint_batch = 0 on the CPU (on CUDA: as many as 80 % of the free memory holds, `auto_batch`)
-
-def synthetic_dir(cfg: Config, type: str) -> Path:
-    "runs/<profile>/synthetic/<type>/ (type: `diff` or `full-diff`)."
-    if type not in TYPES: raise DiffusegenError(f"unknown synthetic type {type!r} (types: {', '.join(TYPES)})")
-    return cfg.run_dir/"synthetic"/type
-
-def load_synthetic(cfg: Config, type: str) -> pd.DataFrame:
-    "The inpainted samples of `type`: manifest.csv plus absolute `image_path` and `mask_path` columns."
-    p = synthetic_dir(cfg, type)/"manifest.csv"
-    if not p.exists(): raise DiffusegenError(f"{p}: no inpainted samples; run the inpainting stage first (diffusegen reproduce --only inpainting)")
-    df = pd.read_csv(p, dtype={"source_id": str})
-    df["image_path"] = [str(p.parent/f) for f in df.file]
-    df["mask_path"] = [str(p.parent/f) for f in df.mask_file]
-    return df
 
 def weights_file(model_dir) -> Path:
     "The safetensors file `load_unet(model_dir)` loads (raw or EMA per the model's `sample_weights`)."
@@ -278,7 +251,6 @@ def settings_key(params: str) -> str:
 
 def plan_samples(cfg: Config, type: str, ids: list[str], clusters: dict, models: set) -> tuple[list[dict], list[str]]:
     "The samples of `type` to make (dicts) and the images skipped because their model is missing."
-    from diffusegen.training import step_seed
     perm = np.random.default_rng(step_seed(cfg.seed, "inpaint/subset", 0)).permutation(len(ids))
     order = [ids[i] for i in perm] if cfg.inpaint_images > 0 else list(ids)
     rows, skipped, n_img = [], [], 0
@@ -294,45 +266,6 @@ def plan_samples(cfg: Config, type: str, ids: list[str], clusters: dict, models:
     return rows, skipped
 
 # %% ../nbs/04_inpainting.ipynb #3782edab
-def _read_manifest_csv(path: Path) -> pd.DataFrame:
-    if not path.exists(): return pd.DataFrame(columns=MANIFEST_COLUMNS)
-    return pd.read_csv(path, dtype={"source_id": str, "params": str, "weights": str, "checkpoint_sha256": str})
-
-def _write_manifest_csv(df: pd.DataFrame, path: Path):
-    with atomic_write(path) as f: df[MANIFEST_COLUMNS].to_csv(f, index=False)
-
-UNPLANNED = "manifest_unplanned.csv"   # beside manifest.csv: finished samples outside the current plan, kept
-
-def split_ledger(rows: list[dict], current, planned_files: set, exists) -> tuple[list[dict], list[dict]]:
-    """(done, aside) from earlier rows (manifest.csv's, then manifest_unplanned.csv's): `done` = rows of the current
-    plan (`current(row)`) whose files exist; `aside` = finished rows outside the plan, kept on disk and recorded in
-    manifest_unplanned.csv, never deleted here. A row whose file the plan makes again under other settings is in
-    neither (the file is rewritten)."""
-    done, aside, seen = [], [], set()
-    for r in rows:
-        f = str(r["file"])
-        if f in seen or not exists(r): continue
-        if current(r): done.append(r); seen.add(f)
-        elif f not in planned_files: aside.append(r); seen.add(f)
-    return done, aside
-
-def prune_rows(folder: Path, rows: list[dict], subs=("file", "mask_file"), extra=lambda r: [], log=print) -> list[Path]:
-    "Remove the files of `rows` (columns `subs` under `folder`, and `extra(row)` paths), printing each file removed."
-    removed = []
-    for r in rows:
-        for q in [Path(folder)/str(r[s]) for s in subs] + [Path(q) for q in extra(r)]:
-            if q.is_file(): q.unlink(); removed.append(q); log(f"pruned {q}")
-    return removed
-
-def write_unplanned(rows: list[dict], path: Path, columns: list[str]):
-    "Write manifest_unplanned.csv (`rows` outside the plan): when there are any, or to empty an earlier one."
-    if rows or path.exists():
-        with atomic_write(path) as f: pd.DataFrame(rows, columns=columns).to_csv(f, index=False)
-
-def save_png(arr: np.ndarray, path: Path):
-    "Write a uint8 array (H×W×3 RGB or H×W L) as PNG, atomically."
-    with atomic_path(path) as tmp: Image.fromarray(arr).save(tmp, format="PNG")
-
 def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clusters: dict, device=None,
                   progress: bool = True, stop_after: int | None = None, prune: bool = False) -> dict:
     """Make (or finish) the samples of one type; returns counts, timings and skipped images. `stop_after`: stop after that
@@ -341,7 +274,7 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
     tdir = stage_dirs(cfg, "training")[0]
     models = {p.parent.parent.name for p in tdir.glob("*/final/model.json")}
     plan, skipped = plan_samples(cfg, type, ids, clusters, models)
-    sdir = synthetic_dir(cfg, type); (sdir/"images").mkdir(parents=True, exist_ok=True); (sdir/"masks").mkdir(parents=True, exist_ok=True)
+    sdir = set_dir(cfg, type); (sdir/"images").mkdir(parents=True, exist_ok=True); (sdir/"masks").mkdir(parents=True, exist_ok=True)
     mpath = sdir/"manifest.csv"
     device = torch.device(device) if device is not None else resolve_device(cfg)
     params = json.dumps(inpaint_params(cfg, device), sort_keys=True)
@@ -355,7 +288,7 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
                                      "sample_weights": json.loads((tdir/r["model"]/"final"/"model.json").read_text()).get("sample_weights", cfg.sample_weights)}))
     # 1. what is already done (same sample, seed, weights and settings, files present); what lies outside the plan is kept
     upath = sdir/UNPLANNED
-    old = [*_read_manifest_csv(mpath).to_dict("records"), *_read_manifest_csv(upath).to_dict("records")]
+    old = [*read_manifest_csv(mpath).to_dict("records"), *read_manifest_csv(upath).to_dict("records")]
     key = lambda r: (str(r["file"]), int(r["seed"]), str(r["checkpoint_sha256"]), settings_key(r["params"]))
     planned = {key(r) for r in plan}
     done_rows, aside = split_ledger(old, lambda r: key(r) in planned, {p["file"] for p in plan},
@@ -364,7 +297,7 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
     pruned = prune_rows(sdir, aside) if prune else []
     if prune: aside = []
     rows = pd.DataFrame(done_rows, columns=MANIFEST_COLUMNS)
-    _write_manifest_csv(rows, mpath)                        # first the plan's record, then the kept rows
+    write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)                        # first the plan's record, then the kept rows
     write_unplanned(aside, upath, MANIFEST_COLUMNS)
     todo = [r for r in plan if key(r) not in done]
     # 2. batches of one model each, across images and seeds
@@ -394,13 +327,13 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
                 save_png(np.ascontiguousarray(a[..., :3]), sdir/r["file"])
                 save_png(refine_mask(a[..., 3], cfg.mask_open).astype(np.uint8), sdir/r["mask_file"])
             rows = pd.concat([rows, pd.DataFrame(batch)[MANIFEST_COLUMNS]], ignore_index=True) if len(rows) else pd.DataFrame(batch)[MANIFEST_COLUMNS]
-            _write_manifest_csv(rows, mpath)
+            write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)
             made += len(batch); n_batches += 1
     if not stopped:                                         # final order: the plan's
         order = {r["file"]: i for i, r in enumerate(plan)}
         rows = rows.assign(_o=rows.file.map(order)).sort_values("_o").drop(columns="_o").reset_index(drop=True)
-        _write_manifest_csv(rows, mpath)
-    return {"type": type, "label": TYPES[type], "planned": len(plan), "cached": len(done), "made": made, "total": len(rows),
+        write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)
+    return {"type": type, "label": type_label(type), "planned": len(plan), "cached": len(done), "made": made, "total": len(rows),
             "images": len({r["source_id"] for r in plan}), "skipped_images": skipped, "nfe_per_sample": nfe,
             "seconds": round(secs, 2), "samples_per_second": round(made / secs, 4) if secs else None,
             "models": shas, "stopped": stopped, "batch_sizes": batch_sizes, "device": str(device),
@@ -411,7 +344,7 @@ def fig5(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], n_sources: in
     "Fig. 5 for one type: rows of (source | samples) images with their masks beneath, the dilated region outlined."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    df = load_synthetic(cfg, type)
+    df = read_set(cfg, type, required=True)
     srcs = list(dict.fromkeys(df.source_id))[:n_sources]
     k = int(df.groupby("source_id").size().max()) if len(df) else 0
     fig, ax = plt.subplots(2 * max(1, len(srcs)), k + 1, figsize=(1.6 * (k + 1), 3.3 * max(1, len(srcs))), squeeze=False)
@@ -430,7 +363,7 @@ def fig5(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], n_sources: in
         ax[2 * r, 0].set_title(f"source {sid}", fontsize=7)
         for c in range(1, k + 1): ax[2 * r, c].set_title(f"sample {c - 1}", fontsize=7)
     for a in ax.ravel(): a.axis("off")
-    fig.suptitle(f"Fig. 5 ({TYPES[type]}): RePaint samples ({cfg.inpaint_variant}); yellow: the dilated region", fontsize=9)
+    fig.suptitle(f"Fig. 5 ({type_label(type)}): RePaint samples ({cfg.inpaint_variant}); yellow: the dilated region", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -460,7 +393,7 @@ def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = Tr
         elif rec["skipped_images"]:
             notes.append(f"{ty}: {len(rec['skipped_images'])} image(s) skipped, their cluster has no trained model: " + " ".join(rec["skipped_images"]))
         if rec["unplanned"]:
-            notes.append(f"{ty}: {rec['unplanned']} finished sample(s) outside the current plan kept in {synthetic_dir(cfg, ty)/UNPLANNED} "
+            notes.append(f"{ty}: {rec['unplanned']} finished sample(s) outside the current plan kept in {set_dir(cfg, ty)/UNPLANNED} "
                          f"(not used; remove them with `diffusegen inpaint --prune`)")
         if rec["pruned"]: notes.append(f"{ty}: pruned {len(rec['pruned'])} file(s) outside the current plan")
         for m, sha in rec["models"].items():
@@ -468,8 +401,8 @@ def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = Tr
                           "source": str(weights_file(cfg.run_dir/"training"/m)), "provenance": "trained by diffusegen (training stage)"}
         if rec["total"] and not rec["stopped"]:
             fig = fig5(cfg, ty, x4, ids); save_figure(fig, fig_d/f"fig5_{ty}.png"); plt.close(fig)
-            arts.append(Artifact(str(fig_d/f"fig5_{ty}.png"), "figure", f"Fig. 5: {TYPES[ty]} inpainted samples", "Fig. 5, §2.5"))
-        arts.append(Artifact(str(synthetic_dir(cfg, ty)/"manifest.csv"), "data", f"{TYPES[ty]} inpainted samples", "§2.5",
+            arts.append(Artifact(str(fig_d/f"fig5_{ty}.png"), "figure", f"Fig. 5: {type_label(ty)} inpainted samples", "Fig. 5, §2.5"))
+        arts.append(Artifact(str(set_dir(cfg, ty)/"manifest.csv"), "data", f"{type_label(ty)} inpainted samples", "§2.5",
                              "348 × 3 samples per type", f"{rec['total']} samples"))
     cols = ["type", "label", "images", "planned", "cached", "made", "total", "nfe_per_sample", "seconds", "samples_per_second"]
     table = pd.DataFrame([{c: r.get(c) for c in cols} for r in recs])

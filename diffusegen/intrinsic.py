@@ -12,14 +12,15 @@ import numpy as np
 import pandas as pd
 import torch
 from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_json, write_table,
-                             save_figure, write_manifest, stage_dirs, resolve_device)
+                             save_figure, write_manifest, stage_dirs, resolve_device, save_png)
+from .sets import set_dir, read_set, synthetic_types, type_label
 
 # %% auto #0
-__all__ = ['MSSSIM_WEIGHTS', 'SYNTHETIC_TYPES', 'TABLE1_ROWS', 'PAPER_TABLE1', 'fid_extractor', 'file_features',
-           'fid_from_features', 'seeded_draw', 'fid_between', 'msssim_setup', 'ms_ssim_levels', 'pair_indices',
-           'ms_ssim_pairs', 'mean_std', 'paired_p', 'cache_dir', 'real_training_files', 'gan_at_size', 'synthetic_sets',
-           'table1_values', 'table1_long', 'table1', 'survey_pool', 'build_stage_survey', 'memo_real_subset',
-           'run_memorization', 'table1_figure', 'run_intrinsic']
+__all__ = ['MSSSIM_WEIGHTS', 'PAPER_TABLE1', 'fid_extractor', 'file_features', 'fid_from_features', 'seeded_draw', 'fid_between',
+           'msssim_setup', 'ms_ssim_levels', 'pair_indices', 'ms_ssim_pairs', 'synthetic_labels', 'table1_rows',
+           'mean_std', 'paired_p', 'cache_dir', 'real_training_files', 'gan_at_size', 'synthetic_sets', 'table1_values',
+           'table1_long', 'table1', 'survey_pool', 'build_stage_survey', 'memo_real_subset', 'run_memorization',
+           'table1_figure', 'run_intrinsic']
 
 # %% ../nbs/06_intrinsic.ipynb #5da716b2
 _FEATS: dict = {}
@@ -140,8 +141,13 @@ def ms_ssim_pairs(imgs: np.ndarray, n_pairs: int, seed: int, win: int = 11, batc
     return float(torch.cat(vals).mean())
 
 # %% ../nbs/06_intrinsic.ipynb #d5aef915
-SYNTHETIC_TYPES = {"Diff": "diff", "Styled-Diff": "styled-diff", "Full-Diff": "full-diff", "Full-Styled-Diff": "full-styled-diff"}
-TABLE1_ROWS = ("Real", "Real (halves)", "GAN", "Diff", "Styled-Diff", "Full-Diff", "Full-Styled-Diff")
+def synthetic_labels() -> dict:
+    "{label: key} of every generated type in the registry (Diff, Styled-Diff, Full-Diff, Full-Styled-Diff, and any added)."
+    return {type_label(k): k for k in synthetic_types()}
+
+def table1_rows() -> tuple:
+    "Table 1's rows: Real, its halves (the noise floor), GAN, then every generated type."
+    return ("Real", "Real (halves)", "GAN", *synthetic_labels())
 PAPER_TABLE1 = {"Real": ([-4.412e-5], [0.1813]), "GAN": ([118.73, 119.45, 116.92], [0.1986, 0.2004, 0.2037]),
                 "Diff": ([36.01, 37.90, 37.78], [0.2081, 0.2126, 0.2096]), "Styled-Diff": ([66.17, 65.48, 66.32], [0.2304, 0.2300, 0.2433]),
                 "Full-Diff": ([40.59, 40.77, 40.27], [0.2030, 0.2058, 0.2078]),
@@ -177,7 +183,6 @@ def real_training_files(cfg: Config) -> pd.DataFrame:
     """The real training images and masks (data stage, resized) as PNG files under runs/<profile>/intrinsic/real/<key>/
     (`cache_dir`: keyed by the data settings, the pairs file and the training ids): id, image_path, mask_path."""
     from diffusegen.data import load_pairs, pairs_path, load_split
-    from diffusegen.inpainting import save_png
     p = pairs_path(cfg)
     if not p.exists(): raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
     split = load_split(cfg)
@@ -200,7 +205,6 @@ def gan_at_size(cfg: Config, g: pd.DataFrame) -> pd.DataFrame:
     """The GAN pairs of `g` (source_id, image_path, mask_path) brought to `cfg.image_size` with the data stage's resize
     (`data.load_pair`: `resize_mode`, `mask_threshold`), as PNGs under runs/<profile>/intrinsic/gan/<key>/; same columns."""
     from diffusegen.data import Pair, load_pair
-    from diffusegen.inpainting import save_png
     files = [[str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in list(g.image_path) + list(g.mask_path)]
     d = cache_dir(cfg.run_dir/"intrinsic"/"gan", {"image_size": cfg.image_size, "resize_mode": cfg.resize_mode,
                                                  "mask_threshold": cfg.mask_threshold, "files": files})
@@ -214,19 +218,15 @@ def gan_at_size(cfg: Config, g: pd.DataFrame) -> pd.DataFrame:
     return g.assign(image_path=ips, mask_path=mps)
 
 def synthetic_sets(cfg: Config, train_ids=None) -> dict:
-    "{label: DataFrame(source_id, image_path, mask_path) or None} for GAN and the four diffusion sets."
-    from diffusegen.styling import read_synthetic_manifest, synthetic_dir
-    from diffusegen.gan import load_gan
+    "{label: DataFrame(source_id, image_path, mask_path) or None} for GAN and every generated type (the data-set contract)."
     out = {}
-    g = load_gan(cfg)
+    g = read_set(cfg, "gan")
     if g is not None and train_ids is not None: g = g[g.source_id.isin(set(train_ids))]
     out["GAN"] = None if g is None or not len(g) else gan_at_size(cfg, g[["source_id", "image_path", "mask_path"]].reset_index(drop=True))
     if out["GAN"] is not None: out["GAN"].attrs["mapping_check"] = g.attrs.get("mapping_check", {})
-    for label, kind in SYNTHETIC_TYPES.items():
-        m = read_synthetic_manifest(cfg, kind)
-        d = synthetic_dir(cfg)/kind
-        out[label] = None if m is None or not len(m) else pd.DataFrame(
-            {"source_id": m.source_id, "image_path": [str(d/f) for f in m.file], "mask_path": [str(d/f) for f in m.mask_file]})
+    for label, kind in synthetic_labels().items():
+        m = read_set(cfg, kind)
+        out[label] = None if m is None else m[["source_id", "image_path", "mask_path"]].reset_index(drop=True)
     return out
 
 def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = False) -> dict:
@@ -267,7 +267,7 @@ def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = 
 def table1_long(values: dict) -> pd.DataFrame:
     "Table 1's values in long form (type, repeat, fid, msssim, status) for the statistics stage (table1_values.csv)."
     rows = []
-    for label in TABLE1_ROWS:
+    for label in table1_rows():
         v = values.get(label)
         if not v: rows.append({"type": label, "repeat": 0, "fid": np.nan, "msssim": np.nan, "status": "not provided"}); continue
         for k, f in enumerate(v["fid"]):
@@ -278,7 +278,7 @@ def table1(values: dict, repeats: int, msssim_note: str = "") -> pd.DataFrame:
     "Table 1: per row the repeats, mean ± std and p vs Styled-Diff, for FID and MS-SSIM, next to the paper's values."
     ref = values.get("Styled-Diff")
     rows = []
-    for label in TABLE1_ROWS:
+    for label in table1_rows():
         v = values.get(label)
         pf, pm = PAPER_TABLE1.get(label, ([], []))
         row = {"data type": label, "images per repeat": v["n"] if v else "not provided"}
@@ -338,7 +338,7 @@ def table1_figure(t: pd.DataFrame, values: dict):
     "Table 1 as bars: ours (mean ± std over the repeats) beside the paper's, for FID and MS-SSIM."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [r for r in TABLE1_ROWS if r != "Real (halves)"]
+    labels = [r for r in table1_rows() if r != "Real (halves)"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
     for a, (metric, key, pk) in zip(ax, (("FID", "fid", 0), ("MS-SSIM", "msssim", 1))):
         x = np.arange(len(labels))
@@ -404,8 +404,7 @@ def run_intrinsic(cfg: Config, progress: bool = True, write_filtered: bool = Fal
     save_figure(fig, fig_d/"memorization_closest.png"); plt.close(fig)
     filtered = []
     if write_filtered:
-        from diffusegen.styling import synthetic_dir
-        filtered = [str(p) for p in write_filtered_manifests(cfg, a, {k: synthetic_dir(cfg)/v for k, v in SYNTHETIC_TYPES.items()})]
+        filtered = [str(p) for p in write_filtered_manifests(cfg, a, {k: set_dir(cfg, v) for k, v in synthetic_labels().items()})]
     n_flag = {r["type"]: int(r["flagged"]) for r in counts.to_dict("records")}
     arts = [
         Artifact(str(t1), "table", "Table 1: FID and MS-SSIM of each data type against the real training images", "Table 1",

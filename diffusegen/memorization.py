@@ -68,7 +68,7 @@ def read_mask01(path, size: int | None = None) -> np.ndarray:
 
 def audit_region(cfg: Config, mask01: np.ndarray, source_mask01: np.ndarray | None) -> np.ndarray:
     "R: the synthetic mask dilated, within the inpainted region U (the source mask dilated; None: not inpainted); U when that is empty."
-    from diffusegen.inpainting import dilate_mask
+    from diffusegen.data import dilate_mask
     r = dilate_mask(mask01, cfg.dilation) > 0
     if source_mask01 is None: return r
     u = dilate_mask(source_mask01, cfg.dilation) > 0

@@ -127,13 +127,12 @@ def _shard_cfg(cfg: Config, i: int, k: int) -> Config:
     return cfg.replace(out=str(root), inpaint_images=0)              # the shard's sources are given, not drawn
 
 def _read_rows(path: Path) -> pd.DataFrame:
-    from diffusegen.inpainting import MANIFEST_COLUMNS
-    if not path.exists(): return pd.DataFrame(columns=MANIFEST_COLUMNS)
-    return pd.read_csv(path, dtype={"source_id": str, "params": str, "weights": str, "checkpoint_sha256": str})
+    from diffusegen.sets import read_manifest_csv
+    return read_manifest_csv(path)
 
 def _write_rows(df: pd.DataFrame, path: Path):
-    from diffusegen.inpainting import MANIFEST_COLUMNS
-    with atomic_write(path) as f: df[MANIFEST_COLUMNS].to_csv(f, index=False)
+    from diffusegen.sets import MANIFEST_COLUMNS, write_manifest_csv
+    write_manifest_csv(df, path, MANIFEST_COLUMNS)
 
 def generate_shard(cfg: Config, type: str, shard: tuple[int, int], device=None, progress: bool = False) -> dict:
     "Make shard I of K of `type`'s samples (`generate_type` on the planned sources ≡ I mod K) in the shard's folder."
@@ -147,9 +146,9 @@ def generate_shard(cfg: Config, type: str, shard: tuple[int, int], device=None, 
     plan, _ = ip.plan_samples(cfg, type, ids, clusters, models)
     sources = list(dict.fromkeys(r["source_id"] for r in plan))[i::k]
     scfg = _shard_cfg(cfg, i, k)
-    sdir, ssdir = ip.synthetic_dir(cfg, type), ip.synthetic_dir(scfg, type)
+    from diffusegen.sets import set_dir, UNPLANNED
+    sdir, ssdir = set_dir(cfg, type), set_dir(scfg, type)
     if not (ssdir/"manifest.csv").exists():                         # samples the real folder already has: not made again
-        from diffusegen.inpainting import UNPLANNED           # rows kept aside by a smaller plan count too
         old = pd.concat([_read_rows(sdir/"manifest.csv"), _read_rows(sdir/UNPLANNED)], ignore_index=True); keep = []
         for r in old[old.source_id.isin(sources)].to_dict("records"):
             if (sdir/r["file"]).exists() and (sdir/r["mask_file"]).exists():
@@ -163,8 +162,8 @@ def generate_shard(cfg: Config, type: str, shard: tuple[int, int], device=None, 
 
 def merge_shards(cfg: Config, type: str) -> int:
     "Move every shard's samples of `type` into the real folder and merge the manifests (run after all shards finished); returns the merged rows (0: no shards)."
-    from diffusegen.inpainting import synthetic_dir
-    base, sdir = cfg.run_dir/"synthetic"/".shards", synthetic_dir(cfg, type)
+    from diffusegen.sets import set_dir
+    base, sdir = cfg.run_dir/"synthetic"/".shards", set_dir(cfg, type)
     parts = sorted(p for p in base.glob(f"*-of-*/runs/{cfg.profile}/synthetic/{type}") if (p/"manifest.csv").exists()) if base.is_dir() else []
     if not parts: return 0
     frames = [_read_rows(sdir/"manifest.csv")]

@@ -11,16 +11,16 @@ import numpy as np
 import pandas as pd
 import torch
 from .core import (Config, ConfigError, DataError, DiffusegenError, WeightsNotFound, Artifact, atomic_write, write_table,
-                             write_manifest, stage_dirs, seed_everything, resolve_device)
-from .training import step_seed
+                             write_manifest, stage_dirs, seed_everything, resolve_device, step_seed)
+from .sets import TYPES, read_set, type_label
 
 # %% auto #0
-__all__ = ['MEAN', 'STD', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'SYNTHETIC_TYPES', 'TYPE_LABELS', 'STALE',
-           'SCORE_COLUMNS', 'PAPER_TABLE2', 'PAPER_TABLE3', 'polyp_channel', 'confusion', 'iou_score', 'dice_score',
-           'soft_dice_loss', 'encoder_weights_file', 'encoder_provenance', 'build_model', 'train_augmentation',
-           'to_tensors', 'hash_rank', 'grouped_split', 'augment_small_set', 'evaluate', 'train_cell', 'cell_seed',
-           'grid', 'Sets', 'cell_data', 'data_hash', 'cell_hash', 'results_paths', 'read_ledger', 'write_results',
-           'quick_tables', 'run_segmentation', 'segment_throughput', 'load_config_for_bench']
+__all__ = ['MEAN', 'STD', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'STALE', 'SCORE_COLUMNS', 'PAPER_TABLE2',
+           'PAPER_TABLE3', 'polyp_channel', 'confusion', 'iou_score', 'dice_score', 'soft_dice_loss',
+           'encoder_weights_file', 'encoder_provenance', 'build_model', 'train_augmentation', 'to_tensors', 'hash_rank',
+           'grouped_split', 'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'grid', 'Sets', 'cell_data',
+           'data_hash', 'cell_hash', 'results_paths', 'read_ledger', 'write_results', 'quick_tables',
+           'run_segmentation', 'segment_throughput', 'load_config_for_bench']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
 def polyp_channel(prob: torch.Tensor) -> torch.Tensor:
@@ -219,9 +219,6 @@ RESULT_COLUMNS = ["table", "type", "n", "r", "mode", "repeat", "seed", "dice_los
                   "epochs", "n_train", "n_val", "n_test", "encoder", "status", "n_syn", "short_of_r"]
 LEDGER_COLUMNS = RESULT_COLUMNS + ["settings_hash", "seconds"]
 KEY_COLUMNS = ["table", "type", "n", "r", "mode", "repeat"]
-SYNTHETIC_TYPES = ("diff", "styled-diff", "full-diff", "full-styled-diff")
-TYPE_LABELS = {"real": "Real", "gan": "GAN", "diff": "Diff", "styled-diff": "Styled-Diff", "full-diff": "Full-Diff",
-               "full-styled-diff": "Full-Styled-Diff"}
 
 def _ints(s: str) -> list[int]: return [int(v) for v in str(s).split()]
 def _words(s: str) -> list[str]: return str(s).split()
@@ -233,7 +230,7 @@ def cell_seed(cfg: Config, table: int, type: str, n: int, r: int, mode: str, rep
 def grid(cfg: Config) -> list[dict]:
     "Every cell of Tables 2 and 3 for these settings, in run order."
     for t in _words(cfg.table2_types) + _words(cfg.table3_types):
-        if t not in TYPE_LABELS: raise ConfigError(f"table type {t!r}: must be one of {', '.join(TYPE_LABELS)}")
+        if t not in TYPES: raise ConfigError(f"table type {t!r}: must be one of {', '.join(TYPES)}")
     cells = []
     for k in range(max(1, cfg.seg_repeats)):
         for t in _words(cfg.table2_types):
@@ -275,19 +272,12 @@ class Sets:
         "DataFrame (key, source_id, sample, image, mask) of one synthetic type, or None when that set is absent."
         if kind in self._syn: return self._syn[kind]
         df = None
-        if kind == "gan":
-            from diffusegen.gan import load_gan
-            g = load_gan(self.cfg)
-            if g is not None and len(g):
-                df = g.assign(key=[f"gan/{Path(p).name}" for p in g.image_path])[["key", "source_id", "sample", "image_path", "mask_path"]]
-        elif kind in SYNTHETIC_TYPES:
-            from diffusegen.styling import read_synthetic_manifest, synthetic_dir
-            m = read_synthetic_manifest(self.cfg, kind)
-            if m is not None and len(m):
-                d = synthetic_dir(self.cfg)/kind
-                df = pd.DataFrame({"key": [f"{kind}/{f}" for f in m.file], "source_id": m.source_id.astype(str),
-                                   "sample": m["sample"].astype(int), "image_path": [str(d/f) for f in m.file],
-                                   "mask_path": [str(d/f) for f in m.mask_file]})
+        if kind != "real":                                          # any other type, read through the data-set contract
+            m = read_set(self.cfg, kind)
+            if m is not None:
+                names = [Path(p).name for p in m.image_path] if kind == "gan" else list(m.file)
+                df = pd.DataFrame({"key": [f"{kind}/{f}" for f in names], "source_id": m.source_id.astype(str),
+                                   "sample": m["sample"].astype(int), "image_path": m.image_path, "mask_path": m.mask_path})
         if df is not None:
             df = df.assign(source_id=df.source_id.astype(str), sample=df["sample"].astype(int))
             keep = df.source_id.isin(set(self.train_ids))          # never a sibling of a test image (e.g. GAN sets cover all 1000)
@@ -435,12 +425,12 @@ def quick_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     for (t, n), g in res[res.table.astype(int) == 2].groupby(["type", "n"], sort=False):
         dl, d, i, ntr, reps, st = summarise(g)
         p = PAPER_TABLE2.get(t, {}).get(int(n), (None, None))
-        rows2.append({"data type": TYPE_LABELS[t] + ("" if t == "real" else f"-{n}"), "Dice loss": _fmt(dl), "IoU": _fmt(i),
+        rows2.append({"data type": type_label(t) + ("" if t == "real" else f"-{n}"), "Dice loss": _fmt(dl), "IoU": _fmt(i),
                       "Dice": _fmt(d), "paper Dice loss": _fmt(p[0]), "paper IoU": _fmt(p[1]), "n_train": ntr, "repeats": reps, "status": st})
     for (n, t, r, mode), g in res[res.table.astype(int) == 3].groupby(["n", "type", "r", "mode"], sort=False):
         dl, d, i, ntr, reps, st = summarise(g)
         p = PAPER_TABLE3.get((int(n), t, int(r)), (None, None))
-        rows3.append({"N": int(n), "data type": TYPE_LABELS[t], "r": int(r), "mode": mode, "Dice loss": _fmt(dl), "IoU": _fmt(i),
+        rows3.append({"N": int(n), "data type": type_label(t), "r": int(r), "mode": mode, "Dice loss": _fmt(dl), "IoU": _fmt(i),
                       "Dice": _fmt(d), "paper Dice loss": _fmt(p[0]), "paper IoU": _fmt(p[1]), "n_train": ntr, "repeats": reps, "status": st})
     return pd.DataFrame(rows2), pd.DataFrame(rows3)
 

@@ -11,9 +11,9 @@ import pandas as pd
 from .core import Config, DiffusegenError, atomic_write
 
 # %% auto #0
-__all__ = ['TYPES', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'DataType', 'register_type', 'get_type', 'type_label', 'type_key',
-           'types_made_by', 'synthetic_types', 'manifest_columns', 'set_dir', 'read_manifest_csv', 'write_manifest_csv',
-           'read_set']
+__all__ = ['TYPES', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType', 'register_type', 'get_type', 'type_label',
+           'type_key', 'types_made_by', 'synthetic_types', 'manifest_columns', 'set_dir', 'read_manifest_csv',
+           'write_manifest_csv', 'read_set', 'split_ledger', 'prune_rows', 'write_unplanned']
 
 # %% ../nbs/01b_sets.ipynb #a1a9ecfe
 @dataclass(frozen=True)
@@ -105,3 +105,32 @@ def read_set(cfg: Config, key: str, required: bool = False) -> pd.DataFrame | No
                                            f"(diffusegen reproduce --only {t.made_by})")
         return None
     return df
+
+# %% ../nbs/01b_sets.ipynb #3631611b
+UNPLANNED = "manifest_unplanned.csv"   # beside manifest.csv: finished samples outside the current plan, kept
+
+def split_ledger(rows: list[dict], current, planned_files: set, exists) -> tuple[list[dict], list[dict]]:
+    """(done, aside) from earlier rows (manifest.csv's, then manifest_unplanned.csv's): `done` = rows of the current
+    plan (`current(row)`) whose files exist; `aside` = finished rows outside the plan, kept on disk and recorded in
+    manifest_unplanned.csv, never deleted here. A row whose file the plan makes again under other settings is in
+    neither (the file is rewritten)."""
+    done, aside, seen = [], [], set()
+    for r in rows:
+        f = str(r["file"])
+        if f in seen or not exists(r): continue
+        if current(r): done.append(r); seen.add(f)
+        elif f not in planned_files: aside.append(r); seen.add(f)
+    return done, aside
+
+def prune_rows(folder: Path, rows: list[dict], subs=("file", "mask_file"), extra=lambda r: [], log=print) -> list[Path]:
+    "Remove the files of `rows` (columns `subs` under `folder`, and `extra(row)` paths), printing each file removed."
+    removed = []
+    for r in rows:
+        for q in [Path(folder)/str(r[s]) for s in subs] + [Path(q) for q in extra(r)]:
+            if q.is_file(): q.unlink(); removed.append(q); log(f"pruned {q}")
+    return removed
+
+def write_unplanned(rows: list[dict], path: Path, columns: list[str]):
+    "Write manifest_unplanned.csv (`rows` outside the plan): when there are any, or to empty an earlier one."
+    if rows or path.exists():
+        with atomic_write(path) as f: pd.DataFrame(rows, columns=columns).to_csv(f, index=False)

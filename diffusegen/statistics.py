@@ -16,7 +16,7 @@ from .core import (Config, DataError, Artifact, atomic_write, write_table, save_
                              stage_dirs, resolve_path)
 
 # %% auto #0
-__all__ = ['NAMES', 'METRICS', 'LOWER_IS_BETTER', 'SEG_COLUMNS', 'OPS', 'CLAIM_COLUMNS', 'type_name', 'mean_std', 'fmt_num',
+__all__ = ['METRICS', 'LOWER_IS_BETTER', 'SEG_COLUMNS', 'OPS', 'CLAIM_COLUMNS', 'type_names', 'type_name', 'mean_std', 'fmt_num',
            'fmt_pm', 'TTest', 'repeat_means', 'ttest', 'paper_dir', 'normalize_seg', 'normalize_t1',
            'load_paper_tables', 'values', 'Derived', 'paired_diff', 'b1_counts', 'derive', 'check', 'load_claims',
            'audit_paper', 'audit_lines', 'audit_markdown', 'write_paper_audit', 'results_path', 'table1_values_path',
@@ -25,12 +25,14 @@ __all__ = ['NAMES', 'METRICS', 'LOWER_IS_BETTER', 'SEG_COLUMNS', 'OPS', 'CLAIM_C
            'run_statistics']
 
 # %% ../nbs/08_statistics.ipynb #3e883a45
-NAMES = {"real": "Real", "gan": "GAN", "diff": "Diff", "styled-diff": "Styled-Diff", "full-diff": "Full-Diff",
-         "full-styled-diff": "Full-Styled-Diff"}
+def type_names() -> dict:
+    "{key: label} of every data type in the registry (the data-set contract), in table order."
+    from diffusegen.sets import TYPES
+    return {k: t.label for k, t in TYPES.items()}
 METRICS = {"fid": "FID", "msssim": "MS-SSIM", "dice_loss": "DL", "iou": "IoU"}
 LOWER_IS_BETTER = {"fid": True, "dice_loss": True, "iou": False, "msssim": None}   # MS-SSIM: a diversity measure
 
-def type_name(t: str) -> str: return NAMES.get(t, t)
+def type_name(t: str) -> str: return type_names().get(t, t)
 
 def mean_std(x, ddof: int = 0) -> tuple[float, float, int]:
     "(mean, standard deviation, count) of the finite values of `x`; population std (ddof = 0) as the paper."
@@ -160,7 +162,7 @@ def normalize_t1(df: pd.DataFrame, where="table1_values") -> pd.DataFrame:
     df = _need(df, ["type", "fid", "msssim"], where)
     if "repeat" not in df.columns: df["repeat"] = 0
     if "status" not in df.columns: df["status"] = "ok"
-    df["type"] = [t.lower() if t.lower() in NAMES else t for t in df["type"].astype(str).str.strip()]
+    df["type"] = [t.lower() if t.lower() in type_names() else t for t in df["type"].astype(str).str.strip()]
     df["repeat"] = pd.to_numeric(df["repeat"], errors="coerce").fillna(0).astype(int)    # Real's empty set: one value
     df["status"] = df["status"].fillna("ok").astype(str).str.strip()
     for c in ("fid", "msssim"): df[c] = pd.to_numeric(df[c], errors="coerce")
@@ -411,7 +413,7 @@ def read_results(cfg: Config) -> pd.DataFrame | None:
 
 def table1_from_wide(df: pd.DataFrame) -> pd.DataFrame:
     "The long Table 1 values from the intrinsic stage's wide table1.csv ('data type', 'FID set k', 'MS-SSIM set k')."
-    inv = {v: k for k, v in NAMES.items()}
+    inv = {v: k for k, v in type_names().items()}
     rows = []
     for r in df.to_dict("records"):
         t = inv.get(str(r["data type"]), str(r["data type"]))
@@ -456,7 +458,7 @@ def table1_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
     "Table 1 with mean ± std, the tests against Styled-Diff, and the paper's values."
     alpha, tests, rows = cfg.significance, [], []
     T = {"t1": ours if ours is not None else normalize_t1(pd.DataFrame(columns=["type", "repeat", "fid", "msssim"]))}
-    for t in _types(" ".join(NAMES), [] if ours is None else ours.type.unique()):
+    for t in _types(" ".join(type_names()), [] if ours is None else ours.type.unique()):
         row = {"type": type_name(t)}
         for m in ("fid", "msssim"):
             v, pv = values(T, 1, m, t), values(paper, 1, m, t)
@@ -615,7 +617,7 @@ def figure_table1(t1: pd.DataFrame | None, paper: dict):
     import matplotlib; matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     T = {"t1": t1 if t1 is not None else paper["t1"].iloc[:0]}
-    types = list(NAMES); x = np.arange(len(types))
+    types = list(type_names()); x = np.arange(len(types))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, m in zip(axes, ("fid", "msssim")):
         ours = [_stats_of(T, 1, m, t) for t in types]; pap = [_stats_of(paper, 1, m, t) for t in types]

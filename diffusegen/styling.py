@@ -13,19 +13,19 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from .core import (Config, DiffusegenError, Artifact, atomic_write, atomic_path, write_json, write_table,
-                             save_figure, write_manifest, stage_dirs, torch_generator, resolve_device)
+                             save_figure, write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed)
 from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
-from .training import make_diffusion, load_unet, step_seed
-from .inpainting import (save_png, sha256_file, weights_file, device_diffusion, sampling_fn, auto_batch, _amp_dtype, precision_label,
-                                   UNPLANNED, split_ledger, prune_rows, write_unplanned)
+from .training import make_diffusion, load_unet
+from .inpainting import (sha256_file, weights_file, device_diffusion, sampling_fn, auto_batch, _amp_dtype, precision_label)
+from .sets import (UNPLANNED, get_type, types_made_by, manifest_columns, set_dir, read_set, split_ledger, prune_rows,
+                             write_unplanned)
 
 # %% auto #0
-__all__ = ['ZECON_LEVELS', 'LOSS_KEYS', 'STYLED_TYPES', 'MANIFEST_COLUMNS', 'PLAN_KEYS', 'CPU_STYLE_BATCH', 'mse_per_sample',
-           'range_loss', 'style_loss', 'semantic_divergence', 'vgg_loss', 'zecon_layers', 'unet_encoder_features',
-           'patch_ids', 'patch_nce', 'zecon_loss', 'StyleNets', 'guidance', 'guided_step', 'style_samples',
-           'mkl_transfer', 'colour_match', 'synthetic_dir', 'read_synthetic_manifest', 'sample_seed', 'select_samples',
-           'style_networks', 'weights_tag', 'style_auto_batch', 'style_type', 'style_figure', 'real_images',
-           'run_styling']
+__all__ = ['ZECON_LEVELS', 'LOSS_KEYS', 'STYLED_TYPES', 'PLAN_KEYS', 'CPU_STYLE_BATCH', 'mse_per_sample', 'range_loss',
+           'style_loss', 'semantic_divergence', 'vgg_loss', 'zecon_layers', 'unet_encoder_features', 'patch_ids',
+           'patch_nce', 'zecon_loss', 'StyleNets', 'guidance', 'guided_step', 'style_samples', 'mkl_transfer',
+           'colour_match', 'sample_seed', 'select_samples', 'style_networks', 'weights_tag', 'style_auto_batch',
+           'style_type', 'style_figure', 'real_images', 'run_styling']
 
 # %% ../nbs/05_styling.ipynb #ca3bd911
 def mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -220,16 +220,8 @@ def colour_match(styled_rgb: np.ndarray, real_rgb: np.ndarray, paper_minmax: boo
     return np.round(res.clip(0, 1) * 255).astype(np.uint8)
 
 # %% ../nbs/05_styling.ipynb #32edf66b
-STYLED_TYPES = {"styled-diff": "diff", "full-styled-diff": "full-diff"}
-MANIFEST_COLUMNS = ["file", "mask_file", "source_id", "cluster", "model", "sample", "seed", "checkpoint_sha256",
-                    "variant", "nfe", "params", "weights", "inpainted_file"]
-
-def synthetic_dir(cfg: Config) -> Path: return cfg.run_dir/"synthetic"
-
-def read_synthetic_manifest(cfg: Config, kind: str) -> pd.DataFrame | None:
-    "The manifest.csv of synthetic set `kind` (e.g. 'diff'), or None when absent."
-    p = synthetic_dir(cfg)/kind/"manifest.csv"
-    return pd.read_csv(p, dtype={c: str for c in ("source_id", "file", "mask_file", "seed", "checkpoint_sha256", "params")}, keep_default_na=False) if p.exists() else None
+# every type the registry says styling makes, and the inpainted type it styles (Styled-Diff ← Diff)
+STYLED_TYPES = {k: get_type(k).made_from[0] for k in types_made_by("styling")}
 
 def sample_seed(cfg: Config, kind: str, name: str) -> int:
     "The 63-bit seed of one styled sample: (global seed, type, sample name)."
@@ -299,8 +291,8 @@ def _check_settings(tdir: Path, rec: dict, has_rows: bool):
                                   f"delete the folder or use another --out")
     write_json(p, rec)
 
-def _write_rows(path: Path, rows: list):
-    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+def _write_rows(path: Path, rows: list, kind: str):
+    df = pd.DataFrame(rows, columns=manifest_columns(kind))
     with atomic_write(path) as f: df.to_csv(f, index=False)
 
 CPU_STYLE_BATCH = 4    # style_batch = 0 on the CPU (on CUDA: `auto_batch` from one guided step's memory)
@@ -319,11 +311,11 @@ def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: 
     """Style the upstream set of `kind` ('styled-diff' or 'full-styled-diff'); resumable. Returns a summary dict.
     Styled samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them, printing each file."""
     up_kind = STYLED_TYPES[kind]
-    up = read_synthetic_manifest(cfg, up_kind)
-    if up is None: raise DiffusegenError(f"{synthetic_dir(cfg)/up_kind/'manifest.csv'}: no {up_kind} samples; run the inpainting stage first")
+    up = read_set(cfg, up_kind)
+    if up is None: raise DiffusegenError(f"{set_dir(cfg, up_kind)/'manifest.csv'}: no {up_kind} samples; run the inpainting stage first")
     todo = select_samples(cfg, up)
     cls_net, vgg_net, prov, labels = networks
-    tdir = synthetic_dir(cfg)/kind
+    tdir = set_dir(cfg, kind)
     (tdir/"images").mkdir(parents=True, exist_ok=True); (tdir/"masks").mkdir(exist_ok=True); (tdir/"raw").mkdir(exist_ok=True)
     mpath = tdir/"manifest.csv"
     upath = tdir/UNPLANNED
@@ -338,7 +330,7 @@ def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: 
                                {f"images/{Path(f).stem}.png" for f in todo.file}, lambda r: (tdir/r["file"]).exists())
     pruned = prune_rows(tdir, aside, extra=lambda r: [tdir/"raw"/Path(r["file"]).name]) if prune else []
     if prune: aside = []
-    _write_rows(mpath, rows); write_unplanned(aside, upath, MANIFEST_COLUMNS)
+    _write_rows(mpath, rows, kind); write_unplanned(aside, upath, manifest_columns(kind))
     done = {r["inpainted_file"] for r in rows}
     pending = todo[~todo.file.map(lambda f: f"{up_kind}/{f}").isin(done)]
     n_steps = cfg.style_start + 1
@@ -361,10 +353,10 @@ def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: 
             gens = [torch_generator(s, device) for s in seeds]
             init, src = [], []
             for r in chunk.itertuples():
-                if r.source_id not in real: raise DiffusegenError(f"{synthetic_dir(cfg)/up_kind/'manifest.csv'}: source_id {r.source_id} is not in the data stage's pairs")
-                rgb, m = _read_rgb(synthetic_dir(cfg)/up_kind/r.file), _read_mask01(synthetic_dir(cfg)/up_kind/r.mask_file)
+                if r.source_id not in real: raise DiffusegenError(f"{set_dir(cfg, up_kind)/'manifest.csv'}: source_id {r.source_id} is not in the data stage's pairs")
+                rgb, m = _read_rgb(set_dir(cfg, up_kind)/r.file), _read_mask01(set_dir(cfg, up_kind)/r.mask_file)
                 if rgb.shape[:2] != (cfg.image_size, cfg.image_size):
-                    raise DiffusegenError(f"{synthetic_dir(cfg)/up_kind/r.file}: {rgb.shape[1]}×{rgb.shape[0]} px, expected image_size {cfg.image_size}")
+                    raise DiffusegenError(f"{set_dir(cfg, up_kind)/r.file}: {rgb.shape[1]}×{rgb.shape[0]} px, expected image_size {cfg.image_size}")
                 init.append(torch.cat([_to_pm1(rgb), torch.from_numpy(m).float()[None] * 2 - 1]))
                 src.append(_to_pm1(real[r.source_id]))
             x0, log = style_samples(nets, torch.stack(init), torch.stack(src), gens)
@@ -375,7 +367,7 @@ def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: 
                 name = names[j]
                 save_png(raw, tdir/"raw"/f"{name}.png")
                 save_png(out, tdir/"images"/f"{name}.png")
-                with atomic_path(tdir/"masks"/f"{name}.png") as tmp: shutil.copyfile(synthetic_dir(cfg)/up_kind/r.mask_file, tmp)
+                with atomic_path(tdir/"masks"/f"{name}.png") as tmp: shutil.copyfile(set_dir(cfg, up_kind)/r.mask_file, tmp)
                 first, last = log[0], log[-1]
                 params = {"style_respacing": cfg.style_respacing, "style_start": cfg.style_start, "steps": n_steps,
                           "diff_iter": cfg.diff_iter, "noise_aug": cfg.noise_aug, "color_match": cfg.color_match,
@@ -390,7 +382,7 @@ def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: 
                                  "checkpoint_sha256": sha, "variant": f"{r.variant}+styled", "nfe": nfe_in + n_steps,
                                  "params": json.dumps(params), "weights": wjson, "inpainted_file": f"{up_kind}/{r.file}"})
             rows += new_rows
-            _write_rows(mpath, rows)
+            _write_rows(mpath, rows, kind)
             secs += time.time() - t0; n_new += len(chunk); batches += 1
             bar.update(len(chunk))
             if stop_after is not None and batches >= stop_after:
@@ -407,12 +399,12 @@ def style_figure(cfg: Config, kind: str, real: dict, real_masks: dict, tag: str,
     "Fig. 6-style grid for up to `n` styled samples of `kind`."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tdir = synthetic_dir(cfg)/kind
+    tdir = set_dir(cfg, kind)
     df = pd.read_csv(tdir/"manifest.csv", dtype=str, keep_default_na=False).head(n)
     cols = ["source", "source mask", "inpainted", "inpainted mask", "styled (before colour match)", "styled"]
     fig, ax = plt.subplots(max(1, len(df)), len(cols), figsize=(1.8 * len(cols), 1.9 * max(1, len(df)) + 0.6), squeeze=False)
     for i, r in enumerate(df.itertuples()):
-        up = synthetic_dir(cfg)/r.inpainted_file
+        up = set_dir(cfg, r.inpainted_file.split("/", 1)[0])/r.inpainted_file.split("/", 1)[1]
         ims = [real[r.source_id], real_masks[r.source_id], _read_rgb(up), _read_mask01(tdir/r.mask_file),  # the inpainted mask (copied)
                _read_rgb(tdir/"raw"/Path(r.file).name), _read_rgb(tdir/r.file)]
         for j, im in enumerate(ims):
@@ -444,21 +436,22 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
     prov, tag = networks[2], weights_tag(networks[2])
     nets_cache, results, notes = {}, [], []
     for kind, up_kind in STYLED_TYPES.items():
-        if read_synthetic_manifest(cfg, up_kind) is None:
+        if read_set(cfg, up_kind) is None:
             notes.append(f"{kind}: skipped, no {up_kind} set"); continue
         res = style_type(cfg, kind, nets_cache, networks, real, progress, stop_after, prune)
         results.append(res)
         if res["unplanned"]:
-            notes.append(f"{kind}: {res['unplanned']} styled sample(s) outside the current plan kept in {synthetic_dir(cfg)/kind/UNPLANNED} "
+            notes.append(f"{kind}: {res['unplanned']} styled sample(s) outside the current plan kept in {set_dir(cfg, kind)/UNPLANNED} "
                          f"(not used; remove them with `diffusegen style --prune`)")
         if res["pruned"]: notes.append(f"{kind}: pruned {len(res['pruned'])} file(s) outside the current plan")
         if res["status"] == "stopped": return {"types": results, "status": "stopped", "notes": notes}
-    if not results: raise DiffusegenError(f"{synthetic_dir(cfg)}: no diff or full-diff set; run the inpainting stage first")
+    if not results: raise DiffusegenError(f"{cfg.run_dir/'synthetic'}: no diff or full-diff set; run the inpainting stage first")
     arts, rows = [], []
     fig_d.mkdir(parents=True, exist_ok=True)
     for res in results:
         kind = res["type"]
-        df = read_synthetic_manifest(cfg, kind)
+        df = read_set(cfg, kind)
+        if df is None: df = pd.DataFrame(columns=manifest_columns(kind))
         first = pd.DataFrame([json.loads(p)["loss_first"] for p in df.params]).mean()
         last = pd.DataFrame([json.loads(p)["loss_last"] for p in df.params]).mean()
         rows.append({"type": kind, "from": STYLED_TYPES[kind], "samples": len(df), "styled this run": res["new"],
@@ -468,7 +461,7 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
         save_figure(fig, fig_d/f"fig6_{kind}.png"); plt.close(fig)
         arts.append(Artifact(str(fig_d/f"fig6_{kind}.png"), "figure", f"{kind}: source, inpainted and styled samples", "Fig. 6",
                              "styling smooths the inpainted region and removes sudden colour changes at its boundary (§3.1)"))
-        arts.append(Artifact(str(synthetic_dir(cfg)/kind/"manifest.csv"), "data", f"{kind} samples", "§2.7", "", f"{len(df)} samples"))
+        arts.append(Artifact(str(set_dir(cfg, kind)/"manifest.csv"), "data", f"{kind} samples", "§2.7", "", f"{len(df)} samples"))
     table = pd.DataFrame(rows)
     arts.insert(0, Artifact(str(write_table(table, fig_d/"styling")[0]), "table", "Styled sets, time per sample, loss terms (unweighted)",
                             "§2.5", "about 1 min per image on an RTX A6000 (§2.5)"))

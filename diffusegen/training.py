@@ -12,14 +12,14 @@ import numpy as np
 import pandas as pd
 import torch
 from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json, write_table, save_figure,
-                             write_manifest, stage_dirs, load_config, torch_generator, resolve_device)
+                             write_manifest, stage_dirs, load_config, torch_generator, resolve_device, step_seed)
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
 
 # %% auto #0
 __all__ = ['parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters', 'model_specs',
-           'spec_hash', 'step_seed', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss',
-           'save_checkpoint', 'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model',
-           'training_images', 'full_init', 'stage_specs', 'run_training']
+           'spec_hash', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss', 'save_checkpoint',
+           'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model', 'training_images', 'full_init',
+           'stage_specs', 'run_training']
 
 # %% ../nbs/03_training.ipynb #9bc14f01
 def parse_ints(s: str) -> tuple[int, ...]:
@@ -102,11 +102,6 @@ def spec_hash(cfg: Config, spec: ModelSpec) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/03_training.ipynb #4aa9b677
-def step_seed(seed: int, name: str, step: int) -> int:
-    "A 63-bit seed for (global seed, model name, step)."
-    h = hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
 def batch_indices(seed: int, name: str, step: int, n: int, batch: int) -> np.ndarray:
     "Indices of step `step`'s batch: epochs of seeded permutations, the remainder dropped (like drop_last)."
     per_epoch = max(1, n // batch)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 from diffusegen.core import load_config, torch_generator
-from diffusegen.inpainting import (MANIFEST_COLUMNS, dilate_mask, inpaint_diffusion, inpaint_inputs, jump_schedule,
-                                   load_synthetic, refine_mask, repaint, run_inpainting, schedule_counts, synthetic_dir,
+from diffusegen.sets import MANIFEST_COLUMNS, read_set, set_dir
+from diffusegen.inpainting import (dilate_mask, inpaint_diffusion, inpaint_inputs, jump_schedule,
+                                   refine_mask, repaint, run_inpainting, schedule_counts,
                                    to_uint8, variant_start)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread for this file
@@ -133,7 +134,7 @@ def test_same_seed_same_pixels_at_batch_1_and_4(prepared, model_and_batch):
     assert np.abs(other[0].astype(int) - four[2].astype(int)).max() > 10   # a different seed: different pixels
 
 def _pixels(cfg, ty):
-    df = load_synthetic(cfg, ty)
+    df = read_set(cfg, ty, required=True)
     return {r.file: (np.array(Image.open(r.image_path)), np.array(Image.open(r.mask_path))) for r in df.itertuples()}
 
 def test_stage_outputs_batching_and_resume(prepared, tmp_path):
@@ -142,7 +143,7 @@ def test_stage_outputs_batching_and_resume(prepared, tmp_path):
     s = run_inpainting(cfg, progress=False)
     for rec in s["types"]:
         ty = rec["type"]
-        df = load_synthetic(cfg, ty)
+        df = read_set(cfg, ty, required=True)
         assert list(df.columns[:len(MANIFEST_COLUMNS)]) == MANIFEST_COLUMNS
         assert len(df) == rec["planned"] == 2 and df.file.is_unique and df.seed.is_unique
         assert (df.nfe == schedule_counts(cfg.timestep_respacing, cfg.jump_length, cfg.resample)["nfe"]).all()
@@ -164,17 +165,17 @@ def test_stage_outputs_batching_and_resume(prepared, tmp_path):
     c2 = cfg.replace(inpaint_batch=1, out=str(tmp_path/"killed"))
     shutil.copytree(cfg.run_dir, c2.run_dir, ignore=shutil.ignore_patterns("synthetic"))
     run_inpainting(c2, types=("full-diff",), progress=False, stop_after=1)
-    part = pd.read_csv(synthetic_dir(c2, "full-diff")/"manifest.csv")
+    part = pd.read_csv(set_dir(c2, "full-diff")/"manifest.csv")
     assert len(part) == 1
     missing = [f for f in ref["full-diff"] if f not in set(part.file)]
-    stray = synthetic_dir(c2, "full-diff")/missing[0]
+    stray = set_dir(c2, "full-diff")/missing[0]
     stray.write_bytes(b"not a png")                                             # a killed batch's leftover
-    before = {f: (synthetic_dir(c2, "full-diff")/f).stat().st_mtime_ns for f in part.file}
+    before = {f: (set_dir(c2, "full-diff")/f).stat().st_mtime_ns for f in part.file}
     r = run_inpainting(c2, types=("full-diff",), progress=False)["types"][0]
     assert (r["cached"], r["made"], r["total"]) == (1, 1, 2)
-    df = load_synthetic(c2, "full-diff")
+    df = read_set(c2, "full-diff", required=True)
     assert len(df) == 2 and df.file.is_unique
-    assert all((synthetic_dir(c2, "full-diff")/f).stat().st_mtime_ns == t for f, t in before.items())  # not redone
+    assert all((set_dir(c2, "full-diff")/f).stat().st_mtime_ns == t for f, t in before.items())  # not redone
     for f, (img, msk) in _pixels(c2, "full-diff").items():
         assert np.abs(img.astype(int) - ref["full-diff"][f][0].astype(int)).max() <= 1
     # once more: nothing to do
@@ -189,7 +190,7 @@ def test_missing_models_are_skipped_with_notes(prepared, tmp_path):
     assert diff["planned"] == diff["images"] > 0 and len(diff["skipped_images"]) > 0
     assert full["planned"] == 0 and any("full-diff: no trained model" in n for n in s["notes"])
     assert any("skipped, their cluster has no trained model" in n for n in s["notes"])
-    assert set(load_synthetic(cfg, "diff").model) == {"cluster_0"}
+    assert set(read_set(cfg, "diff", required=True).model) == {"cluster_0"}
 
 def _bytes(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
@@ -200,21 +201,21 @@ def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(prep
     from diffusegen.inpainting import UNPLANNED
     cfg = prepared.replace(out=str(tmp_path/"shrink"), inpaint_images=2, samples_per_image=2, inpaint_batch=4)
     shutil.copytree(prepared.run_dir, cfg.run_dir, ignore=shutil.ignore_patterns("synthetic"))
-    ty, sdir = "full-diff", synthetic_dir(cfg, "full-diff")
+    ty, sdir = "full-diff", set_dir(cfg, "full-diff")
     run_inpainting(cfg, types=(ty,), progress=False)
-    before, full = _bytes(sdir), load_synthetic(cfg, ty)
+    before, full = _bytes(sdir), read_set(cfg, ty, required=True)
     assert len(before) == 8 and len(full) == 4
     small = cfg.replace(inpaint_images=1, samples_per_image=1)
     r = run_inpainting(small, types=(ty,), progress=False)["types"][0]
     assert (r["planned"], r["made"], r["unplanned"], r["pruned"]) == (1, 0, 3, [])
     assert _bytes(sdir) == before                                               # nothing deleted, nothing rewritten
-    cur, aside = load_synthetic(small, ty), pd.read_csv(sdir/UNPLANNED, dtype={"source_id": str})
+    cur, aside = read_set(small, ty, required=True), pd.read_csv(sdir/UNPLANNED, dtype={"source_id": str})
     assert len(cur) == 1 and len(aside) == 3                                    # readers see only the plan
     assert sorted([*cur.file, *aside.file]) == sorted(full.file)
     # the plan grows back: the kept samples count as done, nothing is made again
     r = run_inpainting(cfg, types=(ty,), progress=False)["types"][0]
     assert (r["cached"], r["made"], r["unplanned"]) == (4, 0, 0) and _bytes(sdir) == before
-    assert list(load_synthetic(cfg, ty).file) == list(full.file)
+    assert list(read_set(cfg, ty, required=True).file) == list(full.file)
     assert len(pd.read_csv(sdir/UNPLANNED)) == 0
     # prune: removes the kept-aside files, prints each, and nothing else
     run_inpainting(small, types=(ty,), progress=False)
@@ -225,7 +226,7 @@ def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(prep
     assert len(gone) == 6 and len(printed) == 6 and all(any(g in l for l in printed) for g in gone)
     assert gone == {f for f in before if f not in {*cur.file, *cur.mask_file}}
     assert _bytes(sdir) == {f: b for f, b in before.items() if f not in gone}  # the plan's files untouched
-    assert len(load_synthetic(small, ty)) == 1 and len(pd.read_csv(sdir/UNPLANNED)) == 0
+    assert len(read_set(small, ty, required=True)) == 1 and len(pd.read_csv(sdir/UNPLANNED)) == 0
 
 def test_cli_inpaint_prints_a_line_per_type_and_prunes(prepared, tmp_path, capsys):
     "`diffusegen inpaint` prints one line of counts per type (not `{}`); `--prune` lists each file it removes."

@@ -135,7 +135,8 @@ def test_inpainting_shards_give_the_one_process_pixels(trained, tmp_path):
     (2 processes, RANK = shard) and 2 shards as a submitit (debug) job array. (Batch 1 everywhere: a sample's pixels
     then depend on its seed alone; across batch compositions they agree up to float rounding, ≤ 1 grey level, as
     tests/test_inpainting.py shows.)"""
-    from diffusegen.inpainting import load_synthetic, run_inpainting
+    from diffusegen.inpainting import run_inpainting
+    from diffusegen.sets import read_set
     from diffusegen.scale import sharded_inpainting
     cfg, _ = trained
     over = {"init_from": "full", "inpaint_batch": 1, **TINY}
@@ -165,7 +166,7 @@ def test_inpainting_shards_give_the_one_process_pixels(trained, tmp_path):
     for out, tys in ((two, types), (jobs, ("diff",)), (hand, ("diff",))):
         assert read_manifest(out, "inpainting") is not None
         for ty in tys:
-            a, b = load_synthetic(one, ty), load_synthetic(out, ty)
+            a, b = read_set(one, ty, required=True), read_set(out, ty, required=True)
             assert len(a) == one.inpaint_images * one.samples_per_image and a[cols].equals(b[cols])
             assert not list((out.run_dir/"synthetic"/ty).glob("manifest.shard-*"))
             for pa, pb in zip([*a.image_path, *a.mask_path], [*b.image_path, *b.mask_path]):

@@ -158,11 +158,12 @@ def test_encoder_weights_from_local_torch_hub(tmp_path, monkeypatch):
 def _fake_synthetic(cfg, kinds=("diff", "styled-diff"), n_src=10, m=2):
     "Synthetic sets in the styling layout: m horizontally flipped copies (sample 0..m-1) of n_src real training images."
     from diffusegen.data import load_split
-    from diffusegen.styling import real_images, synthetic_dir
+    from diffusegen.styling import real_images
+    from diffusegen.sets import set_dir
     real, masks = real_images(cfg)
     ids = sorted(load_split(cfg).query("split == 'train'").id)[:n_src]
     for kind in kinds:
-        d, rows = synthetic_dir(cfg)/kind, []
+        d, rows = set_dir(cfg, kind), []
         (d/"images").mkdir(parents=True, exist_ok=True); (d/"masks").mkdir(parents=True, exist_ok=True)
         for sid in ids:
             for j in range(m):

@@ -27,7 +27,7 @@ def _paper_tables():
         return lines[i:i + 40]
     return block("**Table 1:**"), block("**Table 2:**"), block("**Table 3:**"), block("**Table B1:**")
 
-NAME = {v: k for k, v in S.NAMES.items()}
+NAME = {v: k for k, v in S.type_names().items()}
 
 def test_paper_csvs_transcribe_the_papers_tables():
     "data/paper/table*.csv hold exactly the numbers of the paper's tables (parsed here from paper.md)."

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from diffusegen.core import load_config, torch_generator, write_json
 from diffusegen.data import run_data
+from diffusegen.sets import manifest_columns, read_set, set_dir
 from diffusegen.training import build_unet, unet_kwargs
 from diffusegen.weights import resolve_weights
 from diffusegen import styling as S
@@ -31,7 +32,7 @@ def _fake_inpainted(cfg, n: int = 3):
     real, masks = S.real_images(cfg)
     ids = sorted(real)[:n]
     for kind, model in (("diff", "cluster_0"), ("full-diff", "full")):
-        d, rows = S.synthetic_dir(cfg)/kind, []
+        d, rows = set_dir(cfg, kind), []
         for k, sid in enumerate(ids):
             name = f"{sid}_0"
             (d/"images").mkdir(parents=True, exist_ok=True); (d/"masks").mkdir(parents=True, exist_ok=True)
@@ -144,15 +145,15 @@ def test_stage_outputs_mask_unchanged_and_substitute_labels(base, tmp_path):
     res = S.run_styling(cfg, progress=False)
     assert res["status"] == "done" and [r["type"] for r in res["types"]] == ["styled-diff", "full-styled-diff"]
     for kind, up in S.STYLED_TYPES.items():
-        df = S.read_synthetic_manifest(cfg, kind)
-        upm = S.read_synthetic_manifest(cfg, up).set_index("file")
-        assert list(df.columns) == S.MANIFEST_COLUMNS and len(df) == 2 and df.inpainted_file.is_unique
+        df = read_set(cfg, kind)
+        upm = read_set(cfg, up).set_index("file")
+        assert list(df.columns[:len(manifest_columns(kind))]) == manifest_columns(kind) and len(df) == 2 and df.inpainted_file.is_unique
         assert set(df.model) == ({"full"} if kind == "full-styled-diff" else {"cluster_0"})
         for r in df.itertuples():
-            d = S.synthetic_dir(cfg)/kind
+            d = set_dir(cfg, kind)
             up_file = r.inpainted_file.split("/", 1)[1]
-            assert (d/r.mask_file).read_bytes() == (S.synthetic_dir(cfg)/up/upm.loc[up_file, "mask_file"]).read_bytes()
-            styled = np.asarray(Image.open(d/r.file)); inp = np.asarray(Image.open(S.synthetic_dir(cfg)/up/up_file))
+            assert (d/r.mask_file).read_bytes() == (set_dir(cfg, up)/upm.loc[up_file, "mask_file"]).read_bytes()
+            styled = np.asarray(Image.open(d/r.file)); inp = np.asarray(Image.open(set_dir(cfg, up)/up_file))
             assert styled.shape == inp.shape == (32, 32, 3) and not np.array_equal(styled, inp)
             w = json.loads(r.weights)
             assert {x["name"] for x in w} == {"dino_vitb8", "vgg19"}
@@ -168,22 +169,22 @@ def test_resume_neither_duplicates_nor_loses(base, tmp_path):
     cfg = _copy_inputs(base, tmp_path, style_batch=1, style_images=2)
     stopped = S.run_styling(cfg, progress=False, stop_after=1)             # "killed" after one sample
     assert stopped["status"] == "stopped"
-    first = S.read_synthetic_manifest(cfg, "styled-diff")
+    first = read_set(cfg, "styled-diff")
     assert len(first) == 1
-    f0 = S.synthetic_dir(cfg)/"styled-diff"/first.file[0]
+    f0 = set_dir(cfg, "styled-diff")/first.file[0]
     before = f0.read_bytes()
-    (S.synthetic_dir(cfg)/"styled-diff"/"images"/"orphan.png").write_bytes(before)   # a write the manifest never recorded
+    (set_dir(cfg, "styled-diff")/"images"/"orphan.png").write_bytes(before)   # a write the manifest never recorded
     res = S.run_styling(cfg, progress=False)
     for kind in S.STYLED_TYPES:
-        df = S.read_synthetic_manifest(cfg, kind)
+        df = read_set(cfg, kind)
         assert len(df) == 2 and df.inpainted_file.is_unique                # the seeded subset, each sample once
-    df = S.read_synthetic_manifest(cfg, "styled-diff")
+    df = read_set(cfg, "styled-diff")
     assert df.file[0] == first.file[0] and f0.read_bytes() == before       # the finished sample was kept, not redone
     assert [r["new"] for r in res["types"]] == [1, 2]
     again = S.run_styling(cfg, progress=False)                             # nothing left to do
     assert [r["new"] for r in again["types"]] == [0, 0]
     # the subset is the same seeded one whatever the batch size
-    assert sorted(df.inpainted_file) == sorted("diff/" + S.select_samples(cfg, S.read_synthetic_manifest(cfg, "diff")).file)
+    assert sorted(df.inpainted_file) == sorted("diff/" + S.select_samples(cfg, read_set(cfg, "diff")).file)
 
 def _bytes(folder: Path) -> dict:
     return {str(q.relative_to(folder)): q.read_bytes() for q in sorted(folder.rglob("*.png"))}
@@ -192,9 +193,9 @@ def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(base
     "A smaller style_images keeps the styled samples byte for byte (in manifest_unplanned.csv); only `prune` removes them."
     cfg = _copy_inputs(base, tmp_path, style_images=0, style_batch=3)
     S.run_styling(cfg, progress=False)
-    dirs = {k: S.synthetic_dir(cfg)/k for k in S.STYLED_TYPES}
+    dirs = {k: set_dir(cfg, k) for k in S.STYLED_TYPES}
     before = {k: _bytes(d) for k, d in dirs.items()}
-    full = {k: S.read_synthetic_manifest(cfg, k) for k in dirs}
+    full = {k: read_set(cfg, k) for k in dirs}
     assert all(len(full[k]) == 3 and len(before[k]) == 9 for k in dirs)         # images, masks, raw
     small = cfg.replace(style_images=1)
     res = S.run_styling(small, progress=False)
@@ -202,12 +203,12 @@ def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(base
     assert any("manifest_unplanned.csv" in n for n in res["notes"])
     for k, d in dirs.items():
         assert _bytes(d) == before[k]                                          # nothing deleted, nothing rewritten
-        cur, aside = S.read_synthetic_manifest(small, k), pd.read_csv(d/S.UNPLANNED, dtype=str)
+        cur, aside = read_set(small, k), pd.read_csv(d/S.UNPLANNED, dtype=str)
         assert len(cur) == 1 and len(aside) == 2 and sorted([*cur.file, *aside.file]) == sorted(full[k].file)
     # the plan grows back: nothing is styled again
     res = S.run_styling(cfg, progress=False)
     assert [(r["new"], r["unplanned"]) for r in res["types"]] == [(0, 0)] * 2
-    assert all(_bytes(d) == before[k] and len(S.read_synthetic_manifest(cfg, k)) == 3 for k, d in dirs.items())
+    assert all(_bytes(d) == before[k] and len(read_set(cfg, k)) == 3 for k, d in dirs.items())
     # prune removes the kept-aside files (image, mask, raw), prints each, and nothing else
     S.run_styling(small, progress=False); capsys.readouterr()
     res = S.run_styling(small, progress=False, prune=True)
@@ -216,7 +217,7 @@ def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(base
     for r in res["types"]:
         d, k = dirs[r["type"]], r["type"]
         gone = {str(Path(q).relative_to(d)) for q in r["pruned"]}
-        cur = S.read_synthetic_manifest(small, k)
+        cur = read_set(small, k)
         keep = {*cur.file, *cur.mask_file, "raw/" + Path(cur.file[0]).name}
         assert gone == set(before[k]) - keep and _bytes(d) == {f: b for f, b in before[k].items() if f in keep}
         assert len(pd.read_csv(d/S.UNPLANNED)) == 0

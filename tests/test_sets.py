@@ -1,0 +1,81 @@
+"The data-set contract: evaluation reads every type through `diffusegen.sets` and imports no generator; a new type is one registration."
+import ast
+from pathlib import Path
+import numpy as np
+import pytest
+from diffusegen.core import load_config, save_png
+from diffusegen.sets import DataType, TYPES, MANIFEST_COLUMNS, register_type, set_dir, write_manifest_csv, read_set
+
+ROOT = Path(__file__).resolve().parents[1]
+EVALUATION = ("intrinsic", "segmentation", "memorization", "statistics", "survey")
+GENERATORS = ("training", "inpainting", "styling", "gan")
+
+def _imported_modules(path: Path) -> set:
+    "Every diffusegen module a module imports, at the top or inside a function."
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level == 1: out.add(mod.split(".")[0] if mod else "")
+            elif mod.startswith("diffusegen."): out.add(mod.split(".")[1])
+            if mod in ("diffusegen", "") and node.level in (0, 1): out |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("diffusegen.")}
+    return out
+
+@pytest.mark.parametrize("module", EVALUATION)
+def test_evaluation_imports_no_generator(module):
+    bad = _imported_modules(ROOT/"diffusegen"/f"{module}.py") & set(GENERATORS)
+    assert not bad, f"diffusegen/{module}.py imports generator module(s) {sorted(bad)}: read sets through diffusegen.sets"
+
+def test_the_import_check_sees_imports():
+    "The check above can fail: styling imports inpainting and training."
+    assert {"inpainting", "training", "sets"} <= _imported_modules(ROOT/"diffusegen"/"styling.py")
+
+@pytest.fixture
+def test_type():
+    "A new synthetic type, registered as its generator would (and removed after the test)."
+    t = register_type(DataType("test-paste", "Test-Paste", "test"))
+    yield t
+    del TYPES[t.key]
+
+def _write_set(cfg, key, ids):
+    d, rows = set_dir(cfg, key), []
+    rng = np.random.default_rng(0)
+    for k, sid in enumerate(ids):
+        img = (rng.random((cfg.image_size, cfg.image_size, 3)) * 255).astype(np.uint8)
+        m = np.zeros((cfg.image_size, cfg.image_size), np.uint8); m[8:20, 8:20] = 255
+        save_png(img, d/"images"/f"{sid}_0.png"); save_png(m, d/"masks"/f"{sid}_0.png")
+        rows.append(dict(file=f"images/{sid}_0.png", mask_file=f"masks/{sid}_0.png", source_id=sid, cluster=-1, model="none",
+                         sample=0, seed=str(k), checkpoint_sha256="", variant="test", nfe=0, params="{}", weights="{}"))
+    write_manifest_csv(rows, d/"manifest.csv", MANIFEST_COLUMNS)
+
+def test_a_new_type_reaches_every_evaluation(tmp_path, test_type):
+    from diffusegen import intrinsic, segmentation, statistics
+    cfg = load_config("smoke", {"out": str(tmp_path), "table2_types": "real test-paste"})
+    _write_set(cfg, "test-paste", ["001", "7"])
+    df = read_set(cfg, "test-paste")
+    assert list(df.source_id) == ["001", "7"] and Path(df.image_path[0]).exists()
+    assert "Test-Paste" in intrinsic.table1_rows()                                       # Table 1 has its row
+    sets = intrinsic.synthetic_sets(cfg)
+    assert list(sets["Test-Paste"].source_id) == ["001", "7"] and sets["Diff"] is None     # read through the contract
+    assert {c["type"] for c in segmentation.grid(cfg) if c["table"] == 2} == {"real", "test-paste"}   # Table 2 accepts it
+    assert statistics.type_name("test-paste") == "Test-Paste"
+
+def test_unknown_type_in_settings_is_one_line(tmp_path):
+    from diffusegen import segmentation
+    from diffusegen.core import ConfigError
+    with pytest.raises(ConfigError, match="table type 'copy-paste': must be one of real, gan, diff"):
+        segmentation.grid(load_config("smoke", {"out": str(tmp_path), "table2_types": "real copy-paste"}))
+
+def test_real_set_is_the_training_split_with_string_ids(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import numeric_dataset
+    from diffusegen.data import run_data
+    cfg = load_config("smoke", {"out": str(tmp_path)})
+    run_data(cfg, numeric_dataset(tmp_path/"data", n=12), progress=False)
+    real = read_set(cfg, "real")
+    stems = {p.stem for p in (tmp_path/"data"/"images").iterdir()}
+    assert len(real) and set(real.source_id) <= stems                     # "003" stays "003", never 3
+    assert all(Path(p).stem == s for p, s in zip(real.image_path, real.source_id))
