@@ -471,7 +471,10 @@ def run_training(cfg: Config, clusters: list | None = None, full: bool | None = 
             imgs = images[[pos[i] for i in spec.ids]]
             recs.append(train_model(spec, imgs, cfg, run_d/spec.name, resume=resume, progress=progress, accelerator=acc))
     summary = {"models": recs, "table": None}
-    cols = ["name", "n_images", "steps", "lr", "batch", "microbatch", "first_loss", "final_loss", "steps_per_second", "parameters", "status"]
+    # first/final_loss: the mean loss of the first and last tenth of the steps (each a random draw: a noisy view);
+    # init_fixed_loss → fixed_loss: the loss on the same seeded draws before and after training (the comparison)
+    cols = ["name", "n_images", "steps", "lr", "batch", "microbatch", "first_loss", "final_loss", "init_fixed_loss", "fixed_loss",
+            "steps_per_second", "parameters", "status"]
     table = pd.DataFrame([{c: r.get(c) for c in cols} for r in recs])
     summary["table"] = table.to_dict("records")
     if not (write_report and main): return summary
