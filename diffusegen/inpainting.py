@@ -15,7 +15,7 @@ from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write,
 from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
 from .data import ellipse, dilate_mask
 from .sets import (MANIFEST_COLUMNS, UNPLANNED, set_dir, type_label, read_set, read_manifest_csv,
-                             write_manifest_csv, split_ledger, prune_rows, write_unplanned)
+                             write_manifest_csv, split_ledger, move_aside, prune_rows, write_unplanned)
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts', 'variant_start', 'refine_mask', 'to_uint8',
@@ -292,7 +292,8 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
     key = lambda r: (str(r["file"]), int(r["seed"]), str(r["checkpoint_sha256"]), settings_key(r["params"]))
     planned = {key(r) for r in plan}
     done_rows, aside = split_ledger(old, lambda r: key(r) in planned, {p["file"] for p in plan},
-                                    lambda r: (sdir/str(r["file"])).exists() and (sdir/str(r["mask_file"])).exists())
+                                    lambda r: (sdir/str(r["file"])).exists() and (sdir/str(r["mask_file"])).exists(),
+                                    keep=lambda r: move_aside(sdir, r))   # made under other settings: kept, not overwritten
     done = {key(r) for r in done_rows}
     pruned = prune_rows(sdir, aside) if prune else []
     if prune: aside = []

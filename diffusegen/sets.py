@@ -13,7 +13,7 @@ from .core import Config, DiffusegenError, atomic_write
 # %% auto #0
 __all__ = ['TYPES', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType', 'register_type', 'get_type', 'type_label',
            'type_key', 'types_made_by', 'synthetic_types', 'manifest_columns', 'set_dir', 'read_manifest_csv',
-           'write_manifest_csv', 'read_set', 'split_ledger', 'prune_rows', 'write_unplanned']
+           'write_manifest_csv', 'read_set', 'split_ledger', 'move_aside', 'prune_rows', 'write_unplanned']
 
 # %% ../nbs/01b_sets.ipynb #a1a9ecfe
 @dataclass(frozen=True)
@@ -109,18 +109,32 @@ def read_set(cfg: Config, key: str, required: bool = False) -> pd.DataFrame | No
 # %% ../nbs/01b_sets.ipynb #3631611b
 UNPLANNED = "manifest_unplanned.csv"   # beside manifest.csv: finished samples outside the current plan, kept
 
-def split_ledger(rows: list[dict], current, planned_files: set, exists) -> tuple[list[dict], list[dict]]:
+def split_ledger(rows: list[dict], current, planned_files: set, exists, keep=None) -> tuple[list[dict], list[dict]]:
     """(done, aside) from earlier rows (manifest.csv's, then manifest_unplanned.csv's): `done` = rows of the current
     plan (`current(row)`) whose files exist; `aside` = finished rows outside the plan, kept on disk and recorded in
-    manifest_unplanned.csv, never deleted here. A row whose file the plan makes again under other settings is in
-    neither (the file is rewritten)."""
+    manifest_unplanned.csv, never deleted here. A row whose file the plan makes again under other settings (seed,
+    weights, a setting) is passed to `keep`, which moves its files to other names (`move_aside`) and returns the row
+    for `aside`; without `keep` that row is in neither and its file is rewritten."""
     done, aside, seen = [], [], set()
     for r in rows:
         f = str(r["file"])
         if f in seen or not exists(r): continue
         if current(r): done.append(r); seen.add(f)
         elif f not in planned_files: aside.append(r); seen.add(f)
+        elif keep is not None: aside.append(keep(r))
     return done, aside
+
+def move_aside(folder: Path, row: dict, subs=("file", "mask_file")) -> dict:
+    """Rename a finished sample's files (`subs` under `folder`) to `<stem>.was-<key><suffix>`, `key` a hash of its row,
+    so the plan can make its file again without losing it; returns the row with the new names."""
+    import hashlib, json, os
+    key = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = dict(row)
+    for s in subs:
+        p = Path(folder)/str(row[s]); q = p.with_name(f"{p.stem}.was-{key}{p.suffix}")
+        if p.exists(): os.replace(p, q)
+        out[s] = str(q.relative_to(folder))
+    return out
 
 def prune_rows(folder: Path, rows: list[dict], subs=("file", "mask_file"), extra=lambda r: [], log=print) -> list[Path]:
     "Remove the files of `rows` (columns `subs` under `folder`, and `extra(row)` paths), printing each file removed."

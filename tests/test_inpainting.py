@@ -247,3 +247,21 @@ def test_cli_inpaint_prints_a_line_per_type_and_prunes(prepared, tmp_path, capsy
     assert main([*args, "--prune", *[a for s in [*sets, "samples_per_image=1"] for a in ("--set", s)]]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len([l for l in lines if l.startswith("pruned ")]) == 2 and any("pruned 2" in l for l in lines), lines
+
+def test_changed_settings_keep_the_earlier_samples(prepared, tmp_path):
+    "A rerun under other settings makes the plan again and keeps every earlier sample (renamed, listed aside)."
+    import shutil
+    from diffusegen.sets import UNPLANNED
+    cfg = prepared.replace(out=str(tmp_path/"changed"), inpaint_images=1, samples_per_image=2, inpaint_batch=4)
+    shutil.copytree(prepared.run_dir, cfg.run_dir, ignore=shutil.ignore_patterns("synthetic"))
+    ty, sdir = "full-diff", set_dir(cfg, "full-diff")
+    run_inpainting(cfg, types=(ty,), progress=False)
+    before = _bytes(sdir)
+    other = cfg.replace(resample=cfg.resample + 1)
+    r = run_inpainting(other, types=(ty,), progress=False)["types"][0]
+    assert (r["made"], r["unplanned"]) == (2, 2)
+    after = _bytes(sdir)
+    assert sorted(before.values()) == sorted(b for f, b in after.items() if ".was-" in f)    # every earlier file, byte for byte
+    aside = pd.read_csv(sdir/UNPLANNED, dtype=str)
+    assert len(aside) == 2 and all(".was-" in f and (sdir/f).exists() for f in [*aside.file, *aside.mask_file])
+    assert len(read_set(other, ty, required=True)) == 2                         # readers see the new plan only
