@@ -117,7 +117,10 @@ class Config:
     check_draws: int = _f(32, "run", ge=1)
     train_clusters: str = _f("all", "training")
     train_full: bool = _f(True, "training")
-    init_from: str = _f("none", "training", "none = every model from scratch (the paper); full = cluster models start from the full model")
+    init_from: str = _f("none", "training", "none = every model from scratch (the paper); full = cluster models start from the full model; "
+                        "shipped = the full model is the shipped one (when it fits the run), cluster models start from it")
+    shipped_weights: str = _f("weights/demo-full-64", "training", "the shipped full-data model (<name>.safetensors + <name>.json card), "
+                              "relative to the project root")
     sample_weights: str = _f("raw", "training")
     monitor_samples: int = _f(8, "training", ge=1)
     monitor_sample_steps: int = _f(100, "training", ge=1)
@@ -207,7 +210,7 @@ class Config:
                 "mixed_precision": ("no", "bf16", "fp16"), "sample_weights": ("raw", "ema"), "clusters_from": ("kmeans", "paper"),
                 "inpaint_variant": ("paper-code", "paper-text"),
                 "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"), "table3_mode": ("add", "replace"),
-                "executor": ("local", "slurm", "debug"), "inpaint_sampler": ("ddpm", "ddim"), "init_from": ("none", "full")}
+                "executor": ("local", "slurm", "debug"), "inpaint_sampler": ("ddpm", "ddim"), "init_from": ("none", "full", "shipped")}
 
     _int_lists = {"block_out_channels": True, "attention_resolutions": False, "full_attention_resolutions": False,
                   "table2_n": True, "table3_n": True, "table3_r": True}     # lists of positive integers (True: at least one)

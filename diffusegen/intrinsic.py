@@ -17,10 +17,10 @@ from .sets import set_dir, read_set, synthetic_types, type_label
 
 # %% auto #0
 __all__ = ['MSSSIM_WEIGHTS', 'PAPER_TABLE1', 'fid_extractor', 'file_features', 'fid_from_features', 'seeded_draw', 'fid_between',
-           'msssim_setup', 'ms_ssim_levels', 'pair_indices', 'ms_ssim_pairs', 'synthetic_labels', 'table1_rows',
-           'mean_std', 'paired_p', 'cache_dir', 'real_training_files', 'gan_at_size', 'synthetic_sets', 'table1_values',
-           'table1_long', 'table1', 'survey_pool', 'build_stage_survey', 'memo_real_subset', 'run_memorization',
-           'table1_figure', 'run_intrinsic']
+           'kid_from_features', 'msssim_setup', 'ms_ssim_levels', 'pair_indices', 'ms_ssim_pairs', 'synthetic_labels',
+           'table1_rows', 'mean_std', 'paired_p', 'cache_dir', 'real_training_files', 'gan_at_size', 'synthetic_sets',
+           'table1_values', 'table1_long', 'table1', 'survey_pool', 'build_stage_survey', 'memo_real_subset',
+           'run_memorization', 'table1_figure', 'run_intrinsic']
 
 # %% ../nbs/06_intrinsic.ipynb #5da716b2
 _FEATS: dict = {}
@@ -84,6 +84,19 @@ def fid_between(cfg: Config, files_a: list, files_b: list, seed: int = 0) -> flo
         a = [a[i] for i in seeded_draw(len(a), cap, seed)]
         b = [b[i] for i in seeded_draw(len(b), cap, seed + 1)]
     return fid_from_features(file_features(cfg, a), file_features(cfg, b))
+
+# %% ../nbs/06_intrinsic.ipynb #2c798ee6
+def kid_from_features(a: np.ndarray, b: np.ndarray, seed: int = 0, subsets: int = 100, max_subset_size: int = 1000) -> float:
+    """KID of two feature sets (rows = images), with clean-fid's `kernel_distance`. clean-fid draws its subsets from
+    NumPy's global generator; it runs here under a seeded global state that is restored afterwards, so the value is
+    reproducible. (With ≤ `max_subset_size` images in both sets every subset is the whole set: the seed has no effect.)"""
+    from cleanfid.fid import kernel_distance
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return float(kernel_distance(np.asarray(a, np.float64), np.asarray(b, np.float64), subsets, max_subset_size))
+    finally:
+        np.random.set_state(state)
 
 # %% ../nbs/06_intrinsic.ipynb #f36f377b
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -230,7 +243,7 @@ def synthetic_sets(cfg: Config, train_ids=None) -> dict:
     return out
 
 def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = False) -> dict:
-    "{row: {'fid': [...], 'msssim': [...], 'n': images per repeat}} over `cfg.fid_repeats` seeded repeats."
+    "{row: {'fid': [...], 'kid': [...], 'msssim': [...], 'n': images per repeat}} over `cfg.fid_repeats` seeded repeats."
     from diffusegen.memorization import read_rgb
     cap = cfg.fid_images if cfg.fid_images > 0 else 10**9
     rfiles = list(real.image_path)
@@ -238,50 +251,70 @@ def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = 
     out = {}
     def feats(files): return file_features(cfg, files, progress)
     n = min(len(rfiles), cap)
-    rows = {"Real": [], "Real (halves)": []}
-    ms = []
+    real = {"fid": [], "kid": [], "msssim": [], "n": n}
+    halves = {"fid": [], "kid": [], "msssim": [], "n": n // 2}
     for k in range(cfg.fid_repeats):
         s = cfg.seed + k
         ia = seeded_draw(len(rfiles), n, s)
         fa = feats([rfiles[i] for i in ia])
-        rows["Real"].append(fid_from_features(fa, fa[np.random.default_rng(s + 1000).permutation(len(fa))]))
+        fp = fa[np.random.default_rng(s + 1000).permutation(len(fa))]
+        real["fid"].append(fid_from_features(fa, fp)); real["kid"].append(kid_from_features(fa, fp, s))
         half = len(ia) // 2
-        rows["Real (halves)"].append(fid_from_features(fa[:half], fa[half:2 * half]) if half >= 2 else float("nan"))
-        ms.append(ms_ssim_pairs(rimgs[ia], cfg.msssim_pairs, s, cfg.msssim_win))
-    out["Real"] = {"fid": rows["Real"], "msssim": ms, "n": n}
-    out["Real (halves)"] = {"fid": rows["Real (halves)"], "msssim": [], "n": n // 2}
+        ha, hb = fa[:half], fa[half:2 * half]
+        halves["fid"].append(fid_from_features(ha, hb) if half >= 2 else float("nan"))
+        halves["kid"].append(kid_from_features(ha, hb, s) if half >= 2 else float("nan"))
+        real["msssim"].append(ms_ssim_pairs(rimgs[ia], cfg.msssim_pairs, s, cfg.msssim_win))
+    out["Real"], out["Real (halves)"] = real, halves
     for label, df in sets.items():
         if df is None: continue
         files = list(df.image_path)
         m = min(len(rfiles), len(files), cap)
-        fid, ms = [], []
+        fid, kid, ms = [], [], []
         simgs = np.stack([read_rgb(p, cfg.image_size) for p in files])
         for k in range(cfg.fid_repeats):
             s = cfg.seed + k
             ia, ib = seeded_draw(len(rfiles), m, s), seeded_draw(len(files), m, s + 500)
-            fid.append(fid_from_features(feats([rfiles[i] for i in ia]), feats([files[i] for i in ib])) if m >= 2 else float("nan"))
+            fa, fb = (feats([rfiles[i] for i in ia]), feats([files[i] for i in ib])) if m >= 2 else (None, None)
+            fid.append(fid_from_features(fa, fb) if m >= 2 else float("nan"))
+            kid.append(kid_from_features(fa, fb, s) if m >= 2 else float("nan"))
             ms.append(ms_ssim_pairs(simgs[ib] if len(ib) >= 2 else simgs, cfg.msssim_pairs, s, cfg.msssim_win))
-        out[label] = {"fid": fid, "msssim": ms, "n": m}
+        out[label] = {"fid": fid, "kid": kid, "msssim": ms, "n": m}
     return out
 
 def table1_long(values: dict) -> pd.DataFrame:
-    "Table 1's values in long form (type, repeat, fid, msssim, status) for the statistics stage (table1_values.csv)."
+    "Table 1's values in long form (type, repeat, fid, kid, msssim, status) for the statistics stage (table1_values.csv)."
     rows = []
+    def at(v, key, k): return v[key][k] if k < len(v.get(key, [])) else np.nan
     for label in table1_rows():
         v = values.get(label)
-        if not v: rows.append({"type": label, "repeat": 0, "fid": np.nan, "msssim": np.nan, "status": "not provided"}); continue
+        if not v:
+            rows.append({"type": label, "repeat": 0, "fid": np.nan, "kid": np.nan, "msssim": np.nan, "status": "not provided"})
+            continue
         for k, f in enumerate(v["fid"]):
-            rows.append({"type": label, "repeat": k, "fid": f, "msssim": v["msssim"][k] if k < len(v["msssim"]) else np.nan, "status": "ok"})
-    return pd.DataFrame(rows, columns=["type", "repeat", "fid", "msssim", "status"])
+            rows.append({"type": label, "repeat": k, "fid": f, "kid": at(v, "kid", k), "msssim": at(v, "msssim", k), "status": "ok"})
+    return pd.DataFrame(rows, columns=["type", "repeat", "fid", "kid", "msssim", "status"])
 
 def table1(values: dict, repeats: int, msssim_note: str = "") -> pd.DataFrame:
-    "Table 1: per row the repeats, mean ± std and p vs Styled-Diff, for FID and MS-SSIM, next to the paper's values."
+    """Table 1: per row the repeats, mean ± std and p vs Styled-Diff, for FID and MS-SSIM, next to the paper's values;
+    KID (mean ± std, p) beside them, and how far each type's mean FID and KID lie above the noise floor, the Real (halves)
+    row (two disjoint real halves: at half the images FID's floor is higher than at the full count; KID's is 0 on average)."""
     ref = values.get("Styled-Diff")
+    floor = values.get("Real (halves)") or {}
+    def mean(v):
+        v = [x for x in v if x == x]
+        return float(np.mean(v)) if v else float("nan")
     rows = []
     for label in table1_rows():
         v = values.get(label)
         pf, pm = PAPER_TABLE1.get(label, ([], []))
         row = {"data type": label, "images per repeat": v["n"] if v else "not provided"}
+        kids = v.get("kid", []) if v else []
+        row["KID mean ± std"] = mean_std(kids) if kids else ("not provided" if not v else "")
+        p = paired_p(kids, ref.get("kid", [])) if (ref and kids and label not in ("Styled-Diff", "Real (halves)")) else float("nan")
+        row["KID p vs Styled-Diff"] = "" if p != p else f"{p:.3g}"
+        for metric, key in (("FID", "fid"), ("KID", "kid")):
+            d = mean(v[key]) - mean(floor.get(key, [])) if (v and label not in ("Real", "Real (halves)") and v.get(key)) else float("nan")
+            row[f"{metric} above floor"] = "" if d != d else (f"{d:.2f}" if metric == "FID" else f"{d:.4f}")
         for metric, key, paper in (("FID", "fid", pf), ("MS-SSIM", "msssim", pm)):
             vals = v[key] if v else []
             for k in range(repeats):
@@ -426,7 +459,10 @@ def run_intrinsic(cfg: Config, progress: bool = True, write_filtered: bool = Fal
     ]
     notes += [f"FID: clean-fid mode {cfg.fid_mode}, FID Inception ({prov['label']}), {cfg.fid_repeats} seeded repeats of "
               f"min(#real, #set{', ' + str(cfg.fid_images) if cfg.fid_images > 0 else ''}) images; small sets bias FID upwards",
-              "Real = a real subset against a shuffle of itself (as the paper, ≈ 0); Real (halves) = two disjoint real halves (ours)",
+              "Real = a real subset against a shuffle of itself (as the paper, ≈ 0); Real (halves) = two disjoint real halves (ours): "
+              "the noise floor ('above floor' = a type's mean minus this row's mean)",
+              "KID: clean-fid's kernel_distance (unbiased MMD², cubic polynomial kernel) on the same Inception features and draws as "
+              "FID; unlike FID its expectation does not grow on small sets (0 for two draws of one distribution)",
               f"MS-SSIM: mean over {cfg.msssim_pairs} seeded random pairs within a set, data_range 255, {setup['note']}",
               "MS-SSIM pairs images within each set (§2.6/§3.2: the 'variance' of a set; the paper's Real 0.1813 ≠ 1); Table 1's "
               "caption ('each data type (including Real) is compared with Real') holds for FID only",

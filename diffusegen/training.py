@@ -12,14 +12,15 @@ import numpy as np
 import pandas as pd
 import torch
 from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json, write_table, save_figure,
-                             write_manifest, stage_dirs, load_config, torch_generator, resolve_device, step_seed)
+                             write_manifest, stage_dirs, load_config, torch_generator, resolve_device, step_seed, project_root)
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
 
 # %% auto #0
-__all__ = ['parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters', 'model_specs',
-           'spec_hash', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss', 'save_checkpoint',
-           'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model', 'training_images', 'full_init',
-           'stage_specs', 'run_training']
+__all__ = ['KVASIR_TERMS', 'parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters',
+           'model_specs', 'spec_hash', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss',
+           'save_checkpoint', 'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model',
+           'training_images', 'full_init', 'stage_specs', 'run_training', 'shipped_paths', 'card_settings',
+           'read_shipped', 'shipped_fit', 'install_shipped', 'ship_weights', 'card_markdown']
 
 # %% ../nbs/03_training.ipynb #9bc14f01
 def parse_ints(s: str) -> tuple[int, ...]:
@@ -96,7 +97,7 @@ def model_specs(cfg: Config, clusters: pd.DataFrame, only: list | None = None, f
 def spec_hash(cfg: Config, spec: ModelSpec) -> str:
     "What a model's weights depend on: the training settings, its images, its regime and its initial weights."
     settings, sp = cfg.keys_for("training"), asdict(spec)
-    settings.pop("init_from", None)                 # what it changes is `spec.init` (the initial weights' sha256)
+    for k in ("init_from", "shipped_weights"): settings.pop(k, None)   # what they change is `spec.init` (the initial weights' sha256)
     if sp.get("init") is None: sp.pop("init")       # from scratch: the same hash as before `init_from` existed
     d = {"settings": settings, "image_size": cfg.image_size, "spec": sp}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -462,12 +463,18 @@ def run_training(cfg: Config, clusters: list | None = None, full: bool | None = 
     missing = set(cl.id) - set(ids)
     if missing: raise DiffusegenError(f"clusters.csv lists {len(missing)} ids that are not training images (e.g. {sorted(missing)[0]}); rerun the clustering stage")
     pos = {i: k for k, i in enumerate(ids)}
-    recs, init = [], None
+    recs, init, shipped, not_shipped = [], None, None, ""
     first, rest = stage_specs(cfg, cl, clusters, full)
+    if cfg.init_from == "shipped" and any(s.full for s in first):
+        card, not_shipped = read_shipped(cfg)
+        if card is not None: not_shipped = shipped_fit(cfg, card, ids)
+        if not not_shipped and main: shipped = install_shipped(cfg, card, images, run_d/"full")
     for group in (first, rest):
         if group is rest and first: init = full_init(cfg)
         for spec in group:
             if init and not spec.full: spec.init = init
+            if spec.full and shipped:
+                recs.append(shipped); continue
             imgs = images[[pos[i] for i in spec.ids]]
             recs.append(train_model(spec, imgs, cfg, run_d/spec.name, resume=resume, progress=progress, accelerator=acc))
     summary = {"models": recs, "table": None}
@@ -493,12 +500,179 @@ def run_training(cfg: Config, clusters: list | None = None, full: bool | None = 
              f"attention at {cfg.full_attention_resolutions}, {cfg.full_train_steps} steps",
              f"sampling uses the {cfg.sample_weights} weights (the EMA copy is saved as unet_ema/)"]
     weights = []
+    if shipped:
+        sh = shipped["shipped"]
+        notes.append(f"init_from = shipped: the full-data model is the one shipped with diffusegen, {sh['file']} (sha256 {sh['sha256'][:12]}…, "
+                     f"model card {sh['card']}: {shipped['steps']} steps on these {shipped['n_images']} training images); it is not trained "
+                     f"here. To train it here: --set init_from=full (cluster models from it) or init_from=none (every model from scratch)")
+        weights.append({"name": "full (shipped)", "label": "full-data model shipped with diffusegen (EMA weights, fp16 on disk)",
+                        "source": sh["file"], "sha256": sh["sha256"], "provenance": shipped["provenance"]})
+    elif cfg.init_from == "shipped" and not_shipped:
+        notes.append(f"init_from = shipped, but the shipped full model does not fit this run ({not_shipped}): the full model is "
+                     f"trained here, as with init_from = full")
     if init:
-        notes.append(f"init_from = full (not the paper, which trains every model from scratch): the cluster models start from "
+        notes.append(f"init_from = {cfg.init_from} (not the paper, which trains every model from scratch): the cluster models start from "
                      f"the full-data model's final raw weights {init['file']} (sha256 {init['sha256'][:12]}…), then train {cfg.train_steps} steps")
         weights.append({"name": "full (initial weights of the cluster models)", "label": "full-data model, final raw weights",
-                        "source": init["file"], "sha256": init["sha256"], "provenance": "trained by diffusegen (this stage), init_from = full"})
+                        "source": init["file"], "sha256": init["sha256"], "provenance": shipped["provenance"] if shipped else "trained by diffusegen (this stage), init_from = full"})
     worlds = sorted({r.get("world_size", 1) for r in recs if r.get("status") == "trained"})
     if worlds and worlds != [1]: notes.append(f"trained by {', '.join(map(str, worlds))} processes (DDP): each step's batch split between them")
     write_manifest(cfg, "training", arts, weights, {"models": [{k: v for k, v in r.items() if k != "ids"} for r in recs]}, notes)
     return summary
+
+# %% ../nbs/03_training.ipynb #31df5a94
+KVASIR_TERMS = ("Kvasir-SEG (Jha et al., MMM 2020; https://datasets.simula.no/kvasir-seg/): free for research and education, "
+                "cite the paper; the images are HyperKvasir's segmented images (Borgli et al., Scientific Data 2020), CC BY 4.0")
+
+def shipped_paths(cfg: Config) -> tuple[Path, Path]:
+    "(weights file, model card) that `shipped_weights` names; a relative name is relative to the project root."
+    base = Path(cfg.shipped_weights)
+    if not base.is_absolute(): base = project_root()/base
+    return base.parent/f"{base.name}.safetensors", base.parent/f"{base.name}.json"
+
+def card_settings(cfg: Config) -> dict:
+    "What the shipped weights must share with a run to stand in for its full model: data resizing, network, diffusion."
+    return json.loads(json.dumps({"image_size": cfg.image_size, "resize_mode": cfg.resize_mode, "mask_threshold": cfg.mask_threshold,
+                                  "diffusion_steps": cfg.diffusion_steps, "noise_schedule": cfg.noise_schedule,
+                                  "unet": unet_kwargs(cfg, True)}))
+
+def read_shipped(cfg: Config) -> tuple[dict | None, str]:
+    "(card, '') of the shipped weights, or (None, why not) when there are none; an unreadable card is one line."
+    w, c = shipped_paths(cfg)
+    if not (w.exists() and c.exists()): return None, f"no shipped weights at {w} (with its card {c.name})"
+    try: card = json.loads(c.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DiffusegenError(f"{c}: not a readable model card ({e}); restore it (git checkout -- {c.name})")
+    return card, ""
+
+def shipped_fit(cfg: Config, card: dict, ids) -> str:
+    "Why the shipped weights cannot be this run's full model ('' when they can)."
+    ours, theirs = card_settings(cfg), card.get("fits", {})
+    diff = [k for k in ours if ours[k] != theirs.get(k)]
+    if diff: return f"the card's {', '.join(diff)} differ from this run's ({', '.join(f'{k}={ours[k]}' for k in diff if k != 'unet')})".replace(" ()", "")
+    ids, cids = sorted(map(str, ids)), sorted(map(str, card.get("ids", [])))
+    if ids != cids:
+        return (f"they were trained on {len(cids)} images ({card.get('ids_source', '?')}); this run's {len(ids)} training images "
+                f"share {len(set(ids) & set(cids))} of them")
+    return ""
+
+# %% ../nbs/03_training.ipynb #7ba3d06b
+def install_shipped(cfg: Config, card: dict, images: torch.Tensor, mdir) -> dict:
+    """Make the shipped weights this run's finished full-data model (`mdir`/final): check their sha256 against the card,
+    write them in fp32 as `unet/` and `unet_ema/` (they are EMA weights) with a `model.json` naming their source. A full
+    model finished here under other settings is moved aside to `final.was-<hash>`, never deleted."""
+    import matplotlib.pyplot as plt
+    from safetensors.torch import load_file
+    from .weights import file_sha256
+    w, c = shipped_paths(cfg)
+    h = file_sha256(w)
+    if h != card.get("sha256"):
+        raise DiffusegenError(f"{w}: damaged or replaced (sha256 {h[:12]}…, its card {c.name} says {str(card.get('sha256'))[:12]}…): "
+                              f"restore it (git checkout -- {w.name}) or train the full model here (--set init_from=full)")
+    mdir = Path(mdir); final = mdir/"final"
+    if (final/"model.json").exists():
+        old = json.loads((final/"model.json").read_text())
+        if (old.get("shipped") or {}).get("sha256") == h: return {**old, "status": "cached"}
+        aside = mdir/f"final.was-{old.get('spec_hash', 'unknown')}"
+        while aside.exists(): aside = aside.with_name(aside.name + "+")
+        os.replace(final, aside); fsync_path(mdir)
+    t0, device = time.time(), resolve_device(cfg)
+    diffusion = make_diffusion(cfg)
+    check = dict(device=device, n=cfg.check_draws, seed=cfg.seed, batch=8, mixed_precision=cfg.mixed_precision)
+    unet = build_unet(cfg, True, seed=step_seed(cfg.seed, "full", -10**6)).to(device)
+    init_loss = fixed_loss(unet, images, diffusion, **check)     # where a model trained from scratch starts
+    unet.load_state_dict({k: v.float() for k, v in load_file(str(w), device=str(device)).items()})
+    tmp = mdir/".final.tmp"; shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    _save_unet(unet, tmp/"unet"); _save_unet(unet, tmp/"unet_ema")
+    ldf = pd.DataFrame(card["loss_curve"], columns=["step", "loss", "mse", "vb"])
+    fig = loss_figure(ldf, f"full (shipped {w.name}): {len(card['ids'])} images, {card['steps']} steps")
+    save_figure(fig, tmp/"loss_curve.png"); plt.close(fig)
+    fig, _ = sample_grid(unet, cfg, cfg.monitor_samples, cfg.seed, device,
+                         f"full (shipped {w.name}): samples ({cfg.monitor_sample_steps} steps) and their masks")
+    save_figure(fig, tmp/"samples.png"); plt.close(fig)
+    rel = lambda p: str(p.relative_to(project_root())) if p.is_relative_to(project_root()) else str(p)
+    rec = {"name": "full", "spec_hash": f"shipped-{h[:16]}", "ids": card["ids"], "n_images": len(card["ids"]), "steps": card["steps"],
+           "lr": card["settings"].get("full_lr"), "batch": card["settings"].get("full_batch_size"), "microbatch": card["settings"].get("microbatch"),
+           "full": True, "first_loss": None, "final_loss": card.get("final_loss"), "init_fixed_loss": init_loss,
+           "fixed_loss": fixed_loss(unet, images, diffusion, **check), "check_draws": cfg.check_draws, "resumed_from": None,
+           "seconds_this_run": round(time.time() - t0, 1), "steps_per_second": None, "parameters": sum(p.numel() for p in unet.parameters()),
+           "sample_weights": cfg.sample_weights, "device": str(device), "world_size": 1, "unet": unet_kwargs(cfg, True), "init": None,
+           "shipped": {"file": rel(w), "card": rel(c), "sha256": h},
+           "provenance": f"shipped with diffusegen: {rel(w)} (sha256 {h[:12]}…), the EMA weights after {card['steps']} steps of "
+                         f"`{card['command']}`; card {rel(c)}"}
+    write_json(tmp/"model.json", rec)
+    fsync_tree(tmp); os.replace(tmp, final); fsync_path(mdir)
+    return {**rec, "status": "shipped"}
+
+# %% ../nbs/03_training.ipynb #575802c4
+def _downsample(losses: list, n: int = 400) -> list:
+    "Rows [step, loss, mse, vb] averaged over consecutive bins, at most `n` rows (the card's loss curve)."
+    a = np.asarray(losses, float)
+    if not len(a): return []
+    return [[int(b[-1, 0])] + [round(float(v), 6) for v in b[:, 1:].mean(0)] for b in np.array_split(a, min(n, len(a)))]
+
+def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None) -> dict:
+    """Write shipped weights from a full model trained under `cfg`: `src` is its model folder (the final EMA weights) or
+    a checkpoint folder; `dest` the base name (e.g. `weights/demo-full-64`). Writes `<dest>.safetensors` (the EMA weights
+    in fp16), `<dest>.json` (the card) and `<dest>.md` (the card for people), each atomically; returns the card.
+    `curve`: rows {step, fid, kid, images} measured on the way (`sampler_fid_curve`)."""
+    from safetensors.torch import save_file
+    from .core import atomic_path, versions
+    from .weights import file_sha256
+    src, dest = Path(src), Path(dest)
+    if (src/"final"/"model.json").exists():
+        rec = json.loads((src/"final"/"model.json").read_text()); steps = rec["steps"]
+        losses = pd.read_csv(src/"final"/"loss.csv").values.tolist(); ema = src/"final"/"unet_ema"
+    elif (src/"state.json").exists():
+        st = json.loads((src/"state.json").read_text()); steps, losses = st["step"], st.get("losses", [])
+        ema = src/"unet_ema" if (src/"unet_ema").is_dir() else src
+    else: raise DiffusegenError(f"{src}: neither a finished model folder (final/model.json) nor a checkpoint (state.json)")
+    images, ids = training_images(cfg)
+    unet = build_unet(cfg, True)
+    try: unet.load_state_dict(load_unet(ema).state_dict())
+    except RuntimeError: raise DiffusegenError(f"{ema}: not a full model of profile {cfg.profile}'s network") from None
+    diffusion, device = make_diffusion(cfg), torch.device("cpu")
+    check = dict(device=device, n=cfg.check_draws, seed=cfg.seed, batch=8, mixed_precision="no")
+    fp16 = {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
+    loss32 = fixed_loss(unet, images, diffusion, **check)
+    unet.load_state_dict({k: v.float() for k, v in fp16.items()})
+    loss16 = fixed_loss(unet, images, diffusion, **check)
+    w, c = dest.parent/f"{dest.name}.safetensors", dest.parent/f"{dest.name}.json"
+    w.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(w) as tmp: save_file(fp16, str(tmp), metadata={"format": "pt", "card": c.name})
+    tail = np.asarray(losses, float)[-max(1, len(losses) // 10):, 1] if losses else np.array([np.nan])
+    card = {"name": dest.name, "file": w.name, "sha256": file_sha256(w), "dtype": "float16",
+            "parameters": sum(p.numel() for p in unet.parameters()), "weights": "EMA (ema_rate %g)" % cfg.ema_rate,
+            "command": command, "profile": cfg.profile, "settings": cfg.keys_for("training"), "fits": card_settings(cfg),
+            "ids": list(map(str, ids)), "n_images": len(ids),
+            "ids_source": f"{cfg.train_ids} (the paper's training ids: Kvasir-SEG file names)",
+            "data_terms": KVASIR_TERMS, "steps": int(steps), "final_loss": round(float(tail.mean()), 6),
+            "fixed_loss_fp32": loss32, "fixed_loss_fp16": loss16, "check_draws": cfg.check_draws,
+            "fid_curve": curve or [], "loss_curve": _downsample(losses), "versions": versions(),
+            "made": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with atomic_write(c) as f: json.dump(card, f, indent=1); f.write("\n")
+    with atomic_write(dest.parent/f"{dest.name}.md") as f: f.write(card_markdown(card))
+    return card
+
+def card_markdown(card: dict) -> str:
+    "The model card for people: what the weights are, how they were made, how well they do, and the data's terms."
+    L = [f"# Model card: `{card['name']}`", "",
+         f"The full-data diffusion model that diffusegen's demo uses on Kvasir-SEG (`init_from = shipped`): a "
+         f"{card['parameters'] / 1e6:.1f} M-parameter 4-channel UNet (RGB + mask) at {card['fits']['image_size']} px, "
+         f"{card['weights']} weights, stored in {card['dtype']} (`{card['file']}`, sha256 `{card['sha256']}`).", "",
+         "## How it was made", "", f"```\n{card['command']}\n```", "",
+         f"- profile `{card['profile']}` of `settings.ini` ({card['steps']} steps); every training setting is in `{card['name']}.json` (`settings`)",
+         f"- training images: {card['n_images']} ids from {card['ids_source']}, listed in the card (`ids`)",
+         f"- package versions: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items()), "",
+         "## How well it does", "",
+         f"- final training loss (mean of the last tenth of the steps): {card['final_loss']:.4f}",
+         f"- loss on {card['check_draws']} fixed seeded draws: {card['fixed_loss_fp32']:.5f} in fp32, "
+         f"{card['fixed_loss_fp16']:.5f} after the fp16 round trip"]
+    if card["fid_curve"]:
+        L += ["", "FID and KID of RePaint-inpainted samples against the real training images, at 64 px, over the training steps:", "",
+              "| step | images | FID | KID |", "|---:|---:|---:|---:|"]
+        L += [f"| {r['step']} | {r['images']} | {r['fid']:.2f} | {r['kid']:.4f} |" for r in card["fid_curve"]]
+    L += ["", "## Data: terms and attribution", "", card["data_terms"], "",
+          "The weights are derived from these images; use them under the same terms (research and education), and cite "
+          "Kvasir-SEG and HyperKvasir with the paper (see `CITATION.cff`).", ""]
+    return "\n".join(L)

@@ -112,3 +112,53 @@ def test_paper_regimes():
     k = unet_kwargs(load_config("paper"), full=True)
     assert k["down_block_types"].count("AttnDownBlock2D") == 3                  # 32, 16 and 8 (image_train.py)
     assert unet_kwargs(load_config("paper-revision"))["down_block_types"].count("AttnDownBlock2D") == 1
+
+
+def test_shipped_weights_stand_in_for_the_full_model_only_on_their_data(numeric_data, tmp_path):
+    """`ship_weights` → `init_from = shipped`: on the card's training ids the shipped weights become the full model
+    (a full model trained there before is moved aside) and the cluster models start from them; on other ids the full
+    model is trained, and the report says why; a damaged weights file stops the stage with one line."""
+    import shutil
+    from diffusegen.clustering import run_clustering
+    from diffusegen.core import read_manifest
+    from diffusegen.training import card_settings, ship_weights
+    from diffusegen.weights import file_sha256
+    torch.set_num_threads(1)
+    base = {"out": str(tmp_path/"a"), "subset": 0, "full_train_steps": 4, "train_steps": 2, "save_interval": 2,
+            "train_clusters": "largest:1", "check_draws": 8}
+    cfg = load_config("smoke", {**base, "init_from": "none"})
+    run_data(cfg, numeric_data, progress=False); run_clustering(cfg, progress=False)
+    shutil.copytree(tmp_path/"a", tmp_path/"c")                      # the same data and clusters for the mismatch run
+    run_training(cfg, clusters=[], full=True, progress=False)
+    card = ship_weights(cfg, cfg.run_dir/"training"/"full", tmp_path/"w"/"m", command="test command")
+    w = tmp_path/"w"/"m.safetensors"
+    assert card["sha256"] == file_sha256(w) and card["fits"] == card_settings(cfg) and card["steps"] == 4
+    _, ids = training_images(cfg)
+    assert card["ids"] == ids and "003" in ids                        # ids stay strings (zero-padded names survive)
+    # fp16 storage: the fixed-draw loss moves by rounding only (weights' relative error ≤ 2^-11; 2 % is far above that)
+    assert abs(card["fixed_loss_fp16"] - card["fixed_loss_fp32"]) < 0.02 * card["fixed_loss_fp32"], card
+    assert "test command" in (tmp_path/"w"/"m.md").read_text()
+
+    cfg_b = load_config("smoke", {**base, "init_from": "shipped", "shipped_weights": str(tmp_path/"w"/"m")})
+    s = run_training(cfg_b, progress=False)
+    full, cl = [r for r in s["models"] if r["name"] == "full"][0], [r for r in s["models"] if r["name"] != "full"][0]
+    assert full["status"] == "shipped" and full["shipped"]["sha256"] == card["sha256"]
+    assert list((cfg.run_dir/"training"/"full").glob("final.was-*")), "the full model trained here was not kept"
+    f = cfg.run_dir/"training"/"full"/"final"/"unet"/"diffusion_pytorch_model.safetensors"
+    assert cl["status"] == "trained" and cl["init"]["sha256"] == file_sha256(f)
+    m = read_manifest(cfg_b, "training")
+    assert any("init_from = shipped: the full-data model is the one shipped" in n for n in m["notes"])
+    assert run_training(cfg_b, progress=False)["models"][-1]["status"] == "cached"
+
+    # other training ids: the card does not fit, the full model is trained here
+    shutil.copy(w, tmp_path/"w"/"m2.safetensors")
+    (tmp_path/"w"/"m2.json").write_text(json.dumps({**card, "ids": card["ids"][1:]}))
+    cfg_c = load_config("smoke", {**base, "out": str(tmp_path/"c"), "init_from": "shipped", "shipped_weights": str(tmp_path/"w"/"m2")})
+    s = run_training(cfg_c, progress=False)
+    assert [r["status"] for r in s["models"] if r["name"] == "full"] == ["trained"]
+    assert any("does not fit this run" in n and "share" in n for n in read_manifest(cfg_c, "training")["notes"])
+
+    # a damaged file: one line naming it
+    b = bytearray(w.read_bytes()); b[-1] ^= 1; w.write_bytes(bytes(b))
+    with pytest.raises(DiffusegenError, match=r"m\.safetensors: damaged or replaced"):
+        run_training(cfg_b, progress=False)
