@@ -72,6 +72,7 @@ class Config:
     # data (§2.1, §2.3)
     data_root: str = _f("auto", "data")
     data_search: str = _f("data/kvasir-seg", "data")
+    data_download: str = _f("kvasir-seg", "run", "fetched into the first data_search folder's parent when no dataset is found")
     image_size: int = _f(256, "data", ge=8)
     resize_mode: str = _f("stretch", "data")
     mask_threshold: int = _f(128, "data", ge=0, le=255)
@@ -210,7 +211,8 @@ class Config:
                 "mixed_precision": ("no", "bf16", "fp16"), "sample_weights": ("raw", "ema"), "clusters_from": ("kmeans", "paper"),
                 "inpaint_variant": ("paper-code", "paper-text"),
                 "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"), "table3_mode": ("add", "replace"),
-                "executor": ("local", "slurm", "debug"), "inpaint_sampler": ("ddpm", "ddim"), "init_from": ("none", "full", "shipped")}
+                "executor": ("local", "slurm", "debug"), "inpaint_sampler": ("ddpm", "ddim"), "init_from": ("none", "full", "shipped"),
+                "data_download": ("kvasir-seg", "hyperkvasir", "none")}
 
     _int_lists = {"block_out_channels": True, "attention_resolutions": False, "full_attention_resolutions": False,
                   "table2_n": True, "table3_n": True, "table3_r": True}     # lists of positive integers (True: at least one)
@@ -363,6 +365,7 @@ def load_config(profile: str = "demo", overrides: dict | None = None, path: Path
     if os.environ.get("DIFFUSEGEN_OUT"): kw["out"] = os.environ["DIFFUSEGEN_OUT"]   # tests and batch jobs redirect outputs
     # a new user's machine in CI: DIFFUSEGEN_DATA_SEARCH=none finds no dataset even where one lies beside the checkout
     if "DIFFUSEGEN_DATA_SEARCH" in os.environ: kw["data_search"] = os.environ["DIFFUSEGEN_DATA_SEARCH"]
+    if "DIFFUSEGEN_DATA_DOWNLOAD" in os.environ: kw["data_download"] = os.environ["DIFFUSEGEN_DATA_DOWNLOAD"]
     try: cfg = Config(profile=profile, **kw)
     except ConfigError as e: raise ConfigError(f"{where}: {e}") from None
     return apply_overrides(cfg, overrides, "override (--set or papermill `overrides`)")

@@ -18,8 +18,8 @@ from .core import (Config, ConfigError, DataError, one_line, Artifact, atomic_pa
 __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'PAPER_DATA', 'Pair', 'Problem', 'find_pairs',
            'read_image', 'read_mask_grey', 'read_mask', 'PairStats', 'CheckReport', 'check_dataset', 'resize_pair',
            'to_tensor4', 'from_tensor4', 'load_pair', 'ellipse', 'dilate_mask', 'PairedDataset', 'safe_unpickle',
-           'read_id_list', 'make_splits', 'resolve_data_root', 'dataset_fingerprint', 'preprocess_pairs', 'save_pairs',
-           'load_pairs', 'pairs_path', 'load_split', 'sample_figure', 'run_data']
+           'read_id_list', 'make_splits', 'resolve_data_root', 'fetch_dataset', 'dataset_fingerprint',
+           'preprocess_pairs', 'save_pairs', 'load_pairs', 'pairs_path', 'load_split', 'sample_figure', 'run_data']
 
 # %% ../nbs/01_data.ipynb #0748cfb9
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -389,12 +389,33 @@ def resolve_data_root(cfg: Config, data=None) -> tuple[Path, str]:
     for cand in search:
         p = resolve_path(cand)
         if (p/"images").is_dir() and (p/"masks").is_dir(): return p, f"found at {cand} (data_search)"
+    fetched, why = (fetch_dataset(cfg, resolve_path(search[0])) if search and cfg.data_download != "none"
+                    else (None, "data_download = none" if search else ""))
+    if fetched is not None: return fetched, f"downloaded into {fetched} (data_download = {cfg.data_download})"
     from diffusegen.datasets import make_demo_dataset
     dest = cfg.run_dir/"data"/"demo-dataset"
     make_demo_dataset(dest, n=cfg.demo_n, size=cfg.demo_size, seed=cfg.demo_seed)
     where = f"looked in {', '.join(search)}" if search else "data_search = none"
-    return dest, (f"no dataset found ({where}): using the embedded procedural demo "
+    return dest, (f"no dataset found ({where}{'; ' + why if why else ''}): using the embedded procedural demo "
                   f"dataset ({cfg.demo_n} images, seed {cfg.demo_seed}); pass --data DIR for real data")
+
+def fetch_dataset(cfg: Config, target: Path) -> tuple[Path | None, str]:
+    """`data_download`: when no dataset was found, fetch the public one into `target`'s parent folder (resumable; its
+    terms printed first). Returns (its folder, '') or (None, why not); offline that takes seconds, not a timeout."""
+    import urllib.error, urllib.request
+    from diffusegen.datasets import DATASETS, download_dataset
+    ds = DATASETS[cfg.data_download]
+    try: urllib.request.urlopen(urllib.request.Request(ds.url, method="HEAD"), timeout=5).close()
+    except urllib.error.HTTPError: pass                            # the server answered: the network is there
+    except (urllib.error.URLError, OSError) as e:
+        msg = f"{ds.title} not downloaded: no network ({' '.join(str(getattr(e, 'reason', e)).split())})"
+        print(msg)
+        return None, msg
+    print(f"downloading {ds.title} ({ds.url}) into {target.parent}. Terms: {ds.terms}")
+    try: return download_dataset(cfg.data_download, target.parent), ""
+    except DataError as e:
+        print(e)
+        return None, f"{ds.title} not downloaded ({e})"
 
 def dataset_fingerprint(root) -> str:
     "A cheap fingerprint of a dataset folder (names and sizes of its files), for the runner's cache."

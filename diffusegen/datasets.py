@@ -196,13 +196,17 @@ class RemoteDataset:
     zip_name: str
     n_pairs: int
     homepage: str
+    terms: str = ""
 
 DATASETS = {
     "kvasir-seg": RemoteDataset("kvasir-seg", "Kvasir-SEG", "https://datasets.simula.no/downloads/kvasir-seg.zip",
-                                "kvasir-seg.zip", 1000, "https://datasets.simula.no/kvasir-seg/"),
+                                "kvasir-seg.zip", 1000, "https://datasets.simula.no/kvasir-seg/",
+                                "Kvasir-SEG (Jha et al., MultiMedia Modeling 2020): free for research and education only; cite its paper. "
+                                "Its images are HyperKvasir's segmented images (Borgli et al., Scientific Data 2020, CC BY 4.0)"),
     "hyperkvasir": RemoteDataset("hyperkvasir", "HyperKvasir segmented images",
                                  "https://datasets.simula.no/downloads/hyper-kvasir/hyper-kvasir-segmented-images.zip",
-                                 "hyper-kvasir-segmented-images.zip", 1000, "https://datasets.simula.no/hyper-kvasir/"),
+                                 "hyper-kvasir-segmented-images.zip", 1000, "https://datasets.simula.no/hyper-kvasir/",
+                                 "HyperKvasir (Borgli et al., Scientific Data 2020): CC BY 4.0, cite its paper"),
 }
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 

@@ -16,11 +16,11 @@ from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, 
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
 
 # %% auto #0
-__all__ = ['KVASIR_TERMS', 'parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters',
-           'model_specs', 'spec_hash', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss',
-           'save_checkpoint', 'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model',
-           'training_images', 'full_init', 'stage_specs', 'run_training', 'shipped_paths', 'card_settings',
-           'read_shipped', 'shipped_fit', 'install_shipped', 'ship_weights', 'card_markdown']
+__all__ = ['parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters', 'model_specs',
+           'spec_hash', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss', 'save_checkpoint',
+           'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model', 'training_images', 'full_init',
+           'stage_specs', 'run_training', 'shipped_paths', 'card_settings', 'read_shipped', 'shipped_fit',
+           'install_shipped', 'ship_weights', 'card_markdown']
 
 # %% ../nbs/03_training.ipynb #9bc14f01
 def parse_ints(s: str) -> tuple[int, ...]:
@@ -521,9 +521,6 @@ def run_training(cfg: Config, clusters: list | None = None, full: bool | None = 
     return summary
 
 # %% ../nbs/03_training.ipynb #31df5a94
-KVASIR_TERMS = ("Kvasir-SEG (Jha et al., MMM 2020; https://datasets.simula.no/kvasir-seg/): free for research and education, "
-                "cite the paper; the images are HyperKvasir's segmented images (Borgli et al., Scientific Data 2020), CC BY 4.0")
-
 def shipped_paths(cfg: Config) -> tuple[Path, Path]:
     "(weights file, model card) that `shipped_weights` names; a relative name is relative to the project root."
     base = Path(cfg.shipped_weights)
@@ -619,6 +616,7 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
     from safetensors.torch import save_file
     from .core import atomic_path, versions
     from .weights import file_sha256
+    from .datasets import DATASETS
     src, dest = Path(src), Path(dest)
     if (src/"final"/"model.json").exists():
         rec = json.loads((src/"final"/"model.json").read_text()); steps = rec["steps"]
@@ -646,7 +644,7 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
             "command": command, "profile": cfg.profile, "settings": cfg.keys_for("training"), "fits": card_settings(cfg),
             "ids": list(map(str, ids)), "n_images": len(ids),
             "ids_source": f"{cfg.train_ids} (the paper's training ids: Kvasir-SEG file names)",
-            "data_terms": KVASIR_TERMS, "steps": int(steps), "final_loss": round(float(tail.mean()), 6),
+            "data_terms": DATASETS["kvasir-seg"].terms, "steps": int(steps), "final_loss": round(float(tail.mean()), 6),
             "fixed_loss_fp32": loss32, "fixed_loss_fp16": loss16, "check_draws": cfg.check_draws,
             "fid_curve": curve or [], "loss_curve": _downsample(losses), "versions": versions(),
             "made": time.strftime("%Y-%m-%d %H:%M:%S")}

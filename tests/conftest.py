@@ -5,6 +5,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tests never touch the network: no profile run by a test downloads a dataset (a test that means to sets its own)
+os.environ.setdefault("DIFFUSEGEN_DATA_DOWNLOAD", "none")
 # real data for the tests that need it: $DIFFUSEGEN_KVASIR, else the project's own data/kvasir-seg (never committed)
 KVASIR = Path(os.environ.get("DIFFUSEGEN_KVASIR", ROOT/"data"/"kvasir-seg"))
 

@@ -199,3 +199,31 @@ def test_data_stage_skip_lists_bad_pairs(tmp_path, bad_folder):
     assert s["pairs"] == "10" and s["skipped"] == len(EXPECTED_BAD)
     bad = pd.read_csv(cfg.run_dir/"data"/"bad_pairs.csv")
     assert len(bad) == len(EXPECTED_BAD)
+
+
+def test_offline_the_download_is_one_line_then_the_procedural_set(tmp_path, monkeypatch, capsys):
+    "data_download = kvasir-seg with no network: a line saying so within seconds, then the embedded procedural set."
+    import socket, time, urllib.request
+    from diffusegen.data import resolve_data_root
+    def no_network(*a, **k): raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.delenv("DIFFUSEGEN_DATA_DOWNLOAD", raising=False)
+    cfg = load_config("smoke", {"out": str(tmp_path), "data_search": str(tmp_path/"data"/"kvasir-seg"), "data_download": "kvasir-seg"})
+    t0 = time.time()
+    root, origin = resolve_data_root(cfg)
+    assert time.time() - t0 < 30 and root.name == "demo-dataset"
+    line = "Kvasir-SEG not downloaded: no network ([Errno -2] Name or service not known)"
+    assert line in origin and "procedural" in origin
+    assert capsys.readouterr().out.strip().splitlines() == [line]
+    assert not (tmp_path/"data").exists()                      # nothing half-made
+
+
+def test_data_download_none_never_touches_the_network(tmp_path, monkeypatch):
+    import urllib.request
+    from diffusegen.data import resolve_data_root
+    def boom(*a, **k): raise AssertionError("the network was used")
+    monkeypatch.setattr(urllib.request, "urlopen", boom)
+    monkeypatch.setenv("DIFFUSEGEN_DATA_DOWNLOAD", "none")
+    cfg = load_config("demo", {"out": str(tmp_path), "data_search": str(tmp_path/"nothing")})
+    root, origin = resolve_data_root(cfg)
+    assert root.name == "demo-dataset" and "data_download = none" in origin
