@@ -16,7 +16,8 @@ __all__ = ['STAGES', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 
            'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
            'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write', 'atomic_path', 'write_json', 'write_table',
            'save_figure', 'save_png', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device',
-           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest', 'show_stage']
+           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'peak_memory', 'read_manifest',
+           'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 def one_line(s) -> str:
@@ -532,15 +533,26 @@ def stage_dirs(cfg: Config, stage: str) -> tuple[Path, Path]:
 
 def write_manifest(cfg: Config, stage: str, artifacts: list, weights: list | None = None,
                    summary: dict | None = None, notes: list | None = None) -> Path:
-    "Write `manifest.json` and `config.json` in both stage folders; return the figures-side manifest path."
+    """Write `manifest.json` and `config.json` in both stage folders; return the figures-side manifest path. The manifest
+    records the process's peak memory so far (`peak_memory`), so that a user can size a machine before a long run."""
     run_d, fig_d = stage_dirs(cfg, stage)
     m = {"stage": stage, "profile": cfg.profile, "config_hash": cfg.hash(stage), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
          "artifacts": [dataclasses.asdict(a) if isinstance(a, Artifact) else a for a in artifacts],
-         "weights": weights or [], "summary": summary or {}, "notes": notes or []}
+         "weights": weights or [], "summary": summary or {}, "notes": notes or [], "peak_memory": peak_memory()}
     for d in (run_d, fig_d):
         write_json(d/"config.json", cfg.to_dict())
         write_json(d/"manifest.json", m)
     return fig_d/"manifest.json"
+
+def peak_memory() -> dict:
+    """This process's peak resident memory so far (GiB; under `diffusegen reproduce` each stage has its own process) and,
+    when CUDA is in use, the peak GPU memory torch allocated (GiB)."""
+    import resource, sys
+    out = {"rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}     # KiB on Linux
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 def read_manifest(cfg: Config, stage: str) -> dict | None:
     p = stage_dirs(cfg, stage)[1]/"manifest.json"

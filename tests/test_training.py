@@ -162,3 +162,24 @@ def test_shipped_weights_stand_in_for_the_full_model_only_on_their_data(numeric_
     b = bytearray(w.read_bytes()); b[-1] ^= 1; w.write_bytes(bytes(b))
     with pytest.raises(DiffusegenError, match=r"m\.safetensors: damaged or replaced"):
         run_training(cfg_b, progress=False)
+
+
+def test_shipped_demo_weights_match_their_card():
+    """The shipped weights match their model card: the file's sha256, the demo profile's network and data settings,
+    the paper's 348 training ids, and the settings of the profile that made them as settings.ini has it today."""
+    from diffusegen.training import card_settings, read_shipped, shipped_paths
+    from diffusegen.weights import file_sha256
+    from safetensors import safe_open
+    cfg = load_config("demo")
+    card, why = read_shipped(cfg)
+    if card is None: pytest.skip(why)
+    w, _ = shipped_paths(cfg)
+    assert file_sha256(w) == card["sha256"] and w.stat().st_size < 16e6
+    assert card["fits"] == card_settings(cfg)
+    paper = pd.read_csv(ROOT/"data"/"paper"/"paper_clusters_k20.csv", dtype=str)
+    assert sorted(card["ids"]) == sorted(paper.iloc[:, 0]) and len(card["ids"]) == 348
+    made_by = json.loads(json.dumps(load_config(card["profile"]).keys_for("training")))
+    assert {k: made_by.get(k) for k in card["settings"]} == card["settings"], "settings.ini no longer makes these weights"
+    ref = build_unet(cfg, True).state_dict()
+    with safe_open(str(w), "pt") as f:
+        assert sorted(f.keys()) == sorted(ref) and all(tuple(f.get_slice(k).get_shape()) == tuple(ref[k].shape) for k in ref)
