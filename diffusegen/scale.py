@@ -134,8 +134,8 @@ def _write_rows(df: pd.DataFrame, path: Path):
     from diffusegen.sets import MANIFEST_COLUMNS, write_manifest_csv
     write_manifest_csv(df, path, MANIFEST_COLUMNS)
 
-def generate_shard(cfg: Config, type: str, shard: tuple[int, int], device=None, progress: bool = False) -> dict:
-    "Make shard I of K of `type`'s samples (`generate_type` on the planned sources ≡ I mod K) in the shard's folder."
+def generate_shard(cfg: Config, kind: str, shard: tuple[int, int], device=None, progress: bool = False) -> dict:
+    "Make shard I of K of type `kind`'s samples (`generate_type` on the planned sources ≡ I mod K) in the shard's folder."
     from diffusegen import inpainting as ip
     from diffusegen.clustering import load_clusters
     from diffusegen.training import training_images
@@ -143,11 +143,11 @@ def generate_shard(cfg: Config, type: str, shard: tuple[int, int], device=None, 
     x4, ids = training_images(cfg)
     cl = load_clusters(cfg); clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))
     models = {p.parent.parent.name for p in stage_dirs(cfg, "training")[0].glob("*/final/model.json")}
-    plan, _ = ip.plan_samples(cfg, type, ids, clusters, models)
+    plan, _ = ip.plan_samples(cfg, kind, ids, clusters, models)
     sources = list(dict.fromkeys(r["source_id"] for r in plan))[i::k]
     scfg = _shard_cfg(cfg, i, k)
     from diffusegen.sets import set_dir, UNPLANNED
-    sdir, ssdir = set_dir(cfg, type), set_dir(scfg, type)
+    sdir, ssdir = set_dir(cfg, kind), set_dir(scfg, kind)
     if not (ssdir/"manifest.csv").exists():                         # samples the real folder already has: not made again
         old = pd.concat([_read_rows(sdir/"manifest.csv"), _read_rows(sdir/UNPLANNED)], ignore_index=True); keep = []
         for r in old[old.source_id.isin(sources)].to_dict("records"):
@@ -157,14 +157,14 @@ def generate_shard(cfg: Config, type: str, shard: tuple[int, int], device=None, 
                 keep.append(r)
         if keep: _write_rows(pd.DataFrame(keep), ssdir/"manifest.csv")
     pos = {s: n for n, s in enumerate(ids)}
-    rec = ip.generate_type(scfg, type, x4[[pos[s] for s in sources]], sources, clusters, device=device, progress=progress)
+    rec = ip.generate_type(scfg, kind, x4[[pos[s] for s in sources]], sources, clusters, device=device, progress=progress)
     return {**rec, "shard": f"{i}/{k}", "sources": len(sources)}
 
-def merge_shards(cfg: Config, type: str) -> int:
-    "Move every shard's samples of `type` into the real folder and merge the manifests (run after all shards finished); returns the merged rows (0: no shards)."
+def merge_shards(cfg: Config, kind: str) -> int:
+    "Move every shard's samples of type `kind` into the real folder and merge the manifests (run after all shards finished); returns the merged rows (0: no shards)."
     from diffusegen.sets import set_dir
-    base, sdir = cfg.run_dir/"synthetic"/".shards", set_dir(cfg, type)
-    parts = sorted(p for p in base.glob(f"*-of-*/runs/{cfg.profile}/synthetic/{type}") if (p/"manifest.csv").exists()) if base.is_dir() else []
+    base, sdir = cfg.run_dir/"synthetic"/".shards", set_dir(cfg, kind)
+    parts = sorted(p for p in base.glob(f"*-of-*/runs/{cfg.profile}/synthetic/{kind}") if (p/"manifest.csv").exists()) if base.is_dir() else []
     if not parts: return 0
     frames = [_read_rows(sdir/"manifest.csv")]
     for ssdir in parts:

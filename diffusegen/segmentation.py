@@ -223,9 +223,10 @@ KEY_COLUMNS = ["table", "type", "n", "r", "mode", "repeat"]
 def _ints(s: str) -> list[int]: return [int(v) for v in str(s).split()]
 def _words(s: str) -> list[str]: return str(s).split()
 
-def cell_seed(cfg: Config, table: int, type: str, n: int, r: int, mode: str, repeat: int) -> int:
-    "The seed of one cell: from the global seed and the cell's identity only."
-    return step_seed(cfg.seed, f"segment/table{table}/{type}/n{n}/r{r}/{mode}/rep{repeat}", 0)
+def cell_seed(cfg: Config, cell: dict) -> int:
+    "The seed of one cell (a `grid` dict: table, type, n, r, mode, repeat): from the global seed and the cell's identity only."
+    c = cell
+    return step_seed(cfg.seed, f"segment/table{c['table']}/{c['type']}/n{c['n']}/r{c['r']}/{c['mode']}/rep{c['repeat']}", 0)
 
 def grid(cfg: Config) -> list[dict]:
     "Every cell of Tables 2 and 3 for these settings, in run order."
@@ -449,7 +450,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     t_stage, trained, reused = time.time(), 0, 0
     n_test = len(sets.test[0])
     for cell in tqdm(todo, desc="segmentation cells", disable=not progress):
-        seed = cell_seed(cfg, **cell)
+        seed = cell_seed(cfg, cell)
         data = cell_data(cfg, sets, cell)
         h = current[_key(cell)]
         base = {**cell, "seed": seed, "encoder": cfg.seg_encoder, "n_test": n_test}

@@ -125,14 +125,14 @@ def test_grid_and_seeds():
     assert len(t2) == 16 and len(t3) == 28 and {c["mode"] for c in t3 if c["type"] != "real"} == {"add"}
     assert {c["mode"] for c in t3 if c["type"] == "real"} == {""}                        # Real baselines: no mode
     assert len(S.grid(cfg.replace(seg_repeats=3))) == 3 * len(g)
-    seeds = [S.cell_seed(cfg, **c) for c in g]
+    seeds = [S.cell_seed(cfg, c) for c in g]
     assert len(set(seeds)) == len(seeds)
-    assert S.cell_seed(cfg, **g[3]) == S.cell_seed(load_config("paper"), **g[3])          # stable across runs
-    assert S.cell_seed(cfg.replace(seed=1), **g[3]) != seeds[3]
+    assert S.cell_seed(cfg, g[3]) == S.cell_seed(load_config("paper"), g[3])          # stable across runs
+    assert S.cell_seed(cfg.replace(seed=1), g[3]) != seeds[3]
     g_rep = S.grid(cfg.replace(table3_mode="replace"))
     assert {c["mode"] for c in g_rep if c["table"] == 3 and c["type"] != "real"} == {"replace"}
     # add and replace share the Real cells: same keys and seeds
-    real3 = lambda g: [(c, S.cell_seed(cfg, **c)) for c in g if c["table"] == 3 and c["type"] == "real"]
+    real3 = lambda g: [(c, S.cell_seed(cfg, c)) for c in g if c["table"] == 3 and c["type"] == "real"]
     assert real3(g_rep) == real3(g)
 
 def test_encoder_weights_from_local_torch_hub(tmp_path, monkeypatch):
