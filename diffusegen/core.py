@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['STAGES', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config',
-           'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
+__all__ = ['STAGES', 'MEASUREMENTS', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root',
+           'Config', 'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
            'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write', 'atomic_path', 'write_json', 'write_table',
            'save_figure', 'save_png', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device',
-           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest', 'show_stage']
+           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest', 'stage_function',
+           'inputs_fingerprint', 'stage_finished', 'upstream', 'ensure', 'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 def one_line(s) -> str:
@@ -487,14 +488,22 @@ def resolve_device(cfg: Config):
 # %% ../nbs/00_core.ipynb #64a51dd4
 @dataclass(frozen=True)
 class Stage:
+    """A stage of the pipeline: its notebook and paper section, the stages whose results it reads (`deps`), and, as
+    data, what the runner and `ensure` need to know about it: `run` ("module:function", or a callable) makes its
+    results outside the runner (default `diffusegen.<name>:run_<name>`); `inputs` ("module:function", or a callable,
+    `(cfg, data) → str`) names the files from outside the run folder it reads: such a stage's run function takes
+    `data` (the folder given with `--data`), the fingerprint enters its cache key, and its manifest records it as
+    `summary["fingerprint"]`."""
     name: str
     notebook: str
     section: str
     title: str
     deps: tuple = ()
+    run: object = ""
+    inputs: object = ""
 
 STAGES = (
-    Stage("data", "01_data.ipynb", "§2.1, §2.3", "Data: pairs, checks, splits"),
+    Stage("data", "01_data.ipynb", "§2.1, §2.3", "Data: pairs, checks, splits", inputs="diffusegen.data:data_inputs"),
     Stage("clustering", "02_clustering.ipynb", "§2.3", "Clustering", ("data",)),
     Stage("training", "03_training.ipynb", "§2.4", "4-channel diffusion training", ("clustering",)),
     Stage("inpainting", "04_inpainting.ipynb", "§2.5", "RePaint inpainting", ("training",)),
@@ -504,10 +513,17 @@ STAGES = (
     Stage("statistics", "08_statistics.ipynb", "§2.8", "Statistics", ("intrinsic", "segmentation")),
 )
 
+# measurements made outside `diffusegen reproduce` (a command of their own); the report shows their manifests after the stages'
+MEASUREMENTS = (
+    Stage("fast_sampler", "92_bench.ipynb", "", "Fast sampler: FID against network evaluations (`diffusegen bench fast-sampler`)",
+          ("training",), run="diffusegen.bench:fast_sampler_curve"),
+)
+
 def get_stage(name: str) -> Stage:
     for s in STAGES:
         if s.name == name: return s
     raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(s.name for s in STAGES)})")
+
 
 # %% ../nbs/00_core.ipynb #6bdd6658
 @dataclass
@@ -539,6 +555,54 @@ def write_manifest(cfg: Config, stage: str, artifacts: list, weights: list | Non
 def read_manifest(cfg: Config, stage: str) -> dict | None:
     p = stage_dirs(cfg, stage)[1]/"manifest.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+# %% ../nbs/00_core.ipynb #d4f0b2a5
+def _resolve(ref):
+    "A callable given as itself or as 'module:function' (imported now, so the registry imports no stage module)."
+    if callable(ref): return ref
+    import importlib
+    mod, fn = str(ref).split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+def stage_function(stage: Stage):
+    "The function that makes `stage`'s results: `Stage.run`, else `diffusegen.<name>:run_<name>`."
+    return _resolve(stage.run or f"diffusegen.{stage.name}:run_{stage.name}")
+
+def inputs_fingerprint(cfg: Config, stage: Stage, data=None) -> str:
+    "The fingerprint of the outside files `stage` reads (`Stage.inputs`; '' for a stage that reads none)."
+    return str(_resolve(stage.inputs)(cfg, data)) if stage.inputs else ""
+
+def stage_finished(cfg: Config, stage: Stage, data=None, fingerprint: str | None = None) -> bool:
+    """Whether `stage`'s results are there for `cfg`: its manifest was written under `cfg.hash(stage)` and, for a stage
+    with `inputs`, from the files `data` names (`fingerprint`, when already known)."""
+    m = read_manifest(cfg, stage.name)
+    if m is None or m.get("config_hash") != cfg.hash(stage.name): return False
+    if not stage.inputs: return True
+    fp = inputs_fingerprint(cfg, stage, data) if fingerprint is None else fingerprint
+    return (m.get("summary") or {}).get("fingerprint") == fp
+
+def upstream(name: str, stages=STAGES) -> list[Stage]:
+    "Every stage `name` reads from, directly or through others, in pipeline order."
+    by = {s.name: s for s in stages}
+    if name not in by: raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(by)})")
+    need, todo = set(), list(by[name].deps)
+    while todo:
+        d = todo.pop()
+        if d not in need: need.add(d); todo += list(by[d].deps)
+    return [s for s in stages if s.name in need]
+
+def ensure(cfg: Config, stage: str, data=None, progress: bool = False, redone=(), stages=STAGES) -> list[str]:
+    """Make the inputs `stage` needs: run each upstream stage that is not finished (`stage_finished`), or whose own
+    upstream was just run, in pipeline order; return the names of the stages run (none when all are finished, as
+    under `diffusegen reproduce`). `data`: the dataset folder, for the stages that read it; `redone`: stages an
+    earlier `ensure` ran (a notebook that makes its inputs over several cells), whose readers are redone too."""
+    ran = list(redone)
+    for s in upstream(stage, stages):
+        if s.name in ran or (stage_finished(cfg, s, data) and not set(s.deps) & set(ran)): continue
+        stage_function(s)(cfg, **({"data": data} if s.inputs else {}), progress=progress)
+        ran.append(s.name)
+    return ran[len(redone):]
+
 
 # %% ../nbs/00_core.ipynb #fc9c33da
 def show_stage(cfg: Config, stage: str, kinds: tuple = ("figure", "table"), match: str = "") -> int:
