@@ -15,9 +15,10 @@ import numpy as np
 __all__ = ['STAGES', 'MEASUREMENTS', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root',
            'Config', 'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
            'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write', 'atomic_path', 'write_json', 'write_table',
-           'save_figure', 'save_png', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device',
-           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'read_manifest', 'stage_function',
-           'inputs_fingerprint', 'stage_finished', 'upstream', 'ensure', 'show_stage']
+           'save_figure', 'save_png', 'read_ledger', 'write_ledger', 'resumable', 'step_seed', 'seed_everything',
+           'torch_generator', 'versions', 'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs',
+           'write_manifest', 'read_manifest', 'stage_function', 'inputs_fingerprint', 'stage_finished', 'upstream',
+           'ensure', 'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 def one_line(s) -> str:
@@ -453,6 +454,38 @@ def save_png(arr, path) -> Path:
     from PIL import Image
     with atomic_path(path) as tmp: Image.fromarray(arr).save(tmp, format="PNG")
     return Path(path)
+
+# %% ../nbs/00_core.ipynb #a8d3e5f2
+def read_ledger(path, columns: list | None = None, strings=(), numbers=(), what: str = "ledger", hint: str = ""):
+    """The rows a stage recorded in the ledger `path` (a DataFrame; one with `columns` and no rows when the file is
+    absent). Columns in `strings` stay text (ids, seeds, hashes: '003' stays '003'); an empty cell of a column in
+    `numbers` is NaN, any other empty cell ''. A file that is not CSV is one `DataError` line naming it (and `hint`)."""
+    import pandas as pd
+    path = Path(path)
+    if not path.exists(): return pd.DataFrame(columns=list(columns or []))
+    try:
+        head = pd.read_csv(path, nrows=0).columns
+        return pd.read_csv(path, dtype={c: str for c in head if c in set(strings)}, keep_default_na=False,
+                           na_values={c: [""] for c in numbers if c in head})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable {what} ({' '.join(str(e).split())[:100]})" + (f"; {hint}" if hint else "")) from None
+
+def write_ledger(rows, path, columns: list) -> Path:
+    "Write ledger `rows` (a DataFrame or dicts) atomically, exactly `columns` in that order: a crash leaves the previous ledger."
+    import pandas as pd
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=columns)
+    with atomic_write(path) as f: df[columns].to_csv(f, index=False)
+    return Path(path)
+
+def resumable(rows, key, settings, current: dict) -> dict:
+    """{key(row): row} of the ledger `rows` (dicts) that count as done: made under the settings key their unit has now,
+    `settings(row) == current[key(row)]`; a unit no longer planned (not in `current`) is not done."""
+    out = {}
+    for r in rows:
+        k = key(r)
+        if k in current and settings(r) == current[k]: out[k] = r
+    return out
+
 
 # %% ../nbs/00_core.ipynb #caa63624
 def step_seed(seed: int, name: str, step: int) -> int:
