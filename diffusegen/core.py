@@ -486,7 +486,6 @@ def resumable(rows, key, settings, current: dict) -> dict:
         if k in current and settings(r) == current[k]: out[k] = r
     return out
 
-
 # %% ../nbs/00_core.ipynb #caa63624
 def step_seed(seed: int, name: str, step: int) -> int:
     "A 63-bit seed for (global seed, name, step): every stage derives its draws' seeds from it."
@@ -556,7 +555,6 @@ def get_stage(name: str) -> Stage:
     for s in STAGES:
         if s.name == name: return s
     raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(s.name for s in STAGES)})")
-
 
 # %% ../nbs/00_core.ipynb #6bdd6658
 @dataclass
@@ -635,7 +633,6 @@ def ensure(cfg: Config, stage: str, data=None, progress: bool = False, redone=()
         stage_function(s)(cfg, **({"data": data} if s.inputs else {}), progress=progress)
         ran.append(s.name)
     return ran[len(redone):]
-
 
 # %% ../nbs/00_core.ipynb #fc9c33da
 def show_stage(cfg: Config, stage: str, kinds: tuple = ("figure", "table"), match: str = "") -> int:
