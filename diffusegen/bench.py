@@ -381,14 +381,11 @@ PAPER_SEG_ENCODER = "se_resnext50_32x4d"
 
 def segment_worker(profile: str, steps: int = 3, device: str = "auto", encoders: list | None = None,
                    settings: dict | None = None) -> list[dict]:
-    "Rows of `segment_throughput` for the paper's encoder and the profile's; one 'not available' row when it is missing."
+    "Rows of `segment_throughput` for the paper's encoder and the profile's; an encoder that fails is an 'error: …' row."
     from diffusegen.core import resolve_device
+    from diffusegen.segmentation import segment_throughput
     cfg = load_config(profile, {**(settings or {}), "device": device})
     dev = resolve_device(cfg)
-    try:
-        from diffusegen.segmentation import segment_throughput
-    except ImportError as e:
-        return [{"part": "segment", "profile": profile, "device": _device_name(dev), "status": f"not available ({e})"}]
     rows = []
     for enc in (encoders if encoders is not None else dict.fromkeys([PAPER_SEG_ENCODER, cfg.seg_encoder])):
         try:

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['STAGES', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root', 'Config',
-           'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
+__all__ = ['STAGES', 'MEASUREMENTS', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root',
+           'Config', 'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
            'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write', 'atomic_path', 'write_json', 'write_table',
-           'save_figure', 'save_png', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device',
-           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'peak_memory', 'read_manifest',
-           'show_stage']
+           'save_figure', 'save_png', 'read_ledger', 'write_ledger', 'resumable', 'step_seed', 'seed_everything',
+           'torch_generator', 'versions', 'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs',
+           'write_manifest', 'peak_memory', 'read_manifest', 'stage_function', 'inputs_fingerprint', 'stage_finished',
+           'upstream', 'ensure', 'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 def one_line(s) -> str:
@@ -460,6 +461,37 @@ def save_png(arr, path) -> Path:
     with atomic_path(path) as tmp: Image.fromarray(arr).save(tmp, format="PNG")
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #a8d3e5f2
+def read_ledger(path, columns: list | None = None, strings=(), numbers=(), what: str = "ledger", hint: str = ""):
+    """The rows a stage recorded in the ledger `path` (a DataFrame; one with `columns` and no rows when the file is
+    absent). Columns in `strings` stay text (ids, seeds, hashes: '003' stays '003'); an empty cell of a column in
+    `numbers` is NaN, any other empty cell ''. A file that is not CSV is one `DataError` line naming it (and `hint`)."""
+    import pandas as pd
+    path = Path(path)
+    if not path.exists(): return pd.DataFrame(columns=list(columns or []))
+    try:
+        head = pd.read_csv(path, nrows=0).columns
+        return pd.read_csv(path, dtype={c: str for c in head if c in set(strings)}, keep_default_na=False,
+                           na_values={c: [""] for c in numbers if c in head})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable {what} ({' '.join(str(e).split())[:100]})" + (f"; {hint}" if hint else "")) from None
+
+def write_ledger(rows, path, columns: list) -> Path:
+    "Write ledger `rows` (a DataFrame or dicts) atomically, exactly `columns` in that order: a crash leaves the previous ledger."
+    import pandas as pd
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=columns)
+    with atomic_write(path) as f: df[columns].to_csv(f, index=False)
+    return Path(path)
+
+def resumable(rows, key, settings, current: dict) -> dict:
+    """{key(row): row} of the ledger `rows` (dicts) that count as done: made under the settings key their unit has now,
+    `settings(row) == current[key(row)]`; a unit no longer planned (not in `current`) is not done."""
+    out = {}
+    for r in rows:
+        k = key(r)
+        if k in current and settings(r) == current[k]: out[k] = r
+    return out
+
 # %% ../nbs/00_core.ipynb #caa63624
 def step_seed(seed: int, name: str, step: int) -> int:
     "A 63-bit seed for (global seed, name, step): every stage derives its draws' seeds from it."
@@ -494,14 +526,22 @@ def resolve_device(cfg: Config):
 # %% ../nbs/00_core.ipynb #64a51dd4
 @dataclass(frozen=True)
 class Stage:
+    """A stage of the pipeline: its notebook and paper section, the stages whose results it reads (`deps`), and, as
+    data, what the runner and `ensure` need to know about it: `run` ("module:function", or a callable) makes its
+    results outside the runner (default `diffusegen.<name>:run_<name>`); `inputs` ("module:function", or a callable,
+    `(cfg, data) → str`) names the files from outside the run folder it reads: such a stage's run function takes
+    `data` (the folder given with `--data`), the fingerprint enters its cache key, and its manifest records it as
+    `summary["fingerprint"]`."""
     name: str
     notebook: str
     section: str
     title: str
     deps: tuple = ()
+    run: object = ""
+    inputs: object = ""
 
 STAGES = (
-    Stage("data", "01_data.ipynb", "§2.1, §2.3", "Data: pairs, checks, splits"),
+    Stage("data", "01_data.ipynb", "§2.1, §2.3", "Data: pairs, checks, splits", inputs="diffusegen.data:data_inputs"),
     Stage("clustering", "02_clustering.ipynb", "§2.3", "Clustering", ("data",)),
     Stage("training", "03_training.ipynb", "§2.4", "4-channel diffusion training", ("clustering",)),
     Stage("inpainting", "04_inpainting.ipynb", "§2.5", "RePaint inpainting", ("training",)),
@@ -509,6 +549,12 @@ STAGES = (
     Stage("intrinsic", "06_intrinsic.ipynb", "§2.6", "Intrinsic metrics and expert review", ("styling",)),
     Stage("segmentation", "07_segmentation.ipynb", "§2.7", "Segmentation experiments", ("styling",)),
     Stage("statistics", "08_statistics.ipynb", "§2.8", "Statistics", ("intrinsic", "segmentation")),
+)
+
+# measurements made outside `diffusegen reproduce` (a command of their own); the report shows their manifests after the stages'
+MEASUREMENTS = (
+    Stage("fast_sampler", "92_bench.ipynb", "", "Fast sampler: FID against network evaluations (`diffusegen bench fast-sampler`)",
+          ("training",), run="diffusegen.bench:fast_sampler_curve"),
 )
 
 def get_stage(name: str) -> Stage:
@@ -557,6 +603,53 @@ def peak_memory() -> dict:
 def read_manifest(cfg: Config, stage: str) -> dict | None:
     p = stage_dirs(cfg, stage)[1]/"manifest.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+# %% ../nbs/00_core.ipynb #d4f0b2a5
+def _resolve(ref):
+    "A callable given as itself or as 'module:function' (imported now, so the registry imports no stage module)."
+    if callable(ref): return ref
+    import importlib
+    mod, fn = str(ref).split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+def stage_function(stage: Stage):
+    "The function that makes `stage`'s results: `Stage.run`, else `diffusegen.<name>:run_<name>`."
+    return _resolve(stage.run or f"diffusegen.{stage.name}:run_{stage.name}")
+
+def inputs_fingerprint(cfg: Config, stage: Stage, data=None) -> str:
+    "The fingerprint of the outside files `stage` reads (`Stage.inputs`; '' for a stage that reads none)."
+    return str(_resolve(stage.inputs)(cfg, data)) if stage.inputs else ""
+
+def stage_finished(cfg: Config, stage: Stage, data=None, fingerprint: str | None = None) -> bool:
+    """Whether `stage`'s results are there for `cfg`: its manifest was written under `cfg.hash(stage)` and, for a stage
+    with `inputs`, from the files `data` names (`fingerprint`, when already known)."""
+    m = read_manifest(cfg, stage.name)
+    if m is None or m.get("config_hash") != cfg.hash(stage.name): return False
+    if not stage.inputs: return True
+    fp = inputs_fingerprint(cfg, stage, data) if fingerprint is None else fingerprint
+    return (m.get("summary") or {}).get("fingerprint") == fp
+
+def upstream(name: str, stages=STAGES) -> list[Stage]:
+    "Every stage `name` reads from, directly or through others, in pipeline order."
+    by = {s.name: s for s in stages}
+    if name not in by: raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(by)})")
+    need, todo = set(), list(by[name].deps)
+    while todo:
+        d = todo.pop()
+        if d not in need: need.add(d); todo += list(by[d].deps)
+    return [s for s in stages if s.name in need]
+
+def ensure(cfg: Config, stage: str, data=None, progress: bool = False, redone=(), stages=STAGES) -> list[str]:
+    """Make the inputs `stage` needs: run each upstream stage that is not finished (`stage_finished`), or whose own
+    upstream was just run, in pipeline order; return the names of the stages run (none when all are finished, as
+    under `diffusegen reproduce`). `data`: the dataset folder, for the stages that read it; `redone`: stages an
+    earlier `ensure` ran (a notebook that makes its inputs over several cells), whose readers are redone too."""
+    ran = list(redone)
+    for s in upstream(stage, stages):
+        if s.name in ran or (stage_finished(cfg, s, data) and not set(s.deps) & set(ran)): continue
+        stage_function(s)(cfg, **({"data": data} if s.inputs else {}), progress=progress)
+        ran.append(s.name)
+    return ran[len(redone):]
 
 # %% ../nbs/00_core.ipynb #fc9c33da
 def show_stage(cfg: Config, stage: str, kinds: tuple = ("figure", "table"), match: str = "") -> int:

@@ -18,7 +18,7 @@ from .core import (Config, ConfigError, DataError, one_line, Artifact, atomic_pa
 __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'PAPER_DATA', 'Pair', 'Problem', 'find_pairs',
            'read_image', 'read_mask_grey', 'read_mask', 'PairStats', 'CheckReport', 'check_dataset', 'resize_pair',
            'to_tensor4', 'from_tensor4', 'load_pair', 'ellipse', 'dilate_mask', 'PairedDataset', 'safe_unpickle',
-           'read_id_list', 'make_splits', 'resolve_data_root', 'fetch_dataset', 'dataset_fingerprint',
+           'read_id_list', 'make_splits', 'resolve_data_root', 'fetch_dataset', 'dataset_fingerprint', 'data_inputs',
            'preprocess_pairs', 'save_pairs', 'load_pairs', 'pairs_path', 'load_split', 'sample_figure', 'run_data']
 
 # %% ../nbs/01_data.ipynb #0748cfb9
@@ -426,6 +426,10 @@ def dataset_fingerprint(root) -> str:
         if d.is_dir():
             for p in sorted(d.iterdir()): h.update(f"{sub}/{p.name}:{p.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
+
+def data_inputs(cfg: Config, data=None) -> str:
+    "The data stage's `Stage.inputs`: the fingerprint of the dataset folder it reads (`--data`, else `resolve_data_root`)."
+    return dataset_fingerprint(resolve_data_root(cfg, data)[0])
 
 def preprocess_pairs(pairs: list[Pair], cfg: Config, progress: bool = True) -> dict:
     "Resize `pairs` to `cfg.image_size`: {'images': N×3×S×S uint8, 'masks': N×S×S uint8 (0/1)} tensors."

@@ -249,32 +249,32 @@ def settings_key(params: str) -> str:
     p = json.loads(params)
     return json.dumps({k: v for k, v in p.items() if k not in DEVICE_KEYS}, sort_keys=True)
 
-def plan_samples(cfg: Config, type: str, ids: list[str], clusters: dict, models: set) -> tuple[list[dict], list[str]]:
-    "The samples of `type` to make (dicts) and the images skipped because their model is missing."
+def plan_samples(cfg: Config, kind: str, ids: list[str], clusters: dict, models: set) -> tuple[list[dict], list[str]]:
+    "The samples of type `kind` to make (dicts) and the images skipped because their model is missing."
     perm = np.random.default_rng(step_seed(cfg.seed, "inpaint/subset", 0)).permutation(len(ids))
     order = [ids[i] for i in perm] if cfg.inpaint_images > 0 else list(ids)
     rows, skipped, n_img = [], [], 0
     for sid in order:
         if cfg.inpaint_images > 0 and n_img >= cfg.inpaint_images: break
         k = clusters.get(sid, -1)
-        model = "full" if type == "full-diff" else f"cluster_{k}"
+        model = "full" if kind == "full-diff" else f"cluster_{k}"
         if model not in models: skipped.append(sid); continue
         n_img += 1
         for i in range(cfg.samples_per_image):
             rows.append({"name": f"{sid}_{i}", "source_id": sid, "cluster": int(k), "model": model, "sample": i,
-                         "seed": step_seed(cfg.seed, f"inpaint/{type}/{sid}", i)})
+                         "seed": step_seed(cfg.seed, f"inpaint/{kind}/{sid}", i)})
     return rows, skipped
 
 # %% ../nbs/04_inpainting.ipynb #3782edab
-def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clusters: dict, device=None,
+def generate_type(cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], clusters: dict, device=None,
                   progress: bool = True, stop_after: int | None = None, prune: bool = False) -> dict:
-    """Make (or finish) the samples of one type; returns counts, timings and skipped images. `stop_after`: stop after that
+    """Make (or finish) the samples of type `kind`; returns counts, timings and skipped images. `stop_after`: stop after that
     many batches (tests). Finished samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them."""
     from diffusegen.training import load_unet
     tdir = stage_dirs(cfg, "training")[0]
     models = {p.parent.parent.name for p in tdir.glob("*/final/model.json")}
-    plan, skipped = plan_samples(cfg, type, ids, clusters, models)
-    sdir = set_dir(cfg, type); (sdir/"images").mkdir(parents=True, exist_ok=True); (sdir/"masks").mkdir(parents=True, exist_ok=True)
+    plan, skipped = plan_samples(cfg, kind, ids, clusters, models)
+    sdir = set_dir(cfg, kind); (sdir/"images").mkdir(parents=True, exist_ok=True); (sdir/"masks").mkdir(parents=True, exist_ok=True)
     mpath = sdir/"manifest.csv"
     device = torch.device(device) if device is not None else resolve_device(cfg)
     params = json.dumps(inpaint_params(cfg, device), sort_keys=True)
@@ -334,18 +334,18 @@ def generate_type(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], clus
         order = {r["file"]: i for i, r in enumerate(plan)}
         rows = rows.assign(_o=rows.file.map(order)).sort_values("_o").drop(columns="_o").reset_index(drop=True)
         write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)
-    return {"type": type, "label": type_label(type), "planned": len(plan), "cached": len(done), "made": made, "total": len(rows),
+    return {"type": kind, "label": type_label(kind), "planned": len(plan), "cached": len(done), "made": made, "total": len(rows),
             "images": len({r["source_id"] for r in plan}), "skipped_images": skipped, "nfe_per_sample": nfe,
             "seconds": round(secs, 2), "samples_per_second": round(made / secs, 4) if secs else None,
             "models": shas, "stopped": stopped, "batch_sizes": batch_sizes, "device": str(device),
             "unplanned": len(aside), "pruned": [str(q) for q in pruned]}
 
 # %% ../nbs/04_inpainting.ipynb #0a991eb2
-def fig5(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4):
-    "Fig. 5 for one type: rows of (source | samples) images with their masks beneath, the dilated region outlined."
+def fig5(cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4):
+    "Fig. 5 for type `kind`: rows of (source | samples) images with their masks beneath, the dilated region outlined."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    df = read_set(cfg, type, required=True)
+    df = read_set(cfg, kind, required=True)
     srcs = list(dict.fromkeys(df.source_id))[:n_sources]
     k = int(df.groupby("source_id").size().max()) if len(df) else 0
     fig, ax = plt.subplots(2 * max(1, len(srcs)), k + 1, figsize=(1.6 * (k + 1), 3.3 * max(1, len(srcs))), squeeze=False)
@@ -364,7 +364,7 @@ def fig5(cfg: Config, type: str, x4: torch.Tensor, ids: list[str], n_sources: in
         ax[2 * r, 0].set_title(f"source {sid}", fontsize=7)
         for c in range(1, k + 1): ax[2 * r, c].set_title(f"sample {c - 1}", fontsize=7)
     for a in ax.ravel(): a.axis("off")
-    fig.suptitle(f"Fig. 5 ({type_label(type)}): RePaint samples ({cfg.inpaint_variant}); yellow: the dilated region", fontsize=9)
+    fig.suptitle(f"Fig. 5 ({type_label(kind)}): RePaint samples ({cfg.inpaint_variant}); yellow: the dilated region", fontsize=9)
     fig.tight_layout()
     return fig
 

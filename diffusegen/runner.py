@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib, json, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (Config, DiffusegenError, STAGES, Stage, get_stage, load_config, project_root, write_json,
-                             atomic_write, read_manifest, stage_dirs, versions)
+from .core import (Config, DiffusegenError, MEASUREMENTS, STAGES, Stage, get_stage, load_config, project_root,
+                             write_json, atomic_write, read_manifest, stage_dirs, versions, inputs_fingerprint, stage_finished)
 
 # %% auto #0
-__all__ = ['EXTRA_MANIFESTS', 'StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'reproduce', 'write_report']
+__all__ = ['StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'write_report', 'reproduce']
 
 # %% ../nbs/90_runner.ipynb #709a40f2
 class StageFailed(DiffusegenError):
@@ -71,73 +71,10 @@ def _execute(nb: Path, cfg: Config, data, overrides: dict, nbs_dir: Path, progre
     tmp.replace(final); failed.unlink(missing_ok=True)
     return final
 
-# %% ../nbs/90_runner.ipynb #50352159
-def _failed_cell(executed, index: int) -> str:
-    "Name a failed cell as the user sees it in the source notebook: its number (papermill's injected cell not counted) and first line."
-    import nbformat
-    cells = [c for c in nbformat.read(executed, as_version=4).cells     # without the error cells papermill inserted
-             if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
-    injected = sum("injected-parameters" in c.metadata.get("tags", []) for c in cells[:index])
-    first = next((l for l in cells[index].source.splitlines() if l.strip() and not l.startswith("#|")), "").strip()
-    return f"cell {index - injected + 1} ({first[:60]!r})"
-
-def reproduce(profile: str = "demo", data=None, out=None, only=None, overrides: dict | None = None,
-              nbs_dir=None, force: bool = False, progress: bool = True) -> list[StageRun]:
-    "Run the pipeline's section notebooks for `profile`, reusing finished stages; write the report."
-    from tqdm.auto import tqdm
-    overrides = dict(overrides or {})
-    cfg = load_config(profile, {**overrides, **({"out": str(out)} if out else {})})
-    nbs_dir = Path(nbs_dir or project_root()/"nbs").resolve()
-    only = set(only or [])
-    for name in only: get_stage(name)
-    state, runs, keys, failure = _read_state(cfg), [], {}, None
-    bar = tqdm(STAGES, desc=f"reproduce [{profile}]", unit="stage", disable=not progress)
-    for stage in bar:
-        nb = nbs_dir/stage.notebook
-        if not nb.exists():
-            runs.append(StageRun(stage, "missing", detail=f"{nb.relative_to(nbs_dir.parent) if nbs_dir.parent in nb.parents else nb} does not exist yet")); continue
-        gone = [d for d in stage.deps if d not in keys]
-        if gone:
-            runs.append(StageRun(stage, "blocked", detail=f"needs {', '.join(gone)}")); continue
-        fp = ""
-        if stage.name == "data":
-            from diffusegen.data import resolve_data_root, dataset_fingerprint
-            root, _ = resolve_data_root(cfg, data); fp = dataset_fingerprint(root)
-        key = stage_key(cfg, stage, nb, keys, fp)
-        prev = state.get(stage.name, {})
-        done = prev.get("key") == key and prev.get("status") == "done" and read_manifest(cfg, stage.name) is not None
-        if only and stage.name not in only:
-            if done: keys[stage.name] = key; runs.append(StageRun(stage, "cached", prev.get("seconds", 0), key, "not selected; cached result"))
-            else: runs.append(StageRun(stage, "skipped", detail="not selected with --only"))
-            continue
-        if done and not force:
-            keys[stage.name] = key; runs.append(StageRun(stage, "cached", prev.get("seconds", 0), key)); continue
-        bar.set_postfix_str(stage.name); t0 = time.time()
-        state[stage.name] = {"key": None, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json(_state_path(cfg), state)
-        try:
-            _execute(nb, cfg, data, overrides, nbs_dir, progress)
-        except (DiffusegenError, KeyboardInterrupt) as e:
-            state[stage.name] = {"key": None, "status": "failed", "error": str(e)}
-            write_json(_state_path(cfg), state)
-            runs.append(StageRun(stage, "failed", time.time() - t0, detail=str(e)))
-            failure = e; break
-        dt = time.time() - t0
-        state[stage.name] = {"key": key, "status": "done", "seconds": round(dt, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json(_state_path(cfg), state)
-        keys[stage.name] = key; runs.append(StageRun(stage, "ran", dt, key))
-    done_names = {r.stage.name for r in runs}
-    runs += [StageRun(s, "not run", detail="after the failure") for s in STAGES if s.name not in done_names]
-    write_report(cfg, runs, data)
-    if failure is not None: raise failure
-    return runs
-
 # %% ../nbs/90_runner.ipynb #33ff5d9b
 def _rel(p, base: Path) -> str:
     try: return str(Path(p).resolve().relative_to(base.resolve()))
     except ValueError: return str(p)
-
-EXTRA_MANIFESTS = {"fast_sampler": "Fast sampler: FID against network evaluations (`diffusegen bench fast-sampler`)"}
 
 def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     "Write `figures/<profile>/report.md` from the stage runs and their manifests."
@@ -182,9 +119,9 @@ def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     for r in runs:
         m = read_manifest(cfg, r.stage.name) if r.status in ("ran", "cached") else None
         if m: section(m, f"{r.stage.title} ({r.stage.section})", r.stage.name)
-    for name, title in EXTRA_MANIFESTS.items():             # measurements made outside `reproduce` (e.g. `diffusegen bench fast-sampler`)
-        m = read_manifest(cfg, name)
-        if m: section(m, title, name)
+    for s in MEASUREMENTS:                                    # made outside `reproduce` (e.g. `diffusegen bench fast-sampler`)
+        m = read_manifest(cfg, s.name)
+        if m: section(m, s.title, s.name)
     L += ["", "## Pretrained weights used", ""]
     if weights:
         L += ["| network | stages | source | sha256 |", "|---|---|---|---|"]
@@ -196,3 +133,61 @@ def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     L += [f"- {r.stage.title} ({r.stage.section}): {r.detail}" for r in missing] or ["Every stage is implemented."]
     with atomic_write(base/"report.md") as f: f.write("\n".join(L) + "\n")
     return base/"report.md"
+
+# %% ../nbs/90_runner.ipynb #50352159
+def _failed_cell(executed, index: int) -> str:
+    "Name a failed cell as the user sees it in the source notebook: its number (papermill's injected cell not counted) and first line."
+    import nbformat
+    cells = [c for c in nbformat.read(executed, as_version=4).cells     # without the error cells papermill inserted
+             if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+    injected = sum("injected-parameters" in c.metadata.get("tags", []) for c in cells[:index])
+    first = next((l for l in cells[index].source.splitlines() if l.strip() and not l.startswith("#|")), "").strip()
+    return f"cell {index - injected + 1} ({first[:60]!r})"
+
+def reproduce(profile: str = "demo", data=None, out=None, only=None, overrides: dict | None = None,
+              nbs_dir=None, force: bool = False, progress: bool = True) -> list[StageRun]:
+    "Run the pipeline's section notebooks for `profile`, reusing finished stages; write the report."
+    from tqdm.auto import tqdm
+    overrides = dict(overrides or {})
+    cfg = load_config(profile, {**overrides, **({"out": str(out)} if out else {})})
+    nbs_dir = Path(nbs_dir or project_root()/"nbs").resolve()
+    only = set(only or [])
+    for name in only: get_stage(name)
+    state, runs, keys, failure = _read_state(cfg), [], {}, None
+    bar = tqdm(STAGES, desc=f"reproduce [{profile}]", unit="stage", disable=not progress)
+    for stage in bar:
+        nb = nbs_dir/stage.notebook
+        if not nb.exists():
+            runs.append(StageRun(stage, "missing", detail=f"{nb.relative_to(nbs_dir.parent) if nbs_dir.parent in nb.parents else nb} does not exist yet")); continue
+        gone = [d for d in stage.deps if d not in keys]
+        if gone:
+            runs.append(StageRun(stage, "blocked", detail=f"needs {', '.join(gone)}")); continue
+        fp = inputs_fingerprint(cfg, stage, data)
+        key = stage_key(cfg, stage, nb, keys, fp)
+        prev = state.get(stage.name, {})
+        done = prev.get("key") == key and prev.get("status") == "done" and stage_finished(cfg, stage, data, fp)
+        if only and stage.name not in only:
+            if done: keys[stage.name] = key; runs.append(StageRun(stage, "cached", prev.get("seconds", 0), key, "not selected; cached result"))
+            else: runs.append(StageRun(stage, "skipped", detail="not selected with --only"))
+            continue
+        if done and not force:
+            keys[stage.name] = key; runs.append(StageRun(stage, "cached", prev.get("seconds", 0), key)); continue
+        bar.set_postfix_str(stage.name); t0 = time.time()
+        state[stage.name] = {"key": None, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(_state_path(cfg), state)
+        try:
+            _execute(nb, cfg, data, overrides, nbs_dir, progress)
+        except (DiffusegenError, KeyboardInterrupt) as e:
+            state[stage.name] = {"key": None, "status": "failed", "error": str(e)}
+            write_json(_state_path(cfg), state)
+            runs.append(StageRun(stage, "failed", time.time() - t0, detail=str(e)))
+            failure = e; break
+        dt = time.time() - t0
+        state[stage.name] = {"key": key, "status": "done", "seconds": round(dt, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(_state_path(cfg), state)
+        keys[stage.name] = key; runs.append(StageRun(stage, "ran", dt, key))
+    done_names = {r.stage.name for r in runs}
+    runs += [StageRun(s, "not run", detail="after the failure") for s in STAGES if s.name not in done_names]
+    write_report(cfg, runs, data)
+    if failure is not None: raise failure
+    return runs

@@ -126,16 +126,8 @@ def _shard_cfg(cfg: Config, i: int, k: int) -> Config:
     if not link.is_symlink(): link.symlink_to(stage_dirs(cfg, "training")[0].resolve(), target_is_directory=True)
     return cfg.replace(out=str(root), inpaint_images=0)              # the shard's sources are given, not drawn
 
-def _read_rows(path: Path) -> pd.DataFrame:
-    from diffusegen.sets import read_manifest_csv
-    return read_manifest_csv(path)
-
-def _write_rows(df: pd.DataFrame, path: Path):
-    from diffusegen.sets import MANIFEST_COLUMNS, write_manifest_csv
-    write_manifest_csv(df, path, MANIFEST_COLUMNS)
-
-def generate_shard(cfg: Config, type: str, shard: tuple[int, int], device=None, progress: bool = False) -> dict:
-    "Make shard I of K of `type`'s samples (`generate_type` on the planned sources ≡ I mod K) in the shard's folder."
+def generate_shard(cfg: Config, kind: str, shard: tuple[int, int], device=None, progress: bool = False) -> dict:
+    "Make shard I of K of type `kind`'s samples (`generate_type` on the planned sources ≡ I mod K) in the shard's folder."
     from diffusegen import inpainting as ip
     from diffusegen.clustering import load_clusters
     from diffusegen.training import training_images
@@ -143,37 +135,37 @@ def generate_shard(cfg: Config, type: str, shard: tuple[int, int], device=None, 
     x4, ids = training_images(cfg)
     cl = load_clusters(cfg); clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))
     models = {p.parent.parent.name for p in stage_dirs(cfg, "training")[0].glob("*/final/model.json")}
-    plan, _ = ip.plan_samples(cfg, type, ids, clusters, models)
+    plan, _ = ip.plan_samples(cfg, kind, ids, clusters, models)
     sources = list(dict.fromkeys(r["source_id"] for r in plan))[i::k]
     scfg = _shard_cfg(cfg, i, k)
-    from diffusegen.sets import set_dir, UNPLANNED
-    sdir, ssdir = set_dir(cfg, type), set_dir(scfg, type)
+    from diffusegen.sets import set_dir, UNPLANNED, MANIFEST_COLUMNS, read_manifest_csv, write_manifest_csv
+    sdir, ssdir = set_dir(cfg, kind), set_dir(scfg, kind)
     if not (ssdir/"manifest.csv").exists():                         # samples the real folder already has: not made again
-        old = pd.concat([_read_rows(sdir/"manifest.csv"), _read_rows(sdir/UNPLANNED)], ignore_index=True); keep = []
+        old = pd.concat([read_manifest_csv(sdir/"manifest.csv"), read_manifest_csv(sdir/UNPLANNED)], ignore_index=True); keep = []
         for r in old[old.source_id.isin(sources)].to_dict("records"):
             if (sdir/r["file"]).exists() and (sdir/r["mask_file"]).exists():
                 for f in (r["file"], r["mask_file"]):
                     (ssdir/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(sdir/f, ssdir/f)
                 keep.append(r)
-        if keep: _write_rows(pd.DataFrame(keep), ssdir/"manifest.csv")
+        if keep: write_manifest_csv(keep, ssdir/"manifest.csv", MANIFEST_COLUMNS)
     pos = {s: n for n, s in enumerate(ids)}
-    rec = ip.generate_type(scfg, type, x4[[pos[s] for s in sources]], sources, clusters, device=device, progress=progress)
+    rec = ip.generate_type(scfg, kind, x4[[pos[s] for s in sources]], sources, clusters, device=device, progress=progress)
     return {**rec, "shard": f"{i}/{k}", "sources": len(sources)}
 
-def merge_shards(cfg: Config, type: str) -> int:
-    "Move every shard's samples of `type` into the real folder and merge the manifests (run after all shards finished); returns the merged rows (0: no shards)."
-    from diffusegen.sets import set_dir
-    base, sdir = cfg.run_dir/"synthetic"/".shards", set_dir(cfg, type)
-    parts = sorted(p for p in base.glob(f"*-of-*/runs/{cfg.profile}/synthetic/{type}") if (p/"manifest.csv").exists()) if base.is_dir() else []
+def merge_shards(cfg: Config, kind: str) -> int:
+    "Move every shard's samples of type `kind` into the real folder and merge the manifests (run after all shards finished); returns the merged rows (0: no shards)."
+    from diffusegen.sets import set_dir, MANIFEST_COLUMNS, read_manifest_csv, write_manifest_csv
+    base, sdir = cfg.run_dir/"synthetic"/".shards", set_dir(cfg, kind)
+    parts = sorted(p for p in base.glob(f"*-of-*/runs/{cfg.profile}/synthetic/{kind}") if (p/"manifest.csv").exists()) if base.is_dir() else []
     if not parts: return 0
-    frames = [_read_rows(sdir/"manifest.csv")]
+    frames = [read_manifest_csv(sdir/"manifest.csv")]
     for ssdir in parts:
-        df = _read_rows(ssdir/"manifest.csv"); frames.append(df)
+        df = read_manifest_csv(ssdir/"manifest.csv"); frames.append(df)
         for f in [*df.file, *df.mask_file]:
             if (ssdir/f).exists(): (sdir/f).parent.mkdir(parents=True, exist_ok=True); os.replace(ssdir/f, sdir/f)
     frames = [f for f in frames if len(f)]
-    df = pd.concat(frames, ignore_index=True).drop_duplicates("file", keep="last") if frames else _read_rows(sdir/"manifest.csv")
-    _write_rows(df, sdir/"manifest.csv")                             # first the record, then the shard folders go
+    df = pd.concat(frames, ignore_index=True).drop_duplicates("file", keep="last") if frames else read_manifest_csv(sdir/"manifest.csv")
+    write_manifest_csv(df, sdir/"manifest.csv", MANIFEST_COLUMNS)    # first the record, then the shard folders go
     for ssdir in parts:
         shutil.rmtree(ssdir)
         root = ssdir.parents[3]

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 from .core import (Config, ConfigError, DataError, DiffusegenError, WeightsNotFound, Artifact, atomic_write, write_table,
-                             write_manifest, stage_dirs, seed_everything, resolve_device, step_seed)
+                             write_manifest, stage_dirs, seed_everything, resolve_device, step_seed, write_ledger, resumable)
+from .core import read_ledger as read_ledger_file
 from .sets import TYPES, read_set, type_label
 
 # %% auto #0
@@ -223,9 +224,10 @@ KEY_COLUMNS = ["table", "type", "n", "r", "mode", "repeat"]
 def _ints(s: str) -> list[int]: return [int(v) for v in str(s).split()]
 def _words(s: str) -> list[str]: return str(s).split()
 
-def cell_seed(cfg: Config, table: int, type: str, n: int, r: int, mode: str, repeat: int) -> int:
-    "The seed of one cell: from the global seed and the cell's identity only."
-    return step_seed(cfg.seed, f"segment/table{table}/{type}/n{n}/r{r}/{mode}/rep{repeat}", 0)
+def cell_seed(cfg: Config, cell: dict) -> int:
+    "The seed of one cell (a `grid` dict: table, type, n, r, mode, repeat): from the global seed and the cell's identity only."
+    c = cell
+    return step_seed(cfg.seed, f"segment/table{c['table']}/{c['type']}/n{c['n']}/r{c['r']}/{c['mode']}/rep{c['repeat']}", 0)
 
 def grid(cfg: Config) -> list[dict]:
     "Every cell of Tables 2 and 3 for these settings, in run order."
@@ -364,13 +366,12 @@ STALE = "stale: settings changed"
 SCORE_COLUMNS = ["dice_loss", "dice", "iou", "val_iou"]
 
 def read_ledger(cfg: Config) -> pd.DataFrame:
-    "The cells ledger (LEDGER_COLUMNS); a ledger of an older schema gets empty n_syn, short_of_r; another is a DataError."
+    """The cells ledger (LEDGER_COLUMNS; read with `core.read_ledger`, the format unchanged); a ledger of an older
+    schema gets empty n_syn, short_of_r; another is a DataError."""
     p = results_paths(cfg)[0]
     if not p.exists(): return pd.DataFrame(columns=LEDGER_COLUMNS)
-    try: df = pd.read_csv(p, dtype={"mode": str, "status": str, "settings_hash": str, "encoder": str}, keep_default_na=False,
-                          na_values={c: [""] for c in SCORE_COLUMNS})
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: not a readable cells ledger ({' '.join(str(e).split())[:100]}); delete it to retrain every cell") from None
+    df = read_ledger_file(p, LEDGER_COLUMNS, strings=("mode", "status", "settings_hash", "encoder"), numbers=SCORE_COLUMNS,
+                          what="cells ledger", hint="delete it to retrain every cell")
     for c in ("n_syn", "short_of_r"):                              # written before these columns existed: unknown ("")
         df[c] = (df[c] if c in df.columns else pd.Series("", index=df.index)).astype(object)
     miss = [c for c in LEDGER_COLUMNS if c not in df.columns]
@@ -383,7 +384,7 @@ def write_results(cfg: Config, ledger: pd.DataFrame, cells: list[dict], current:
     """Rewrite the ledger and results.csv (the current grid's cells that have a row, in grid order), atomically. A row
     whose settings hash is not the cell's `current[key]` enters results.csv as `stale: settings changed`, without scores."""
     ledger_p, res_p, fig_p = results_paths(cfg)
-    with atomic_write(ledger_p) as f: ledger.to_csv(f, index=False)
+    write_ledger(ledger, ledger_p, LEDGER_COLUMNS)
     order = {tuple(str(c[k]) for k in KEY_COLUMNS): j for j, c in enumerate(cells)}
     cur = ledger[[_key(r) in order for _, r in ledger.iterrows()]].copy()
     cur["_o"] = [order[_key(r)] for _, r in cur.iterrows()]
@@ -445,11 +446,13 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     todo = cells if only is None else [c for c in cells if any(all(str(c[k]) == str(o[k]) for k in o) for o in only)]
     ledger = read_ledger(cfg)
     current = {_key(c): cell_hash(cfg, sets, c) for c in cells}    # every grid cell's hash: older rows are marked stale
+    done = {k: r for k, r in resumable(ledger.to_dict("records"), _key, lambda r: str(r["settings_hash"]), current).items()
+            if r["status"] == "ok"}                                   # trained under the current hash: reused
     from tqdm.auto import tqdm
     t_stage, trained, reused = time.time(), 0, 0
     n_test = len(sets.test[0])
     for cell in tqdm(todo, desc="segmentation cells", disable=not progress):
-        seed = cell_seed(cfg, **cell)
+        seed = cell_seed(cfg, cell)
         data = cell_data(cfg, sets, cell)
         h = current[_key(cell)]
         base = {**cell, "seed": seed, "encoder": cfg.seg_encoder, "n_test": n_test}
@@ -459,9 +462,9 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                    "settings_hash": h, "seconds": 0.0}
         else:
             counts = {"n_syn": data["counts"]["synthetic"], "short_of_r": data["counts"]["short_of_r"]}
-            old = ledger[[_key(r) == _key(cell) for _, r in ledger.iterrows()]]
-            if len(old) and str(old.iloc[0].settings_hash) == h and old.iloc[0].status == "ok":
-                for c, v in counts.items(): ledger.loc[old.index[0], c] = v       # same data: same counts
+            if _key(cell) in done:
+                at = np.array([_key(r) == _key(cell) for _, r in ledger.iterrows()], dtype=bool)
+                for c, v in counts.items(): ledger.loc[at, c] = v                # same data: same counts
                 reused += 1; continue
             t0 = time.time()
             label = f"table {cell['table']} {cell['type']} n={cell['n']} r={cell['r']}"

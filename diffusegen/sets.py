@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
-from .core import Config, DiffusegenError, atomic_write
+from .core import Config, DiffusegenError, read_ledger, write_ledger
 
 # %% auto #0
 __all__ = ['TYPES', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType', 'register_type', 'get_type', 'type_label',
@@ -72,16 +72,12 @@ def set_dir(cfg: Config, key: str) -> Path:
     return cfg.run_dir/"synthetic"/key
 
 def read_manifest_csv(path, columns: list | None = None) -> pd.DataFrame:
-    "A set manifest (or an empty one with `columns` when the file is absent); ids, names and seeds stay strings."
-    path = Path(path)
-    if not path.exists(): return pd.DataFrame(columns=columns or MANIFEST_COLUMNS)
-    head = pd.read_csv(path, nrows=0).columns
-    return pd.read_csv(path, dtype={c: str for c in head if c in STRING_COLUMNS}, keep_default_na=False)
+    "A set manifest, the set's ledger (or an empty one with `columns` when the file is absent); ids, names and seeds stay strings."
+    return read_ledger(path, columns or MANIFEST_COLUMNS, strings=STRING_COLUMNS, what="set manifest")
 
 def write_manifest_csv(rows, path, columns: list):
-    "Write a set manifest atomically, with exactly `columns` in that order."
-    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, columns=columns)
-    with atomic_write(path) as f: df[columns].to_csv(f, index=False)
+    "Write a set manifest atomically (`core.write_ledger`), with exactly `columns` in that order."
+    write_ledger(rows, path, columns)
 
 # %% ../nbs/01b_sets.ipynb #2f7c4087
 def read_set(cfg: Config, key: str, required: bool = False) -> pd.DataFrame | None:
@@ -146,5 +142,4 @@ def prune_rows(folder: Path, rows: list[dict], subs=("file", "mask_file"), extra
 
 def write_unplanned(rows: list[dict], path: Path, columns: list[str]):
     "Write manifest_unplanned.csv (`rows` outside the plan): when there are any, or to empty an earlier one."
-    if rows or path.exists():
-        with atomic_write(path) as f: pd.DataFrame(rows, columns=columns).to_csv(f, index=False)
+    if rows or path.exists(): write_ledger(rows, path, columns)

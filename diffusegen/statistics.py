@@ -176,15 +176,15 @@ def load_paper_tables(root: Path | None = None) -> dict:
     b1 = _need(_read_csv(root/"tableB1.csv"), ["type", "rated_real", "rated_fake"], root/"tableB1.csv")
     return {"t1": t1, "seg": seg, "b1": b1}
 
-def values(T: dict, table: int, metric: str, type: str, n: int | None = None, mode: str | None = None) -> pd.Series:
-    "One type's values of `metric` in Table `table` (status ok, finite), indexed by the keys t-tests pair on."
+def values(T: dict, table: int, metric: str, kind: str, n: int | None = None, mode: str | None = None) -> pd.Series:
+    "The values of data type `kind` for `metric` in Table `table` (status ok, finite), indexed by the keys t-tests pair on."
     d = T["t1"] if table == 1 else T["seg"]
-    mask = (d["type"].to_numpy() == type) & (d["status"].to_numpy() == "ok")
+    mask = (d["type"].to_numpy() == kind) & (d["status"].to_numpy() == "ok")
     if table != 1:
         mask &= d["table"].to_numpy() == table
         if mode is not None:
             modes = d["mode"].to_numpy()
-            mask &= np.isin(modes, [mode, ""]) if type == "real" else (modes == mode)
+            mask &= np.isin(modes, [mode, ""]) if kind == "real" else (modes == mode)
         if n is not None: mask &= d["n"].to_numpy() == n
     keys = ["repeat"] if table == 1 else ["n", "repeat"] if table == 2 else (["r", "repeat"] if n is not None else ["n", "r", "repeat"])
     v = d[metric].to_numpy(dtype=float)[mask]
@@ -217,8 +217,8 @@ def paired_diff(T, table, metric, a, b, n=None) -> pd.Series:
         else: out.append((x - y).dropna())
     return pd.concat(out) if out else pd.Series(dtype=float)
 
-def _op_mean_std(T, table, metric, type, n=None):
-    v = values(T, int(table), metric, type, None if n is None else int(n))
+def _op_mean_std(T, table, metric, kind, n=None):
+    v = values(T, int(table), metric, kind, None if n is None else int(n))
     m, s, k = mean_std(v); s1 = mean_std(v, 1)[1]
     return Derived((m, s, s1), f"{fmt_pm(v)} (population std; sample std {fmt_num(s1, 4)}; k={k})")
 
@@ -303,6 +303,7 @@ def derive(T: dict, spec: str) -> Derived:
     op, *args = spec.split()
     if op not in OPS: raise DataError(f"claims: unknown derivation {op!r} in {spec!r} (known: {', '.join(OPS)})")
     kw = dict(a.split("=", 1) for a in args)
+    if "type" in kw: kw["kind"] = kw.pop("type")       # claims.csv names the data type `type=`
     return OPS[op](T, **kw)
 
 # %% ../nbs/08_statistics.ipynb #503fe4ba

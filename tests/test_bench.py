@@ -137,11 +137,17 @@ def test_bench_smoke_writes_json_and_markdown(tmp_path):
     per_eval = [r["inpaint_seconds_per_image"] / r["inpaint_nfe"] for r in summ]      # one measured cost per evaluation
     assert per_eval[1] == pytest.approx(per_eval[0], rel=0.05) and all(r["seconds_per_styled_pair"] > 0 for r in summ)
 
-def test_segment_part_reports_or_says_not_available(monkeypatch):
-    import sys
-    monkeypatch.setitem(sys.modules, "diffusegen.segmentation", None)      # as if nbs/07 were missing
-    rows = bench.segment_worker("smoke", 1, "cpu")
-    assert len(rows) == 1 and rows[0]["status"].startswith("not available")
+def test_segment_part_failing_encoder_is_an_error_row_not_a_crash(monkeypatch):
+    "One encoder failing (e.g. absent weights) is an `error: …` row; the other encoders are still timed."
+    from diffusegen import segmentation
+    def fake(enc, arch, size, batch, steps, device):
+        if enc == "broken": raise RuntimeError("no weights for broken\nsecond line")
+        return {"images_per_second": 1.5}
+    monkeypatch.setattr(segmentation, "segment_throughput", fake)
+    rows = bench.segment_worker("smoke", 1, "cpu", encoders=["broken", "resnet18"])
+    assert [r["encoder"] for r in rows] == ["broken", "resnet18"]
+    assert rows[0]["status"] == "error: no weights for broken"
+    assert rows[1]["status"] == "ok" and rows[1]["images_per_second"] == 1.5 and rows[1]["arch"] == load_config("smoke").seg_arch
 
 # --- the FID-against-evaluations curve on tiny models ---
 

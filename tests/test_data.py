@@ -24,7 +24,7 @@ def write_pair(d, name, img, mask, iext=".jpg", mext=".png"):
 
 @pytest.fixture
 def bad_folder(tmp_path):
-    "One good pair and one file of every kind of bad input the issue lists."
+    "One good pair and one file of every kind of bad input the data check must name (missing partner, size, empty, grey, zero-byte, truncated, …)."
     d = tmp_path/"bad"
     rng = np.random.default_rng(0)
     img = (rng.random((48, 64, 3)) * 255).astype(np.uint8)

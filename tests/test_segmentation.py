@@ -125,14 +125,14 @@ def test_grid_and_seeds():
     assert len(t2) == 16 and len(t3) == 28 and {c["mode"] for c in t3 if c["type"] != "real"} == {"add"}
     assert {c["mode"] for c in t3 if c["type"] == "real"} == {""}                        # Real baselines: no mode
     assert len(S.grid(cfg.replace(seg_repeats=3))) == 3 * len(g)
-    seeds = [S.cell_seed(cfg, **c) for c in g]
+    seeds = [S.cell_seed(cfg, c) for c in g]
     assert len(set(seeds)) == len(seeds)
-    assert S.cell_seed(cfg, **g[3]) == S.cell_seed(load_config("paper"), **g[3])          # stable across runs
-    assert S.cell_seed(cfg.replace(seed=1), **g[3]) != seeds[3]
+    assert S.cell_seed(cfg, g[3]) == S.cell_seed(load_config("paper"), g[3])          # stable across runs
+    assert S.cell_seed(cfg.replace(seed=1), g[3]) != seeds[3]
     g_rep = S.grid(cfg.replace(table3_mode="replace"))
     assert {c["mode"] for c in g_rep if c["table"] == 3 and c["type"] != "real"} == {"replace"}
     # add and replace share the Real cells: same keys and seeds
-    real3 = lambda g: [(c, S.cell_seed(cfg, **c)) for c in g if c["table"] == 3 and c["type"] == "real"]
+    real3 = lambda g: [(c, S.cell_seed(cfg, c)) for c in g if c["table"] == 3 and c["type"] == "real"]
     assert real3(g_rep) == real3(g)
 
 def test_encoder_weights_from_local_torch_hub(tmp_path, monkeypatch):
@@ -388,3 +388,38 @@ def test_read_ledger_schema(tmp_path):
 def test_results_schema_is_the_statistics_schema():
     from diffusegen import statistics as ST
     assert S.RESULT_COLUMNS == ST.SEG_COLUMNS and S.RESULT_COLUMNS[-2:] == ["n_syn", "short_of_r"]
+
+def test_ledger_of_an_earlier_version_resumes_without_training(tmp_path, monkeypatch):
+    """A cells.csv as the versions before n_syn / short_of_r wrote it (literal text): every cell whose settings hash is
+    the current one is reused, nothing is trained again; the ledger is then rewritten in the current schema."""
+    cfg = load_config("smoke", {"out": str(tmp_path), "table2_types": "real diff", "table2_n": "1 2", "table3_n": "16",
+                                "table3_types": ""})
+    cells = S.grid(cfg)
+    p = S.results_paths(cfg)[0]; p.parent.mkdir(parents=True)
+    lines = ["table,type,n,r,mode,repeat,seed,dice_loss,dice,iou,val_iou,best_epoch,epochs,n_train,n_val,n_test,encoder,status,settings_hash,seconds"]
+    lines += [f"{c['table']},{c['type']},{c['n']},{c['r']},{c['mode']},{c['repeat']},{S.cell_seed(cfg, c)},0.3,0.7,0.6,0.65,1,1,8,2,8,"
+              f"{cfg.seg_encoder},ok,0123abcd,1.5" for c in cells]
+    p.write_text("\n".join(lines) + "\n")
+    z = (np.zeros((3, 8, 8, 3), np.uint8), np.zeros((3, 8, 8), np.uint8))
+    class FakeSets:
+        test, notes = z, {}
+        def __init__(self, cfg): pass
+    def no_training(*a, **k): raise AssertionError("a finished cell was trained again")
+    monkeypatch.setattr(S, "Sets", FakeSets)
+    monkeypatch.setattr(S, "cell_data", lambda cfg, sets, cell: {"train": z, "val": z, "counts": {"synthetic": 3, "short_of_r": 0}})
+    monkeypatch.setattr(S, "cell_hash", lambda cfg, sets, cell: "0123abcd")      # read as text: the leading 0 stays
+    monkeypatch.setattr(S, "train_cell", no_training)
+    s = S.run_segmentation(cfg, progress=False)
+    assert (s["trained"], s["reused"], s["ok"]) == (0, len(cells), len(cells))
+    res = pd.read_csv(S.results_paths(cfg)[1], keep_default_na=False)
+    assert res.status.tolist() == ["ok"] * len(cells) and res.iou.tolist() == [0.6] * len(cells)
+    led = S.read_ledger(cfg)
+    assert led.columns.tolist() == S.LEDGER_COLUMNS and led.n_syn.astype(int).tolist() == [3] * len(cells)
+    assert led.settings_hash.tolist() == ["0123abcd"] * len(cells) and led.seconds.tolist() == [1.5] * len(cells)
+    # the same ledger under another hash for one cell: that cell (only) trains
+    trained = []
+    monkeypatch.setattr(S, "cell_hash", lambda cfg, sets, cell: "new" if cell["n"] == 2 else "0123abcd")
+    monkeypatch.setattr(S, "train_cell", lambda *a, **k: trained.append(1) or
+                        {"dice_loss": 0.2, "dice": 0.8, "iou": 0.7, "val_iou": 0.7, "best_epoch": 1, "epochs": 1})
+    s = S.run_segmentation(cfg, progress=False)
+    assert (s["trained"], s["reused"]) == (1, len(cells) - 1) and len(trained) == 1

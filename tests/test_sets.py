@@ -79,3 +79,24 @@ def test_real_set_is_the_training_split_with_string_ids(tmp_path):
     stems = {p.stem for p in (tmp_path/"data"/"images").iterdir()}
     assert len(real) and set(real.source_id) <= stems                     # "003" stays "003", never 3
     assert all(Path(p).stem == s for p, s in zip(real.image_path, real.source_id))
+
+def test_manifest_of_an_earlier_version_resumes(tmp_path):
+    """A set manifest as earlier versions wrote it (literal text; the format is unchanged): its samples under the current
+    key count as done (ids and seeds as text, so '003' and '0042' match the plan), the others are neither lost nor done."""
+    from diffusegen.sets import read_manifest_csv, split_ledger
+    d = tmp_path/"diff"
+    (d/"images").mkdir(parents=True); (d/"masks").mkdir()
+    rows = [("003_0", "003", "0042", '"{""respacing"": 200}"'), ("7_0", "7", "9", '"{""respacing"": 200}"'),
+            ("8_0", "8", "1", '"{""respacing"": 100}"')]
+    text = ",".join(MANIFEST_COLUMNS) + "\n" + "".join(
+        f"images/{n}.png,masks/{n}.png,{sid},2,cluster_2,0,{seed},00ff,paper-code,35,{params},{{}}\n" for n, sid, seed, params in rows)
+    (d/"manifest.csv").write_text(text)
+    for n, *_ in rows: (d/"images"/f"{n}.png").write_bytes(b"x"); (d/"masks"/f"{n}.png").write_bytes(b"x")
+    old = read_manifest_csv(d/"manifest.csv").to_dict("records")
+    assert [r["source_id"] for r in old] == ["003", "7", "8"] and old[0]["seed"] == "0042" and old[0]["params"] == '{"respacing": 200}'
+    planned = {("images/003_0.png", "0042", '{"respacing": 200}'), ("images/7_0.png", "9", '{"respacing": 200}')}
+    key = lambda r: (r["file"], r["seed"], r["params"])
+    done, aside = split_ledger(old, lambda r: key(r) in planned, {f for f, *_ in planned},
+                               lambda r: (d/r["file"]).exists() and (d/r["mask_file"]).exists())
+    assert [r["file"] for r in done] == ["images/003_0.png", "images/7_0.png"]          # resumed: not made again
+    assert [r["file"] for r in aside] == ["images/8_0.png"]                               # outside the plan: kept
