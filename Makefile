@@ -6,7 +6,7 @@ VENV ?= .venv
 PROFILE ?= demo
 ARGS ?=
 
-.PHONY: install reproduce test export clean-nbs
+.PHONY: install reproduce dry-run test export clean-nbs
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 reproduce: install
 	$(VENV)/bin/diffusegen reproduce --profile $(PROFILE) $(ARGS)
+
+# A dry run of a profile (e.g. `make dry-run PROFILE=paper`): its networks and formats with every count cut, into dry-run/.
+dry-run: install
+	$(VENV)/bin/diffusegen reproduce --profile $(PROFILE) --dry-run $(ARGS)
 
 test: install
 	$(VENV)/bin/python -m pytest $(ARGS)

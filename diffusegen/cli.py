@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, os, sys, traceback
 from pathlib import Path
-from .core import DiffusegenError, ConfigError, STAGES, load_config, one_line, profiles
+from .core import DiffusegenError, ConfigError, STAGES, load_config, one_line, profiles, project_root
 
 # %% auto #0
 __all__ = ['pd_markdown', 'build_parser', 'main']
@@ -22,8 +22,9 @@ def _overrides(pairs) -> dict:
 
 def _cmd_reproduce(a) -> int:
     from diffusegen.runner import reproduce
-    runs = reproduce(a.profile, data=a.data, out=a.out, only=a.only, overrides=_overrides(a.set), force=a.force)
-    cfg = load_config(a.profile, {"out": a.out} if a.out else {})
+    runs = reproduce(a.profile, data=a.data, out=a.out, only=a.only, overrides=_overrides(a.set), force=a.force, dry_run=a.dry_run)
+    out = (Path(a.out or project_root())/"dry-run") if a.dry_run else a.out
+    cfg = load_config(a.profile, {"out": str(out)} if out else {})
     for r in runs: print(f"{r.stage.name:<13} {r.status:<8} {r.detail}")
     print(f"report: {cfg.fig_dir/'report.md'}")
     return 0
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="folder for figures/ and runs/ (default: the project root)")
     r.add_argument("--only", nargs="+", metavar="STAGE", choices=[s.name for s in STAGES], help="run only these stages")
     r.add_argument("--force", action="store_true", help="redo stages even when cached")
+    r.add_argument("--dry-run", action="store_true", help="the profile's networks and formats with every count cut (settings.ini "
+                   "[dry-run]), into <out>/dry-run/: minutes, with each stage's time and peak memory, before a long run")
     r.set_defaults(func=_cmd_reproduce)
 
     d = sub.add_parser("data", help="check, prepare, download or generate a dataset")

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['STAGES', 'MEASUREMENTS', 'one_line', 'DiffusegenError', 'ConfigError', 'DataError', 'WeightsNotFound', 'project_root',
-           'Config', 'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'load_config',
-           'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write', 'atomic_path', 'write_json', 'write_table',
-           'save_figure', 'save_png', 'read_ledger', 'write_ledger', 'resumable', 'step_seed', 'seed_everything',
-           'torch_generator', 'versions', 'resolve_device', 'Stage', 'get_stage', 'Artifact', 'stage_dirs',
-           'write_manifest', 'peak_memory', 'read_manifest', 'stage_function', 'inputs_fingerprint', 'stage_finished',
-           'upstream', 'ensure', 'show_stage']
+__all__ = ['DRY_RUN_SECTION', 'DRY_RUN_BANNER', 'STAGES', 'MEASUREMENTS', 'one_line', 'DiffusegenError', 'ConfigError',
+           'DataError', 'WeightsNotFound', 'project_root', 'Config', 'resolve_path', 'apply_overrides', 'settings_path',
+           'read_settings', 'profiles', 'dry_run_overrides', 'load_config', 'current_umask', 'fsync_path', 'fsync_tree',
+           'atomic_write', 'atomic_path', 'write_json', 'write_table', 'save_figure', 'save_png', 'read_ledger',
+           'write_ledger', 'resumable', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device',
+           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'peak_memory', 'read_manifest',
+           'stage_function', 'inputs_fingerprint', 'stage_finished', 'upstream', 'ensure', 'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 def one_line(s) -> str:
@@ -204,7 +204,10 @@ class Config:
     dino_weights: str = _f("auto", "weights")
     vgg_weights: str = _f("auto", "weights")
     allow_substitute_weights: bool = _f(False, "weights")
+    substitute_weights: str = _f("inception", "weights", "inception = layers of the FID Inception stand in (labelled); random = the "
+                                 "real DINO/VGG architectures with seeded random weights (dry runs: cost, shapes and memory only)")
     # run
+    dry_run: bool = _f(False, "run", "set by `--dry-run`: the [dry-run] section's counts on top of a profile; every output says so")
     seed: int = _f(0, "all", ge=0)
     device: str = _f("auto", "run")
     num_workers: int = _f(0, "run", ge=0)
@@ -214,7 +217,7 @@ class Config:
                 "inpaint_variant": ("paper-code", "paper-text"),
                 "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"), "table3_mode": ("add", "replace"),
                 "executor": ("local", "slurm", "debug"), "inpaint_sampler": ("ddpm", "ddim"), "init_from": ("none", "full", "shipped"),
-                "data_download": ("kvasir-seg", "hyperkvasir", "none")}
+                "data_download": ("kvasir-seg", "hyperkvasir", "none"), "substitute_weights": ("inception", "random")}
 
     _int_lists = {"block_out_channels": True, "attention_resolutions": False, "full_attention_resolutions": False,
                   "table2_n": True, "table3_n": True, "table3_r": True}     # lists of positive integers (True: at least one)
@@ -345,6 +348,19 @@ def read_settings(path: Path | None = None) -> configparser.ConfigParser:
 def profiles(path: Path | None = None) -> list[str]:
     "The profiles `settings.ini` defines (its sections but `[DEFAULT]`)."
     return [s for s in read_settings(path).sections() if s != "DEFAULT"]
+
+DRY_RUN_SECTION = "dry-run"
+DRY_RUN_BANNER = ("> **Dry run.** The profile's networks, resolution, dtypes, losses and file formats with every count cut "
+                  "(settings.ini [dry-run]); style networks without weights have random ones. It proves the run can start and "
+                  "shows its time and peak memory per stage; no number in it is a result.")
+
+def dry_run_overrides(path: Path | None = None) -> dict:
+    """The `[dry-run]` section's own values (not those it inherits): the counts a dry run cuts, applied on top of any
+    profile as overrides, so that its networks, resolution, dtypes and formats stay the profile's."""
+    path = Path(path or settings_path())
+    cp = read_settings(path)
+    if DRY_RUN_SECTION not in cp.sections(): raise ConfigError(f"{path}: no [{DRY_RUN_SECTION}] section (the counts of --dry-run)")
+    return {k: v for k, v in cp[DRY_RUN_SECTION].items() if k != "base"}
 
 def _profile_values(cp, profile: str, path, seen=()) -> dict:
     "`[DEFAULT]`, then the `base` chain, then the profile's own values."
@@ -657,6 +673,7 @@ def show_stage(cfg: Config, stage: str, kinds: tuple = ("figure", "table"), matc
     in a notebook; return how many were shown. Figures come from their PNG files, tables from their Markdown."""
     from IPython.display import Image, Markdown, display
     m, shown = read_manifest(cfg, stage), 0
+    if cfg.dry_run: display(Markdown(DRY_RUN_BANNER))
     for a in (m or {}).get("artifacts", []):
         p = Path(a["path"])
         if a["kind"] not in kinds or match not in a["title"]: continue

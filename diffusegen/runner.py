@@ -8,7 +8,8 @@ import hashlib, json, time
 from dataclasses import dataclass
 from pathlib import Path
 from .core import (Config, DiffusegenError, MEASUREMENTS, STAGES, Stage, get_stage, load_config, project_root,
-                             write_json, atomic_write, read_manifest, stage_dirs, versions, inputs_fingerprint, stage_finished)
+                             write_json, atomic_write, read_manifest, stage_dirs, versions, inputs_fingerprint, stage_finished,
+                             dry_run_overrides, DRY_RUN_BANNER)
 
 # %% auto #0
 __all__ = ['StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'write_report', 'reproduce']
@@ -80,7 +81,9 @@ def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     "Write `figures/<profile>/report.md` from the stage runs and their manifests."
     base = cfg.fig_dir; base.mkdir(parents=True, exist_ok=True)
     write_json(base/"config.json", cfg.to_dict())
-    L = [f"# diffusegen reproduction report: profile `{cfg.profile}`", "",
+    L = [f"# diffusegen reproduction report: profile `{cfg.profile}`" + (" — DRY RUN" if cfg.dry_run else ""), ""]
+    if cfg.dry_run: L += [DRY_RUN_BANNER, ""]
+    L += [
          f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} with {', '.join(f'{k} {v}' for k, v in versions().items())}. Full configuration: `config.json` "
          f"(settings hash `{cfg.hash()}`). Executed notebooks: `executed/`.", ""]
     lock = project_root()/"constraints.txt"
@@ -94,13 +97,17 @@ def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
         L += [f"**Data:** `{s.get('dataset', '?')}` — {s.get('origin', '')}."
               + (" These are procedurally drawn stand-ins, not endoscopy images: the pipeline runs end to end, but no number"
                  " below is comparable with the paper's." if procedural else ""), ""]
-    L += ["## Stages", "", "| section | stage | notebook | status | time | detail |", "|---|---|---|---|---|---|"]
+    L += ["## Stages", "", "Peak memory: the stage's process (its notebook's kernel) at its largest, from its manifest; "
+          "size a machine for a longer run of the same profile by it.", "",
+          "| section | stage | notebook | status | time | detail | peak memory |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         t = f"{r.seconds:.0f} s" if r.status in ("ran", "cached") else ""
-        L.append(f"| {r.stage.section} | {r.stage.title} | `{r.stage.notebook}` | {r.status} | {t} | {r.detail.replace('|', '/')} |")
+        pm = (read_manifest(cfg, r.stage.name) or {}).get("peak_memory", {}) if r.status in ("ran", "cached") else {}
+        mem = " / ".join(f"{v:.1f} GiB {'RSS' if k == 'rss_gib' else 'GPU'}" for k, v in pm.items())
+        L.append(f"| {r.stage.section} | {r.stage.title} | `{r.stage.notebook}` | {r.status} | {t} | {r.detail.replace('|', '/')} | {mem} |")
     weights = {}
     def section(m, title, stage_name):
-        L.extend(["", f"## {title}", ""])
+        L.extend(["", f"## {title}" + (" — dry run" if cfg.dry_run else ""), ""])
         for n in m.get("notes", []): L.append(f"- {n}")
         if m.get("notes"): L.append("")
         for a in m["artifacts"]:
@@ -145,10 +152,14 @@ def _failed_cell(executed, index: int) -> str:
     return f"cell {index - injected + 1} ({first[:60]!r})"
 
 def reproduce(profile: str = "demo", data=None, out=None, only=None, overrides: dict | None = None,
-              nbs_dir=None, force: bool = False, progress: bool = True) -> list[StageRun]:
-    "Run the pipeline's section notebooks for `profile`, reusing finished stages; write the report."
+              nbs_dir=None, force: bool = False, progress: bool = True, dry_run: bool = False) -> list[StageRun]:
+    """Run the pipeline's section notebooks for `profile`, reusing finished stages; write the report. `dry_run`: the
+    `[dry-run]` section's counts on top of the profile (its own overrides still win), in `<out>/dry-run/`."""
     from tqdm.auto import tqdm
     overrides = dict(overrides or {})
+    if dry_run:
+        overrides = {**dry_run_overrides(), **overrides}
+        out = Path(out or project_root())/"dry-run"
     cfg = load_config(profile, {**overrides, **({"out": str(out)} if out else {})})
     nbs_dir = Path(nbs_dir or project_root()/"nbs").resolve()
     only = set(only or [])

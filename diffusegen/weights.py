@@ -19,7 +19,8 @@ __all__ = ['WEIGHTS', 'DINO_TIMM_NAME', 'DINO_HF_REPO', 'IMAGENET_MEAN', 'IMAGEN
            'clean_fid_cache_dirs', 'auto_candidates', 'Located', 'locate_weights', 'missing_message', 'file_sha256',
            'FIDInception', 'fid_input', 'inception_features', 'CleanFIDExtractor', 'resize_short', 'DinoCLS',
            'dino_state_dict', 'VGGFeatures', 'read_state_dict', 'build_dino', 'build_vgg19_features', 'InceptionCLS',
-           'InceptionLowLevel', 'resolve_weights', 'clear_weights_cache', 'download_weights', 'weights_report']
+           'InceptionLowLevel', 'random_network', 'resolve_weights', 'clear_weights_cache', 'download_weights',
+           'weights_report']
 
 # %% ../nbs/00_weights.ipynb #88edc056
 class BadWeights(DiffusegenError):
@@ -423,6 +424,23 @@ _SUB_LABELS = {
              "(Conv2d_3b, 80 ch) in place of VGG19 conv1_1/conv2_1; not the paper's network",
 }
 
+_RANDOM_LABELS = {
+    "dino_vitb8": "RANDOM WEIGHTS: the DINO ViT-B/8 architecture (timm vit_base_patch8_224) with seeded random weights, in place of "
+                  "DINO's; a dry run's cost, shapes and memory only, no styling result",
+    "vgg19": "RANDOM WEIGHTS: the VGG19 architecture (torchvision) with seeded random weights, in place of ImageNet's; a dry run's "
+             "cost, shapes and memory only, no styling result",
+}
+
+def random_network(name: str, seed: int = 0) -> nn.Module:
+    "`name`'s real architecture ('dino_vitb8' or 'vgg19') with seeded random weights: the `substitute_weights = random` stand-in."
+    import timm, torchvision
+    torch.manual_seed(seed)
+    if name == "dino_vitb8":
+        net = DinoCLS(timm.create_model(DINO_TIMM_NAME, pretrained=False, num_classes=0, dynamic_img_size=True).eval())
+    else: net = VGGFeatures(torchvision.models.vgg19(weights=None).features.eval())
+    net.substitute = True
+    return net
+
 def resolve_weights(name: str, cfg: Config) -> tuple[nn.Module, dict]:
     "The pretrained network `name` ('inception', 'dino_vitb8', 'vgg19') and its provenance; `WeightsNotFound` when absent."
     spec = get_spec(name)
@@ -433,6 +451,11 @@ def resolve_weights(name: str, cfg: Config) -> tuple[nn.Module, dict]:
         return loader(*key), _provenance(name, loc.path, f"{spec.title} ({loc.origin})", loc.origin, False)
     reason = missing_message(name, loc.searched)
     if name == "inception" or not cfg.allow_substitute_weights: raise WeightsNotFound(reason)
+    if cfg.substitute_weights == "random":
+        spec = get_spec(name)
+        return random_network(name, cfg.seed), {"name": name, "label": _RANDOM_LABELS[name], "source": f"random init (seed {cfg.seed})",
+                                                "sha256": None, "substitute": True, "origin": "random", "url": spec.url,
+                                                "paper": spec.paper, "replaces": spec.title, "reason": reason}
     try: inc, iprov = resolve_weights("inception", cfg)
     except WeightsNotFound as e:
         raise WeightsNotFound(f"{spec.title} weights not found and its substitute needs the FID Inception: {e}") from None
