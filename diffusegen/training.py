@@ -560,7 +560,7 @@ def install_shipped(cfg: Config, card: dict, images: torch.Tensor, mdir) -> dict
     model finished here under other settings is moved aside to `final.was-<hash>`, never deleted."""
     import matplotlib.pyplot as plt
     from safetensors.torch import load_file
-    from .weights import file_sha256
+    from diffusegen.weights import file_sha256
     w, c = shipped_paths(cfg)
     h = file_sha256(w)
     if h != card.get("sha256"):
@@ -614,9 +614,9 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
     in fp16), `<dest>.json` (the card) and `<dest>.md` (the card for people), each atomically; returns the card.
     `curve`: rows {step, fid, kid, images} measured on the way (`sampler_fid_curve`)."""
     from safetensors.torch import save_file
-    from .core import atomic_path, versions
-    from .weights import file_sha256
-    from .datasets import DATASETS
+    from diffusegen.core import atomic_path, versions
+    from diffusegen.weights import file_sha256
+    from diffusegen.datasets import DATASETS
     src, dest = Path(src), Path(dest)
     if (src/"final"/"model.json").exists():
         rec = json.loads((src/"final"/"model.json").read_text()); steps = rec["steps"]
