@@ -4,13 +4,13 @@
 
 # %% ../nbs/04_inpainting.ipynb #f34d54af
 from __future__ import annotations
-import hashlib, json, time
+import json, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_table, save_figure,
+from .core import (sha256_file, Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_table, save_figure,
                              write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed)
 from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
 from .data import ellipse, dilate_mask
@@ -20,8 +20,8 @@ from .sets import (MANIFEST_COLUMNS, UNPLANNED, set_dir, type_label, read_set, r
 # %% auto #0
 __all__ = ['SAMPLERS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts', 'variant_start', 'refine_mask', 'to_uint8',
            'inpaint_inputs', 'DeviceDiffusion', 'device_diffusion', 'precision_label', 'sampling_fn', 'auto_batch',
-           'repaint', 'inpaint_diffusion', 'weights_file', 'sha256_file', 'inpaint_params', 'settings_key',
-           'plan_samples', 'generate_type', 'fig5', 'run_inpainting']
+           'repaint', 'inpaint_diffusion', 'weights_file', 'inpaint_params', 'settings_key', 'plan_samples',
+           'generate_type', 'fig5', 'run_inpainting']
 
 # %% ../nbs/04_inpainting.ipynb #e39ca771
 def jump_schedule(T: int, jump_length: int = 10, resample: int = 5, start: int | None = None) -> list[int]:
@@ -223,12 +223,6 @@ def weights_file(model_dir) -> Path:
     final = Path(model_dir)/"final"
     sub = "unet_ema" if json.loads((final/"model.json").read_text()).get("sample_weights") == "ema" else "unet"
     return final/sub/"diffusion_pytorch_model.safetensors"
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""): h.update(b)
-    return h.hexdigest()
 
 def inpaint_params(cfg: Config, device=None) -> dict:
     "The settings a sample depends on (stored as JSON in every manifest row); the sampler, device and precision only when not the CPU/DDPM defaults."

@@ -6,12 +6,12 @@ also builds the expert-review page (Appendix B.1) and runs the memorization audi
 
 # %% ../nbs/06_intrinsic.ipynb #f2cea4d6
 from __future__ import annotations
-import hashlib, json, shutil, time
+import json, shutil, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_json, write_table,
+from .core import (content_key, Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_json, write_table,
                              save_figure, write_manifest, stage_dirs, resolve_device, save_png)
 from .sets import set_dir, read_set, synthetic_types, type_label
 
@@ -171,7 +171,7 @@ def paired_p(a, b) -> float:
 def cache_dir(base: Path, what: dict) -> Path:
     """`base`/<key>, <key> a short hash of `what` (the settings and inputs the files depend on), recorded beside the
     files in `settings.json`; the other folders under `base` (files of other settings) are removed."""
-    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = content_key(what)
     d = Path(base)/key
     if Path(base).is_dir():
         for old in Path(base).iterdir():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, ConfigError, DataError, DiffusegenError, WeightsNotFound, Artifact, atomic_write, write_table,
+from .core import (content_key, sha256_file, Config, ConfigError, DataError, DiffusegenError, WeightsNotFound, Artifact, atomic_write, write_table,
                              write_manifest, stage_dirs, seed_everything, resolve_device, step_seed)
 from .sets import TYPES, read_set, type_label
 
@@ -98,7 +98,7 @@ def _load_encoder_weights(model, path: Path):
 def encoder_provenance(cfg: Config) -> dict:
     "The encoder's weights for the manifest: random initialisation, or the file (with its sha256) they were read from."
     p = encoder_weights_file(cfg, download=False) if str(cfg.seg_encoder_weights).lower() != "none" else None
-    sha = hashlib.sha256(p.read_bytes()).hexdigest() if p is not None else None
+    sha = sha256_file(p) if p is not None else None
     label = f"{cfg.seg_encoder} ImageNet weights from {p}" if p is not None else f"{cfg.seg_encoder}, random initialisation (Appendix B.2 'zero-initialized')"
     if cfg.seg_encoder != "se_resnext50_32x4d": label += " (a smaller stand-in for the paper's se_resnext50_32x4d)"
     return {"name": f"segmentation encoder {cfg.seg_encoder}", "label": label, "sha256": sha, "substitute": False}
@@ -349,7 +349,7 @@ def data_hash(cfg: Config, cell: dict, data: dict, test: tuple) -> str:
 def cell_hash(cfg: Config, sets: Sets, cell: dict) -> str:
     "The settings hash a cell's ledger row must carry to count: `data_hash`, or for an untrainable cell a hash of its status."
     data = cell_data(cfg, sets, cell)
-    if "status" in data: return hashlib.sha256(json.dumps([cell, data["status"], cfg.seg_encoder], default=str).encode()).hexdigest()[:16]
+    if "status" in data: return content_key([cell, data["status"], cfg.seg_encoder], sort_keys=False)
     return data_hash(cfg, cell, data, sets.test)
 
 # %% ../nbs/07_segmentation.ipynb #cbe7ec84

@@ -6,13 +6,13 @@ and content losses; then MKL colour matching onto the real image. Writes Styled-
 
 # %% ../nbs/05_styling.ipynb #9b559ff5
 from __future__ import annotations
-import hashlib, json, math, os, shutil, time
+import json, math, os, shutil, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from .core import (Config, DiffusegenError, Artifact, atomic_write, atomic_path, write_json, write_table,
+from .core import (content_key, sha256_file, Config, DiffusegenError, Artifact, atomic_write, atomic_path, write_json, write_table,
                              save_figure, write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed)
 from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
 from .training import make_diffusion, load_unet
@@ -273,7 +273,7 @@ def _settings_record(cfg: Config, kind: str, labels: dict, device="cpu") -> dict
     rec = {"type": kind, "settings": keys, "image_size": cfg.image_size, "weights": labels}
     dev = torch.device(device)
     if dev.type != "cpu": rec.update(device=dev.type, precision=precision_label(cfg, dev))   # other noise and rounding than the CPU
-    rec["hash"] = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
+    rec["hash"] = content_key(rec)
     return rec
 
 def _same_settings(old: dict, rec: dict) -> bool:

@@ -6,12 +6,12 @@ precision, recall and Cohen's κ."""
 
 # %% ../nbs/06a_survey.ipynb #577c6f51
 from __future__ import annotations
-import base64, hashlib, html, io, json, os
+import base64, html, io, json, os
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from .core import Config, DiffusegenError, atomic_write, write_json
+from .core import content_key, Config, DiffusegenError, atomic_write, write_json
 
 # %% auto #0
 __all__ = ['SURVEY_TYPES', 'RATINGS', 'QUESTIONS', 'PAPER_TABLE_B1', 'PAPER_B1_METRICS', 'PAPER_SURVEY_ID', 'png_data_uri',
@@ -136,7 +136,7 @@ def build_survey(pool: pd.DataFrame, html_path, key_path, n_per_type: int = 10, 
     items = select_items(pool, n_per_type, seed)
     # names the localStorage slot and ties answers to this key; derived from the seed and the chosen files, so a
     # rebuild with the same inputs gives the same page and key (and answers already given stay valid)
-    survey_id = hashlib.sha256(json.dumps([seed] + items.image_path.astype(str).tolist()).encode()).hexdigest()[:12]
+    survey_id = content_key([seed] + items.image_path.astype(str).tolist(), n=12, sort_keys=False)
     page = survey_html(items, survey_id)
     Path(html_path).parent.mkdir(parents=True, exist_ok=True); Path(key_path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(html_path) as f: f.write(page)

@@ -4,14 +4,14 @@
 
 # %% ../nbs/03_training.ipynb #fbaa2474
 from __future__ import annotations
-import copy, hashlib, json, math, os, shutil, time
+import copy, json, math, os, shutil, time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json, write_table, save_figure,
+from .core import (content_key, sha256_file, Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json, write_table, save_figure,
                              write_manifest, stage_dirs, load_config, torch_generator, resolve_device, step_seed)
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
 
@@ -99,7 +99,7 @@ def spec_hash(cfg: Config, spec: ModelSpec) -> str:
     settings.pop("init_from", None)                 # what it changes is `spec.init` (the initial weights' sha256)
     if sp.get("init") is None: sp.pop("init")       # from scratch: the same hash as before `init_from` existed
     d = {"settings": settings, "image_size": cfg.image_size, "spec": sp}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(d)
 
 # %% ../nbs/03_training.ipynb #4aa9b677
 def batch_indices(seed: int, name: str, step: int, n: int, batch: int) -> np.ndarray:
@@ -334,7 +334,7 @@ def _init_weights(unet, init: dict, root: Path, device):
     "Load the initial weights `init` names (a file relative to the output folder `root`), checking their sha256."
     from safetensors.torch import load_file
     f = Path(root)/init["file"]
-    h = hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
+    h = sha256_file(f) if f.exists() else None
     if h != init["sha256"]: raise DiffusegenError(f"{f}: initial weights missing or changed (sha256 {h}, expected {init['sha256']}); retrain the full model first")
     unet.load_state_dict(load_file(str(f), device=str(device)))
 
@@ -439,7 +439,7 @@ def full_init(cfg: Config) -> dict:
                               f"the cluster models' (attention at {cfg.attention_resolutions}); make them equal or use init_from=none")
     f = stage_dirs(cfg, "training")[0]/"full"/"final"/"unet"/"diffusion_pytorch_model.safetensors"
     if not f.exists(): raise DiffusegenError(f"{f}: no finished full-data model to initialise the cluster models from (init_from=full)")
-    return {"file": str(f.relative_to(cfg.root)), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    return {"file": str(f.relative_to(cfg.root)), "sha256": sha256_file(f)}
 
 def stage_specs(cfg: Config, cl: pd.DataFrame, clusters: list | None = None, full: bool | None = None) -> tuple[list, list]:
     "(models to train first, then the rest): with init_from = full the full model comes first, the cluster models after it."
