@@ -139,7 +139,7 @@ def train_worker(profile: str, steps: int = 3, device: str = "auto", batch: int 
     from diffusers import DDPMScheduler
     from diffusegen.core import resolve_device
     from diffusegen.training import build_unet, make_diffusion, train_step
-    from diffusegen.inpainting import _amp_dtype, precision_label
+    from diffusegen.diffusion import amp_dtype, precision_label
     cfg = load_config(profile, {**(settings or {}), "device": device})
     dev = resolve_device(cfg); base_rss = _rss_mb()
     B = batch or (1 if cfg.batch_size.strip() == "cluster" else int(cfg.batch_size))
@@ -152,7 +152,7 @@ def train_worker(profile: str, steps: int = 3, device: str = "auto", batch: int 
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(B, 4, S, S, generator=g) * 2 - 1; t = torch.randint(0, cfg.diffusion_steps, (B,), generator=g); n = torch.randn(x0.shape, generator=g)
     mp = cfg.mixed_precision if dev.type == "cuda" else "no"
-    prec, amp = precision_label(cfg, dev), _amp_dtype(cfg, dev)
+    prec, amp = precision_label(cfg, dev), amp_dtype(cfg, dev)
     with torch.no_grad():
         flops = forward_flops(lambda: unet(x0[:1].to(dev), diff.model_timesteps(t[:1]).to(dev)))
     xd, td, nd = x0.to(dev), t.to(dev), n.to(dev)
@@ -216,8 +216,8 @@ def generate_worker(profile: str, respacing: int = 50, batch: int | None = None,
     import torch
     from diffusegen.core import resolve_device, torch_generator
     from diffusegen.training import build_unet
-    from diffusegen.inpainting import (inpaint_diffusion, repaint, schedule_counts, sampling_fn, auto_batch, CPU_BATCH,
-                                       precision_label, device_diffusion, variant_start)
+    from diffusegen.diffusion import sampling_fn, auto_batch, precision_label, device_diffusion
+    from diffusegen.inpainting import inpaint_diffusion, repaint, schedule_counts, CPU_BATCH, variant_start
     cfg = load_config(profile, {**(settings or {}), "device": device, "timestep_respacing": respacing})
     dev = resolve_device(cfg); S = cfg.image_size
     unet = build_unet(cfg, seed=0).to(dev).eval()
@@ -499,9 +499,12 @@ def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 
     import torch
     from PIL import Image
     from diffusegen.core import resolve_device, torch_generator
-    from diffusegen.training import training_images, load_unet, step_seed
-    from diffusegen.inpainting import (inpaint_inputs, inpaint_diffusion, repaint, schedule_counts, variant_start, sampling_fn,
-                                       to_uint8, save_png, weights_file, sha256_file, CPU_BATCH)
+    from diffusegen.core import step_seed
+    from diffusegen.training import training_images, load_unet
+    from diffusegen.core import save_png, sha256_file
+    from diffusegen.diffusion import sampling_fn
+    from diffusegen.training import weights_file
+    from diffusegen.inpainting import inpaint_inputs, inpaint_diffusion, repaint, schedule_counts, variant_start, to_uint8, CPU_BATCH
     settings = settings or DEMO_FAST_SETTINGS
     mdir = cfg.run_dir/"training"/model
     if not (mdir/"final"/"model.json").exists():

@@ -13,13 +13,13 @@ import pandas as pd
 import torch
 from .core import (content_key, sha256_file, Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json, write_table, save_figure,
                              write_manifest, stage_dirs, load_config, torch_generator, resolve_device, step_seed)
-from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
+from .diffusion import GaussianDiffusion, linear_betas, space_timesteps, amp_dtype
 
 # %% auto #0
 __all__ = ['parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters', 'model_specs',
            'spec_hash', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss', 'save_checkpoint',
-           'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model', 'training_images', 'full_init',
-           'stage_specs', 'run_training']
+           'load_unet', 'weights_file', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model',
+           'training_images', 'full_init', 'stage_specs', 'run_training']
 
 # %% ../nbs/03_training.ipynb #9bc14f01
 def parse_ints(s: str) -> tuple[int, ...]:
@@ -131,8 +131,8 @@ class ConstantEMA:
         torch._foreach_lerp_(ema, [p.detach() for p in cur], 1 - self.rate)
 
 def _autocast(device: torch.device, mixed_precision: str):
-    if device.type != "cuda" or mixed_precision == "no": return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+    a = amp_dtype(mixed_precision, device)
+    return torch.autocast(device.type, enabled=False) if a is None else torch.autocast("cuda", dtype=a)
 
 def train_step(unet, opt, diffusion: GaussianDiffusion, x0, t, noise, microbatch: int, device, mixed_precision="no", scaler=None,
                batch_total: int | None = None, world: int = 1) -> dict:
@@ -227,6 +227,12 @@ def load_unet(path, device="cpu"):
         path = path/("unet_ema" if json.loads((path/"model.json").read_text()).get("sample_weights") == "ema" else "unet")
     if not (path/"config.json").exists(): raise DiffusegenError(f"{path}: no saved model here (expected config.json and safetensors)")
     return UNet2DModel.from_pretrained(str(path), use_safetensors=True).to(device)
+
+def weights_file(model_dir) -> Path:
+    "The safetensors file `load_unet(model_dir)` loads (raw or EMA per the model's `sample_weights`)."
+    final = Path(model_dir)/"final"
+    sub = "unet_ema" if json.loads((final/"model.json").read_text()).get("sample_weights") == "ema" else "unet"
+    return final/sub/"diffusion_pytorch_model.safetensors"
 
 # %% ../nbs/03_training.ipynb #065cad81
 def loss_figure(losses: pd.DataFrame, title: str):
