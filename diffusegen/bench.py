@@ -14,8 +14,7 @@ from .core import (load_config, write_json, atomic_write, project_root, versions
 # %% auto #0
 __all__ = ['GPU_PEAK_TFLOPS', 'PAPER_SEG_ENCODER', 'PARTS', 'DEMO_FAST_SETTINGS', 'FAST_SETTING', 'device_peak', 'forward_flops',
            'train_worker', 'bench_train', 'generate_worker', 'bench_generate', 'style_worker', 'bench_style',
-           'segment_worker', 'bench_segment', 'run_bench', 'frechet_from_features', 'fid_files', 'fast_sampler_curve',
-           'fast_sampler_nfe']
+           'segment_worker', 'bench_segment', 'run_bench', 'fast_sampler_curve', 'fast_sampler_nfe']
 
 # %% ../nbs/92_bench.ipynb #328a5e56
 # (name substring, bf16/fp16 dense tensor TFLOP/s, fp32 TFLOP/s): vendors' data sheets, without sparsity
@@ -445,34 +444,6 @@ def run_bench(parts=PARTS, profiles=("demo",), steps: int = 3, device: str = "au
     return res
 
 # %% ../nbs/92_bench.ipynb #7f17f5e8
-def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    "FID between feature sets a (n1×d) and b (n2×d): ‖μa−μb‖² + tr Σa + tr Σb − 2 tr (ΣaΣb)^½, with tr (ΣaΣb)^½ = the nuclear norm of XaXbᵀ / √((n1−1)(n2−1)) (exact; no d×d square root)."
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    xa, xb = a - a.mean(0), b - b.mean(0)
-    ca, cb = len(a) - 1, len(b) - 1
-    cross = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / math.sqrt(ca * cb)
-    d = a.mean(0) - b.mean(0)
-    return float(d @ d + (xa ** 2).sum() / ca + (xb ** 2).sum() / cb - 2 * cross)
-
-def _fid_private(cfg, files_a, files_b) -> float:
-    "FID between two lists of image files: FID Inception pool3 (diffusegen.weights), `frechet_from_features`."
-    import torch
-    from PIL import Image
-    from diffusegen.weights import resolve_weights, inception_features
-    model, _ = resolve_weights("inception", cfg)
-    def feats(files):
-        x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
-        return inception_features(model, x, 16).double().numpy()
-    return frechet_from_features(feats(files_a), feats(files_b))
-
-def fid_files(cfg, files_a, files_b) -> tuple[float, str]:
-    "(FID, how): `diffusegen.intrinsic.fid_between` when available, else the local Fréchet distance."
-    try:
-        from diffusegen.intrinsic import fid_between
-    except ImportError:
-        return _fid_private(cfg, files_a, files_b), "local Fréchet distance on FID Inception pool3 (diffusegen.weights)"
-    return float(fid_between(cfg, list(map(str, files_a)), list(map(str, files_b)), seed=0)), "diffusegen.intrinsic.fid_between"
-
 DEMO_FAST_SETTINGS = [
     {"label": "paper-code (reference)", "reference": True},
     {"label": "ddpm T/r=1", "resample": 1},
@@ -505,6 +476,9 @@ def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 
     from diffusegen.diffusion import sampling_fn
     from diffusegen.training import weights_file
     from diffusegen.inpainting import inpaint_inputs, inpaint_diffusion, repaint, schedule_counts, variant_start, to_uint8, CPU_BATCH
+    from diffusegen.intrinsic import fid_between
+    how = "diffusegen.intrinsic.fid_between"
+    fid_of = lambda fa, fb: float(fid_between(fcfg, list(map(str, fa)), list(map(str, fb)), seed=0))
     settings = settings or DEMO_FAST_SETTINGS
     mdir = cfg.run_dir/"training"/model
     if not (mdir/"final"/"model.json").exists():
@@ -543,7 +517,7 @@ def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 
             _sync(dev); secs += time.perf_counter() - t0
             for j, a in zip(range(b, b + bs), to_uint8(out)):
                 f = d/f"{ids[pick[j]]}.png"; save_png(np.ascontiguousarray(a[..., :3]), f); files.append(f)
-        fid, how = fid_files(fcfg, files, real_files)
+        fid = fid_of(files, real_files)
         rows.append({"label": label, "reference": bool(s.get("reference")), "sampler": c.inpaint_sampler,
                      "eta": c.ddim_eta if c.inpaint_sampler == "ddim" else None, "variant": c.inpaint_variant,
                      "timestep_respacing": c.timestep_respacing, "jump_length": c.jump_length, "resample": c.resample,
@@ -553,7 +527,7 @@ def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 
     ref = df[df.reference].iloc[0] if df.reference.any() else df.iloc[0]
     df["nfe_fraction"] = (df.nfe_per_image / ref.nfe_per_image).round(4)
     df["fid_ratio"] = (df.fid / ref.fid).round(4)
-    floor, _ = fid_files(fcfg, [real_files[i] for i in pick], real_files)   # the sources themselves: a perfect inpainting
+    floor = fid_of([real_files[i] for i in pick], real_files)   # the sources themselves: a perfect inpainting
     df["fid_excess"] = (df.fid - floor).round(3)
     df["excess_ratio"] = (df.fid_excess / (ref.fid - floor)).round(4)
     df["meets_goal"] = (df.nfe_fraction <= 0.25) & (df.fid_ratio <= 1.10)
