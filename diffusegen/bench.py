@@ -14,7 +14,8 @@ from .core import (load_config, write_json, atomic_write, project_root, versions
 # %% auto #0
 __all__ = ['GPU_PEAK_TFLOPS', 'PAPER_SEG_ENCODER', 'PARTS', 'DEMO_FAST_SETTINGS', 'FAST_SETTING', 'device_peak', 'forward_flops',
            'train_worker', 'bench_train', 'generate_worker', 'bench_generate', 'style_worker', 'bench_style',
-           'segment_worker', 'bench_segment', 'run_bench', 'fast_sampler_curve', 'fast_sampler_nfe']
+           'segment_throughput', 'segment_worker', 'bench_segment', 'run_bench', 'fast_sampler_curve',
+           'fast_sampler_nfe']
 
 # %% ../nbs/92_bench.ipynb #328a5e56
 # (name substring, bf16/fp16 dense tensor TFLOP/s, fp32 TFLOP/s): vendors' data sheets, without sparsity
@@ -375,6 +376,36 @@ def bench_style(profiles=("demo",), steps: int = 3, batch: int | None = None, de
                         achieved_TFLOPs="FLOPs of a whole guided step (all networks, forward and backward) × steps/s × batch",
                         GFLOP_per_forward_image="the diffusion UNet's forward alone")
 
+# %% ../nbs/92_bench.ipynb #6e035e84
+def segment_throughput(encoder: str, arch: str = "UnetPlusPlus", image_size: int = 256, batch: int = 8, steps: int = 3,
+                       device="cpu") -> dict:
+    """Training images per second of `arch` with `encoder` (random weights, Dice loss, Adam) over `steps` timed steps
+    after one warm-up step, and the peak memory (CUDA: max allocated; CPU: the process's peak resident set)."""
+    import resource, torch
+    from diffusegen.segmentation import build_model, polyp_channel, soft_dice_loss
+    dev = torch.device(device)
+    cfg = load_config("smoke", {"seg_encoder": encoder, "seg_arch": arch, "seg_encoder_weights": "none"})
+    model = build_model(cfg, encoder=encoder, arch=arch, weights=False).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(dev)
+    t = (torch.rand(batch, image_size, image_size, generator=g) > 0.5).float().to(dev)
+    if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
+    def step():
+        loss = soft_dice_loss(polyp_channel(model(x)), t, per_image=False)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    model.train(); step()
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
+    t0 = time.time()
+    for _ in range(max(1, steps)): step()
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
+    secs = time.time() - t0
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    return {"arch": arch, "encoder": encoder, "image_size": image_size, "batch": batch, "steps": max(1, steps),
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "images_per_s": round(batch * max(1, steps) / secs, 2),
+            "peak_mem_mb": round(peak, 1), "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
+            "device": str(dev)}
+
 # %% ../nbs/92_bench.ipynb #c277e85b
 PAPER_SEG_ENCODER = "se_resnext50_32x4d"
 
@@ -385,7 +416,7 @@ def segment_worker(profile: str, steps: int = 3, device: str = "auto", encoders:
     cfg = load_config(profile, {**(settings or {}), "device": device})
     dev = resolve_device(cfg)
     try:
-        from diffusegen.segmentation import segment_throughput
+        import diffusegen.segmentation                       # segment_throughput trains its network
     except ImportError as e:
         return [{"part": "segment", "profile": profile, "device": _device_name(dev), "status": f"not available ({e})"}]
     rows = []

@@ -20,7 +20,7 @@ __all__ = ['MEAN', 'STD', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'ST
            'build_model', 'train_augmentation', 'to_tensors', 'hash_rank', 'grouped_split', 'augment_small_set',
            'evaluate', 'train_cell', 'cell_seed', 'grid', 'Sets', 'cell_data', 'data_hash', 'cell_hash',
            'results_paths', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables',
-           'run_segmentation', 'segment_throughput', 'load_config_for_bench']
+           'run_segmentation']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
 def polyp_channel(prob: torch.Tensor) -> torch.Tensor:
@@ -506,36 +506,3 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     write_manifest(cfg, "segmentation", arts, [encoder_provenance(cfg)], summary, notes)
     return {**summary, "status": "done", "table2": t2.to_dict("records"), "table3": t3.to_dict("records"),
             "results": res.to_dict("records")}
-
-# %% ../nbs/07_segmentation.ipynb #6371068c
-def segment_throughput(encoder: str, arch: str = "UnetPlusPlus", image_size: int = 256, batch: int = 8, steps: int = 3,
-                       device="cpu") -> dict:
-    """Training images per second of `arch` with `encoder` (random weights, Dice loss, Adam) over `steps` timed steps
-    after one warm-up step, and the peak memory (CUDA: max allocated; CPU: the process's peak resident set)."""
-    import resource
-    dev = torch.device(device)
-    cfg = load_config_for_bench(encoder, arch)
-    model = build_model(cfg, encoder=encoder, arch=arch, weights=False).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(dev)
-    t = (torch.rand(batch, image_size, image_size, generator=g) > 0.5).float().to(dev)
-    if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
-    def step():
-        loss = soft_dice_loss(polyp_channel(model(x)), t, per_image=False)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    model.train(); step()
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
-    t0 = time.time()
-    for _ in range(max(1, steps)): step()
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
-    secs = time.time() - t0
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return {"arch": arch, "encoder": encoder, "image_size": image_size, "batch": batch, "steps": max(1, steps),
-            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "images_per_s": round(batch * max(1, steps) / secs, 2),
-            "peak_mem_mb": round(peak, 1), "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
-            "device": str(dev)}
-
-def load_config_for_bench(encoder: str, arch: str) -> Config:
-    from diffusegen.core import load_config
-    return load_config("smoke", {"seg_encoder": encoder, "seg_arch": arch, "seg_encoder_weights": "none"})
