@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from .core import (content_key, Config, DataError, Artifact, atomic_path, atomic_write, write_json, write_table, save_figure,
-                             write_manifest, stage_dirs, resolve_device)
+from .core import (Config, DataError, Artifact, atomic_path, atomic_write, write_json, write_table,
+                             save_figure, write_manifest, stage_dirs, resolve_device, content_key)
 from .data import read_image, read_mask_grey, read_mask, load_split
 from .weights import resolve_weights, inception_features
 

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from .core import (sha256_file, Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_table, save_figure,
-                             write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed)
+from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_table, save_figure,
+                             write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed,
+                             sha256_file)
 from .diffusion import (GaussianDiffusion, space_timesteps, randn_per_sample, device_diffusion, precision_label,
                                   sampling_fn, auto_batch)
 from .data import ellipse, dilate_mask

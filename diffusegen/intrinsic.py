@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (paper_table, content_key, Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_json, write_table,
-                             save_figure, write_manifest, stage_dirs, resolve_device, save_png)
+from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_json, write_table,
+                             save_figure, write_manifest, stage_dirs, resolve_device, save_png, paper_table,
+                             content_key)
 from .sets import set_dir, read_set, synthetic_types, type_label
 
 # %% auto #0

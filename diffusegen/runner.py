@@ -7,8 +7,8 @@ from __future__ import annotations
 import json, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (content_key, sha256_file, Config, DiffusegenError, STAGES, Stage, get_stage, load_config, project_root, write_json,
-                             atomic_write, read_manifest, stage_dirs, versions)
+from .core import (Config, DiffusegenError, STAGES, Stage, get_stage, load_config, project_root, write_json,
+                             atomic_write, read_manifest, stage_dirs, versions, content_key, sha256_file)
 
 # %% auto #0
 __all__ = ['EXTRA_MANIFESTS', 'StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'reproduce', 'write_report']

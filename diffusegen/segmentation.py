@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (paper_table, content_key, sha256_file, Config, ConfigError, DataError, DiffusegenError, WeightsNotFound, Artifact, atomic_write, write_table,
-                             write_manifest, stage_dirs, seed_everything, resolve_device, step_seed)
+from .core import (Config, ConfigError, DataError, DiffusegenError, WeightsNotFound, Artifact, atomic_write,
+                             write_table, write_manifest, stage_dirs, seed_everything, resolve_device, step_seed,
+                             paper_table, content_key, sha256_file)
 from .sets import TYPES, read_set, type_label
 
 # %% auto #0

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
-from .core import content_key, Config, DiffusegenError, atomic_write
+from .core import Config, DiffusegenError, atomic_write, content_key
 
 # %% auto #0
 __all__ = ['TYPES', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType', 'register_type', 'get_type', 'type_label',

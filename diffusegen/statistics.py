@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-from .core import (paper_dir, paper_table, read_csv, Config, DataError, Artifact, atomic_write, write_table, save_figure, write_manifest,
-                             stage_dirs)
+from .core import (Config, DataError, Artifact, atomic_write, write_table, save_figure, write_manifest,
+                             stage_dirs, paper_dir, paper_table, read_csv)
 
 # %% auto #0
 __all__ = ['METRICS', 'LOWER_IS_BETTER', 'SEG_COLUMNS', 'OPS', 'CLAIM_COLUMNS', 'type_names', 'type_name', 'mean_std', 'fmt_num',

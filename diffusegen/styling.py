@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from .core import (content_key, sha256_file, Config, DiffusegenError, Artifact, atomic_write, atomic_path, write_json, write_table,
-                             save_figure, write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed)
+from .core import (Config, DiffusegenError, Artifact, atomic_write, atomic_path, write_json, write_table,
+                             save_figure, write_manifest, stage_dirs, torch_generator, resolve_device, save_png,
+                             step_seed, content_key, sha256_file)
 from .diffusion import (GaussianDiffusion, space_timesteps, randn_per_sample, device_diffusion, sampling_fn, auto_batch,
                                   amp_dtype, precision_label)
 from .training import make_diffusion, load_unet, weights_file

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from .core import paper_table, content_key, Config, DiffusegenError, atomic_write, write_json
+from .core import Config, DiffusegenError, atomic_write, write_json, paper_table, content_key
 
 # %% auto #0
 __all__ = ['SURVEY_TYPES', 'RATINGS', 'QUESTIONS', 'PAPER_SURVEY_ID', 'png_data_uri', 'select_items', 'survey_html', 'key_copy',

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (content_key, sha256_file, Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json, write_table, save_figure,
-                             write_manifest, stage_dirs, load_config, torch_generator, resolve_device, step_seed)
+from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json,
+                             write_table, save_figure, write_manifest, stage_dirs, load_config, torch_generator,
+                             resolve_device, step_seed, content_key, sha256_file)
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps, amp_dtype
 
 # %% auto #0

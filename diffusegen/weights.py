@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .core import sha256_file, Config, DiffusegenError, ConfigError, WeightsNotFound, resolve_path
+from .core import Config, DiffusegenError, ConfigError, WeightsNotFound, resolve_path, sha256_file
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'DINO_TIMM_NAME', 'DINO_HF_REPO', 'IMAGENET_MEAN', 'IMAGENET_STD', 'VGG_LAYERS', 'BadWeights',
