@@ -14,7 +14,7 @@ from .core import (load_config, write_json, atomic_write, project_root, versions
 # %% auto #0
 __all__ = ['GPU_PEAK_TFLOPS', 'PAPER_SEG_ENCODER', 'PARTS', 'DEMO_FAST_SETTINGS', 'FAST_SETTING', 'device_peak', 'forward_flops',
            'train_worker', 'bench_train', 'generate_worker', 'bench_generate', 'style_worker', 'bench_style',
-           'segment_worker', 'bench_segment', 'run_bench', 'frechet_from_features', 'fid_files', 'fast_sampler_curve',
+           'segment_throughput', 'segment_worker', 'bench_segment', 'run_bench', 'fast_sampler_curve',
            'fast_sampler_nfe']
 
 # %% ../nbs/92_bench.ipynb #328a5e56
@@ -139,7 +139,7 @@ def train_worker(profile: str, steps: int = 3, device: str = "auto", batch: int 
     from diffusers import DDPMScheduler
     from diffusegen.core import resolve_device
     from diffusegen.training import build_unet, make_diffusion, train_step
-    from diffusegen.inpainting import _amp_dtype, precision_label
+    from diffusegen.diffusion import amp_dtype, precision_label
     cfg = load_config(profile, {**(settings or {}), "device": device})
     dev = resolve_device(cfg); base_rss = _rss_mb()
     B = batch or (1 if cfg.batch_size.strip() == "cluster" else int(cfg.batch_size))
@@ -152,7 +152,7 @@ def train_worker(profile: str, steps: int = 3, device: str = "auto", batch: int 
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(B, 4, S, S, generator=g) * 2 - 1; t = torch.randint(0, cfg.diffusion_steps, (B,), generator=g); n = torch.randn(x0.shape, generator=g)
     mp = cfg.mixed_precision if dev.type == "cuda" else "no"
-    prec, amp = precision_label(cfg, dev), _amp_dtype(cfg, dev)
+    prec, amp = precision_label(cfg, dev), amp_dtype(cfg, dev)
     with torch.no_grad():
         flops = forward_flops(lambda: unet(x0[:1].to(dev), diff.model_timesteps(t[:1]).to(dev)))
     xd, td, nd = x0.to(dev), t.to(dev), n.to(dev)
@@ -216,8 +216,8 @@ def generate_worker(profile: str, respacing: int = 50, batch: int | None = None,
     import torch
     from diffusegen.core import resolve_device, torch_generator
     from diffusegen.training import build_unet
-    from diffusegen.inpainting import (inpaint_diffusion, repaint, schedule_counts, sampling_fn, auto_batch, CPU_BATCH,
-                                       precision_label, device_diffusion, variant_start)
+    from diffusegen.diffusion import sampling_fn, auto_batch, precision_label, device_diffusion
+    from diffusegen.inpainting import inpaint_diffusion, repaint, schedule_counts, CPU_BATCH, variant_start
     cfg = load_config(profile, {**(settings or {}), "device": device, "timestep_respacing": respacing})
     dev = resolve_device(cfg); S = cfg.image_size
     unet = build_unet(cfg, seed=0).to(dev).eval()
@@ -376,6 +376,36 @@ def bench_style(profiles=("demo",), steps: int = 3, batch: int | None = None, de
                         achieved_TFLOPs="FLOPs of a whole guided step (all networks, forward and backward) × steps/s × batch",
                         GFLOP_per_forward_image="the diffusion UNet's forward alone")
 
+# %% ../nbs/92_bench.ipynb #6e035e84
+def segment_throughput(encoder: str, arch: str = "UnetPlusPlus", image_size: int = 256, batch: int = 8, steps: int = 3,
+                       device="cpu") -> dict:
+    """Training images per second of `arch` with `encoder` (random weights, Dice loss, Adam) over `steps` timed steps
+    after one warm-up step, and the peak memory (CUDA: max allocated; CPU: the process's peak resident set)."""
+    import resource, torch
+    from diffusegen.segmentation import build_model, polyp_channel, soft_dice_loss
+    dev = torch.device(device)
+    cfg = load_config("smoke", {"seg_encoder": encoder, "seg_arch": arch, "seg_encoder_weights": "none"})
+    model = build_model(cfg, encoder=encoder, arch=arch, weights=False).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(dev)
+    t = (torch.rand(batch, image_size, image_size, generator=g) > 0.5).float().to(dev)
+    if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
+    def step():
+        loss = soft_dice_loss(polyp_channel(model(x)), t, per_image=False)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    model.train(); step()
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
+    t0 = time.time()
+    for _ in range(max(1, steps)): step()
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
+    secs = time.time() - t0
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    return {"arch": arch, "encoder": encoder, "image_size": image_size, "batch": batch, "steps": max(1, steps),
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "images_per_s": round(batch * max(1, steps) / secs, 2),
+            "peak_mem_mb": round(peak, 1), "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
+            "device": str(dev)}
+
 # %% ../nbs/92_bench.ipynb #c277e85b
 PAPER_SEG_ENCODER = "se_resnext50_32x4d"
 
@@ -442,34 +472,6 @@ def run_bench(parts=PARTS, profiles=("demo",), steps: int = 3, device: str = "au
     return res
 
 # %% ../nbs/92_bench.ipynb #7f17f5e8
-def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    "FID between feature sets a (n1×d) and b (n2×d): ‖μa−μb‖² + tr Σa + tr Σb − 2 tr (ΣaΣb)^½, with tr (ΣaΣb)^½ = the nuclear norm of XaXbᵀ / √((n1−1)(n2−1)) (exact; no d×d square root)."
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    xa, xb = a - a.mean(0), b - b.mean(0)
-    ca, cb = len(a) - 1, len(b) - 1
-    cross = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / math.sqrt(ca * cb)
-    d = a.mean(0) - b.mean(0)
-    return float(d @ d + (xa ** 2).sum() / ca + (xb ** 2).sum() / cb - 2 * cross)
-
-def _fid_private(cfg, files_a, files_b) -> float:
-    "FID between two lists of image files: FID Inception pool3 (diffusegen.weights), `frechet_from_features`."
-    import torch
-    from PIL import Image
-    from diffusegen.weights import resolve_weights, inception_features
-    model, _ = resolve_weights("inception", cfg)
-    def feats(files):
-        x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
-        return inception_features(model, x, 16).double().numpy()
-    return frechet_from_features(feats(files_a), feats(files_b))
-
-def fid_files(cfg, files_a, files_b) -> tuple[float, str]:
-    "(FID, how): `diffusegen.intrinsic.fid_between` when available, else the local Fréchet distance."
-    try:
-        from diffusegen.intrinsic import fid_between
-    except ImportError:
-        return _fid_private(cfg, files_a, files_b), "local Fréchet distance on FID Inception pool3 (diffusegen.weights)"
-    return float(fid_between(cfg, list(map(str, files_a)), list(map(str, files_b)), seed=0)), "diffusegen.intrinsic.fid_between"
-
 DEMO_FAST_SETTINGS = [
     {"label": "paper-code (reference)", "reference": True},
     {"label": "ddpm T/r=1", "resample": 1},
@@ -496,9 +498,15 @@ def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 
     import torch
     from PIL import Image
     from diffusegen.core import resolve_device, torch_generator
-    from diffusegen.training import training_images, load_unet, step_seed
-    from diffusegen.inpainting import (inpaint_inputs, inpaint_diffusion, repaint, schedule_counts, variant_start, sampling_fn,
-                                       to_uint8, save_png, weights_file, sha256_file, CPU_BATCH)
+    from diffusegen.core import step_seed
+    from diffusegen.training import training_images, load_unet
+    from diffusegen.core import save_png, sha256_file
+    from diffusegen.diffusion import sampling_fn
+    from diffusegen.training import weights_file
+    from diffusegen.inpainting import inpaint_inputs, inpaint_diffusion, repaint, schedule_counts, variant_start, to_uint8, CPU_BATCH
+    from diffusegen.intrinsic import fid_between
+    how = "diffusegen.intrinsic.fid_between"
+    fid_of = lambda fa, fb: float(fid_between(fcfg, list(map(str, fa)), list(map(str, fb)), seed=0))
     settings = settings or DEMO_FAST_SETTINGS
     mdir = cfg.run_dir/"training"/model
     if not (mdir/"final"/"model.json").exists():
@@ -537,7 +545,7 @@ def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 
             _sync(dev); secs += time.perf_counter() - t0
             for j, a in zip(range(b, b + bs), to_uint8(out)):
                 f = d/f"{ids[pick[j]]}.png"; save_png(np.ascontiguousarray(a[..., :3]), f); files.append(f)
-        fid, how = fid_files(fcfg, files, real_files)
+        fid = fid_of(files, real_files)
         rows.append({"label": label, "reference": bool(s.get("reference")), "sampler": c.inpaint_sampler,
                      "eta": c.ddim_eta if c.inpaint_sampler == "ddim" else None, "variant": c.inpaint_variant,
                      "timestep_respacing": c.timestep_respacing, "jump_length": c.jump_length, "resample": c.resample,
@@ -547,7 +555,7 @@ def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 
     ref = df[df.reference].iloc[0] if df.reference.any() else df.iloc[0]
     df["nfe_fraction"] = (df.nfe_per_image / ref.nfe_per_image).round(4)
     df["fid_ratio"] = (df.fid / ref.fid).round(4)
-    floor, _ = fid_files(fcfg, [real_files[i] for i in pick], real_files)   # the sources themselves: a perfect inpainting
+    floor = fid_of([real_files[i] for i in pick], real_files)   # the sources themselves: a perfect inpainting
     df["fid_excess"] = (df.fid - floor).round(3)
     df["excess_ratio"] = (df.fid_excess / (ref.fid - floor)).round(4)
     df["meets_goal"] = (df.nfe_fraction <= 0.25) & (df.fid_ratio <= 1.10)

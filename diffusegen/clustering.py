@@ -5,14 +5,14 @@ compares with the paper's own assignment (`clusters_20.pkl`)."""
 
 # %% ../nbs/02_clustering.ipynb #cc0e17b7
 from __future__ import annotations
-import hashlib, json, os, time
+import json, os, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from .core import (Config, DataError, Artifact, atomic_path, atomic_write, write_json, write_table, save_figure,
-                             write_manifest, stage_dirs, resolve_device)
+from .core import (Config, DataError, Artifact, atomic_path, atomic_write, write_json, write_table,
+                             save_figure, write_manifest, stage_dirs, resolve_device, content_key)
 from .data import read_image, read_mask_grey, read_mask, load_split
 from .weights import resolve_weights, inception_features
 
@@ -83,7 +83,7 @@ def feature_cache_key(pairs: list, weights_sha256: str, size: int, mask_mode: st
     except OSError as e: raise DataError(f"{e.filename}: cannot read ({e.strerror}); rerun the data stage") from None
     spec = {"version": FEATURE_VERSION, "weights": weights_sha256, "size": size, "mask_mode": mask_mode,
             "threshold": threshold if mask_mode == "binary" else None, "files": files}
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
+    return content_key(spec, n=24, sort_keys=False)
 
 def feature_cache_dir(cfg: Config) -> Path: return cfg.root/"runs"/"cache"/"inception_features"
 

@@ -13,12 +13,13 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['DRY_RUN_SECTION', 'DRY_RUN_BANNER', 'STAGES', 'MEASUREMENTS', 'one_line', 'DiffusegenError', 'ConfigError',
-           'DataError', 'WeightsNotFound', 'project_root', 'Config', 'resolve_path', 'apply_overrides', 'settings_path',
-           'read_settings', 'profiles', 'dry_run_overrides', 'load_config', 'current_umask', 'fsync_path', 'fsync_tree',
-           'atomic_write', 'atomic_path', 'write_json', 'write_table', 'save_figure', 'save_png', 'read_ledger',
-           'write_ledger', 'resumable', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device',
-           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'peak_memory', 'read_manifest',
-           'stage_function', 'inputs_fingerprint', 'stage_finished', 'upstream', 'ensure', 'show_stage']
+           'DataError', 'WeightsNotFound', 'project_root', 'sha256_file', 'content_key', 'Config', 'resolve_path',
+           'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'dry_run_overrides', 'load_config',
+           'paper_dir', 'read_csv', 'paper_table', 'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write',
+           'atomic_path', 'write_json', 'write_table', 'save_figure', 'save_png', 'read_ledger', 'write_ledger',
+           'resumable', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device', 'Stage',
+           'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'peak_memory', 'read_manifest', 'stage_function',
+           'inputs_fingerprint', 'stage_finished', 'upstream', 'ensure', 'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 def one_line(s) -> str:
@@ -42,6 +43,24 @@ def project_root() -> Path:
         if (d/"settings.ini").exists() and (d/"nbs").is_dir(): return d
     pkg_parent = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
     return pkg_parent
+
+# %% ../nbs/00_core.ipynb #f410d2cf
+_SHA256: dict = {}
+
+def sha256_file(path) -> str:
+    "sha256 hex digest of a file, read in 1 MiB chunks; cached by (path, size, mtime)."
+    p = Path(path).resolve(); st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+def content_key(obj, n: int = 16, sort_keys: bool = True) -> str:
+    "The first `n` hex characters of sha256(json.dumps(obj, sort_keys=sort_keys, default=str)): a short key of a value."
+    return hashlib.sha256(json.dumps(obj, sort_keys=sort_keys, default=str).encode()).hexdigest()[:n]
 
 # %% ../nbs/00_core.ipynb #19d3b5f8
 def _f(default, stage, help="", ge=None, gt=None, le=None, lt=None):
@@ -280,7 +299,7 @@ class Config:
     def hash(self, stage: str | None = None) -> str:
         "Short sha256 of the settings that change `stage` (all result-changing settings when `stage` is None)."
         d = self.keys_for(stage) if stage else {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["stage"] != "run"}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return content_key(d)
 
 # %% ../nbs/00_core.ipynb #ba25fdf0
 def resolve_path(p: str | os.PathLike) -> Path:
@@ -387,6 +406,22 @@ def load_config(profile: str = "demo", overrides: dict | None = None, path: Path
     try: cfg = Config(profile=profile, **kw)
     except ConfigError as e: raise ConfigError(f"{where}: {e}") from None
     return apply_overrides(cfg, overrides, "override (--set or papermill `overrides`)")
+
+# %% ../nbs/00_core.ipynb #6c5319fb
+def paper_dir() -> Path: return resolve_path("data/paper")
+
+def read_csv(p, hint: str = ""):
+    "A CSV file as a DataFrame (empty cells NaN, no other NA words); a missing, empty or unreadable file is a `DataError`."
+    import pandas as pd
+    p = Path(p)
+    if not p.exists(): raise DataError(f"{p}: file not found{hint}")
+    try: return pd.read_csv(p, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError: raise DataError(f"{p}: empty file (no CSV header)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e: raise DataError(f"{p}: not a readable CSV ({' '.join(str(e).split())[:120]})") from None
+
+def paper_table(name: str, root=None):
+    "The paper's table `name` (`table1`, `table2`, `table3`, `tableB1`, `claims`): data/paper/<name>.csv as a DataFrame."
+    return read_csv(Path(root or paper_dir())/f"{name}.csv", " (the paper's tables belong in data/paper/)")
 
 # %% ../nbs/00_core.ipynb #8522149c
 _UMASK_LOCK = threading.Lock()

@@ -15,7 +15,8 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['linear_betas', 'space_timesteps', 'mean_flat', 'normal_kl', 'approx_standard_normal_cdf',
            'discretized_gaussian_log_likelihood', 'GaussianDiffusion', 'model_fn_diffusers', 'randn_per_sample',
-           'draw_noise']
+           'draw_noise', 'DeviceDiffusion', 'device_diffusion', 'amp_dtype', 'precision_label', 'sampling_fn',
+           'auto_batch']
 
 # %% ../nbs/03a_diffusion.ipynb #f149af71
 def linear_betas(num_steps: int = 1000) -> np.ndarray:
@@ -81,6 +82,7 @@ class GaussianDiffusion:
         self.alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(self.alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas, self.sqrt_betas, self.log_betas = np.sqrt(self.alphas), np.sqrt(betas), np.log(betas)   # one forward step; log β
         # 2. q(x_t|x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)                                      (Ho et al. Eq. 4)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
@@ -105,6 +107,10 @@ class GaussianDiffusion:
         ac = self.alphas_cumprod[kept]
         return GaussianDiffusion(1.0 - ac / np.append(1.0, ac[:-1]), timestep_map=self.timestep_map[kept])
 
+    def _e(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        "The table `name` at step indices `t`, shaped to broadcast against `x`: every formula reads its tables here."
+        return _extract(getattr(self, name), t, x)
+
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         "The original (0..999) steps to feed the network for step indices `t` (long tensor)."
         t = torch.as_tensor(t)
@@ -115,20 +121,20 @@ class GaussianDiffusion:
 def q_sample(self: GaussianDiffusion, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
     "x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (Ho et al. Eq. 4; Appendix A.1 Eq. A1)."
     t = _as_t(t, x0)
-    return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+    return self._e("sqrt_alphas_cumprod", t, x0) * x0 + self._e("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
 @patch
 def q_step(self: GaussianDiffusion, x_prev: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
     "One forward step to index t: x_t = √(1−β_t) x_{t−1} + √β_t ε (Ho et al. Eq. 2; RePaint's undo)."
     t = _as_t(t, x_prev)
-    return _extract(np.sqrt(self.alphas), t, x_prev) * x_prev + _extract(np.sqrt(self.betas), t, x_prev) * noise
+    return self._e("sqrt_alphas", t, x_prev) * x_prev + self._e("sqrt_betas", t, x_prev) * noise
 
 @patch
 def q_posterior(self: GaussianDiffusion, x0: torch.Tensor, x_t: torch.Tensor, t):
     "(mean, variance, clipped log-variance) of q(x_{t−1}|x_t, x_0) (Ho et al. Eqs. 6–7)."
     t = _as_t(t, x_t)
-    mean = _extract(self.posterior_mean_coef1, t, x_t) * x0 + _extract(self.posterior_mean_coef2, t, x_t) * x_t
-    return mean, _extract(self.posterior_variance, t, x_t), _extract(self.posterior_log_variance_clipped, t, x_t)
+    mean = self._e("posterior_mean_coef1", t, x_t) * x0 + self._e("posterior_mean_coef2", t, x_t) * x_t
+    return mean, self._e("posterior_variance", t, x_t), self._e("posterior_log_variance_clipped", t, x_t)
 
 @patch
 def p_mean_variance(self: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = False) -> dict:
@@ -140,9 +146,9 @@ def p_mean_variance(self: GaussianDiffusion, model_output: torch.Tensor, x_t: to
     eps, v = model_output[:, :C], model_output[:, C:]
     # 1. learned-range variance: log Σ = frac·log β_t + (1−frac)·log β̃_t (clipped), frac = (v+1)/2  (IDDPM Eq. 15)
     frac = (v + 1) / 2
-    log_variance = frac * _extract(np.log(self.betas), t, x_t) + (1 - frac) * _extract(self.posterior_log_variance_clipped, t, x_t)
+    log_variance = frac * self._e("log_betas", t, x_t) + (1 - frac) * self._e("posterior_log_variance_clipped", t, x_t)
     # 2. x̂_0 = √(1/ᾱ_t) x_t − √(1/ᾱ_t − 1) ε                                        (Ho et al. Eq. 15)
-    pred_xstart = _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+    pred_xstart = self._e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
     if clip_denoised: pred_xstart = pred_xstart.clamp(-1, 1)
     # 3. μ_θ = posterior mean at x̂_0                                                  (Ho et al. Eq. 7)
     mean, _, _ = self.q_posterior(pred_xstart, x_t, t)
@@ -190,6 +196,16 @@ def p_sample(self: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Ten
     x_prev = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
     return (x_prev, out) if return_out else x_prev
 
+@patch
+def ddim_sample(self: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor, t, noise: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
+    "One DDIM step t → t−1 from the network's ε (Song et al. 2021, Eq. 12); σ_t = η·(DDPM posterior std)."
+    C, t = x_t.shape[1], _as_t(t, x_t)
+    eps = model_output.to(x_t.dtype)[:, :C]
+    x0 = self._e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+    a, a_prev = self._e("alphas_cumprod", t, x_t), self._e("alphas_cumprod_prev", t, x_t)
+    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+
 def model_fn_diffusers(unet) -> Callable:
     "`model_fn(x, t)` for a diffusers `UNet2DModel` (returns its `.sample`, the 2C-channel output)."
     return lambda x, t: unet(x, t).sample
@@ -225,3 +241,66 @@ def sample_loop(self: GaussianDiffusion, model_fn: Callable, shape: Sequence[int
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
             x = self.p_sample(model_fn(x, self.model_timesteps(t)), x, t, draw())
     return x
+
+# %% ../nbs/03a_diffusion.ipynb #2ea9c111
+class DeviceDiffusion(GaussianDiffusion):
+    "A `GaussianDiffusion` whose tables are cached as tensors per (device, dtype): the same formulas, no host copy per step."
+    def __init__(self, base: GaussianDiffusion):
+        self.__dict__.update(base.__dict__)                          # the numpy tables, num_timesteps, timestep_map
+        self.base, self._cache = base, {}
+    def __repr__(self): return f"DeviceDiffusion({self.base!r})"
+    def table(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        "The schedule array `name` as a tensor of `like`'s dtype on its device (made once)."
+        key = (name, like.dtype, like.device)
+        if key not in self._cache: self._cache[key] = torch.as_tensor(getattr(self, name)).to(dtype=like.dtype).to(like.device)
+        return self._cache[key]
+    def _e(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.table(name, x)[t].reshape(-1, *([1] * (x.ndim - 1)))
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        key = ("timestep_map", t.device)
+        if key not in self._cache: self._cache[key] = torch.as_tensor(self.timestep_map).to(t.device)
+        return self._cache[key][t.long()]
+
+def device_diffusion(d: GaussianDiffusion) -> DeviceDiffusion:
+    "`d` as a `DeviceDiffusion` (unchanged when it is one)."
+    return d if isinstance(d, DeviceDiffusion) else DeviceDiffusion(d)
+
+# %% ../nbs/03a_diffusion.ipynb #351e0fca
+def amp_dtype(cfg, device):
+    "bf16/fp16 autocast dtype on CUDA per `mixed_precision` (a Config or its value); None elsewhere (the CPU always runs fp32)."
+    mp = getattr(cfg, "mixed_precision", cfg)
+    if torch.device(device).type != "cuda" or mp == "no": return None
+    return torch.bfloat16 if mp == "bf16" else torch.float16
+
+def precision_label(cfg, device) -> str:
+    "The arithmetic the network runs in on `device`: fp32, or bf16/fp16 autocast on CUDA."
+    a = amp_dtype(cfg, device)
+    return "fp32" if a is None else f"{cfg.mixed_precision} autocast"
+
+def sampling_fn(unet, cfg, device, compile: bool | None = None) -> Callable:
+    "`model_fn(x, t)` → the UNet's float32 output, with the speed settings: on CUDA channels_last and `mixed_precision` autocast; torch.compile when `cfg.compile`."
+    dev = torch.device(device)
+    cl = dev.type == "cuda" and cfg.channels_last
+    if cl: unet = unet.to(memory_format=torch.channels_last)
+    net = torch.compile(unet) if (cfg.compile if compile is None else compile) else unet
+    amp = amp_dtype(cfg, dev)
+    def fn(x, t):
+        if cl: x = x.contiguous(memory_format=torch.channels_last)
+        if amp is None: return net(x, t).sample
+        with torch.autocast("cuda", dtype=amp): out = net(x, t).sample
+        return out.float()
+    return fn
+
+def auto_batch(probe, device, default: int = 8, cap: int = 64, fraction: float = 0.8) -> int:
+    "A batch size that fits: on CUDA from the peak memory of `probe(1)` and `probe(2)` and the free memory (≤ `cap`); elsewhere `default`."
+    dev = torch.device(device)
+    if dev.type != "cuda": return default
+    peaks = []
+    for b in (1, 2):
+        torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev); before = torch.cuda.memory_allocated(dev)
+        probe(b); torch.cuda.synchronize(dev)
+        peaks.append(torch.cuda.max_memory_allocated(dev) - before)
+    per = max(peaks[1] - peaks[0], 1)
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int(max(1, min(cap, (fraction * free - max(peaks[0] - per, 0)) // per)))

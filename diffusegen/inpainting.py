@@ -4,24 +4,26 @@
 
 # %% ../nbs/04_inpainting.ipynb #f34d54af
 from __future__ import annotations
-import hashlib, json, time
+import json, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_table, save_figure,
-                             write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed)
-from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
+                             write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed,
+                             sha256_file)
+from .diffusion import (GaussianDiffusion, space_timesteps, randn_per_sample, device_diffusion, precision_label,
+                                  sampling_fn, auto_batch)
 from .data import ellipse, dilate_mask
+from .training import weights_file
 from .sets import (MANIFEST_COLUMNS, UNPLANNED, set_dir, type_label, read_set, read_manifest_csv,
                              write_manifest_csv, split_ledger, move_aside, prune_rows, write_unplanned)
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts', 'variant_start', 'refine_mask', 'to_uint8',
-           'inpaint_inputs', 'DeviceDiffusion', 'device_diffusion', 'precision_label', 'sampling_fn', 'auto_batch',
-           'repaint', 'inpaint_diffusion', 'weights_file', 'sha256_file', 'inpaint_params', 'settings_key',
-           'plan_samples', 'generate_type', 'fig5', 'run_inpainting']
+           'inpaint_inputs', 'repaint', 'inpaint_diffusion', 'inpaint_params', 'settings_key', 'plan_samples',
+           'generate_type', 'fig5', 'run_inpainting']
 
 # %% ../nbs/04_inpainting.ipynb #e39ca771
 def jump_schedule(T: int, jump_length: int = 10, resample: int = 5, start: int | None = None) -> list[int]:
@@ -74,109 +76,6 @@ def inpaint_inputs(x4: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor
     dm = torch.from_numpy(dil).to(x4.dtype)[:, None]
     return torch.cat([x4[:, :3], dm * 2 - 1], 1), 1 - dm, dil
 
-# %% ../nbs/04_inpainting.ipynb #b582e29e
-class DeviceDiffusion:
-    "A `GaussianDiffusion`'s tables cached as tensors per (device, dtype): the same formulas, no host copy per step."
-    def __init__(self, base: GaussianDiffusion):
-        self.base, self._cache = base, {}
-        self._extra = {"sqrt_alphas": np.sqrt(base.alphas), "sqrt_betas": np.sqrt(base.betas), "log_betas": np.log(base.betas)}
-    def __getattr__(self, k):
-        if k in ("base", "_cache", "_extra"): raise AttributeError(k)
-        return getattr(self.base, k)                                  # numpy tables, num_timesteps, respace, ...
-    def __repr__(self): return f"DeviceDiffusion({self.base!r})"
-    def table(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        "The schedule array `name` as a tensor of `like`'s dtype on its device (made once)."
-        key = (name, like.dtype, like.device)
-        if key not in self._cache:
-            arr = self._extra[name] if name in self._extra else getattr(self.base, name)
-            self._cache[key] = torch.as_tensor(arr).to(dtype=like.dtype).to(like.device)
-        return self._cache[key]
-    def _e(self, name, t, x):
-        return self.table(name, x)[t].reshape(-1, *([1] * (x.ndim - 1)))
-    @staticmethod
-    def _t(t, x):
-        if isinstance(t, torch.Tensor): return t.to(device=x.device, dtype=torch.long).reshape(-1)
-        return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t)
-        key = ("timestep_map", t.device)
-        if key not in self._cache: self._cache[key] = torch.as_tensor(self.base.timestep_map).to(t.device)
-        return self._cache[key][t.long()]
-    def q_sample(self, x0, t, noise):
-        t = self._t(t, x0)
-        return self._e("sqrt_alphas_cumprod", t, x0) * x0 + self._e("sqrt_one_minus_alphas_cumprod", t, x0) * noise
-    def q_step(self, x_prev, t, noise):
-        t = self._t(t, x_prev)
-        return self._e("sqrt_alphas", t, x_prev) * x_prev + self._e("sqrt_betas", t, x_prev) * noise
-    def p_mean_variance(self, model_output, x_t, t, clip_denoised: bool = False) -> dict:
-        C, t = x_t.shape[1], self._t(t, x_t)
-        if model_output.shape[1] != 2 * C:
-            raise ValueError(f"model output has {model_output.shape[1]} channels; learned-range needs 2×{C} = [eps, v]")
-        model_output = model_output.to(x_t.dtype)
-        eps, v = model_output[:, :C], model_output[:, C:]
-        frac = (v + 1) / 2
-        log_variance = frac * self._e("log_betas", t, x_t) + (1 - frac) * self._e("posterior_log_variance_clipped", t, x_t)
-        pred_xstart = self._e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
-        if clip_denoised: pred_xstart = pred_xstart.clamp(-1, 1)
-        mean = self._e("posterior_mean_coef1", t, x_t) * pred_xstart + self._e("posterior_mean_coef2", t, x_t) * x_t
-        return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)
-    def p_sample(self, model_output, x_t, t, noise, grad=None, return_out: bool = False):
-        t = self._t(t, x_t)
-        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
-        mean = out["mean"] if grad is None else out["mean"] + out["variance"] * grad
-        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-        x_prev = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
-        return (x_prev, out) if return_out else x_prev
-    def ddim_sample(self, model_output, x_t, t, noise, eta: float = 0.0):
-        "One DDIM step t → t−1 from the network's ε (Song et al. 2021, Eq. 12); σ_t = η·(DDPM posterior std)."
-        C, t = x_t.shape[1], self._t(t, x_t)
-        eps = model_output.to(x_t.dtype)[:, :C]
-        x0 = self._e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
-        a, a_prev = self._e("alphas_cumprod", t, x_t), self._e("alphas_cumprod_prev", t, x_t)
-        sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
-        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
-
-def device_diffusion(d) -> DeviceDiffusion:
-    "`d` as a `DeviceDiffusion` (unchanged when it is one)."
-    return d if isinstance(d, DeviceDiffusion) else DeviceDiffusion(d)
-
-def _amp_dtype(cfg: Config, device):
-    "bf16/fp16 autocast dtype on CUDA per `mixed_precision`; None elsewhere (the CPU always runs fp32)."
-    if torch.device(device).type != "cuda" or cfg.mixed_precision == "no": return None
-    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
-
-def precision_label(cfg: Config, device) -> str:
-    "The arithmetic the network runs in on `device`: fp32, or bf16/fp16 autocast on CUDA."
-    a = _amp_dtype(cfg, device)
-    return "fp32" if a is None else f"{cfg.mixed_precision} autocast"
-
-def sampling_fn(unet, cfg: Config, device, compile: bool | None = None):
-    "`model_fn(x, t)` → the UNet's float32 output, with the speed settings: on CUDA channels_last and `mixed_precision` autocast; torch.compile when `cfg.compile`."
-    dev = torch.device(device)
-    cl = dev.type == "cuda" and cfg.channels_last
-    if cl: unet = unet.to(memory_format=torch.channels_last)
-    net = torch.compile(unet) if (cfg.compile if compile is None else compile) else unet
-    amp = _amp_dtype(cfg, dev)
-    def fn(x, t):
-        if cl: x = x.contiguous(memory_format=torch.channels_last)
-        if amp is None: return net(x, t).sample
-        with torch.autocast("cuda", dtype=amp): out = net(x, t).sample
-        return out.float()
-    return fn
-
-def auto_batch(probe, device, default: int = 8, cap: int = 64, fraction: float = 0.8) -> int:
-    "A batch size that fits: on CUDA from the peak memory of `probe(1)` and `probe(2)` and the free memory (≤ `cap`); elsewhere `default`."
-    dev = torch.device(device)
-    if dev.type != "cuda": return default
-    peaks = []
-    for b in (1, 2):
-        torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev); before = torch.cuda.memory_allocated(dev)
-        probe(b); torch.cuda.synchronize(dev)
-        peaks.append(torch.cuda.max_memory_allocated(dev) - before)
-    per = max(peaks[1] - peaks[0], 1)
-    free, _ = torch.cuda.mem_get_info(dev)
-    return int(max(1, min(cap, (fraction * free - max(peaks[0] - per, 0)) // per)))
-
 # %% ../nbs/04_inpainting.ipynb #9d5c2b08
 SAMPLERS = ("ddpm", "ddim")
 
@@ -217,18 +116,6 @@ def inpaint_diffusion(cfg: Config) -> GaussianDiffusion:
 
 # %% ../nbs/04_inpainting.ipynb #0d02388a
 CPU_BATCH = 8          # inpaint_batch = 0 on the CPU (on CUDA: as many as 80 % of the free memory holds, `auto_batch`)
-
-def weights_file(model_dir) -> Path:
-    "The safetensors file `load_unet(model_dir)` loads (raw or EMA per the model's `sample_weights`)."
-    final = Path(model_dir)/"final"
-    sub = "unet_ema" if json.loads((final/"model.json").read_text()).get("sample_weights") == "ema" else "unet"
-    return final/sub/"diffusion_pytorch_model.safetensors"
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""): h.update(b)
-    return h.hexdigest()
 
 def inpaint_params(cfg: Config, device=None) -> dict:
     "The settings a sample depends on (stored as JSON in every manifest row); the sampler, device and precision only when not the CPU/DDPM defaults."

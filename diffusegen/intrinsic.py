@@ -6,21 +6,22 @@ also builds the expert-review page (Appendix B.1) and runs the memorization audi
 
 # %% ../nbs/06_intrinsic.ipynb #f2cea4d6
 from __future__ import annotations
-import hashlib, json, shutil, time
+import json, shutil, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_json, write_table,
-                             save_figure, write_manifest, stage_dirs, resolve_device, save_png)
+                             save_figure, write_manifest, stage_dirs, resolve_device, save_png, paper_table,
+                             content_key)
 from .sets import set_dir, read_set, synthetic_types, type_label
 
 # %% auto #0
-__all__ = ['MSSSIM_WEIGHTS', 'PAPER_TABLE1', 'fid_extractor', 'file_features', 'fid_from_features', 'seeded_draw', 'fid_between',
+__all__ = ['MSSSIM_WEIGHTS', 'fid_extractor', 'file_features', 'fid_from_features', 'seeded_draw', 'fid_between',
            'kid_from_features', 'msssim_setup', 'ms_ssim_levels', 'pair_indices', 'ms_ssim_pairs', 'synthetic_labels',
-           'table1_rows', 'mean_std', 'paired_p', 'cache_dir', 'real_training_files', 'gan_at_size', 'synthetic_sets',
-           'table1_values', 'table1_long', 'table1', 'survey_pool', 'build_stage_survey', 'memo_real_subset',
-           'run_memorization', 'table1_figure', 'run_intrinsic']
+           'table1_rows', 'paper_table1', 'paper_t1_text', 'mean_std', 'paired_p', 'cache_dir', 'real_training_files',
+           'gan_at_size', 'synthetic_sets', 'table1_values', 'table1_long', 'table1', 'survey_pool',
+           'build_stage_survey', 'memo_real_subset', 'run_memorization', 'table1_figure', 'run_intrinsic']
 
 # %% ../nbs/06_intrinsic.ipynb #5da716b2
 _FEATS: dict = {}
@@ -161,10 +162,16 @@ def synthetic_labels() -> dict:
 def table1_rows() -> tuple:
     "Table 1's rows: Real, its halves (the noise floor), GAN, then every generated type."
     return ("Real", "Real (halves)", "GAN", *synthetic_labels())
-PAPER_TABLE1 = {"Real": ([-4.412e-5], [0.1813]), "GAN": ([118.73, 119.45, 116.92], [0.1986, 0.2004, 0.2037]),
-                "Diff": ([36.01, 37.90, 37.78], [0.2081, 0.2126, 0.2096]), "Styled-Diff": ([66.17, 65.48, 66.32], [0.2304, 0.2300, 0.2433]),
-                "Full-Diff": ([40.59, 40.77, 40.27], [0.2030, 0.2058, 0.2078]),
-                "Full-Styled-Diff": ([60.15, 59.98, 59.95], [0.1971, 0.1924, 0.1969])}
+def paper_table1() -> dict:
+    "The paper's Table 1 (data/paper/table1.csv) as {row label: ([FID per set], [MS-SSIM per set])}."
+    t = paper_table("table1").sort_values(["type", "set"], na_position="first")
+    return {type_label(k): (g.fid.tolist(), g.msssim.tolist()) for k, g in t.groupby("type", sort=False)}
+
+def paper_t1_text() -> str:
+    "The paper's Table 1 in a line, as the stage's manifest compares it: Real, Styled-Diff, Diff and GAN (mean ± std)."
+    p = paper_table1(); real = p["Real"][0][0]
+    return (f"Real FID {'−' if real < 0 else ''}{abs(real):.2g}, MS-SSIM {p['Real'][1][0]:.4f}; Styled-Diff FID {mean_std(p['Styled-Diff'][0])}, "
+            f"MS-SSIM {mean_std(p['Styled-Diff'][1])}; Diff {mean_std(p['Diff'][0])}; GAN {mean_std(p['GAN'][0])}")
 
 def mean_std(v) -> str:
     "'mean ± std' with the population std (ddof = 0), as the paper; '' for no values."
@@ -184,7 +191,7 @@ def paired_p(a, b) -> float:
 def cache_dir(base: Path, what: dict) -> Path:
     """`base`/<key>, <key> a short hash of `what` (the settings and inputs the files depend on), recorded beside the
     files in `settings.json`; the other folders under `base` (files of other settings) are removed."""
-    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = content_key(what)
     d = Path(base)/key
     if Path(base).is_dir():
         for old in Path(base).iterdir():
@@ -303,10 +310,10 @@ def table1(values: dict, repeats: int, msssim_note: str = "") -> pd.DataFrame:
     def mean(v):
         v = [x for x in v if x == x]
         return float(np.mean(v)) if v else float("nan")
-    rows = []
+    rows, paper_t1 = [], paper_table1()
     for label in table1_rows():
         v = values.get(label)
-        pf, pm = PAPER_TABLE1.get(label, ([], []))
+        pf, pm = paper_t1.get(label, ([], []))
         row = {"data type": label, "images per repeat": v["n"] if v else "not provided"}
         kids = v.get("kid", []) if v else []
         row["KID mean ± std"] = mean_std(kids) if kids else ("not provided" if not v else "")
@@ -371,13 +378,13 @@ def table1_figure(t: pd.DataFrame, values: dict):
     "Table 1 as bars: ours (mean ± std over the repeats) beside the paper's, for FID and MS-SSIM."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [r for r in table1_rows() if r != "Real (halves)"]
+    labels, paper_t1 = [r for r in table1_rows() if r != "Real (halves)"], paper_table1()
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
     for a, (metric, key, pk) in zip(ax, (("FID", "fid", 0), ("MS-SSIM", "msssim", 1))):
         x = np.arange(len(labels))
         ours = [np.mean(values[l][key]) if l in values and values[l][key] else np.nan for l in labels]
         err = [np.std(values[l][key]) if l in values and values[l][key] else 0 for l in labels]
-        paper = [np.mean(PAPER_TABLE1[l][pk]) for l in labels]
+        paper = [np.mean(paper_t1[l][pk]) if paper_t1.get(l) else np.nan for l in labels]
         a.bar(x - 0.2, ours, 0.4, yerr=err, label="diffusegen (this run)")
         a.bar(x + 0.2, paper, 0.4, label="paper (Table 1)")
         a.set_xticks(x); a.set_xticklabels(labels, rotation=30, ha="right", fontsize=7); a.set_title(metric, fontsize=9)
@@ -441,7 +448,7 @@ def run_intrinsic(cfg: Config, progress: bool = True, write_filtered: bool = Fal
     n_flag = {r["type"]: int(r["flagged"]) for r in counts.to_dict("records")}
     arts = [
         Artifact(str(t1), "table", "Table 1: FID and MS-SSIM of each data type against the real training images", "Table 1",
-                 "Real FID −4.4e-05, MS-SSIM 0.1813; Styled-Diff FID 65.99 ± 0.37, MS-SSIM 0.2346 ± 0.0062; Diff 37.23 ± 0.87; GAN 118.37 ± 1.06",
+                 paper_t1_text(),
                  f"Real FID {val('Real', 'FID')}, MS-SSIM {val('Real', 'MS-SSIM')}; Styled-Diff FID {val('Styled-Diff', 'FID')}, "
                  f"MS-SSIM {val('Styled-Diff', 'MS-SSIM')}; Diff FID {val('Diff', 'FID')}; GAN {val('GAN', 'FID') or 'not provided'}"),
         Artifact(str(fig_d/"table1.png"), "figure", "Table 1 as bars, ours beside the paper's", "Table 1"),

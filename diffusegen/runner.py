@@ -4,12 +4,12 @@
 
 # %% ../nbs/90_runner.ipynb #90ec6e09
 from __future__ import annotations
-import hashlib, json, time
+import json, time
 from dataclasses import dataclass
 from pathlib import Path
 from .core import (Config, DiffusegenError, MEASUREMENTS, STAGES, Stage, get_stage, load_config, project_root,
                              write_json, atomic_write, read_manifest, stage_dirs, versions, inputs_fingerprint, stage_finished,
-                             dry_run_overrides, DRY_RUN_BANNER)
+                             dry_run_overrides, DRY_RUN_BANNER, content_key, sha256_file)
 
 # %% auto #0
 __all__ = ['StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'write_report', 'reproduce']
@@ -24,13 +24,13 @@ def notebook_hash(path) -> str:
     "sha256 of a notebook's cell types and sources (outputs and metadata do not count)."
     nb = json.loads(Path(path).read_text())
     cells = [(c["cell_type"], "".join(c["source"]) if isinstance(c["source"], list) else c["source"]) for c in nb["cells"]]
-    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()[:16]
+    return content_key(cells, sort_keys=False)
 
 def stage_key(cfg: Config, stage: Stage, nb_path, upstream: dict, data_fingerprint: str = "") -> str:
     "The cache key of `stage`: its settings, its notebook, its data and its dependencies' keys."
     parts = {"stage": stage.name, "settings": cfg.hash(stage.name), "notebook": notebook_hash(nb_path),
              "deps": {d: upstream.get(d) for d in stage.deps}, "data": data_fingerprint}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(parts)
 
 # %% ../nbs/90_runner.ipynb #c13b83e1
 @dataclass
@@ -88,7 +88,7 @@ def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
          f"(settings hash `{cfg.hash()}`). Executed notebooks: `executed/`.", ""]
     lock = project_root()/"constraints.txt"
     if lock.exists():                        # the pinned stack `make install` installs: how to get these versions back
-        L += [f"Packages: `make install` pins them with `constraints.txt` (sha256 `{hashlib.sha256(lock.read_bytes()).hexdigest()[:12]}`), "
+        L += [f"Packages: `make install` pins them with `constraints.txt` (sha256 `{sha256_file(lock)[:12]}`), "
               "the stack the test suite passed with.", ""]
     dm = read_manifest(cfg, "data")
     if dm:                                   # which data every number below comes from, before anything else

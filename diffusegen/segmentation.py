@@ -10,18 +10,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, ConfigError, DataError, DiffusegenError, WeightsNotFound, Artifact, atomic_write, write_table,
-                             write_manifest, stage_dirs, seed_everything, resolve_device, step_seed, write_ledger, resumable)
+from .core import (Config, ConfigError, DataError, DiffusegenError, WeightsNotFound, Artifact, atomic_write,
+                             write_table, write_manifest, stage_dirs, seed_everything, resolve_device, step_seed,
+                             paper_table, content_key, sha256_file, write_ledger, resumable)
 from .core import read_ledger as read_ledger_file
 from .sets import TYPES, read_set, type_label
 
 # %% auto #0
-__all__ = ['MEAN', 'STD', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'STALE', 'SCORE_COLUMNS', 'PAPER_TABLE2',
-           'PAPER_TABLE3', 'polyp_channel', 'confusion', 'iou_score', 'dice_score', 'soft_dice_loss',
-           'encoder_weights_file', 'encoder_provenance', 'build_model', 'train_augmentation', 'to_tensors', 'hash_rank',
-           'grouped_split', 'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'grid', 'Sets', 'cell_data',
-           'data_hash', 'cell_hash', 'results_paths', 'read_ledger', 'write_results', 'quick_tables',
-           'run_segmentation', 'segment_throughput', 'load_config_for_bench']
+__all__ = ['MEAN', 'STD', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'STALE', 'SCORE_COLUMNS', 'polyp_channel',
+           'confusion', 'iou_score', 'dice_score', 'soft_dice_loss', 'encoder_weights_file', 'encoder_provenance',
+           'build_model', 'train_augmentation', 'to_tensors', 'hash_rank', 'grouped_split', 'augment_small_set',
+           'evaluate', 'train_cell', 'cell_seed', 'grid', 'Sets', 'cell_data', 'data_hash', 'cell_hash',
+           'results_paths', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables',
+           'run_segmentation']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
 def polyp_channel(prob: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ def _load_encoder_weights(model, path: Path):
 def encoder_provenance(cfg: Config) -> dict:
     "The encoder's weights for the manifest: random initialisation, or the file (with its sha256) they were read from."
     p = encoder_weights_file(cfg, download=False) if str(cfg.seg_encoder_weights).lower() != "none" else None
-    sha = hashlib.sha256(p.read_bytes()).hexdigest() if p is not None else None
+    sha = sha256_file(p) if p is not None else None
     label = f"{cfg.seg_encoder} ImageNet weights from {p}" if p is not None else f"{cfg.seg_encoder}, random initialisation (Appendix B.2 'zero-initialized')"
     if cfg.seg_encoder != "se_resnext50_32x4d": label += " (a smaller stand-in for the paper's se_resnext50_32x4d)"
     return {"name": f"segmentation encoder {cfg.seg_encoder}", "label": label, "sha256": sha, "substitute": False}
@@ -351,7 +352,7 @@ def data_hash(cfg: Config, cell: dict, data: dict, test: tuple) -> str:
 def cell_hash(cfg: Config, sets: Sets, cell: dict) -> str:
     "The settings hash a cell's ledger row must carry to count: `data_hash`, or for an untrainable cell a hash of its status."
     data = cell_data(cfg, sets, cell)
-    if "status" in data: return hashlib.sha256(json.dumps([cell, data["status"], cfg.seg_encoder], default=str).encode()).hexdigest()[:16]
+    if "status" in data: return content_key([cell, data["status"], cfg.seg_encoder], sort_keys=False)
     return data_hash(cfg, cell, data, sets.test)
 
 # %% ../nbs/07_segmentation.ipynb #cbe7ec84
@@ -399,19 +400,21 @@ def write_results(cfg: Config, ledger: pd.DataFrame, cells: list[dict], current:
         with atomic_write(p) as f: res.to_csv(f, index=False)
     return res
 
-PAPER_TABLE2 = {"real": {1: (0.1320, 0.8085)},
-                "gan": {1: (0.3447, 0.5790), 2: (0.2938, 0.6239), 3: (0.3040, 0.6256)},
-                "diff": {1: (0.3434, 0.5948), 2: (0.3374, 0.5975), 3: (0.3484, 0.5883)},
-                "styled-diff": {1: (0.2556, 0.6840), 2: (0.2272, 0.7027), 3: (0.1958, 0.7396)},
-                "full-diff": {1: (0.3189, 0.6149), 2: (0.3403, 0.5983), 3: (0.3915, 0.5501)},
-                "full-styled-diff": {1: (0.3486, 0.5751), 2: (0.3923, 0.5534), 3: (0.4351, 0.5213)}}
-PAPER_TABLE3 = {(16, "real", 0): (0.6056, 0.5263), (32, "real", 0): (0.5580, 0.6201), (64, "real", 0): (0.4201, 0.6930),
-                (128, "real", 0): (0.1768, 0.7982)}
-for _n, _sd, _gan in ((16, [(0.4838, 0.5930), (0.4886, 0.5968), (0.5471, 0.6072)], [(0.5165, 0.5658), (0.5003, 0.5762), (0.5243, 0.5863)]),
-                      (32, [(0.4366, 0.6494), (0.3392, 0.6690), (0.2856, 0.6812)], [(0.4136, 0.6326), (0.3413, 0.6609), (0.2695, 0.6765)]),
-                      (64, [(0.2845, 0.7262), (0.2851, 0.7133), (0.2187, 0.7294)], [(0.2420, 0.7184), (0.2976, 0.7142), (0.2493, 0.7098)]),
-                      (128, [(0.1878, 0.7511), (0.2281, 0.7525), (0.2227, 0.7494)], [(0.1770, 0.7536), (0.1900, 0.7513), (0.1927, 0.7511)])):
-    for _r in (1, 2, 3): PAPER_TABLE3[(_n, "styled-diff", _r)], PAPER_TABLE3[(_n, "gan", _r)] = _sd[_r - 1], _gan[_r - 1]
+def paper_seg_scores() -> dict:
+    "{(table, type, N, r): (Dice loss, IoU)} of the paper's Tables 2 and 3 (data/paper/table2.csv, table3.csv)."
+    t = pd.concat([paper_table("table2"), paper_table("table3")], ignore_index=True)
+    return {(int(r.table), str(r.type), int(r.n), int(r.r)): (float(r.dice_loss), float(r.iou)) for r in t.itertuples()}
+
+def paper_seg_text(table: int) -> str:
+    "The paper's Table 2 or 3 in a line, as the stage's manifest compares it (Table 2's means over N as §3.3 reports them)."
+    p, f = paper_seg_scores(), lambda v: f"{v[0]:.4f} / {v[1]:.4f}"
+    if table == 3:
+        return (f"Dice loss / IoU (replace mode, the caption): N = 16: Real {f(p[(3, 'real', 16, 0)])}, Styled-Diff r = 1 "
+                f"{f(p[(3, 'styled-diff', 16, 1)])}; N = 128: Real {f(p[(3, 'real', 128, 0)])}")
+    said = paper_table("claims").set_index("claim")["reported"].map(lambda s: str(s).split(" ±")[0])
+    means = ", ".join(f"{type_label(t)} {said[f's33-t2-{c}-dl']} / {said[f's33-t2-{c}-iou']}"
+                      for t, c in (("styled-diff", "sd"), ("gan", "gan"), ("diff", "diff"), ("full-styled-diff", "fsd")))
+    return f"Dice loss / IoU: Real {f(p[(2, 'real', 1, 0)])}; mean over N (§3.3): {means}"
 
 def _fmt(x) -> str: return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
@@ -422,15 +425,15 @@ def quick_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         m = lambda c: float(ok[c].astype(float).mean()) if len(ok) else None
         st = "ok" if len(ok) == len(g) else "; ".join(sorted(set(g.status)))
         return m("dice_loss"), m("dice"), m("iou"), int(ok.n_train.astype(int).mean()) if len(ok) else 0, len(ok), st
-    rows2, rows3 = [], []
+    rows2, rows3, paper = [], [], paper_seg_scores()
     for (t, n), g in res[res.table.astype(int) == 2].groupby(["type", "n"], sort=False):
         dl, d, i, ntr, reps, st = summarise(g)
-        p = PAPER_TABLE2.get(t, {}).get(int(n), (None, None))
+        p = paper.get((2, t, int(n), 0), (None, None))
         rows2.append({"data type": type_label(t) + ("" if t == "real" else f"-{n}"), "Dice loss": _fmt(dl), "IoU": _fmt(i),
                       "Dice": _fmt(d), "paper Dice loss": _fmt(p[0]), "paper IoU": _fmt(p[1]), "n_train": ntr, "repeats": reps, "status": st})
     for (n, t, r, mode), g in res[res.table.astype(int) == 3].groupby(["n", "type", "r", "mode"], sort=False):
         dl, d, i, ntr, reps, st = summarise(g)
-        p = PAPER_TABLE3.get((int(n), t, int(r)), (None, None))
+        p = paper.get((3, t, int(n), int(r)), (None, None))
         rows3.append({"N": int(n), "data type": type_label(t), "r": int(r), "mode": mode, "Dice loss": _fmt(dl), "IoU": _fmt(i),
                       "Dice": _fmt(d), "paper Dice loss": _fmt(p[0]), "paper IoU": _fmt(p[1]), "n_train": ntr, "repeats": reps, "status": st})
     return pd.DataFrame(rows2), pd.DataFrame(rows3)
@@ -482,12 +485,12 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                      "§2.7", "", f"{(res.status == 'ok').sum()} trained cells of {len(res)}")]
     if len(t2):
         arts.append(Artifact(str(write_table(t2, fig_d/"table2")[0]), "table", "Table 2: trained on synthetic data only, tested on real images",
-                             "Table 2", "Dice loss / IoU: Real 0.1320 / 0.8085; mean over N (§3.3): Styled-Diff 0.2262 / 0.7088, GAN 0.3142 / 0.6095, Diff 0.3431 / 0.5935, Full-Styled-Diff 0.3920 / 0.5450",
+                             "Table 2", paper_seg_text(2),
                              "; ".join(f"{r['data type']} {r['Dice loss']} / {r['IoU']}" for _, r in t2.iterrows() if r["status"] == "ok")))
     if len(t3):
         arts.append(Artifact(str(write_table(t3, fig_d/"table3")[0]), "table",
                              f"Table 3: small real sets augmented with synthetic siblings (mode {cfg.table3_mode}, α = {cfg.table3_alpha})",
-                             "Table 3", "Dice loss / IoU (replace mode, the caption): N = 16: Real 0.6056 / 0.5263, Styled-Diff r = 1 0.4838 / 0.5930; N = 128: Real 0.1768 / 0.7982",
+                             "Table 3", paper_seg_text(3),
                              "; ".join(f"N={r['N']} {r['data type']} r={r['r']} {r['Dice loss']} / {r['IoU']}" for _, r in t3.iterrows() if r["status"] == "ok")))
     seconds = round(time.time() - t_stage, 2)
     notes = [f"model: {cfg.seg_arch} with {cfg.seg_encoder} (paper: UnetPlusPlus with se_resnext50_32x4d), encoder weights "
@@ -507,36 +510,3 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     write_manifest(cfg, "segmentation", arts, [encoder_provenance(cfg)], summary, notes)
     return {**summary, "status": "done", "table2": t2.to_dict("records"), "table3": t3.to_dict("records"),
             "results": res.to_dict("records")}
-
-# %% ../nbs/07_segmentation.ipynb #6371068c
-def segment_throughput(encoder: str, arch: str = "UnetPlusPlus", image_size: int = 256, batch: int = 8, steps: int = 3,
-                       device="cpu") -> dict:
-    """Training images per second of `arch` with `encoder` (random weights, Dice loss, Adam) over `steps` timed steps
-    after one warm-up step, and the peak memory (CUDA: max allocated; CPU: the process's peak resident set)."""
-    import resource
-    dev = torch.device(device)
-    cfg = load_config_for_bench(encoder, arch)
-    model = build_model(cfg, encoder=encoder, arch=arch, weights=False).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(dev)
-    t = (torch.rand(batch, image_size, image_size, generator=g) > 0.5).float().to(dev)
-    if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
-    def step():
-        loss = soft_dice_loss(polyp_channel(model(x)), t, per_image=False)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    model.train(); step()
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
-    t0 = time.time()
-    for _ in range(max(1, steps)): step()
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
-    secs = time.time() - t0
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return {"arch": arch, "encoder": encoder, "image_size": image_size, "batch": batch, "steps": max(1, steps),
-            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "images_per_s": round(batch * max(1, steps) / secs, 2),
-            "peak_mem_mb": round(peak, 1), "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
-            "device": str(dev)}
-
-def load_config_for_bench(encoder: str, arch: str) -> Config:
-    from diffusegen.core import load_config
-    return load_config("smoke", {"seg_encoder": encoder, "seg_arch": arch, "seg_encoder_weights": "none"})

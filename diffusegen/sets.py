@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
-from .core import Config, DiffusegenError, read_ledger, write_ledger
+from .core import Config, DiffusegenError, atomic_write, content_key, read_ledger, write_ledger
 
 # %% auto #0
 __all__ = ['TYPES', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType', 'register_type', 'get_type', 'type_label',
@@ -123,8 +123,8 @@ def split_ledger(rows: list[dict], current, planned_files: set, exists, keep=Non
 def move_aside(folder: Path, row: dict, subs=("file", "mask_file")) -> dict:
     """Rename a finished sample's files (`subs` under `folder`) to `<stem>.was-<key><suffix>`, `key` a hash of its row,
     so the plan can make its file again without losing it; returns the row with the new names."""
-    import hashlib, json, os
-    key = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    import os
+    key = content_key(row, n=10)
     out = dict(row)
     for s in subs:
         p = Path(folder)/str(row[s]); q = p.with_name(f"{p.stem}.was-{key}{p.suffix}")

@@ -13,16 +13,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 from .core import (Config, DataError, Artifact, atomic_write, write_table, save_figure, write_manifest,
-                             stage_dirs, resolve_path)
+                             stage_dirs, paper_dir, paper_table, read_csv)
 
 # %% auto #0
 __all__ = ['METRICS', 'LOWER_IS_BETTER', 'SEG_COLUMNS', 'OPS', 'CLAIM_COLUMNS', 'type_names', 'type_name', 'mean_std', 'fmt_num',
-           'fmt_pm', 'TTest', 'repeat_means', 'ttest', 'paper_dir', 'normalize_seg', 'normalize_t1',
-           'load_paper_tables', 'values', 'Derived', 'paired_diff', 'b1_counts', 'derive', 'check', 'load_claims',
-           'audit_paper', 'audit_lines', 'audit_markdown', 'write_paper_audit', 'results_path', 'table1_values_path',
-           'read_results', 'table1_from_wide', 'read_table1_values', 'table1_stats', 'table2_stats', 'table3_stats',
-           'tex_escape', 'latex_table', 'write_tables', 'figure_table2', 'figure_table3', 'figure_table1',
-           'run_statistics']
+           'fmt_pm', 'TTest', 'repeat_means', 'ttest', 'normalize_seg', 'normalize_t1', 'load_paper_tables', 'values',
+           'Derived', 'paired_diff', 'b1_counts', 'derive', 'check', 'load_claims', 'audit_paper', 'audit_lines',
+           'audit_markdown', 'write_paper_audit', 'results_path', 'table1_values_path', 'read_results',
+           'table1_from_wide', 'read_table1_values', 'table1_stats', 'table2_stats', 'table3_stats', 'tex_escape',
+           'latex_table', 'write_tables', 'figure_table2', 'figure_table3', 'figure_table1', 'run_statistics']
 
 # %% ../nbs/08_statistics.ipynb #3e883a45
 def type_names() -> dict:
@@ -118,14 +117,6 @@ def _ttest(a: pd.Series, b: pd.Series, one_sample: bool) -> TTest:
 SEG_COLUMNS = ["table", "type", "n", "r", "mode", "repeat", "seed", "dice_loss", "dice", "iou", "val_iou", "best_epoch",
                "epochs", "n_train", "n_val", "n_test", "encoder", "status", "n_syn", "short_of_r"]   # = segmentation.RESULT_COLUMNS
 
-def paper_dir() -> Path: return resolve_path("data/paper")
-
-def _read_csv(p: Path) -> pd.DataFrame:
-    if not p.exists(): raise DataError(f"{p}: file not found (the paper's tables belong in data/paper/)")
-    try: return pd.read_csv(p, keep_default_na=False, na_values=[""])
-    except pd.errors.EmptyDataError: raise DataError(f"{p}: empty file (no CSV header)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e: raise DataError(f"{p}: not a readable CSV ({' '.join(str(e).split())[:120]})") from None
-
 def _need(df: pd.DataFrame, cols, p) -> pd.DataFrame:
     miss = [c for c in cols if c not in df.columns]
     if miss: raise DataError(f"{p}: missing column(s) {', '.join(miss)}")
@@ -171,9 +162,9 @@ def normalize_t1(df: pd.DataFrame, where="table1_values") -> pd.DataFrame:
 def load_paper_tables(root: Path | None = None) -> dict:
     "The paper's tables from data/paper/: {'t1': Table 1 long, 'seg': Tables 2 and 3, 'b1': Table B1}."
     root = Path(root or paper_dir())
-    t1 = normalize_t1(_read_csv(root/"table1.csv"), root/"table1.csv")
-    seg = pd.concat([normalize_seg(_read_csv(root/f"table{i}.csv"), root/f"table{i}.csv") for i in (2, 3)], ignore_index=True)
-    b1 = _need(_read_csv(root/"tableB1.csv"), ["type", "rated_real", "rated_fake"], root/"tableB1.csv")
+    t1 = normalize_t1(paper_table("table1", root), root/"table1.csv")
+    seg = pd.concat([normalize_seg(paper_table(f"table{i}", root), root/f"table{i}.csv") for i in (2, 3)], ignore_index=True)
+    b1 = _need(paper_table("tableB1", root), ["type", "rated_real", "rated_fake"], root/"tableB1.csv")
     return {"t1": t1, "seg": seg, "b1": b1}
 
 def values(T: dict, table: int, metric: str, kind: str, n: int | None = None, mode: str | None = None) -> pd.Series:
@@ -356,7 +347,7 @@ CLAIM_COLUMNS = ["claim", "section", "quote", "quantity", "reported", "derive"]
 def load_claims(path: Path | None = None) -> pd.DataFrame:
     "The text's claims (data/paper/claims.csv)."
     p = Path(path or paper_dir()/"claims.csv")
-    return _need(_read_csv(p).fillna(""), CLAIM_COLUMNS, p)
+    return _need(read_csv(p).fillna(""), CLAIM_COLUMNS, p)
 
 def audit_paper(T: dict | None = None, claims: pd.DataFrame | None = None) -> pd.DataFrame:
     "Every claim of the text re-derived from the paper's tables: one row per claim with its verdict."
@@ -410,7 +401,7 @@ def table1_values_path(cfg: Config) -> Path: return stage_dirs(cfg, "intrinsic")
 def read_results(cfg: Config) -> pd.DataFrame | None:
     "The segmentation results (results.csv schema), or None when the segmentation stage has not written them."
     p = results_path(cfg)
-    return normalize_seg(_read_csv(p), p) if p.exists() else None
+    return normalize_seg(read_csv(p), p) if p.exists() else None
 
 def table1_from_wide(df: pd.DataFrame) -> pd.DataFrame:
     "The long Table 1 values from the intrinsic stage's wide table1.csv ('data type', 'FID set k', 'MS-SSIM set k')."
@@ -432,10 +423,10 @@ def read_table1_values(cfg: Config) -> pd.DataFrame | None:
     """The intrinsic stage's Table 1 values (type, repeat, fid, msssim), or None when absent. Reads
     table1_values.csv, else the wide table1.csv the intrinsic stage writes beside it."""
     p = table1_values_path(cfg)
-    if p.exists(): return normalize_t1(_read_csv(p), p)
+    if p.exists(): return normalize_t1(read_csv(p), p)
     w = p.with_name("table1.csv")
     if w.exists():
-        df = _read_csv(w)
+        df = read_csv(w)
         if "data type" in df.columns and "FID set 1" in df.columns: return normalize_t1(table1_from_wide(df), w)
     return None
 

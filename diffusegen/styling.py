@@ -6,17 +6,18 @@ and content losses; then MKL colour matching onto the real image. Writes Styled-
 
 # %% ../nbs/05_styling.ipynb #9b559ff5
 from __future__ import annotations
-import hashlib, json, math, os, shutil, time
+import json, math, os, shutil, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from .core import (Config, DiffusegenError, Artifact, atomic_write, atomic_path, write_json, write_table,
-                             save_figure, write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed)
-from .diffusion import GaussianDiffusion, space_timesteps, randn_per_sample
-from .training import make_diffusion, load_unet
-from .inpainting import (sha256_file, weights_file, device_diffusion, sampling_fn, auto_batch, _amp_dtype, precision_label)
+                             save_figure, write_manifest, stage_dirs, torch_generator, resolve_device, save_png,
+                             step_seed, content_key, sha256_file)
+from .diffusion import (GaussianDiffusion, space_timesteps, randn_per_sample, device_diffusion, sampling_fn, auto_batch,
+                                  amp_dtype, precision_label)
+from .training import make_diffusion, load_unet, weights_file
 from .sets import (UNPLANNED, get_type, types_made_by, manifest_columns, set_dir, read_set, split_ledger, prune_rows,
                              write_unplanned)
 
@@ -108,7 +109,7 @@ class StyleNets:
         base = make_diffusion(cfg)
         self.unet = unet.eval().requires_grad_(False)
         self.model_fn = sampling_fn(self.unet, cfg, device)                  # the full forward (compiled when cfg.compile)
-        self.amp = _amp_dtype(cfg, device)
+        self.amp = amp_dtype(cfg, device)
         self.diffusion = device_diffusion(base.respace(space_timesteps(base.num_timesteps, cfg.style_respacing)))
         if not 0 <= cfg.style_start < self.diffusion.num_timesteps:
             raise DiffusegenError(f"style_start={cfg.style_start}: must be in 0..{self.diffusion.num_timesteps - 1} (style_respacing={cfg.style_respacing})")
@@ -273,7 +274,7 @@ def _settings_record(cfg: Config, kind: str, labels: dict, device="cpu") -> dict
     rec = {"type": kind, "settings": keys, "image_size": cfg.image_size, "weights": labels}
     dev = torch.device(device)
     if dev.type != "cpu": rec.update(device=dev.type, precision=precision_label(cfg, dev))   # other noise and rounding than the CPU
-    rec["hash"] = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
+    rec["hash"] = content_key(rec)
     return rec
 
 def _same_settings(old: dict, rec: dict) -> bool:

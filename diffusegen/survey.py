@@ -6,17 +6,17 @@ precision, recall and Cohen's κ."""
 
 # %% ../nbs/06a_survey.ipynb #577c6f51
 from __future__ import annotations
-import base64, hashlib, html, io, json, os
+import base64, html, io, json, os
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from .core import Config, DiffusegenError, atomic_write, write_json
+from .core import Config, DiffusegenError, atomic_write, write_json, paper_table, content_key
 
 # %% auto #0
-__all__ = ['SURVEY_TYPES', 'RATINGS', 'QUESTIONS', 'PAPER_TABLE_B1', 'PAPER_B1_METRICS', 'PAPER_SURVEY_ID', 'png_data_uri',
-           'select_items', 'survey_html', 'key_copy', 'key_survey', 'build_survey', 'survey_figure', 'read_answers',
-           'binary_scores', 'check_answers', 'find_key', 'score_survey', 'paper_answers']
+__all__ = ['SURVEY_TYPES', 'RATINGS', 'QUESTIONS', 'PAPER_SURVEY_ID', 'png_data_uri', 'select_items', 'survey_html', 'key_copy',
+           'key_survey', 'build_survey', 'survey_figure', 'paper_table_b1', 'read_answers', 'binary_scores',
+           'check_answers', 'find_key', 'score_survey', 'paper_answers']
 
 # %% ../nbs/06a_survey.ipynb #3d5caf69
 SURVEY_TYPES = ("Real", "Diff", "Styled-Diff")
@@ -136,7 +136,7 @@ def build_survey(pool: pd.DataFrame, html_path, key_path, n_per_type: int = 10, 
     items = select_items(pool, n_per_type, seed)
     # names the localStorage slot and ties answers to this key; derived from the seed and the chosen files, so a
     # rebuild with the same inputs gives the same page and key (and answers already given stay valid)
-    survey_id = hashlib.sha256(json.dumps([seed] + items.image_path.astype(str).tolist()).encode()).hexdigest()[:12]
+    survey_id = content_key([seed] + items.image_path.astype(str).tolist(), n=12, sort_keys=False)
     page = survey_html(items, survey_id)
     Path(html_path).parent.mkdir(parents=True, exist_ok=True); Path(key_path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(html_path) as f: f.write(page)
@@ -168,10 +168,11 @@ def survey_figure(key_path, n: int = 6):
     return fig
 
 # %% ../nbs/06a_survey.ipynb #22cbf77e
-PAPER_TABLE_B1 = pd.DataFrame(
-    [["Real", 10, 0, 0, 8, 2, 0, 4, 6], ["Diff", 10, 0, 0, 10, 0, 0, 3, 7], ["Styled-Diff", 10, 0, 0, 9, 1, 0, 3, 7]],
-    columns=["type", "image Good", "image Moderate", "image Poor", "seg Good", "seg Moderate", "seg Poor", "Real", "Fake"])
-PAPER_B1_METRICS = {"accuracy": 0.60, "precision": 0.40, "recall": 0.40}
+def paper_table_b1() -> pd.DataFrame:
+    "The paper's Table B1 (data/paper/tableB1.csv) in the scored table's columns: type, counts per rating, rated Real / Fake."
+    b, label = paper_table("tableB1"), {t.lower(): t for t in SURVEY_TYPES}
+    counts = {f"{q} {v}": b[f"{q}_{v.lower()}"] for q in ("image", "seg") for v in RATINGS}
+    return pd.DataFrame({"type": b["type"].str.lower().map(label), **counts, "Real": b["rated_real"], "Fake": b["rated_fake"]})
 
 def read_answers(path) -> pd.DataFrame:
     "Answers exported by the page (JSON or CSV) as a DataFrame item, image, seg, rf (plus `survey` when the file has it)."
@@ -257,7 +258,7 @@ PAPER_SURVEY_ID = "paper-table-b1"
 def paper_answers() -> tuple[pd.DataFrame, pd.DataFrame]:
     "(answers, key) rebuilt from the paper's Table B1 (one consistent assignment of its counts to 30 items), survey id `PAPER_SURVEY_ID`."
     rows, keys, k = [], [], 0
-    for d in PAPER_TABLE_B1.to_dict("records"):
+    for d in paper_table_b1().to_dict("records"):
         img = sum(([v] * d[f"image {v}"] for v in RATINGS), [])
         seg = sum(([v] * d[f"seg {v}"] for v in RATINGS), [])
         rf = ["Real"] * d["Real"] + ["Fake"] * d["Fake"]

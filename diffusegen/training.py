@@ -4,23 +4,24 @@
 
 # %% ../nbs/03_training.ipynb #fbaa2474
 from __future__ import annotations
-import copy, hashlib, json, math, os, shutil, time
+import copy, json, math, os, shutil, time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json, write_table, save_figure,
-                             write_manifest, stage_dirs, load_config, torch_generator, resolve_device, step_seed, project_root)
-from .diffusion import GaussianDiffusion, linear_betas, space_timesteps
+from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json,
+                             write_table, save_figure, write_manifest, stage_dirs, load_config, torch_generator,
+                             resolve_device, step_seed, content_key, sha256_file, project_root)
+from .diffusion import GaussianDiffusion, linear_betas, space_timesteps, amp_dtype
 
 # %% auto #0
 __all__ = ['parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters', 'model_specs',
            'spec_hash', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss', 'save_checkpoint',
-           'load_unet', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model', 'training_images', 'full_init',
-           'stage_specs', 'run_training', 'shipped_paths', 'card_settings', 'read_shipped', 'shipped_fit',
-           'install_shipped', 'ship_weights', 'card_markdown']
+           'load_unet', 'weights_file', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model',
+           'training_images', 'full_init', 'stage_specs', 'run_training', 'shipped_paths', 'card_settings',
+           'read_shipped', 'shipped_fit', 'install_shipped', 'ship_weights', 'card_markdown']
 
 # %% ../nbs/03_training.ipynb #9bc14f01
 def parse_ints(s: str) -> tuple[int, ...]:
@@ -100,7 +101,7 @@ def spec_hash(cfg: Config, spec: ModelSpec) -> str:
     for k in ("init_from", "shipped_weights"): settings.pop(k, None)   # what they change is `spec.init` (the initial weights' sha256)
     if sp.get("init") is None: sp.pop("init")       # from scratch: the same hash as before `init_from` existed
     d = {"settings": settings, "image_size": cfg.image_size, "spec": sp}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(d)
 
 # %% ../nbs/03_training.ipynb #4aa9b677
 def batch_indices(seed: int, name: str, step: int, n: int, batch: int) -> np.ndarray:
@@ -132,8 +133,8 @@ class ConstantEMA:
         torch._foreach_lerp_(ema, [p.detach() for p in cur], 1 - self.rate)
 
 def _autocast(device: torch.device, mixed_precision: str):
-    if device.type != "cuda" or mixed_precision == "no": return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+    a = amp_dtype(mixed_precision, device)
+    return torch.autocast(device.type, enabled=False) if a is None else torch.autocast("cuda", dtype=a)
 
 def train_step(unet, opt, diffusion: GaussianDiffusion, x0, t, noise, microbatch: int, device, mixed_precision="no", scaler=None,
                batch_total: int | None = None, world: int = 1) -> dict:
@@ -228,6 +229,12 @@ def load_unet(path, device="cpu"):
         path = path/("unet_ema" if json.loads((path/"model.json").read_text()).get("sample_weights") == "ema" else "unet")
     if not (path/"config.json").exists(): raise DiffusegenError(f"{path}: no saved model here (expected config.json and safetensors)")
     return UNet2DModel.from_pretrained(str(path), use_safetensors=True).to(device)
+
+def weights_file(model_dir) -> Path:
+    "The safetensors file `load_unet(model_dir)` loads (raw or EMA per the model's `sample_weights`)."
+    final = Path(model_dir)/"final"
+    sub = "unet_ema" if json.loads((final/"model.json").read_text()).get("sample_weights") == "ema" else "unet"
+    return final/sub/"diffusion_pytorch_model.safetensors"
 
 # %% ../nbs/03_training.ipynb #065cad81
 def loss_figure(losses: pd.DataFrame, title: str):
@@ -335,7 +342,7 @@ def _init_weights(unet, init: dict, root: Path, device):
     "Load the initial weights `init` names (a file relative to the output folder `root`), checking their sha256."
     from safetensors.torch import load_file
     f = Path(root)/init["file"]
-    h = hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
+    h = sha256_file(f) if f.exists() else None
     if h != init["sha256"]: raise DiffusegenError(f"{f}: initial weights missing or changed (sha256 {h}, expected {init['sha256']}); retrain the full model first")
     unet.load_state_dict(load_file(str(f), device=str(device)))
 
@@ -440,7 +447,7 @@ def full_init(cfg: Config) -> dict:
                               f"the cluster models' (attention at {cfg.attention_resolutions}); make them equal or use init_from=none")
     f = stage_dirs(cfg, "training")[0]/"full"/"final"/"unet"/"diffusion_pytorch_model.safetensors"
     if not f.exists(): raise DiffusegenError(f"{f}: no finished full-data model to initialise the cluster models from (init_from=full)")
-    return {"file": str(f.relative_to(cfg.root)), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    return {"file": str(f.relative_to(cfg.root)), "sha256": sha256_file(f)}
 
 def stage_specs(cfg: Config, cl: pd.DataFrame, clusters: list | None = None, full: bool | None = None) -> tuple[list, list]:
     "(models to train first, then the rest): with init_from = full the full model comes first, the cluster models after it."
@@ -560,9 +567,8 @@ def install_shipped(cfg: Config, card: dict, images: torch.Tensor, mdir) -> dict
     model finished here under other settings is moved aside to `final.was-<hash>`, never deleted."""
     import matplotlib.pyplot as plt
     from safetensors.torch import load_file
-    from diffusegen.weights import file_sha256
     w, c = shipped_paths(cfg)
-    h = file_sha256(w)
+    h = sha256_file(w)
     if h != card.get("sha256"):
         raise DiffusegenError(f"{w}: damaged or replaced (sha256 {h[:12]}…, its card {c.name} says {str(card.get('sha256'))[:12]}…): "
                               f"restore it (git checkout -- {w.name}) or train the full model here (--set init_from=full)")
@@ -615,7 +621,6 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
     `curve`: rows {step, fid, kid, images} measured on the way (`sampler_fid_curve`)."""
     from safetensors.torch import save_file
     from diffusegen.core import atomic_path, versions
-    from diffusegen.weights import file_sha256
     from diffusegen.datasets import DATASETS
     src, dest = Path(src), Path(dest)
     if (src/"final"/"model.json").exists():
@@ -639,7 +644,7 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
     w.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(w) as tmp: save_file(fp16, str(tmp), metadata={"format": "pt", "card": c.name})
     tail = np.asarray(losses, float)[-max(1, len(losses) // 10):, 1] if losses else np.array([np.nan])
-    card = {"name": dest.name, "file": w.name, "sha256": file_sha256(w), "dtype": "float16",
+    card = {"name": dest.name, "file": w.name, "sha256": sha256_file(w), "dtype": "float16",
             "parameters": sum(p.numel() for p in unet.parameters()), "weights": "EMA (ema_rate %g)" % cfg.ema_rate,
             "command": command, "profile": cfg.profile, "settings": cfg.keys_for("training"), "fits": card_settings(cfg),
             "ids": list(map(str, ids)), "n_images": len(ids),

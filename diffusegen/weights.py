@@ -5,22 +5,21 @@ the file locally, loads it once, and returns the network with a provenance recor
 
 # %% ../nbs/00_weights.ipynb #9d049bdf
 from __future__ import annotations
-import functools, hashlib, importlib.util, os, socket, tempfile, urllib.error, warnings
+import functools, importlib.util, os, socket, tempfile, urllib.error, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .core import Config, DiffusegenError, ConfigError, WeightsNotFound, resolve_path
+from .core import Config, DiffusegenError, ConfigError, WeightsNotFound, resolve_path, sha256_file
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'DINO_TIMM_NAME', 'DINO_HF_REPO', 'IMAGENET_MEAN', 'IMAGENET_STD', 'VGG_LAYERS', 'BadWeights',
            'WeightsSpec', 'get_spec', 'torch_hub_checkpoints', 'hf_hub_cache', 'fid_helper_file',
-           'clean_fid_cache_dirs', 'auto_candidates', 'Located', 'locate_weights', 'missing_message', 'file_sha256',
-           'FIDInception', 'fid_input', 'inception_features', 'CleanFIDExtractor', 'resize_short', 'DinoCLS',
-           'dino_state_dict', 'VGGFeatures', 'read_state_dict', 'build_dino', 'build_vgg19_features', 'InceptionCLS',
-           'InceptionLowLevel', 'random_network', 'resolve_weights', 'clear_weights_cache', 'download_weights',
-           'weights_report']
+           'clean_fid_cache_dirs', 'auto_candidates', 'Located', 'locate_weights', 'missing_message', 'FIDInception',
+           'fid_input', 'inception_features', 'CleanFIDExtractor', 'resize_short', 'DinoCLS', 'dino_state_dict',
+           'VGGFeatures', 'read_state_dict', 'build_dino', 'build_vgg19_features', 'InceptionCLS', 'InceptionLowLevel',
+           'random_network', 'resolve_weights', 'clear_weights_cache', 'download_weights', 'weights_report']
 
 # %% ../nbs/00_weights.ipynb #88edc056
 class BadWeights(DiffusegenError):
@@ -160,19 +159,6 @@ def missing_message(name: str, searched=()) -> str:
             f"{spec.env}; official download: {spec.url}{sub}")
 
 # %% ../nbs/00_weights.ipynb #ed2d7f02
-_SHA256: dict = {}
-
-def file_sha256(path) -> str:
-    "sha256 hex digest of a file, cached by (path, size, mtime)."
-    p = Path(path).resolve(); st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _SHA256:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-        _SHA256[key] = h.hexdigest()
-    return _SHA256[key]
-
 def _file_key(p: Path) -> tuple:
     st = p.stat(); return str(p.resolve()), st.st_size, st.st_mtime_ns
 
@@ -415,7 +401,7 @@ class InceptionLowLevel(nn.Module):
 # %% ../nbs/00_weights.ipynb #223b669d
 def _provenance(name: str, path: Path, label: str, origin: str, substitute: bool, **extra) -> dict:
     spec = get_spec(name)
-    return {"name": name, "label": label, "source": str(path), "sha256": file_sha256(path), "substitute": substitute,
+    return {"name": name, "label": label, "source": str(path), "sha256": sha256_file(path), "substitute": substitute,
             "origin": origin, "url": spec.url, "paper": spec.paper, **extra}
 
 _SUB_LABELS = {
@@ -501,7 +487,7 @@ def weights_report(cfg: Config, with_hash: bool = True) -> list[dict]:
         row["searched"] = list(loc.searched)
         if loc.path is not None:
             row.update(status="found", source=str(loc.path), origin=loc.origin, label=f"{spec.title} ({loc.origin})",
-                       sha256=file_sha256(loc.path) if with_hash else "")
+                       sha256=sha256_file(loc.path) if with_hash else "")
         elif name != "inception" and cfg.allow_substitute_weights:
             row.update(status="substitute", label=_SUB_LABELS[name], message=missing_message(name, loc.searched))
         else:

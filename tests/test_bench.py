@@ -6,9 +6,8 @@ import pandas as pd
 import pytest
 import torch
 from diffusegen.core import load_config, torch_generator, write_json
-from diffusegen.diffusion import GaussianDiffusion, linear_betas, space_timesteps
-from diffusegen.inpainting import (DeviceDiffusion, auto_batch, inpaint_diffusion, inpaint_inputs, inpaint_params, repaint,
-                                   sampling_fn, schedule_counts, to_uint8)
+from diffusegen.diffusion import auto_batch, sampling_fn
+from diffusegen.inpainting import inpaint_diffusion, inpaint_inputs, inpaint_params, repaint, schedule_counts, to_uint8
 from diffusegen.training import build_unet, unet_kwargs
 from diffusegen import bench
 
@@ -21,38 +20,6 @@ def tiny():
     unet = build_unet(cfg, seed=0).eval()
     init4, known = bench._bench_inputs(4, cfg.image_size, cfg.dilation)
     return cfg, unet, init4, known
-
-# --- the device tables: bit-identical to GaussianDiffusion on the CPU ---
-
-def test_device_diffusion_is_bit_identical_on_cpu():
-    base = GaussianDiffusion(linear_betas(1000)).respace(space_timesteps(1000, 50))
-    dd = DeviceDiffusion(base)
-    g = torch.Generator().manual_seed(0)
-    x, n, mo = torch.randn(5, 4, 6, 6, generator=g), torch.randn(5, 4, 6, 6, generator=g), torch.randn(5, 8, 6, 6, generator=g)
-    t = torch.tensor([0, 1, 17, 48, 49])
-    assert torch.equal(dd.q_sample(x, t, n), base.q_sample(x, t, n))
-    assert torch.equal(dd.q_step(x, t, n), base.q_step(x, t, n))
-    assert torch.equal(dd.p_sample(mo, x, t, n), base.p_sample(mo, x, t, n))
-    assert torch.equal(dd.p_sample(mo, x, t, n, grad=n), base.p_sample(mo, x, t, n, grad=n))
-    for k, v in base.p_mean_variance(mo, x, t).items(): assert torch.equal(dd.p_mean_variance(mo, x, t)[k], v), k
-    assert torch.equal(dd.model_timesteps(t), base.model_timesteps(t))
-    x64 = x.double()                                          # another dtype: its own table, still exact
-    assert torch.equal(dd.q_sample(x64, t, n.double()), base.q_sample(x64, t, n.double()))
-
-def test_ddim_step_matches_its_formula():
-    base = GaussianDiffusion(linear_betas(1000)).respace(space_timesteps(1000, 20))
-    dd = DeviceDiffusion(base)
-    x, mo, z = torch.randn(2, 4, 5, 5), torch.randn(2, 8, 5, 5), torch.randn(2, 4, 5, 5)
-    i = 9
-    a, ap = base.alphas_cumprod[i], base.alphas_cumprod_prev[i]
-    eps = mo[:, :4]
-    x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
-    for eta in (0.0, 0.5, 1.0):
-        sig = eta * np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
-        want = np.sqrt(ap) * x0 + np.sqrt(1 - ap - sig ** 2) * eps + sig * z
-        assert torch.allclose(dd.ddim_sample(mo, x, i, z, eta), want.float(), atol=1e-5), eta
-    sig1 = np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
-    assert np.isclose(sig1 ** 2, base.posterior_variance[i])                 # η = 1: the DDPM posterior variance
 
 # --- the fast sampler in the RePaint loop ---
 

@@ -8,7 +8,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 from diffusegen.core import DataError, load_config, stage_dirs
 from diffusegen.data import load_split, run_data
-from diffusegen.weights import file_sha256, resolve_weights
+from diffusegen.core import sha256_file
+from diffusegen.weights import resolve_weights
 import diffusegen.clustering as clu
 from diffusegen.clustering import (cached_pair_features, feature_cache_key, kmeans_labels, load_clusters, pair_features,
                                    paper_agreement, run_clustering)
@@ -80,7 +81,7 @@ def test_stage_on_smoke_writes_clusters_tables_figures_manifest(smoke_run):
         with Image.open(fig_d/name) as im: assert im.size[0] > 200 and im.size[1] > 100, name
     m = json.loads((fig_d/"manifest.json").read_text())
     w = m["weights"][0]
-    assert w["name"] == "inception" and not w["substitute"] and w["sha256"] == file_sha256(w["source"])
+    assert w["name"] == "inception" and not w["substitute"] and w["sha256"] == sha256_file(w["source"])
     # the smoke images are 16 of the paper's 348: the agreement is measured (k=2 against the paper's labels, and said so)
     assert m["summary"]["ari_paper"] == summary["ari_paper"] and -1 <= summary["ari_paper"] <= 1
     ari = [a for a in m["artifacts"] if "adjusted Rand" in a["title"]]

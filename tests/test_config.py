@@ -152,3 +152,19 @@ def test_profile_is_not_a_setting_and_the_hint_says_so():
         load_config("smoke", {"profile": "demo"})
     with pytest.raises(ConfigError, match="did you mean 'image_size'"):
         load_config("smoke", {"image_sise": 32})
+
+def test_content_key_keeps_the_persisted_keys():
+    "content_key reproduces, byte for byte, the keys the hand-made hashes wrote before it (pinned: computed with the old code)."
+    from diffusegen.core import content_key
+    A = {"b": 1, "a": [1, 2.5, "x"], "c": {"z": None, "y": True}}
+    assert content_key(A) == "0af44fd70228ce26"                          # Config.hash, spec_hash, styling, intrinsic caches
+    assert content_key(A, n=24, sort_keys=False) == "629525ab3e4d813cac0a3151"   # clustering's spec key
+    assert content_key(A, sort_keys=False) == "629525ab3e4d813c"         # runner's cell key, segmentation's status hash
+    assert content_key({"path": Path("runs/x"), "n": 3}, n=10) == "9ca47f7a34"  # the kept-samples ledger
+    assert content_key([7, "images/1.png", "images/003.png"], n=12, sort_keys=False) == "9934ec388fa6"   # survey id
+
+def test_sha256_file_streams(tmp_path):
+    import hashlib
+    from diffusegen.core import sha256_file
+    p = tmp_path/"w.bin"; p.write_bytes(b"\x00\x01" * (3 << 20))
+    assert sha256_file(p) == hashlib.sha256(p.read_bytes()).hexdigest()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffusegen.diffusion import (GaussianDiffusion, approx_standard_normal_cdf, discretized_gaussian_log_likelihood,
+from diffusegen.diffusion import (DeviceDiffusion, GaussianDiffusion, approx_standard_normal_cdf, discretized_gaussian_log_likelihood,
                                   draw_noise, linear_betas, mean_flat, model_fn_diffusers, normal_kl,
                                   randn_per_sample, space_timesteps)
 
@@ -285,3 +285,35 @@ def test_per_sample_generators_batch_independent(gd, tiny_unet):
     assert (b[0] - b[1]).abs().mean() > 1                          # different generators, different samples
     one = d10.sample_loop(fn, (3, 4, 16, 16), generator=torch.Generator().manual_seed(3))
     assert (one[0] - a[0]).abs().mean() > 1   # one generator for the batch: sample 0 is not the per-sample one
+
+# --- the device tables: bit-identical to GaussianDiffusion on the CPU ---
+
+def test_device_diffusion_is_bit_identical_on_cpu():
+    base = GaussianDiffusion(linear_betas(1000)).respace(space_timesteps(1000, 50))
+    dd = DeviceDiffusion(base)
+    g = torch.Generator().manual_seed(0)
+    x, n, mo = torch.randn(5, 4, 6, 6, generator=g), torch.randn(5, 4, 6, 6, generator=g), torch.randn(5, 8, 6, 6, generator=g)
+    t = torch.tensor([0, 1, 17, 48, 49])
+    assert torch.equal(dd.q_sample(x, t, n), base.q_sample(x, t, n))
+    assert torch.equal(dd.q_step(x, t, n), base.q_step(x, t, n))
+    assert torch.equal(dd.p_sample(mo, x, t, n), base.p_sample(mo, x, t, n))
+    assert torch.equal(dd.p_sample(mo, x, t, n, grad=n), base.p_sample(mo, x, t, n, grad=n))
+    for k, v in base.p_mean_variance(mo, x, t).items(): assert torch.equal(dd.p_mean_variance(mo, x, t)[k], v), k
+    assert torch.equal(dd.model_timesteps(t), base.model_timesteps(t))
+    x64 = x.double()                                          # another dtype: its own table, still exact
+    assert torch.equal(dd.q_sample(x64, t, n.double()), base.q_sample(x64, t, n.double()))
+
+def test_ddim_step_matches_its_formula():
+    base = GaussianDiffusion(linear_betas(1000)).respace(space_timesteps(1000, 20))
+    dd = DeviceDiffusion(base)
+    x, mo, z = torch.randn(2, 4, 5, 5), torch.randn(2, 8, 5, 5), torch.randn(2, 4, 5, 5)
+    i = 9
+    a, ap = base.alphas_cumprod[i], base.alphas_cumprod_prev[i]
+    eps = mo[:, :4]
+    x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    for eta in (0.0, 0.5, 1.0):
+        sig = eta * np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
+        want = np.sqrt(ap) * x0 + np.sqrt(1 - ap - sig ** 2) * eps + sig * z
+        assert torch.allclose(dd.ddim_sample(mo, x, i, z, eta), want.float(), atol=1e-5), eta
+    sig1 = np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
+    assert np.isclose(sig1 ** 2, base.posterior_variance[i])                 # η = 1: the DDPM posterior variance

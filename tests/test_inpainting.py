@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 from diffusegen.core import load_config, torch_generator
+from diffusegen.data import dilate_mask
 from diffusegen.sets import MANIFEST_COLUMNS, read_set, set_dir
-from diffusegen.inpainting import (dilate_mask, inpaint_diffusion, inpaint_inputs, jump_schedule,
+from diffusegen.inpainting import (inpaint_diffusion, inpaint_inputs, jump_schedule,
                                    refine_mask, repaint, run_inpainting, schedule_counts,
                                    to_uint8, variant_start)
 
@@ -148,7 +149,8 @@ def test_stage_outputs_batching_and_resume(prepared, tmp_path):
         assert len(df) == rec["planned"] == 2 and df.file.is_unique and df.seed.is_unique
         assert (df.nfe == schedule_counts(cfg.timestep_respacing, cfg.jump_length, cfg.resample)["nfe"]).all()
         assert json.loads(df.params[0])["dilation"] == cfg.dilation and json.loads(df.weights[0])["source"] == "trained by diffusegen"
-        from diffusegen.inpainting import weights_file, sha256_file
+        from diffusegen.training import weights_file
+        from diffusegen.core import sha256_file
         for m, sha in df.groupby("model").checkpoint_sha256.first().items():
             assert sha == sha256_file(weights_file(cfg.run_dir/"training"/m))
         if ty == "full-diff": assert (df.model == "full").all()
@@ -198,7 +200,7 @@ def _bytes(folder: Path) -> dict:
 def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(prepared, tmp_path, capsys):
     "A smaller plan keeps earlier samples byte for byte (aside, in manifest_unplanned.csv); only `prune` removes them."
     import shutil
-    from diffusegen.inpainting import UNPLANNED
+    from diffusegen.sets import UNPLANNED
     cfg = prepared.replace(out=str(tmp_path/"shrink"), inpaint_images=2, samples_per_image=2, inpaint_batch=4)
     shutil.copytree(prepared.run_dir, cfg.run_dir, ignore=shutil.ignore_patterns("synthetic"))
     ty, sdir = "full-diff", set_dir(cfg, "full-diff")

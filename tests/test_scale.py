@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from diffusegen.core import load_config, read_manifest
-from diffusegen.training import build_unet, load_unet, model_specs, run_training, spec_hash, step_seed
+from diffusegen.core import load_config, read_manifest, step_seed
+from diffusegen.training import build_unet, load_unet, model_specs, run_training, spec_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"train_steps": 2, "full_train_steps": 2, "save_interval": 2, "monitor_samples": 2, "monitor_sample_steps": 2}

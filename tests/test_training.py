@@ -122,7 +122,7 @@ def test_shipped_weights_stand_in_for_the_full_model_only_on_their_data(numeric_
     from diffusegen.clustering import run_clustering
     from diffusegen.core import read_manifest
     from diffusegen.training import card_settings, ship_weights
-    from diffusegen.weights import file_sha256
+    from diffusegen.core import sha256_file as file_sha256
     torch.set_num_threads(1)
     base = {"out": str(tmp_path/"a"), "subset": 0, "full_train_steps": 4, "train_steps": 2, "save_interval": 2,
             "train_clusters": "largest:1", "check_draws": 8}
@@ -168,7 +168,7 @@ def test_shipped_demo_weights_match_their_card():
     """The shipped weights match their model card: the file's sha256, the demo profile's network and data settings,
     the paper's 348 training ids, and the settings of the profile that made them as settings.ini has it today."""
     from diffusegen.training import card_settings, read_shipped, shipped_paths
-    from diffusegen.weights import file_sha256
+    from diffusegen.core import sha256_file as file_sha256
     from safetensors import safe_open
     cfg = load_config("demo")
     card, why = read_shipped(cfg)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusegen.core import WeightsNotFound, load_config
+from diffusegen.core import WeightsNotFound, load_config, sha256_file
 from diffusegen import weights as W
 
 
@@ -63,7 +63,7 @@ def test_inception_provenance_and_cache():
     assert m1 is m2                                          # served from the in-process cache
     assert prov["source"] == str(fid_file) and "default_1.pt" in prov["label"]
     assert re.fullmatch(r"[0-9a-f]{64}", prov["sha256"]) and prov2["sha256"] == prov["sha256"]
-    assert prov["sha256"] == W.file_sha256(fid_file)
+    assert prov["sha256"] == sha256_file(fid_file)
     assert prov["substitute"] is False and not prov["label"].startswith("SUBSTITUTE")
 
 
@@ -136,7 +136,7 @@ def test_dino_local_safetensors(tmp_path, empty_home):
     cfg = load_config("smoke", {"dino_weights": str(path), "allow_substitute_weights": True})
     net, prov = W.resolve_weights("dino_vitb8", cfg)
     assert isinstance(net, W.DinoCLS) and prov["substitute"] is False
-    assert prov["source"] == str(path) and prov["sha256"] == W.file_sha256(path)
+    assert prov["source"] == str(path) and prov["sha256"] == sha256_file(path)
     x = torch.rand(1, 3, 40, 40) * 2 - 1
     with torch.no_grad():
         got = net(x)
