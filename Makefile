@@ -6,7 +6,7 @@ VENV ?= .venv
 PROFILE ?= demo
 ARGS ?=
 
-.PHONY: install reproduce dry-run test export clean-nbs
+.PHONY: install reproduce dry-run test export clean-nbs lint format
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -35,3 +35,10 @@ export: install
 	$(VENV)/bin/nbdev-export
 clean-nbs: install
 	$(VENV)/bin/nbdev-clean
+# ruff on the notebooks (the source) and the tests; CI runs `make lint`
+lint: install
+	$(VENV)/bin/ruff format --check nbs tests
+	$(VENV)/bin/ruff check nbs tests
+format: install
+	$(VENV)/bin/ruff format nbs tests
+	$(VENV)/bin/nbdev-export

@@ -4,12 +4,26 @@
 
 # %% ../nbs/92_bench.ipynb #eb4a769c
 from __future__ import annotations
-import json, math, os, subprocess, sys, time
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import (load_config, write_json, atomic_write, project_root, versions, Artifact, write_table,
-                             save_figure, write_manifest, stage_dirs, DiffusegenError)
+from diffusegen.core import (
+    load_config,
+    write_json,
+    atomic_write,
+    project_root,
+    versions,
+    Artifact,
+    write_table,
+    save_figure,
+    write_manifest,
+    stage_dirs,
+    DiffusegenError,
+)
 
 # %% auto #0
 __all__ = ['GPU_PEAK_TFLOPS', 'PAPER_SEG_ENCODER', 'PARTS', 'DEMO_FAST_SETTINGS', 'FAST_SETTING', 'device_peak', 'forward_flops',
@@ -19,17 +33,28 @@ __all__ = ['GPU_PEAK_TFLOPS', 'PAPER_SEG_ENCODER', 'PARTS', 'DEMO_FAST_SETTINGS'
 
 # %% ../nbs/92_bench.ipynb #328a5e56
 # (name substring, bf16/fp16 dense tensor TFLOP/s, fp32 TFLOP/s): vendors' data sheets, without sparsity
-GPU_PEAK_TFLOPS = [("H200", 989.0, 67.0), ("H100 PCIe", 756.0, 51.0), ("H100 NVL", 835.0, 60.0), ("H100", 989.0, 67.0),
-                   ("A100", 312.0, 19.5), ("A6000", 154.8, 38.7), ("L40S", 362.0, 91.6), ("L4", 121.0, 30.3),
-                   ("V100", 125.0, 15.7), ("T4", 65.0, 8.1)]
+GPU_PEAK_TFLOPS = [
+    ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100 NVL", 835.0, 60.0),
+    ("H100", 989.0, 67.0),
+    ("A100", 312.0, 19.5),
+    ("A6000", 154.8, 38.7),
+    ("L40S", 362.0, 91.6),
+    ("L4", 121.0, 30.3),
+    ("V100", 125.0, 15.7),
+    ("T4", 65.0, 8.1),
+]
 
 _CPU_REF: dict = {}
+
 
 def _cpu_flop_estimate() -> tuple[float | None, str]:
     """(fp32 FLOP/s, how) for this CPU, measured once per process: the best of a 2048³ matrix product and a 3×3
     convolution (256 channels, 64 px, batch 8) at torch's thread count — what dense fp32 kernels reach here. (A clock ×
     FLOP-per-cycle figure from /proc/cpuinfo misses turbo clocks and hidden instruction sets inside VMs.)"""
     import torch
+
     n = torch.get_num_threads()
     if n not in _CPU_REF:
         g = torch.Generator().manual_seed(0)
@@ -40,117 +65,171 @@ def _cpu_flop_estimate() -> tuple[float | None, str]:
             for fn, flop in ((lambda: a @ b, 2 * 2048**3), (lambda: conv(x), 2 * 8 * 256 * 256 * 9 * 64 * 64)):
                 fn()
                 for _ in range(3):
-                    t0 = time.perf_counter(); fn(); best = max(best, flop / (time.perf_counter() - t0))
+                    t0 = time.perf_counter()
+                    fn()
+                    best = max(best, flop / (time.perf_counter() - t0))
         _CPU_REF[n] = best
-    return _CPU_REF[n], f"measured: best of a 2048³ matmul and a 3×3 256-channel conv, fp32, {n} threads (not a data-sheet peak)"
+    return _CPU_REF[
+        n
+    ], f"measured: best of a 2048³ matmul and a 3×3 256-channel conv, fp32, {n} threads (not a data-sheet peak)"
+
 
 def device_peak(device, precision: str = "fp32") -> tuple[float | None, str]:
     "(peak FLOP/s, label) of `device` at `precision` ('fp32' or 'bf16 autocast'/'fp16 autocast'); None when unknown."
     import torch
+
     device = torch.device(device)
-    if device.type != "cuda": return _cpu_flop_estimate()
+    if device.type != "cuda":
+        return _cpu_flop_estimate()
     name = torch.cuda.get_device_name(device)
     for key, half, fp32 in GPU_PEAK_TFLOPS:
         if key in name:
             low = precision != "fp32"
-            return (half if low else fp32) * 1e12, f"{name}: {'bf16/fp16 dense' if low else 'fp32'} {half if low else fp32} TFLOP/s (data sheet)"
+            return (
+                half if low else fp32
+            ) * 1e12, f"{name}: {'bf16/fp16 dense' if low else 'fp32'} {half if low else fp32} TFLOP/s (data sheet)"
     return None, f"n/a ({name} not in the table)"
+
 
 def _device_name(dev) -> str:
     import torch
+
     return str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if torch.device(dev).type == "cuda" else "")
+
 
 def _sync(dev):
     import torch
-    if torch.device(dev).type == "cuda": torch.cuda.synchronize(dev)
+
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize(dev)
+
 
 def _rss_mb() -> float:
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 def _reset_peak(dev):
     import torch
-    if torch.device(dev).type == "cuda": torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev)
+
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+
 
 def _peak_mb(dev) -> float:
     import torch
+
     return torch.cuda.max_memory_allocated(dev) / 2**20 if torch.device(dev).type == "cuda" else _rss_mb()
+
 
 def forward_flops(fn, *args) -> float:
     "FLOPs of one call `fn(*args)` (forward, and backward when the call runs one), with `torch.utils.flop_counter`'s per-op formulas."
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
+
     registry = FlopCounterMode(display=False).flop_registry
-    class _Count(TorchDispatchMode):          # FlopCounterMode's counting without its module tracker, whose backward
-        total = 0                              # hooks fail under autograd.grad w.r.t. a leaf (the styling guidance)
+
+    class _Count(TorchDispatchMode):  # FlopCounterMode's counting without its module tracker, whose backward
+        total = 0  # hooks fail under autograd.grad w.r.t. a leaf (the styling guidance)
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
             f = registry.get(func._overloadpacket)
-            if f is not None: _Count.total += f(*args, **kwargs, out_val=out)
+            if f is not None:
+                _Count.total += f(*args, **kwargs, out_val=out)
             return out
-    with _Count(): fn(*args)
+
+    with _Count():
+        fn(*args)
     return float(_Count.total)
+
 
 def _flop_columns(flops_per_image: float, images_per_second: float, dev, precision: str, passes: float = 1.0) -> dict:
     "FLOPs per forward (per image), achieved TFLOP/s (`passes` forwards' worth per image) and the fraction of the peak."
     peak, how = device_peak(dev, precision)
     achieved = flops_per_image * passes * images_per_second
-    return {"GFLOP_per_forward_image": round(flops_per_image / 1e9, 3), "achieved_TFLOPs": round(achieved / 1e12, 4),
-            "peak_TFLOPs": round(peak / 1e12, 2) if peak else None, "fraction_of_peak": round(achieved / peak, 5) if peak else None,
-            "peak_source": how}
+    return {
+        "GFLOP_per_forward_image": round(flops_per_image / 1e9, 3),
+        "achieved_TFLOPs": round(achieved / 1e12, 4),
+        "peak_TFLOPs": round(peak / 1e12, 2) if peak else None,
+        "fraction_of_peak": round(achieved / peak, 5) if peak else None,
+        "peak_source": how,
+    }
 
 # %% ../nbs/92_bench.ipynb #1291b71a
 def _in_subprocess(call: str, label: str, progress: bool = True) -> list[dict]:
     "Evaluate `diffusegen.bench.<call>` in a fresh process (so its peak memory is its own); its rows, or one error row."
-    code = f"import json, diffusegen.bench as b; r = b.{call}; print('@@' + json.dumps(r if isinstance(r, list) else [r]))"
-    if progress: print(f"bench {label} …", flush=True)
+    code = (
+        f"import json, diffusegen.bench as b; r = b.{call}; print('@@' + json.dumps(r if isinstance(r, list) else [r]))"
+    )
+    if progress:
+        print(f"bench {label} …", flush=True)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project_root())
     line = [l for l in r.stdout.splitlines() if l.startswith("@@")]
-    if line: return json.loads(line[0][2:])
+    if line:
+        return json.loads(line[0][2:])
     err = r.stderr.strip().splitlines() or [f"failed (exit {r.returncode})"]
-    if progress: print(f"bench {label} failed; the end of its output:\n" + "\n".join(err[-15:]), file=sys.stderr, flush=True)
+    if progress:
+        print(f"bench {label} failed; the end of its output:\n" + "\n".join(err[-15:]), file=sys.stderr, flush=True)
     return [{"run": label, "error": err[-1]}]
+
 
 def _write_bench(name: str, rows: list, out=None, **extra) -> pd.DataFrame:
     "Write figures/bench/<name>.{json,md} (rows, versions and `extra`); return the table."
     df = pd.DataFrame(rows)
-    d = Path(out or project_root()/"figures"/"bench"); d.mkdir(parents=True, exist_ok=True)
-    write_json(d/f"{name}.json", {"rows": rows, "versions": versions(), **extra})
+    d = Path(out or project_root() / "figures" / "bench")
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / f"{name}.json", {"rows": rows, "versions": versions(), **extra})
     notes = "".join(f"- {k}: {v}\n" for k, v in extra.items())
-    with atomic_write(d/f"{name}.md") as f:
+    with atomic_write(d / f"{name}.md") as f:
         f.write(f"# bench {name}\n\n{json.dumps(versions())}\n\n{notes}\n" + df.to_markdown(index=False) + "\n")
     return df
 
 # %% ../nbs/92_bench.ipynb #050bb0fd
 def _diffusers_train_step(unet, opt, sch, x0, t, noise, amp_dtype):
     "diffusers' plain DDPM training step: add_noise, ε-MSE on the first C output channels, backward, AdamW."
-    import contextlib, torch
+    import contextlib
+    import torch
     import torch.nn.functional as F
+
     x_t = sch.add_noise(x0, noise, t)
     ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    with ctx: pred = unet(x_t, t).sample
-    F.mse_loss(pred[:, :x0.shape[1]].float(), noise).backward()
-    opt.step(); opt.zero_grad(set_to_none=True)
+    with ctx:
+        pred = unet(x_t, t).sample
+    F.mse_loss(pred[:, : x0.shape[1]].float(), noise).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
-def train_worker(profile: str, steps: int = 3, device: str = "auto", batch: int | None = None, settings: dict | None = None) -> dict:
+
+def train_worker(
+    profile: str, steps: int = 3, device: str = "auto", batch: int | None = None, settings: dict | None = None
+) -> dict:
     "Measure one profile's training step, and diffusers' DDPMScheduler step, in this process (run by `bench_train` in a subprocess)."
     import torch
     from diffusers import DDPMScheduler
     from diffusegen.core import resolve_device
     from diffusegen.training import build_unet, make_diffusion, train_step
     from diffusegen.diffusion import amp_dtype, precision_label
+
     cfg = load_config(profile, {**(settings or {}), "device": device})
-    dev = resolve_device(cfg); base_rss = _rss_mb()
+    dev = resolve_device(cfg)
+    base_rss = _rss_mb()
     B = batch or (1 if cfg.batch_size.strip() == "cluster" else int(cfg.batch_size))
     unet = build_unet(cfg, seed=0).to(dev)
-    if dev.type == "cuda" and cfg.channels_last: unet = unet.to(memory_format=torch.channels_last)
+    if dev.type == "cuda" and cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)
     opt_b = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)
-    diff = make_diffusion(cfg); S = cfg.image_size
+    diff = make_diffusion(cfg)
+    S = cfg.image_size
     sch = DDPMScheduler(num_train_timesteps=cfg.diffusion_steps, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     g = torch.Generator().manual_seed(0)
-    x0 = torch.rand(B, 4, S, S, generator=g) * 2 - 1; t = torch.randint(0, cfg.diffusion_steps, (B,), generator=g); n = torch.randn(x0.shape, generator=g)
+    x0 = torch.rand(B, 4, S, S, generator=g) * 2 - 1
+    t = torch.randint(0, cfg.diffusion_steps, (B,), generator=g)
+    n = torch.randn(x0.shape, generator=g)
     mp = cfg.mixed_precision if dev.type == "cuda" else "no"
     prec, amp = precision_label(cfg, dev), amp_dtype(cfg, dev)
     with torch.no_grad():
@@ -158,34 +237,77 @@ def train_worker(profile: str, steps: int = 3, device: str = "auto", batch: int 
     xd, td, nd = x0.to(dev), t.to(dev), n.to(dev)
     ours = lambda: train_step(unet, opt, diff, x0, t, n, cfg.microbatch, dev, mp)
     base = lambda: _diffusers_train_step(unet, opt_b, sch, xd, td, nd, amp)
-    _reset_peak(dev); ours(); _sync(dev); peak = _peak_mb(dev)                  # warm-up (allocations, autotuning)
-    _reset_peak(dev); base(); _sync(dev); peak_b = _peak_mb(dev)
+    _reset_peak(dev)
+    ours()
+    _sync(dev)
+    peak = _peak_mb(dev)  # warm-up (allocations, autotuning)
+    _reset_peak(dev)
+    base()
+    _sync(dev)
+    peak_b = _peak_mb(dev)
     tt = {"ours": [], "base": []}
-    for s in range(steps):                                   # interleaved, order alternating; the fastest step of each
-        for k, f in ((("ours", ours), ("base", base)) if s % 2 == 0 else (("base", base), ("ours", ours))):
-            _sync(dev); t0 = time.perf_counter(); f(); _sync(dev); tt[k].append(time.perf_counter() - t0)
+    for s in range(steps):  # interleaved, order alternating; the fastest step of each
+        for k, f in (("ours", ours), ("base", base)) if s % 2 == 0 else (("base", base), ("ours", ours)):
+            _sync(dev)
+            t0 = time.perf_counter()
+            f()
+            _sync(dev)
+            tt[k].append(time.perf_counter() - t0)
     dt, db = min(tt["ours"]), min(tt["base"])
     ips = B / dt
-    return {"part": "train", "profile": profile, "device": _device_name(dev), "precision": prec, "image_size": S, "batch": B,
-            "parameters_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
-            "impl": "diffusegen train_step (hybrid loss, learned Σ)", "evals_per_image": 1,
-            "seconds_per_step": round(dt, 4), "images_per_second": round(ips, 3),
-            "baseline": "diffusers DDPMScheduler step (eps MSE)", "baseline_images_per_second": round(B / db, 3),
-            "speed_ratio": round(db / dt, 3),
-            "peak_memory_MB": round(peak), "baseline_peak_memory_MB": round(peak_b), "process_baseline_rss_MB": round(base_rss),
-            **_flop_columns(flops, ips, dev, prec, passes=3.0)}                  # forward + backward ≈ 3 forwards
+    return {
+        "part": "train",
+        "profile": profile,
+        "device": _device_name(dev),
+        "precision": prec,
+        "image_size": S,
+        "batch": B,
+        "parameters_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
+        "impl": "diffusegen train_step (hybrid loss, learned Σ)",
+        "evals_per_image": 1,
+        "seconds_per_step": round(dt, 4),
+        "images_per_second": round(ips, 3),
+        "baseline": "diffusers DDPMScheduler step (eps MSE)",
+        "baseline_images_per_second": round(B / db, 3),
+        "speed_ratio": round(db / dt, 3),
+        "peak_memory_MB": round(peak),
+        "baseline_peak_memory_MB": round(peak_b),
+        "process_baseline_rss_MB": round(base_rss),
+        **_flop_columns(flops, ips, dev, prec, passes=3.0),
+    }  # forward + backward ≈ 3 forwards
 
-def bench_train(profiles=("smoke", "demo", "paper"), steps: int = 3, device: str = "auto", out=None, progress: bool = True,
-                settings: dict | None = None) -> pd.DataFrame:
+
+def bench_train(
+    profiles=("smoke", "demo", "paper"),
+    steps: int = 3,
+    device: str = "auto",
+    out=None,
+    progress: bool = True,
+    settings: dict | None = None,
+) -> pd.DataFrame:
     "Run `train_worker` for each profile in a fresh process; write figures/bench/train.{json,md}; return the table."
-    rows = [r for p in profiles for r in _in_subprocess(f"train_worker({p!r}, {steps}, {device!r}, settings={settings!r})", f"train: {p}", progress)]
-    return _write_bench("train", rows, out, steps=steps, settings=settings or {}, achieved_TFLOPs="3 × forward FLOPs per image (forward + backward) × images/s")
+    rows = [
+        r
+        for p in profiles
+        for r in _in_subprocess(
+            f"train_worker({p!r}, {steps}, {device!r}, settings={settings!r})", f"train: {p}", progress
+        )
+    ]
+    return _write_bench(
+        "train",
+        rows,
+        out,
+        steps=steps,
+        settings=settings or {},
+        achieved_TFLOPs="3 × forward FLOPs per image (forward + backward) × images/s",
+    )
 
 # %% ../nbs/92_bench.ipynb #923b3863
 def _diffusers_repaint(fn, T: int, jump_length: int, resample: int, init4, keep, generator):
     "diffusers' RePaintScheduler loop (as its deprecated pipeline runs it) around `fn(x, t)`; returns (x, network evaluations)."
     import torch
     from diffusers import RePaintScheduler
+
     sch = RePaintScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, eta=0.0)
     sch.set_timesteps(T, jump_length=jump_length, jump_n_sample=resample, device=init4.device)
     x = torch.randn(init4.shape, generator=generator, device=generator.device).to(init4.device)
@@ -193,33 +315,45 @@ def _diffusers_repaint(fn, T: int, jump_length: int, resample: int, init4, keep,
     with torch.no_grad():
         for t in sch.timesteps:
             if t < t_last:
-                eps = fn(x, t)[:, :init4.shape[1]]; calls += 1
+                eps = fn(x, t)[:, : init4.shape[1]]
+                calls += 1
                 x = sch.step(eps, t, x, init4, keep, generator).prev_sample
             else:
                 x = sch.undo_step(x, t_last, generator)
             t_last = t
     return x, calls
 
+
 def _bench_inputs(B: int, S: int, dilation: int):
     "B random 4-channel images with a central disc as the polyp mask → (init4, known) as the inpainting stage makes them."
     import torch
     from diffusegen.inpainting import inpaint_inputs
+
     x4 = torch.rand(B, 4, S, S, generator=torch.Generator().manual_seed(0)) * 2 - 1
     yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
     x4[:, 3] = torch.where((yy - S / 2) ** 2 + (xx - S / 2) ** 2 < (S / 5) ** 2, 1.0, -1.0)
     init4, known, _ = inpaint_inputs(x4, dilation)
     return init4, known
 
-def generate_worker(profile: str, respacing: int = 50, batch: int | None = None, device: str = "auto",
-                    settings: dict | None = None, rounds: int = 2) -> list[dict]:
+
+def generate_worker(
+    profile: str,
+    respacing: int = 50,
+    batch: int | None = None,
+    device: str = "auto",
+    settings: dict | None = None,
+    rounds: int = 2,
+) -> list[dict]:
     "Time `repaint` and the diffusers loop at batch 1 and `batch` in this process, `rounds` times each in alternating order (the fastest run counts); one row per batch."
     import torch
     from diffusegen.core import resolve_device, torch_generator
     from diffusegen.training import build_unet
     from diffusegen.diffusion import sampling_fn, auto_batch, precision_label, device_diffusion
     from diffusegen.inpainting import inpaint_diffusion, repaint, schedule_counts, CPU_BATCH, variant_start
+
     cfg = load_config(profile, {**(settings or {}), "device": device, "timestep_respacing": respacing})
-    dev = resolve_device(cfg); S = cfg.image_size
+    dev = resolve_device(cfg)
+    S = cfg.image_size
     unet = build_unet(cfg, seed=0).to(dev).eval()
     fn = sampling_fn(unet, cfg, dev)
     diff = device_diffusion(inpaint_diffusion(cfg))
@@ -227,100 +361,196 @@ def generate_worker(profile: str, respacing: int = 50, batch: int | None = None,
     full_nfe = schedule_counts(prof.timestep_respacing, prof.jump_length, prof.resample, variant_start(prof))["nfe"]
     prec = precision_label(cfg, dev)
     with torch.no_grad():
-        B = batch or cfg.inpaint_batch or auto_batch(lambda b: fn(torch.zeros(b, 4, S, S, device=dev), torch.zeros(b, dtype=torch.long, device=dev)),
-                                                     dev, default=CPU_BATCH)
-        flops = forward_flops(lambda: unet(torch.zeros(1, 4, S, S, device=dev), torch.zeros(1, dtype=torch.long, device=dev)))
+        B = (
+            batch
+            or cfg.inpaint_batch
+            or auto_batch(
+                lambda b: fn(torch.zeros(b, 4, S, S, device=dev), torch.zeros(b, dtype=torch.long, device=dev)),
+                dev,
+                default=CPU_BATCH,
+            )
+        )
+        flops = forward_flops(
+            lambda: unet(torch.zeros(1, 4, S, S, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
+        )
     rows, ips1 = [], None
     for b in sorted({1, B}):
         init4, known = (a.to(dev) for a in _bench_inputs(b, S, cfg.dilation))
         calls = []
-        def counted(x, t): calls.append(1); return fn(x, t)
-        with torch.no_grad():                    # warm-up (allocations, autotuning; with compile = true the compilation)
-            fn(init4, torch.full((b,), 999, device=dev))                                 # our loop: one timestep per sample
-            fn(init4, torch.tensor(999, device=dev))                                     # diffusers' loop: a 0-dim timestep
+
+        def counted(x, t):
+            calls.append(1)
+            return fn(x, t)
+
+        with torch.no_grad():  # warm-up (allocations, autotuning; with compile = true the compilation)
+            fn(init4, torch.full((b,), 999, device=dev))  # our loop: one timestep per sample
+            fn(init4, torch.tensor(999, device=dev))  # diffusers' loop: a 0-dim timestep
         res = {}
-        for k in range(max(1, rounds)):                      # alternating order: drift and warm caches hit both alike
-            for impl in (("diffusegen", "diffusers") if k % 2 == 0 else ("diffusers", "diffusegen")):
-                _reset_peak(dev); _sync(dev); t0 = time.perf_counter()
+        for k in range(max(1, rounds)):  # alternating order: drift and warm caches hit both alike
+            for impl in ("diffusegen", "diffusers") if k % 2 == 0 else ("diffusers", "diffusegen"):
+                _reset_peak(dev)
+                _sync(dev)
+                t0 = time.perf_counter()
                 if impl == "diffusegen":
                     calls.clear()
-                    repaint(counted, diff, init4, known, [torch_generator(i, dev) for i in range(b)], cfg.jump_length, cfg.resample); n = len(calls)
+                    repaint(
+                        counted,
+                        diff,
+                        init4,
+                        known,
+                        [torch_generator(i, dev) for i in range(b)],
+                        cfg.jump_length,
+                        cfg.resample,
+                    )
+                    n = len(calls)
                 else:
-                    _, n = _diffusers_repaint(fn, respacing, cfg.jump_length, cfg.resample, init4, known, torch_generator(0, dev))
-                _sync(dev); sec = time.perf_counter() - t0
-                if impl not in res or sec < res[impl][0]: res[impl] = (sec, n, _peak_mb(dev))
+                    _, n = _diffusers_repaint(
+                        fn, respacing, cfg.jump_length, cfg.resample, init4, known, torch_generator(0, dev)
+                    )
+                _sync(dev)
+                sec = time.perf_counter() - t0
+                if impl not in res or sec < res[impl][0]:
+                    res[impl] = (sec, n, _peak_mb(dev))
         (sec, n, peak), (sec_b, n_b, peak_b) = res["diffusegen"], res["diffusers"]
         ips = b / sec
         ips1 = ips1 or ips
-        rows.append({"part": "generate", "profile": profile, "device": _device_name(dev), "precision": prec, "image_size": S,
-                     "batch": b, "respacing": respacing, "jump_length": cfg.jump_length, "resample": cfg.resample,
-                     "impl": "diffusegen repaint (learned Σ)", "nfe_per_image": n, "seconds": round(sec, 3),
-                     "images_per_second": round(ips, 4), "ms_per_eval_image": round(1000 * sec / (n * b), 3),
-                     "batch_speedup": round(ips / ips1, 3),
-                     "baseline": "diffusers RePaintScheduler (eps only, eta 0)", "baseline_nfe_per_image": n_b,
-                     "baseline_images_per_second": round(b / sec_b, 4), "speed_ratio": round(sec_b / sec, 3),
-                     "peak_memory_MB": round(peak), "baseline_peak_memory_MB": round(peak_b),
-                     **_flop_columns(flops, ips * n, dev, prec),
-                     "profile_nfe": full_nfe, "projected_images_per_second_at_profile_nfe": round(ips * n / full_nfe, 5),
-                     "projected_seconds_per_image_at_profile_nfe": round(full_nfe / (ips * n), 3)})
+        rows.append(
+            {
+                "part": "generate",
+                "profile": profile,
+                "device": _device_name(dev),
+                "precision": prec,
+                "image_size": S,
+                "batch": b,
+                "respacing": respacing,
+                "jump_length": cfg.jump_length,
+                "resample": cfg.resample,
+                "impl": "diffusegen repaint (learned Σ)",
+                "nfe_per_image": n,
+                "seconds": round(sec, 3),
+                "images_per_second": round(ips, 4),
+                "ms_per_eval_image": round(1000 * sec / (n * b), 3),
+                "batch_speedup": round(ips / ips1, 3),
+                "baseline": "diffusers RePaintScheduler (eps only, eta 0)",
+                "baseline_nfe_per_image": n_b,
+                "baseline_images_per_second": round(b / sec_b, 4),
+                "speed_ratio": round(sec_b / sec, 3),
+                "peak_memory_MB": round(peak),
+                "baseline_peak_memory_MB": round(peak_b),
+                **_flop_columns(flops, ips * n, dev, prec),
+                "profile_nfe": full_nfe,
+                "projected_images_per_second_at_profile_nfe": round(ips * n / full_nfe, 5),
+                "projected_seconds_per_image_at_profile_nfe": round(full_nfe / (ips * n), 3),
+            }
+        )
     return rows
 
-def bench_generate(profiles=("demo",), respacing: int = 50, batch: int | None = None, device: str = "auto", out=None,
-                   progress: bool = True, settings: dict | None = None) -> pd.DataFrame:
+
+def bench_generate(
+    profiles=("demo",),
+    respacing: int = 50,
+    batch: int | None = None,
+    device: str = "auto",
+    out=None,
+    progress: bool = True,
+    settings: dict | None = None,
+) -> pd.DataFrame:
     "Run `generate_worker` per profile in a fresh process; write figures/bench/generate.{json,md}; return the table."
-    rows = [r for p in profiles
-            for r in _in_subprocess(f"generate_worker({p!r}, {respacing}, {batch!r}, {device!r}, settings={settings!r})", f"generate: {p}", progress)]
-    return _write_bench("generate", rows, out, respacing=respacing, settings=settings or {},
-                        achieved_TFLOPs="forward FLOPs per image × evaluations per second")
+    rows = [
+        r
+        for p in profiles
+        for r in _in_subprocess(
+            f"generate_worker({p!r}, {respacing}, {batch!r}, {device!r}, settings={settings!r})",
+            f"generate: {p}",
+            progress,
+        )
+    ]
+    return _write_bench(
+        "generate",
+        rows,
+        out,
+        respacing=respacing,
+        settings=settings or {},
+        achieved_TFLOPs="forward FLOPs per image × evaluations per second",
+    )
 
 # %% ../nbs/92_bench.ipynb #43965438
 def _tiny_style_nets(device):
     "Small stand-ins for the [CLS] and VGG networks (`networks='tiny'`: tests of the plumbing, not the stage's cost)."
     import torch
+
     class CLS(torch.nn.Module):
-        def __init__(self): super().__init__(); self.c = torch.nn.Conv2d(3, 8, 3, 2).requires_grad_(False)
-        def forward(self, x): return self.c(x).mean((2, 3))
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Conv2d(3, 8, 3, 2).requires_grad_(False)
+
+        def forward(self, x):
+            return self.c(x).mean((2, 3))
+
     class VGG(CLS):
-        def forward(self, x): return {"conv1_1": self.c(x)}
+        def forward(self, x):
+            return {"conv1_1": self.c(x)}
+
     torch.manual_seed(0)
     return CLS().to(device), VGG().to(device)
+
 
 def _bench_style_networks(cfg, device, networks: str = "stage") -> tuple:
     "(cls_net, vgg_net, label): 'stage' = the resolver's networks, else random-init DINO ViT-B/8 and VGG19 (speed only); 'tiny' = small stand-ins (tests)."
     import torch
+
     if networks == "tiny":
         return (*_tiny_style_nets(device), "tiny stand-ins (plumbing test, not the stage's cost)")
     try:
         from diffusegen.styling import style_networks
+
         cls_net, vgg_net, prov, labels = style_networks(cfg, device)
         return cls_net, vgg_net, "; ".join(f"{k}: {v}" for k, v in labels.items())
     except DiffusegenError:
-        import timm, torchvision
+        import timm
+        import torchvision
         from diffusegen.weights import DinoCLS, VGGFeatures, DINO_TIMM_NAME
+
         torch.manual_seed(0)
         vit = timm.create_model(DINO_TIMM_NAME, pretrained=False, num_classes=0, dynamic_img_size=True)
-        return (DinoCLS(vit).to(device), VGGFeatures(torchvision.models.vgg19(weights=None).features).to(device),
-                "random-init DINO ViT-B/8 and VGG19 (weights absent; same cost)")
+        return (
+            DinoCLS(vit).to(device),
+            VGGFeatures(torchvision.models.vgg19(weights=None).features).to(device),
+            "random-init DINO ViT-B/8 and VGG19 (weights absent; same cost)",
+        )
 
-def style_worker(profile: str, steps: int = 3, batch: int | None = None, device: str = "auto", networks: str = "stage",
-                 settings: dict | None = None) -> list[dict]:
+
+def style_worker(
+    profile: str,
+    steps: int = 3,
+    batch: int | None = None,
+    device: str = "auto",
+    networks: str = "stage",
+    settings: dict | None = None,
+) -> list[dict]:
     "Time `steps` guided styling steps at batch 1 and `batch`, and the plain p_sample loop, in this process."
     import torch
     from diffusegen.core import resolve_device, torch_generator
     from diffusegen.training import build_unet
-    from diffusegen.styling import StyleNets, guided_step, style_auto_batch, CPU_STYLE_BATCH
+    from diffusegen.styling import StyleNets, guided_step, style_auto_batch
+
     cfg = load_config(profile, {**(settings or {}), "device": device})
-    dev = resolve_device(cfg); S = cfg.image_size
+    dev = resolve_device(cfg)
+    S = cfg.image_size
     cls_net, vgg_net, label = _bench_style_networks(cfg, dev, networks)
     nets = StyleNets(build_unet(cfg, seed=0).to(dev), cfg, cls_net, vgg_net, dev)
     diff, n_full = nets.diffusion, cfg.style_start + 1
     steps = max(1, min(steps, n_full))
     B = batch or cfg.style_batch or style_auto_batch(nets)
+
     def inputs(b):
         g = torch.Generator().manual_seed(1)
-        init = (torch.rand(b, 4, S, S, generator=g) * 2 - 1).to(dev); src = (torch.rand(b, 3, S, S, generator=g) * 2 - 1).to(dev)
-        with torch.no_grad(), nets.autocast(): c_src, c_prev = nets.cls_net(src).float(), nets.cls_net(init[:, :3]).float()
+        init = (torch.rand(b, 4, S, S, generator=g) * 2 - 1).to(dev)
+        src = (torch.rand(b, 3, S, S, generator=g) * 2 - 1).to(dev)
+        with torch.no_grad(), nets.autocast():
+            c_src, c_prev = nets.cls_net(src).float(), nets.cls_net(init[:, :3]).float()
         return init, src, c_src, c_prev
+
     def run_guided(b, n):
         init, src, c_src, c_prev = inputs(b)
         gens = [torch_generator(i, dev) for i in range(b)]
@@ -328,6 +558,7 @@ def style_worker(profile: str, steps: int = 3, batch: int | None = None, device:
         for i in range(cfg.style_start, cfg.style_start - n, -1):
             x, _, c_prev, _ = guided_step(nets, x, i, init, src, c_src, c_prev, gens)
         return x
+
     def run_plain(b, n):
         init = inputs(b)[0]
         x = diff.q_sample(init, cfg.style_start, torch.randn(init.shape, device=dev))
@@ -336,53 +567,121 @@ def style_worker(profile: str, steps: int = 3, batch: int | None = None, device:
                 t = torch.full((b,), i, dtype=torch.long, device=dev)
                 x = diff.p_sample(nets.model_fn(x, diff.model_timesteps(t)), x, t, torch.randn(x.shape, device=dev))
         return x
+
     init1, src1, cs1, cp1 = inputs(1)
-    flops = forward_flops(lambda: guided_step(nets, diff.q_sample(init1, cfg.style_start, torch.zeros_like(init1)), cfg.style_start,
-                                              init1, src1, cs1, cp1, [torch_generator(0, dev)]))
+    flops = forward_flops(
+        lambda: guided_step(
+            nets,
+            diff.q_sample(init1, cfg.style_start, torch.zeros_like(init1)),
+            cfg.style_start,
+            init1,
+            src1,
+            cs1,
+            cp1,
+            [torch_generator(0, dev)],
+        )
+    )
     with torch.no_grad():
         f_unet = forward_flops(lambda: nets.unet(init1, torch.zeros(1, dtype=torch.long, device=dev)))
     rows, ips1 = [], None
     for b in sorted({1, B}):
-        run_guided(b, 1); run_plain(b, 1)                                                  # warm-up
-        _reset_peak(dev); _sync(dev); t0 = time.perf_counter(); run_guided(b, steps); _sync(dev); sec = time.perf_counter() - t0
+        run_guided(b, 1)
+        run_plain(b, 1)  # warm-up
+        _reset_peak(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        run_guided(b, steps)
+        _sync(dev)
+        sec = time.perf_counter() - t0
         peak = _peak_mb(dev)
-        _reset_peak(dev); _sync(dev); t0 = time.perf_counter(); run_plain(b, steps); _sync(dev); sec_b = time.perf_counter() - t0
+        _reset_peak(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        run_plain(b, steps)
+        _sync(dev)
+        sec_b = time.perf_counter() - t0
         peak_b = _peak_mb(dev)
         steps_ps = steps / sec
         s_img = sec / b * n_full / steps
         ips1 = ips1 or 1 / s_img
         cols = _flop_columns(f_unet, b * steps / sec, dev, nets.precision)
-        rows.append({"part": "style", "profile": profile, "device": _device_name(dev), "precision": nets.precision, "image_size": S,
-                     "batch": b, "networks": label, "steps_measured": steps, "steps_per_image": n_full,
-                     "impl": "diffusegen guided step (DINO, VGG, ZeCon, L2, range, MSE)",
-                     "guided_steps_per_second": round(steps_ps, 4), "seconds_per_styled_image": round(s_img, 3),
-                     "images_per_second": round(1 / s_img, 5), "batch_speedup": round(1 / s_img / ips1, 3),
-                     "unet_forwards_per_image": n_full, "backwards_per_image": n_full, "zecon_encoder_passes_per_image": 2 * n_full,
-                     "dino_passes_per_image": n_full + 2, "vgg_passes_per_image": 2 * n_full,
-                     "baseline": "plain no-grad p_sample loop, same UNet and steps",
-                     "baseline_images_per_second": round(b * steps / sec_b / n_full, 5), "speed_ratio": round(sec_b / sec, 4),
-                     "peak_memory_MB": round(peak), "baseline_peak_memory_MB": round(peak_b),
-                     "GFLOP_per_guided_step_image": round(flops / 1e9, 3),
-                     **cols, "achieved_TFLOPs": round(flops * b * steps / sec / 1e12, 4),
-                     "fraction_of_peak": (round(flops * b * steps / sec / (cols["peak_TFLOPs"] * 1e12), 5) if cols["peak_TFLOPs"] else None)})
+        rows.append(
+            {
+                "part": "style",
+                "profile": profile,
+                "device": _device_name(dev),
+                "precision": nets.precision,
+                "image_size": S,
+                "batch": b,
+                "networks": label,
+                "steps_measured": steps,
+                "steps_per_image": n_full,
+                "impl": "diffusegen guided step (DINO, VGG, ZeCon, L2, range, MSE)",
+                "guided_steps_per_second": round(steps_ps, 4),
+                "seconds_per_styled_image": round(s_img, 3),
+                "images_per_second": round(1 / s_img, 5),
+                "batch_speedup": round(1 / s_img / ips1, 3),
+                "unet_forwards_per_image": n_full,
+                "backwards_per_image": n_full,
+                "zecon_encoder_passes_per_image": 2 * n_full,
+                "dino_passes_per_image": n_full + 2,
+                "vgg_passes_per_image": 2 * n_full,
+                "baseline": "plain no-grad p_sample loop, same UNet and steps",
+                "baseline_images_per_second": round(b * steps / sec_b / n_full, 5),
+                "speed_ratio": round(sec_b / sec, 4),
+                "peak_memory_MB": round(peak),
+                "baseline_peak_memory_MB": round(peak_b),
+                "GFLOP_per_guided_step_image": round(flops / 1e9, 3),
+                **cols,
+                "achieved_TFLOPs": round(flops * b * steps / sec / 1e12, 4),
+                "fraction_of_peak": (
+                    round(flops * b * steps / sec / (cols["peak_TFLOPs"] * 1e12), 5) if cols["peak_TFLOPs"] else None
+                ),
+            }
+        )
     return rows
 
-def bench_style(profiles=("demo",), steps: int = 3, batch: int | None = None, device: str = "auto", out=None,
-                progress: bool = True, networks: str = "stage", settings: dict | None = None) -> pd.DataFrame:
+
+def bench_style(
+    profiles=("demo",),
+    steps: int = 3,
+    batch: int | None = None,
+    device: str = "auto",
+    out=None,
+    progress: bool = True,
+    networks: str = "stage",
+    settings: dict | None = None,
+) -> pd.DataFrame:
     "Run `style_worker` per profile in a fresh process; write figures/bench/style.{json,md}; return the table."
-    rows = [r for p in profiles
-            for r in _in_subprocess(f"style_worker({p!r}, {steps}, {batch!r}, {device!r}, {networks!r}, settings={settings!r})", f"style: {p}", progress)]
-    return _write_bench("style", rows, out, steps=steps, settings=settings or {},
-                        achieved_TFLOPs="FLOPs of a whole guided step (all networks, forward and backward) × steps/s × batch",
-                        GFLOP_per_forward_image="the diffusion UNet's forward alone")
+    rows = [
+        r
+        for p in profiles
+        for r in _in_subprocess(
+            f"style_worker({p!r}, {steps}, {batch!r}, {device!r}, {networks!r}, settings={settings!r})",
+            f"style: {p}",
+            progress,
+        )
+    ]
+    return _write_bench(
+        "style",
+        rows,
+        out,
+        steps=steps,
+        settings=settings or {},
+        achieved_TFLOPs="FLOPs of a whole guided step (all networks, forward and backward) × steps/s × batch",
+        GFLOP_per_forward_image="the diffusion UNet's forward alone",
+    )
 
 # %% ../nbs/92_bench.ipynb #6e035e84
-def segment_throughput(encoder: str, arch: str = "UnetPlusPlus", image_size: int = 256, batch: int = 8, steps: int = 3,
-                       device="cpu") -> dict:
+def segment_throughput(
+    encoder: str, arch: str = "UnetPlusPlus", image_size: int = 256, batch: int = 8, steps: int = 3, device="cpu"
+) -> dict:
     """Training images per second of `arch` with `encoder` (random weights, Dice loss, Adam) over `steps` timed steps
     after one warm-up step, and the peak memory (CUDA: max allocated; CPU: the process's peak resident set)."""
-    import resource, torch
+    import resource
+    import torch
     from diffusegen.segmentation import build_model, polyp_channel, soft_dice_loss
+
     dev = torch.device(device)
     cfg = load_config("smoke", {"seg_encoder": encoder, "seg_arch": arch, "seg_encoder_weights": "none"})
     model = build_model(cfg, encoder=encoder, arch=arch, weights=False).to(dev)
@@ -390,85 +689,173 @@ def segment_throughput(encoder: str, arch: str = "UnetPlusPlus", image_size: int
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, image_size, image_size, generator=g).to(dev)
     t = (torch.rand(batch, image_size, image_size, generator=g) > 0.5).float().to(dev)
-    if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
     def step():
         loss = soft_dice_loss(polyp_channel(model(x)), t, per_image=False)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    model.train(); step()
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     t0 = time.time()
-    for _ in range(max(1, steps)): step()
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
+    for _ in range(max(1, steps)):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     secs = time.time() - t0
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return {"arch": arch, "encoder": encoder, "image_size": image_size, "batch": batch, "steps": max(1, steps),
-            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "images_per_s": round(batch * max(1, steps) / secs, 2),
-            "peak_mem_mb": round(peak, 1), "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
-            "device": str(dev)}
+    peak = (
+        torch.cuda.max_memory_allocated(dev)
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) / 2**20
+    return {
+        "arch": arch,
+        "encoder": encoder,
+        "image_size": image_size,
+        "batch": batch,
+        "steps": max(1, steps),
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "images_per_s": round(batch * max(1, steps) / secs, 2),
+        "peak_mem_mb": round(peak, 1),
+        "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
+        "device": str(dev),
+    }
 
 # %% ../nbs/92_bench.ipynb #c277e85b
 PAPER_SEG_ENCODER = "se_resnext50_32x4d"
 
-def segment_worker(profile: str, steps: int = 3, device: str = "auto", encoders: list | None = None,
-                   settings: dict | None = None) -> list[dict]:
+
+def segment_worker(
+    profile: str, steps: int = 3, device: str = "auto", encoders: list | None = None, settings: dict | None = None
+) -> list[dict]:
     "Rows of `segment_throughput` for the paper's encoder and the profile's; an encoder that fails is an 'error: …' row."
     from diffusegen.core import resolve_device
-    from diffusegen.segmentation import segment_throughput
+
     cfg = load_config(profile, {**(settings or {}), "device": device})
     dev = resolve_device(cfg)
     rows = []
-    for enc in (encoders if encoders is not None else dict.fromkeys([PAPER_SEG_ENCODER, cfg.seg_encoder])):
+    for enc in encoders if encoders is not None else dict.fromkeys([PAPER_SEG_ENCODER, cfg.seg_encoder]):
         try:
             r = segment_throughput(enc, cfg.seg_arch, cfg.image_size, cfg.seg_batch, steps, str(dev))
-            rows.append({"part": "segment", "profile": profile, "device": _device_name(dev), "encoder": enc, "arch": cfg.seg_arch,
-                         "image_size": cfg.image_size, "batch": cfg.seg_batch, "status": "ok", **dict(r)})
-        except Exception as e:                               # one encoder failing (e.g. absent weights) is a row, not a crash
-            rows.append({"part": "segment", "profile": profile, "device": _device_name(dev), "encoder": enc,
-                         "status": f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"})
+            rows.append(
+                {
+                    "part": "segment",
+                    "profile": profile,
+                    "device": _device_name(dev),
+                    "encoder": enc,
+                    "arch": cfg.seg_arch,
+                    "image_size": cfg.image_size,
+                    "batch": cfg.seg_batch,
+                    "status": "ok",
+                    **dict(r),
+                }
+            )
+        except Exception as e:  # one encoder failing (e.g. absent weights) is a row, not a crash
+            rows.append(
+                {
+                    "part": "segment",
+                    "profile": profile,
+                    "device": _device_name(dev),
+                    "encoder": enc,
+                    "status": f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                }
+            )
     return rows
 
-def bench_segment(profiles=("demo",), steps: int = 3, device: str = "auto", out=None, progress: bool = True,
-                  settings: dict | None = None) -> pd.DataFrame:
+
+def bench_segment(
+    profiles=("demo",),
+    steps: int = 3,
+    device: str = "auto",
+    out=None,
+    progress: bool = True,
+    settings: dict | None = None,
+) -> pd.DataFrame:
     "Run `segment_worker` per profile in a fresh process; write figures/bench/segment.{json,md}; return the table."
-    rows = [r for p in profiles for r in _in_subprocess(f"segment_worker({p!r}, {steps}, {device!r}, settings={settings!r})", f"segment: {p}", progress)]
+    rows = [
+        r
+        for p in profiles
+        for r in _in_subprocess(
+            f"segment_worker({p!r}, {steps}, {device!r}, settings={settings!r})", f"segment: {p}", progress
+        )
+    ]
     return _write_bench("segment", rows, out, steps=steps, settings=settings or {})
 
 # %% ../nbs/92_bench.ipynb #af077f75
 PARTS = ("train", "generate", "style", "segment")
 
-def run_bench(parts=PARTS, profiles=("demo",), steps: int = 3, device: str = "auto", respacing: int = 50,
-              batch: int | None = None, out=None, progress: bool = True, style_networks: str = "stage",
-              settings: dict | None = None) -> dict:
+
+def run_bench(
+    parts=PARTS,
+    profiles=("demo",),
+    steps: int = 3,
+    device: str = "auto",
+    respacing: int = 50,
+    batch: int | None = None,
+    out=None,
+    progress: bool = True,
+    style_networks: str = "stage",
+    settings: dict | None = None,
+) -> dict:
     "Run the bench parts for the profiles, with the profiles' `settings` overridden (e.g. `{'compile': 'true'}`); write each part's table (and the summary); return {part: DataFrame}."
     parts = list(PARTS) if parts in ("all", None) else [parts] if isinstance(parts, str) else list(parts)
     bad = [p for p in parts if p not in PARTS]
-    if bad: raise DiffusegenError(f"bench {bad[0]}: unknown part (parts: {', '.join(PARTS)}, all)")
+    if bad:
+        raise DiffusegenError(f"bench {bad[0]}: unknown part (parts: {', '.join(PARTS)}, all)")
     res = {}
     for p in parts:
-        if p == "train": res[p] = bench_train(profiles, steps, device, out, progress, settings)
-        elif p == "generate": res[p] = bench_generate(profiles, respacing, batch, device, out, progress, settings)
-        elif p == "style": res[p] = bench_style(profiles, steps, batch, device, out, progress, style_networks, settings)
-        else: res[p] = bench_segment(profiles, steps, device, out, progress, settings)
+        if p == "train":
+            res[p] = bench_train(profiles, steps, device, out, progress, settings)
+        elif p == "generate":
+            res[p] = bench_generate(profiles, respacing, batch, device, out, progress, settings)
+        elif p == "style":
+            res[p] = bench_style(profiles, steps, batch, device, out, progress, style_networks, settings)
+        else:
+            res[p] = bench_segment(profiles, steps, device, out, progress, settings)
     if {"generate", "style"} <= set(res):
         rows = []
         for prof in profiles:
             g = [r for r in res["generate"].to_dict("records") if r.get("profile") == prof and "error" not in r]
             s = [r for r in res["style"].to_dict("records") if r.get("profile") == prof and "error" not in r]
-            if not g or not s: continue
-            gb = max(g, key=lambda r: r["projected_images_per_second_at_profile_nfe"]); sb = min(s, key=lambda r: r["seconds_per_styled_image"])
+            if not g or not s:
+                continue
+            gb = max(g, key=lambda r: r["projected_images_per_second_at_profile_nfe"])
+            sb = min(s, key=lambda r: r["seconds_per_styled_image"])
             gen_s = 1 / gb["projected_images_per_second_at_profile_nfe"]
             per_eval = gen_s / gb["profile_nfe"]
-            for sampler, nfe in (("profile's (" + load_config(prof, settings or {}).inpaint_sampler + ")", gb["profile_nfe"]),
-                                 (f"fast: {FAST_SETTING}", fast_sampler_nfe(prof, settings=settings))):
-                rows.append({"profile": prof, "device": gb["device"], "sampler": sampler, "inpaint_nfe": nfe,
-                             "inpaint_batch": gb["batch"], "inpaint_seconds_per_image": round(per_eval * nfe, 3),
-                             "style_steps": sb["steps_per_image"], "style_batch": sb["batch"],
-                             "style_seconds_per_image": sb["seconds_per_styled_image"],
-                             "seconds_per_styled_pair": round(per_eval * nfe + sb["seconds_per_styled_image"], 3)})
-        res["summary"] = _write_bench("summary", rows, out, settings=settings or {}, goal="≤ 6 s per styled pair at paper scale on one H100",
-                                      method="seconds per network evaluation (best generate batch, measured) × evaluations of the "
-                                             "sampler + style seconds per image (best batch); the fast row reuses the measured "
-                                             "per-evaluation time (a DDIM step costs one evaluation, like a DDPM step)")
+            for sampler, nfe in (
+                ("profile's (" + load_config(prof, settings or {}).inpaint_sampler + ")", gb["profile_nfe"]),
+                (f"fast: {FAST_SETTING}", fast_sampler_nfe(prof, settings=settings)),
+            ):
+                rows.append(
+                    {
+                        "profile": prof,
+                        "device": gb["device"],
+                        "sampler": sampler,
+                        "inpaint_nfe": nfe,
+                        "inpaint_batch": gb["batch"],
+                        "inpaint_seconds_per_image": round(per_eval * nfe, 3),
+                        "style_steps": sb["steps_per_image"],
+                        "style_batch": sb["batch"],
+                        "style_seconds_per_image": sb["seconds_per_styled_image"],
+                        "seconds_per_styled_pair": round(per_eval * nfe + sb["seconds_per_styled_image"], 3),
+                    }
+                )
+        res["summary"] = _write_bench(
+            "summary",
+            rows,
+            out,
+            settings=settings or {},
+            goal="≤ 6 s per styled pair at paper scale on one H100",
+            method="seconds per network evaluation (best generate batch, measured) × evaluations of the "
+            "sampler + style seconds per image (best batch); the fast row reuses the measured "
+            "per-evaluation time (a DDIM step costs one evaluation, like a DDPM step)",
+        )
     return res
 
 # %% ../nbs/92_bench.ipynb #7f17f5e8
@@ -477,40 +864,68 @@ DEMO_FAST_SETTINGS = [
     {"label": "ddpm T/r=1", "resample": 1},
     {"label": "ddim η0 r=1", "resample": 1, "inpaint_sampler": "ddim"},
     {"label": "ddpm T/2 j/2 r=2", "timestep_respacing": "half", "jump_length": "half", "resample": 2},
-    {"label": "ddim η0 T/2 j/2 r=2", "timestep_respacing": "half", "jump_length": "half", "resample": 2, "inpaint_sampler": "ddim"},
+    {
+        "label": "ddim η0 T/2 j/2 r=2",
+        "timestep_respacing": "half",
+        "jump_length": "half",
+        "resample": 2,
+        "inpaint_sampler": "ddim",
+    },
     {"label": "ddim η0 T/5 r=1", "timestep_respacing": "fifth", "resample": 1, "inpaint_sampler": "ddim"},
 ]
+
 
 def _setting_cfg(cfg, s: dict):
     "The config of one curve setting: 'half'/'fifth' of the profile's timestep_respacing or jump_length allowed."
     over = {}
     for k, v in s.items():
-        if k in ("label", "reference"): continue
-        if v in ("half", "fifth"): v = max(1, getattr(cfg, k) // (2 if v == "half" else 5))
+        if k in ("label", "reference"):
+            continue
+        if v in ("half", "fifth"):
+            v = max(1, getattr(cfg, k) // (2 if v == "half" else 5))
         over[k] = v
-    if "timestep_respacing" in over and "skip_timesteps" not in over:   # the paper-text skip keeps its share of the steps
+    if (
+        "timestep_respacing" in over and "skip_timesteps" not in over
+    ):  # the paper-text skip keeps its share of the steps
         over["skip_timesteps"] = cfg.skip_timesteps * over["timestep_respacing"] // cfg.timestep_respacing
     return cfg.replace(**over)
 
-def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 24, model: str = "full",
-                       batch: int | None = None, progress: bool = True, write: bool = True) -> pd.DataFrame:
+
+def fast_sampler_curve(
+    cfg,
+    settings: list[dict] | None = None,
+    n_images: int = 24,
+    model: str = "full",
+    batch: int | None = None,
+    progress: bool = True,
+    write: bool = True,
+) -> pd.DataFrame:
     "FID against network evaluations per image for inpainting `settings` (default `DEMO_FAST_SETTINGS`) on `n_images` training images; writes table, figure and manifest under figures/<profile>/fast_sampler/."
-    import torch
-    from PIL import Image
     from diffusegen.core import resolve_device, torch_generator
     from diffusegen.core import step_seed
     from diffusegen.training import training_images, load_unet
     from diffusegen.core import save_png, sha256_file
     from diffusegen.diffusion import sampling_fn
     from diffusegen.training import weights_file
-    from diffusegen.inpainting import inpaint_inputs, inpaint_diffusion, repaint, schedule_counts, variant_start, to_uint8, CPU_BATCH
+    from diffusegen.inpainting import (
+        inpaint_inputs,
+        inpaint_diffusion,
+        repaint,
+        schedule_counts,
+        variant_start,
+        to_uint8,
+        CPU_BATCH,
+    )
     from diffusegen.intrinsic import fid_between
+
     how = "diffusegen.intrinsic.fid_between"
     fid_of = lambda fa, fb: float(fid_between(fcfg, list(map(str, fa)), list(map(str, fb)), seed=0))
     settings = settings or DEMO_FAST_SETTINGS
-    mdir = cfg.run_dir/"training"/model
-    if not (mdir/"final"/"model.json").exists():
-        raise DiffusegenError(f"{mdir}: no trained model {model!r}; run the training stage first (diffusegen reproduce --only training)")
+    mdir = cfg.run_dir / "training" / model
+    if not (mdir / "final" / "model.json").exists():
+        raise DiffusegenError(
+            f"{mdir}: no trained model {model!r}; run the training stage first (diffusegen reproduce --only training)"
+        )
     run_d, fig_d = stage_dirs(cfg, "fast_sampler")
     dev = resolve_device(cfg)
     x4, ids = training_images(cfg)
@@ -521,12 +936,14 @@ def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 
     unet = load_unet(mdir, dev).eval()
     fn = sampling_fn(unet, cfg, dev)
     bs = batch or cfg.inpaint_batch or CPU_BATCH
-    fcfg = cfg.replace(fid_images=0) if hasattr(cfg, "fid_images") else cfg      # every real training image, no cap
-    real_dir = run_d/"real"; real_dir.mkdir(parents=True, exist_ok=True)
+    fcfg = cfg.replace(fid_images=0) if hasattr(cfg, "fid_images") else cfg  # every real training image, no cap
+    real_dir = run_d / "real"
+    real_dir.mkdir(parents=True, exist_ok=True)
     real_files = []
     for k, sid in enumerate(ids):
-        p = real_dir/f"{sid}.png"
-        if not p.exists(): save_png(np.ascontiguousarray(to_uint8(x4[k, :3])), p)
+        p = real_dir / f"{sid}.png"
+        if not p.exists():
+            save_png(np.ascontiguousarray(to_uint8(x4[k, :3])), p)
         real_files.append(p)
     rows = []
     for s in settings:
@@ -535,77 +952,146 @@ def fast_sampler_curve(cfg, settings: list[dict] | None = None, n_images: int = 
         start = variant_start(c)
         diff = inpaint_diffusion(c)
         nfe = schedule_counts(c.timestep_respacing, c.jump_length, c.resample, start)["nfe"]
-        d = run_d/"".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label); d.mkdir(parents=True, exist_ok=True)
+        d = run_d / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+        d.mkdir(parents=True, exist_ok=True)
         files, secs = [], 0.0
         for b in range(0, n, bs):
             sl = slice(b, b + bs)
             t0 = time.perf_counter()
-            out = repaint(fn, diff, init4[sl].to(dev), known[sl].to(dev), [torch_generator(sd, dev) for sd in seeds[sl]],
-                          c.jump_length, c.resample, start, sampler=c.inpaint_sampler, eta=c.ddim_eta)
-            _sync(dev); secs += time.perf_counter() - t0
+            out = repaint(
+                fn,
+                diff,
+                init4[sl].to(dev),
+                known[sl].to(dev),
+                [torch_generator(sd, dev) for sd in seeds[sl]],
+                c.jump_length,
+                c.resample,
+                start,
+                sampler=c.inpaint_sampler,
+                eta=c.ddim_eta,
+            )
+            _sync(dev)
+            secs += time.perf_counter() - t0
             for j, a in zip(range(b, b + bs), to_uint8(out)):
-                f = d/f"{ids[pick[j]]}.png"; save_png(np.ascontiguousarray(a[..., :3]), f); files.append(f)
+                f = d / f"{ids[pick[j]]}.png"
+                save_png(np.ascontiguousarray(a[..., :3]), f)
+                files.append(f)
         fid = fid_of(files, real_files)
-        rows.append({"label": label, "reference": bool(s.get("reference")), "sampler": c.inpaint_sampler,
-                     "eta": c.ddim_eta if c.inpaint_sampler == "ddim" else None, "variant": c.inpaint_variant,
-                     "timestep_respacing": c.timestep_respacing, "jump_length": c.jump_length, "resample": c.resample,
-                     "nfe_per_image": nfe, "images": n, "seconds": round(secs, 2), "seconds_per_image": round(secs / n, 3), "fid": round(fid, 3)})
-        if progress: print(f"fast sampler {label}: {nfe} NFE, FID {fid:.2f} ({secs:.0f} s)", flush=True)
+        rows.append(
+            {
+                "label": label,
+                "reference": bool(s.get("reference")),
+                "sampler": c.inpaint_sampler,
+                "eta": c.ddim_eta if c.inpaint_sampler == "ddim" else None,
+                "variant": c.inpaint_variant,
+                "timestep_respacing": c.timestep_respacing,
+                "jump_length": c.jump_length,
+                "resample": c.resample,
+                "nfe_per_image": nfe,
+                "images": n,
+                "seconds": round(secs, 2),
+                "seconds_per_image": round(secs / n, 3),
+                "fid": round(fid, 3),
+            }
+        )
+        if progress:
+            print(f"fast sampler {label}: {nfe} NFE, FID {fid:.2f} ({secs:.0f} s)", flush=True)
     df = pd.DataFrame(rows)
     ref = df[df.reference].iloc[0] if df.reference.any() else df.iloc[0]
     df["nfe_fraction"] = (df.nfe_per_image / ref.nfe_per_image).round(4)
     df["fid_ratio"] = (df.fid / ref.fid).round(4)
-    floor = fid_of([real_files[i] for i in pick], real_files)   # the sources themselves: a perfect inpainting
+    floor = fid_of([real_files[i] for i in pick], real_files)  # the sources themselves: a perfect inpainting
     df["fid_excess"] = (df.fid - floor).round(3)
     df["excess_ratio"] = (df.fid_excess / (ref.fid - floor)).round(4)
     df["meets_goal"] = (df.nfe_fraction <= 0.25) & (df.fid_ratio <= 1.10)
     df["meets_goal_on_excess"] = (df.nfe_fraction <= 0.25) & (df.excess_ratio <= 1.10)
-    if write: _write_curve(cfg, df, floor, how, model, sha256_file(weights_file(mdir)))
+    if write:
+        _write_curve(cfg, df, floor, how, model, sha256_file(weights_file(mdir)))
     df.attrs.update(fid_floor=floor, fid_method=how)
     return df
 
+
 def _write_curve(cfg, df: pd.DataFrame, floor: float, how: str, model: str, sha: str):
     "Table, figure and manifest of `fast_sampler_curve` under figures/<profile>/fast_sampler/."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig_d = stage_dirs(cfg, "fast_sampler")[1]; fig_d.mkdir(parents=True, exist_ok=True)
+
+    fig_d = stage_dirs(cfg, "fast_sampler")[1]
+    fig_d.mkdir(parents=True, exist_ok=True)
     ref = df[df.reference].iloc[0] if df.reference.any() else df.iloc[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for smp, mk in (("ddpm", "o"), ("ddim", "s")):
         sub = df[df.sampler == smp]
         ax.scatter(sub.nfe_per_image, sub.fid, marker=mk, label=f"{smp} steps", zorder=3)
-    for r in df.itertuples(): ax.annotate(r.label, (r.nfe_per_image, r.fid), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for r in df.itertuples():
+        ax.annotate(r.label, (r.nfe_per_image, r.fid), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.axhspan(ref.fid, ref.fid * 1.1, color="tab:green", alpha=0.15, label="within 10 % of the reference's FID")
     ax.axvline(ref.nfe_per_image / 4, color="grey", ls="--", lw=0.8, label="¼ of the reference's evaluations")
     ax.axhline(floor, color="tab:red", ls=":", lw=0.8, label=f"the source images themselves (floor {floor:.1f})")
-    ax.set_xscale("log"); ax.set_xlabel("network evaluations per image"); ax.set_ylabel(f"FID vs the real training images (n = {int(df.images.iloc[0])})")
-    ax.set_title(f"Fast sampler ({cfg.profile}): FID against evaluations", fontsize=9); ax.legend(fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per image")
+    ax.set_ylabel(f"FID vs the real training images (n = {int(df.images.iloc[0])})")
+    ax.set_title(f"Fast sampler ({cfg.profile}): FID against evaluations", fontsize=9)
+    ax.legend(fontsize=6)
     fig.tight_layout()
-    save_figure(fig, fig_d/"fast_sampler.png"); plt.close(fig)
-    table = write_table(df, fig_d/"fast_sampler")[0]
+    save_figure(fig, fig_d / "fast_sampler.png")
+    plt.close(fig)
+    table = write_table(df, fig_d / "fast_sampler")[0]
     good = df[df.meets_goal]
     best = good.sort_values("nfe_per_image").iloc[0].to_dict() if len(good) else None
-    notes = [f"reference: {ref.label} ({int(ref.nfe_per_image)} evaluations per image, FID {ref.fid:.2f})",
-             f"FID: {how}; n = {int(df.images.iloc[0])} inpainted images per setting against all {cfg.profile} training images; same seeds in every setting",
-             f"floor: FID of the {int(df.images.iloc[0])} source images themselves (a perfect inpainting) = {floor:.2f}; "
-             "the known region is pasted back, so most of every FID is this floor: excess_ratio compares FID − floor",
-             ("goal (≤ ¼ of the reference's evaluations at ≤ 1.1 × its FID) met by: " + best["label"] +
-              f" ({best['nfe_per_image']} evaluations, FID ratio {best['fid_ratio']})") if best else
-             "goal (≤ ¼ of the reference's evaluations at ≤ 1.1 × its FID) not met by any setting"]
-    arts = [Artifact(str(table), "table", "Fast sampler: FID against network evaluations per image", "§2.5, Appendix B.3",
-                     "960 evaluations per sample (paper-code-facts c)", f"{best['label']}: {best['nfe_per_image']} evaluations" if best else "goal not met"),
-            Artifact(str(fig_d/"fast_sampler.png"), "figure", "Fast sampler: FID against evaluations", "§2.5")]
-    weights = [{"name": model, "label": f"{model} (trained by diffusegen)", "sha256": sha, "provenance": "trained by diffusegen (training stage)"}]
+    notes = [
+        f"reference: {ref.label} ({int(ref.nfe_per_image)} evaluations per image, FID {ref.fid:.2f})",
+        f"FID: {how}; n = {int(df.images.iloc[0])} inpainted images per setting against all {cfg.profile} training images; same seeds in every setting",
+        f"floor: FID of the {int(df.images.iloc[0])} source images themselves (a perfect inpainting) = {floor:.2f}; "
+        "the known region is pasted back, so most of every FID is this floor: excess_ratio compares FID − floor",
+        (
+            "goal (≤ ¼ of the reference's evaluations at ≤ 1.1 × its FID) met by: "
+            + best["label"]
+            + f" ({best['nfe_per_image']} evaluations, FID ratio {best['fid_ratio']})"
+        )
+        if best
+        else "goal (≤ ¼ of the reference's evaluations at ≤ 1.1 × its FID) not met by any setting",
+    ]
+    arts = [
+        Artifact(
+            str(table),
+            "table",
+            "Fast sampler: FID against network evaluations per image",
+            "§2.5, Appendix B.3",
+            "960 evaluations per sample (paper-code-facts c)",
+            f"{best['label']}: {best['nfe_per_image']} evaluations" if best else "goal not met",
+        ),
+        Artifact(str(fig_d / "fast_sampler.png"), "figure", "Fast sampler: FID against evaluations", "§2.5"),
+    ]
+    weights = [
+        {
+            "name": model,
+            "label": f"{model} (trained by diffusegen)",
+            "sha256": sha,
+            "provenance": "trained by diffusegen (training stage)",
+        }
+    ]
     strict = df[df.meets_goal_on_excess]
-    notes.append(("on FID − floor, the goal is met by: " + strict.sort_values("nfe_per_image").iloc[0]["label"]) if len(strict)
-                 else "on FID − floor, no setting meets the goal")
-    write_manifest(cfg, "fast_sampler", arts, weights, {"rows": df.to_dict("records"), "fid_floor": floor, "best": best}, notes)
+    notes.append(
+        ("on FID − floor, the goal is met by: " + strict.sort_values("nfe_per_image").iloc[0]["label"])
+        if len(strict)
+        else "on FID − floor, no setting meets the goal"
+    )
+    write_manifest(
+        cfg, "fast_sampler", arts, weights, {"rows": df.to_dict("records"), "fid_floor": floor, "best": best}, notes
+    )
 
 # %% ../nbs/92_bench.ipynb #4e80fa39
-FAST_SETTING = "ddim η0 T/2 j/2 r=2"      # the fast-sampler curve's setting that met the issue's goal on demo
+FAST_SETTING = "ddim η0 T/2 j/2 r=2"  # the fast-sampler curve's setting that met the issue's goal on demo
+
 
 def fast_sampler_nfe(profile: str, label: str = FAST_SETTING, settings: dict | None = None) -> int:
     "Network evaluations per image of the fast-sampler `label` (a `DEMO_FAST_SETTINGS` entry) applied to `profile` (with `settings` overridden)."
     from diffusegen.inpainting import schedule_counts, variant_start
-    c = _setting_cfg(load_config(profile, settings or {}), next(s for s in DEMO_FAST_SETTINGS if s.get("label") == label))
+
+    c = _setting_cfg(
+        load_config(profile, settings or {}), next(s for s in DEMO_FAST_SETTINGS if s.get("label") == label)
+    )
     return schedule_counts(c.timestep_respacing, c.jump_length, c.resample, variant_start(c))["nfe"]

@@ -4,7 +4,11 @@
 
 # %% ../nbs/91_cli.ipynb #6ccd8373
 from __future__ import annotations
-import argparse, json, os, sys, traceback
+import argparse
+import json
+import os
+import sys
+import traceback
 from pathlib import Path
 from .core import DiffusegenError, ConfigError, STAGES, load_config, one_line, profiles, project_root
 
@@ -16,202 +20,323 @@ def _overrides(pairs) -> dict:
     "`--set key=value` pairs → dict."
     out = {}
     for p in pairs or []:
-        if "=" not in p: raise ConfigError(f"--set {p!r}: expected KEY=VALUE")
-        k, v = p.split("=", 1); out[k.strip()] = v.strip()
+        if "=" not in p:
+            raise ConfigError(f"--set {p!r}: expected KEY=VALUE")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
     return out
+
 
 def _cmd_reproduce(a) -> int:
     from diffusegen.runner import reproduce
-    runs = reproduce(a.profile, data=a.data, out=a.out, only=a.only, overrides=_overrides(a.set), force=a.force, dry_run=a.dry_run)
-    out = (Path(a.out or project_root())/"dry-run") if a.dry_run else a.out
+
+    runs = reproduce(
+        a.profile, data=a.data, out=a.out, only=a.only, overrides=_overrides(a.set), force=a.force, dry_run=a.dry_run
+    )
+    out = (Path(a.out or project_root()) / "dry-run") if a.dry_run else a.out
     cfg = load_config(a.profile, {"out": str(out)} if out else {})
-    for r in runs: print(f"{r.stage.name:<13} {r.status:<8} {r.detail}")
-    print(f"report: {cfg.fig_dir/'report.md'}")
+    for r in runs:
+        print(f"{r.stage.name:<13} {r.status:<8} {r.detail}")
+    print(f"report: {cfg.fig_dir / 'report.md'}")
     return 0
+
 
 def _cmd_data_check(a) -> int:
     from diffusegen.data import check_dataset
-    for opt, v, ok, rng in (("--threshold", a.threshold, 0 <= a.threshold <= 255, "a grey level 0..255"),
-                            ("--tolerance", a.tolerance, 0 <= a.tolerance <= 1, "a share of pixels 0..1"),
-                            ("--max-pixels", a.max_pixels, a.max_pixels >= 1, "at least 1")):
-        if not ok: raise ConfigError(f"data check {opt} {v:g}: must be {rng}")
+
+    for opt, v, ok, rng in (
+        ("--threshold", a.threshold, 0 <= a.threshold <= 255, "a grey level 0..255"),
+        ("--tolerance", a.tolerance, 0 <= a.tolerance <= 1, "a share of pixels 0..1"),
+        ("--max-pixels", a.max_pixels, a.max_pixels >= 1, "at least 1"),
+    ):
+        if not ok:
+            raise ConfigError(f"data check {opt} {v:g}: must be {rng}")
     rep = check_dataset(a.path, a.threshold, a.tolerance, progress=sys.stderr.isatty(), max_pixels=a.max_pixels)
-    for p in rep.problems: print(p)
-    for line in rep.summary_lines(): print(line)
-    return 1 if rep.problems else 0          # 1: problems found; an error (bad option, crash) is 2, from `main`
+    for p in rep.problems:
+        print(p)
+    for line in rep.summary_lines():
+        print(line)
+    return 1 if rep.problems else 0  # 1: problems found; an error (bad option, crash) is 2, from `main`
+
 
 def _cmd_data_prepare(a) -> int:
     from diffusegen.data import run_data
+
     cfg = load_config(a.profile, {**_overrides(a.set), **({"out": a.out} if a.out else {})})
     s = run_data(cfg, a.data)
-    print(f"{s['pairs']} valid pairs, {s['train']} training and {s['test']} test images; outputs in {cfg.run_dir/'data'}")
+    print(
+        f"{s['pairs']} valid pairs, {s['train']} training and {s['test']} test images; outputs in {cfg.run_dir / 'data'}"
+    )
     return 0
+
 
 def _cmd_data_demo(a) -> int:
     from diffusegen.datasets import make_demo_dataset
-    print(make_demo_dataset(a.dest, n=a.n, size=a.size, seed=a.seed)); return 0
+
+    print(make_demo_dataset(a.dest, n=a.n, size=a.size, seed=a.seed))
+    return 0
+
 
 def _cmd_data_download(a) -> int:
     from diffusegen.datasets import download_dataset
-    print(download_dataset(a.name, a.dest)); return 0
+
+    print(download_dataset(a.name, a.dest))
+    return 0
+
 
 def _stage_cfg(a):
     return load_config(a.profile, {**_overrides(a.set), **({"out": a.out} if getattr(a, "out", None) else {})})
 
+
 def _cmd_cluster(a) -> int:
     from diffusegen.clustering import run_clustering
+
     cfg = _stage_cfg(a)
     s = run_clustering(cfg)
     print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}, default=str))
     return 0
 
+
 def _cmd_train(a) -> int:
     from diffusegen.training import run_training
+
     cfg = _stage_cfg(a)
-    if a.all and a.cluster is not None: raise ConfigError("train: give --cluster K or --all, not both")
-    if a.cluster is not None: clusters, full = [a.cluster], a.full        # one cluster model (and the full one with --full)
-    elif a.all: clusters, full = None, a.full                             # every selected cluster model
-    elif a.full: clusters, full = [], True                                # the full-data model only
-    else: clusters, full = None, None                                     # as settings.ini says
-    if a.executor:                                                        # one submitit job per model (diffusegen.scale)
+    if a.all and a.cluster is not None:
+        raise ConfigError("train: give --cluster K or --all, not both")
+    if a.cluster is not None:
+        clusters, full = [a.cluster], a.full  # one cluster model (and the full one with --full)
+    elif a.all:
+        clusters, full = None, a.full  # every selected cluster model
+    elif a.full:
+        clusters, full = [], True  # the full-data model only
+    else:
+        clusters, full = None, None  # as settings.ini says
+    if a.executor:  # one submitit job per model (diffusegen.scale)
         from diffusegen.scale import fanout_training
+
         s = fanout_training(cfg.replace(executor=a.executor), clusters=clusters, full=full, resume=not a.restart)
-    else: s = run_training(cfg, clusters=clusters, full=full, resume=not a.restart)   # under torchrun: all processes, DDP
-    if os.environ.get("RANK", "0") != "0": return 0                       # one report per torchrun group
+    else:
+        s = run_training(cfg, clusters=clusters, full=full, resume=not a.restart)  # under torchrun: all processes, DDP
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # one report per torchrun group
     for r in s["models"]:
-        print(f"{r['name']:<12} {r['status']:<8} {r.get('steps', '')} steps  loss {r.get('first_loss', float('nan')):.4f} → {r.get('final_loss', float('nan')):.4f}")
+        print(
+            f"{r['name']:<12} {r['status']:<8} {r.get('steps', '')} steps  loss {r.get('first_loss', float('nan')):.4f} → {r.get('final_loss', float('nan')):.4f}"
+        )
     return 0
+
 
 def _cmd_inpaint(a) -> int:
     from diffusegen.inpainting import run_inpainting
     from diffusegen.scale import sharded_inpainting
+
     cfg = _stage_cfg(a)
-    if a.prune and a.shard: raise ConfigError("--prune with --shard: prune in a plain `diffusegen inpaint --prune` (it merges the shards first)")
-    s = sharded_inpainting(cfg, tuple(a.types), shard=a.shard, shards=a.shards, executor=a.executor, prune=a.prune)   # None: not sharded
-    if s is None: s = run_inpainting(cfg, types=tuple(a.types), prune=a.prune)
-    if os.environ.get("RANK", "0") != "0": return 0
+    if a.prune and a.shard:
+        raise ConfigError(
+            "--prune with --shard: prune in a plain `diffusegen inpaint --prune` (it merges the shards first)"
+        )
+    s = sharded_inpainting(
+        cfg, tuple(a.types), shard=a.shard, shards=a.shards, executor=a.executor, prune=a.prune
+    )  # None: not sharded
+    if s is None:
+        s = run_inpainting(cfg, types=tuple(a.types), prune=a.prune)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     for r in s.get("types", []):
-        print(f"{r['type']:<10} planned {r['planned']}  cached {r['cached']}  made {r['made']}  total {r['total']}  "
-              f"kept outside the plan {r['unplanned']}  pruned {len(r['pruned'])}" + ("  (stopped)" if r["stopped"] else ""))
+        print(
+            f"{r['type']:<10} planned {r['planned']}  cached {r['cached']}  made {r['made']}  total {r['total']}  "
+            f"kept outside the plan {r['unplanned']}  pruned {len(r['pruned'])}"
+            + ("  (stopped)" if r["stopped"] else "")
+        )
     for r in s.get("shards", []):
         print(f"shard {r['shard']} {r['type']:<10} planned {r['planned']}  cached {r['cached']}  made {r['made']}")
-    for n in s.get("notes", []): print(n)
+    for n in s.get("notes", []):
+        print(n)
     return 0
+
 
 def _cmd_style(a) -> int:
     from diffusegen.styling import run_styling
+
     s = run_styling(_stage_cfg(a), prune=a.prune)
     for r in s.get("types", []):
-        print(f"{r['type']:<17} {r['status']:<8} styled {r['styled']}  new {r['new']}  "
-              f"kept outside the plan {r.get('unplanned', 0)}  pruned {len(r.get('pruned', []))}")
-    for n in s.get("notes", []): print(n)
+        print(
+            f"{r['type']:<17} {r['status']:<8} styled {r['styled']}  new {r['new']}  "
+            f"kept outside the plan {r.get('unplanned', 0)}  pruned {len(r.get('pruned', []))}"
+        )
+    for n in s.get("notes", []):
+        print(n)
     return 0
+
 
 def _cmd_bench(a) -> int:
     from diffusegen import bench
+
     profiles = [a.profile] if a.profile else a.profiles
     if a.part == "fast-sampler":
         over = {**_overrides(a.set), **({"out": a.out} if a.out else {})}
         df = bench.fast_sampler_curve(load_config(profiles[0], over), n_images=a.images, model=a.model)
-        print(df.to_markdown(index=False)); return 0
-    res = bench.run_bench(a.part, profiles, steps=a.steps, device=a.device, respacing=a.respacing, out=a.out,
-                          settings=_overrides(a.set))
-    for k, df in res.items(): print(f"\n## {k}\n" + df.to_markdown(index=False))
+        print(df.to_markdown(index=False))
+        return 0
+    res = bench.run_bench(
+        a.part, profiles, steps=a.steps, device=a.device, respacing=a.respacing, out=a.out, settings=_overrides(a.set)
+    )
+    for k, df in res.items():
+        print(f"\n## {k}\n" + df.to_markdown(index=False))
     return 0
+
 
 def _cmd_stats(a) -> int:
     from diffusegen import statistics as S
+
     cfg = _stage_cfg(a)
-    if a.paper:                                   # the paper audit: needs only data/paper/, no pipeline run
+    if a.paper:  # the paper audit: needs only data/paper/, no pipeline run
         df = S.audit_paper()
-        for line in S.audit_lines(df): print(line)
+        for line in S.audit_lines(df):
+            print(line)
         n = df.verdict.value_counts()
-        print(f"{n.get('✓', 0)} agree, {n.get('⚠', 0)} differ in the last digit, {n.get('✗', 0)} not supported by the tables; "
-              f"written to {S.write_paper_audit(cfg, df)[0]}")
+        print(
+            f"{n.get('✓', 0)} agree, {n.get('⚠', 0)} differ in the last digit, {n.get('✗', 0)} not supported by the tables; "
+            f"written to {S.write_paper_audit(cfg, df)[0]}"
+        )
         return 0
     S.run_statistics(cfg)
     for k in ("table1", "table2", "table3"):
-        print(f"{k}: {cfg.fig_dir/'statistics'/(k + '.md')}")
+        print(f"{k}: {cfg.fig_dir / 'statistics' / (k + '.md')}")
     return 0
+
 
 def _cmd_segment(a) -> int:
     from diffusegen.segmentation import run_segmentation
+
     s = run_segmentation(_stage_cfg(a))
     print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}, default=str))
     return 0
 
+
 def _cmd_evaluate(a) -> int:
     from diffusegen.intrinsic import run_intrinsic
+
     cfg = _stage_cfg(a)
     s = run_intrinsic(cfg, write_filtered=a.write_filtered)
-    d = cfg.fig_dir/"intrinsic"
-    print(pd_markdown(s["table1"], ["data type", "images per repeat", "FID mean ± std", "paper FID mean ± std",
-                                    "MS-SSIM mean ± std", "paper MS-SSIM mean ± std"]))
-    print(pd_markdown(s["memorization"], ["type", "images", "flagged", "copy of source polyp", "copy of another training image"]))
-    print(f"Table 1: {d/'table1.md'}\nsurvey page: {s['survey']['html']} (answer key: {s['survey']['key']})\n"
-          f"flagged samples: {d/'flagged.csv'}" + (f"\nfiltered manifests: {', '.join(s['summary']['filtered'])}" if a.write_filtered else ""))
+    d = cfg.fig_dir / "intrinsic"
+    print(
+        pd_markdown(
+            s["table1"],
+            [
+                "data type",
+                "images per repeat",
+                "FID mean ± std",
+                "paper FID mean ± std",
+                "MS-SSIM mean ± std",
+                "paper MS-SSIM mean ± std",
+            ],
+        )
+    )
+    print(
+        pd_markdown(
+            s["memorization"], ["type", "images", "flagged", "copy of source polyp", "copy of another training image"]
+        )
+    )
+    print(
+        f"Table 1: {d / 'table1.md'}\nsurvey page: {s['survey']['html']} (answer key: {s['survey']['key']})\n"
+        f"flagged samples: {d / 'flagged.csv'}"
+        + (f"\nfiltered manifests: {', '.join(s['summary']['filtered'])}" if a.write_filtered else "")
+    )
     return 0
+
 
 def pd_markdown(records, cols) -> str:
     import pandas as pd
+
     df = pd.DataFrame(records)
     return df[[c for c in cols if c in df]].to_markdown(index=False)
 
+
 def _cmd_survey_build(a) -> int:
     from diffusegen.intrinsic import build_stage_survey
+
     s = build_stage_survey(_stage_cfg(a))
-    print(f"survey page ({s['items']} pairs: {s['per_type']}): {s['html']}\nanswer key (keep it from the reviewer): {s['key']}")
+    print(
+        f"survey page ({s['items']} pairs: {s['per_type']}): {s['html']}\nanswer key (keep it from the reviewer): {s['key']}"
+    )
     return 0
+
 
 def _cmd_survey_score(a) -> int:
     from diffusegen.survey import score_survey
     from diffusegen.core import write_table, stage_dirs
+
     cfg = _stage_cfg(a)
-    key = a.key or stage_dirs(cfg, "intrinsic")[0]/"survey_key.csv"
-    if not os.path.exists(key): raise DiffusegenError(f"{key}: no answer key; run `diffusegen survey build` (or evaluate) first, or pass --key")
+    key = a.key or stage_dirs(cfg, "intrinsic")[0] / "survey_key.csv"
+    if not os.path.exists(key):
+        raise DiffusegenError(f"{key}: no answer key; run `diffusegen survey build` (or evaluate) first, or pass --key")
     table, m = score_survey(a.answers, key)
-    out = write_table(table, stage_dirs(cfg, "intrinsic")[1]/"table_b1")
+    out = write_table(table, stage_dirs(cfg, "intrinsic")[1] / "table_b1")
     print(table.to_markdown(index=False))
     for pos in ("positive_real", "positive_fake"):
         r = m[pos]
-        print(f"{pos.replace('_', ' = ')}: accuracy {r['accuracy']:.1%}, precision {r['precision']:.1%}, recall {r['recall']:.1%}, "
-              f"Cohen's kappa {r['kappa']:.3f} (TP {r['tp']}, FP {r['fp']}, FN {r['fn']}, TN {r['tn']})")
-    print(f"{m['answered']} of {m['items']} items answered; the paper (Table B1): accuracy 60%, precision 40%, recall 40% "
-          f"(real = positive reproduces them); written to {out[0]}")
+        print(
+            f"{pos.replace('_', ' = ')}: accuracy {r['accuracy']:.1%}, precision {r['precision']:.1%}, recall {r['recall']:.1%}, "
+            f"Cohen's kappa {r['kappa']:.3f} (TP {r['tp']}, FP {r['fp']}, FN {r['fn']}, TN {r['tn']})"
+        )
+    print(
+        f"{m['answered']} of {m['items']} items answered; the paper (Table B1): accuracy 60%, precision 40%, recall 40% "
+        f"(real = positive reproduces them); written to {out[0]}"
+    )
     return 0
+
 
 # ---- more subcommand functions above this line ----
 
+
 def _cmd_weights(a) -> int:
     from diffusegen.weights import weights_report
+
     cfg = load_config(a.profile, _overrides(a.set))
-    for r in weights_report(cfg): print("  ".join(f"{k}={v}" for k, v in r.items()))
+    for r in weights_report(cfg):
+        print("  ".join(f"{k}={v}" for k, v in r.items()))
     return 0
 
+
 def _cmd_config(a) -> int:
-    if a.list: print("\n".join(profiles())); return 0
-    print(json.dumps(load_config(a.profile, _overrides(a.set)).to_dict(), indent=2)); return 0
+    if a.list:
+        print("\n".join(profiles()))
+        return 0
+    print(json.dumps(load_config(a.profile, _overrides(a.set)).to_dict(), indent=2))
+    return 0
 
 # %% ../nbs/91_cli.ipynb #cbcd7bbc
 def build_parser() -> argparse.ArgumentParser:
     "The `diffusegen` argument parser."
-    P = argparse.ArgumentParser(prog="diffusegen", description="Synthetic labelled polyp data with diffusion models: "
-                                "the reproducible companion to Saragih & Tyrrell.")
+    P = argparse.ArgumentParser(
+        prog="diffusegen",
+        description="Synthetic labelled polyp data with diffusion models: "
+        "the reproducible companion to Saragih & Tyrrell.",
+    )
     sub = P.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     def common(p, profile="demo"):
         p.add_argument("--profile", default=profile, help=f"settings.ini profile (default: {profile})")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
 
-    r = sub.add_parser("reproduce", help="run the pipeline's notebooks and write figures/<profile>/report.md",
-                       description="Execute the section notebooks in order with papermill, reuse finished stages, and write "
-                       "tables, figures and a report next to the paper's numbers under figures/<profile>/.")
+    r = sub.add_parser(
+        "reproduce",
+        help="run the pipeline's notebooks and write figures/<profile>/report.md",
+        description="Execute the section notebooks in order with papermill, reuse finished stages, and write "
+        "tables, figures and a report next to the paper's numbers under figures/<profile>/.",
+    )
     common(r)
     r.add_argument("--data", help="dataset folder with images/ and masks/ (default: the profile's data_root)")
     r.add_argument("--out", help="folder for figures/ and runs/ (default: the project root)")
     r.add_argument("--only", nargs="+", metavar="STAGE", choices=[s.name for s in STAGES], help="run only these stages")
     r.add_argument("--force", action="store_true", help="redo stages even when cached")
-    r.add_argument("--dry-run", action="store_true", help="the profile's networks and formats with every count cut (settings.ini "
-                   "[dry-run]), into <out>/dry-run/: minutes, with each stage's time and peak memory, before a long run")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the profile's networks and formats with every count cut (settings.ini "
+        "[dry-run]), into <out>/dry-run/: minutes, with each stage's time and peak memory, before a long run",
+    )
     r.set_defaults(func=_cmd_reproduce)
 
     d = sub.add_parser("data", help="check, prepare, download or generate a dataset")
@@ -220,14 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", help="folder with images/ and masks/")
     c.add_argument("--threshold", type=int, default=128, help="mask grey level counted as polyp (default 128)")
     c.add_argument("--tolerance", type=float, default=0.05, help="largest share of mid-grey mask pixels (default 0.05)")
-    c.add_argument("--max-pixels", type=int, default=100_000_000, help="largest width × height read; a larger file is a problem "
-                   "(default 100000000, as max_image_pixels)")
+    c.add_argument(
+        "--max-pixels",
+        type=int,
+        default=100_000_000,
+        help="largest width × height read; a larger file is a problem (default 100000000, as max_image_pixels)",
+    )
     c.set_defaults(func=_cmd_data_check)
     pr = dsub.add_parser("prepare", help="run the data stage: check, split and resize (as the 01_data notebook)")
-    common(pr); pr.add_argument("--data", help="dataset folder"); pr.add_argument("--out", help="folder for figures/ and runs/")
+    common(pr)
+    pr.add_argument("--data", help="dataset folder")
+    pr.add_argument("--out", help="folder for figures/ and runs/")
     pr.set_defaults(func=_cmd_data_prepare)
     dl = dsub.add_parser("download", help="download Kvasir-SEG or HyperKvasir's segmented images (needs network)")
-    dl.add_argument("name", choices=["kvasir-seg", "hyperkvasir"]); dl.add_argument("dest", help="destination folder")
+    dl.add_argument("name", choices=["kvasir-seg", "hyperkvasir"])
+    dl.add_argument("dest", help="destination folder")
     dl.set_defaults(func=_cmd_data_download)
     dm = dsub.add_parser("demo", help="write the procedural demo dataset (endoscopy-like images with polyp masks)")
     dm.add_argument("dest", help="destination folder")
@@ -237,36 +369,76 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=_cmd_data_demo)
 
     cl = sub.add_parser("cluster", help="§2.3: Inception features of images and masks, KMeans (the clustering stage)")
-    common(cl); cl.add_argument("--out", help="folder for figures/ and runs/"); cl.set_defaults(func=_cmd_cluster)
-    tr = sub.add_parser("train", help="§2.4: train the 4-channel diffusion models (per cluster and on the full set)",
-                        description="Train one model per selected cluster (train_clusters) and the full-data model "
-                        "(train_full); unfinished models resume from their last checkpoint.")
-    common(tr); tr.add_argument("--out", help="folder for figures/ and runs/")
+    common(cl)
+    cl.add_argument("--out", help="folder for figures/ and runs/")
+    cl.set_defaults(func=_cmd_cluster)
+    tr = sub.add_parser(
+        "train",
+        help="§2.4: train the 4-channel diffusion models (per cluster and on the full set)",
+        description="Train one model per selected cluster (train_clusters) and the full-data model "
+        "(train_full); unfinished models resume from their last checkpoint.",
+    )
+    common(tr)
+    tr.add_argument("--out", help="folder for figures/ and runs/")
     tr.add_argument("--cluster", type=int, metavar="K", help="train only cluster K's model")
     tr.add_argument("--all", action="store_true", help="every cluster model selected by train_clusters (default)")
     tr.add_argument("--full", action="store_true", help="the full-data model (with --cluster/--all: as well)")
-    tr.add_argument("--resume", action="store_true", default=True, help="continue unfinished models from their last checkpoint (default)")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        default=True,
+        help="continue unfinished models from their last checkpoint (default)",
+    )
     tr.add_argument("--restart", action="store_true", help="ignore checkpoints of unfinished models and start over")
-    tr.add_argument("--executor", choices=["local", "slurm", "debug"], help="submit one job per model through submitit "
-                    "(slurm: sbatch with slurm_partition/slurm_gpus/slurm_time_min; local: processes here; debug: in this process), wait, report")
+    tr.add_argument(
+        "--executor",
+        choices=["local", "slurm", "debug"],
+        help="submit one job per model through submitit "
+        "(slurm: sbatch with slurm_partition/slurm_gpus/slurm_time_min; local: processes here; debug: in this process), wait, report",
+    )
     tr.set_defaults(func=_cmd_train)
     ip = sub.add_parser("inpaint", help="§2.5: RePaint inpainting of new polyps and masks (Diff, Full-Diff)")
-    common(ip); ip.add_argument("--out", help="folder for figures/ and runs/")
-    ip.add_argument("--types", nargs="+", default=["diff", "full-diff"], choices=["diff", "full-diff"], help="which synthetic sets")
-    ip.add_argument("--shard", metavar="I/K", help="make only shard I of K (the planned source images whose index %% K == I); a later plain `inpaint` merges the shards")
-    ip.add_argument("--executor", choices=["local", "slurm", "debug"], help="submit the shards as a submitit job array, wait, merge")
+    common(ip)
+    ip.add_argument("--out", help="folder for figures/ and runs/")
+    ip.add_argument(
+        "--types", nargs="+", default=["diff", "full-diff"], choices=["diff", "full-diff"], help="which synthetic sets"
+    )
+    ip.add_argument(
+        "--shard",
+        metavar="I/K",
+        help="make only shard I of K (the planned source images whose index %% K == I); a later plain `inpaint` merges the shards",
+    )
+    ip.add_argument(
+        "--executor", choices=["local", "slurm", "debug"], help="submit the shards as a submitit job array, wait, merge"
+    )
     ip.add_argument("--shards", type=int, metavar="K", help="number of shard jobs with --executor (default 1)")
-    ip.add_argument("--prune", action="store_true", help="remove finished samples outside the current plan (kept by default, "
-                    "listed in manifest_unplanned.csv); prints each file removed")
+    ip.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove finished samples outside the current plan (kept by default, "
+        "listed in manifest_unplanned.csv); prints each file removed",
+    )
     ip.set_defaults(func=_cmd_inpaint)
-    st = sub.add_parser("style", help="§2.5: the guided styling of the inpainted samples (Styled-Diff, Full-Styled-Diff)")
-    common(st); st.add_argument("--out", help="folder for figures/ and runs/")
-    st.add_argument("--prune", action="store_true", help="remove styled samples outside the current plan (kept by default, "
-                    "listed in manifest_unplanned.csv); prints each file removed")
+    st = sub.add_parser(
+        "style", help="§2.5: the guided styling of the inpainted samples (Styled-Diff, Full-Styled-Diff)"
+    )
+    common(st)
+    st.add_argument("--out", help="folder for figures/ and runs/")
+    st.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove styled samples outside the current plan (kept by default, "
+        "listed in manifest_unplanned.csv); prints each file removed",
+    )
     st.set_defaults(func=_cmd_style)
     b = sub.add_parser("bench", help="measure speed and memory (figures/bench/)")
-    b.add_argument("part", nargs="?", default="all", choices=["train", "generate", "style", "segment", "all", "fast-sampler"],
-                   help="a part, all four, or fast-sampler (FID against evaluations; needs the profile's trained models)")
+    b.add_argument(
+        "part",
+        nargs="?",
+        default="all",
+        choices=["train", "generate", "style", "segment", "all", "fast-sampler"],
+        help="a part, all four, or fast-sampler (FID against evaluations; needs the profile's trained models)",
+    )
     b.add_argument("--profile", help="one profile (overrides --profiles)")
     b.add_argument("--profiles", nargs="+", default=["demo"], help="profiles whose networks to measure (default demo)")
     b.add_argument("--steps", type=int, default=3, help="timed steps per profile (default 3)")
@@ -274,56 +446,97 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--images", type=int, default=24, help="fast-sampler: inpainted images per setting (default 24)")
     b.add_argument("--model", default="full", help="fast-sampler: which trained model (default full)")
-    b.add_argument("--out", help="the parts: folder for the tables (default figures/bench/); "
-                   "fast-sampler: folder for figures/ and runs/ (default the project root)")
-    b.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a profile setting, e.g. compile=true or inpaint_batch=32 (repeatable)")
+    b.add_argument(
+        "--out",
+        help="the parts: folder for the tables (default figures/bench/); "
+        "fast-sampler: folder for figures/ and runs/ (default the project root)",
+    )
+    b.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a profile setting, e.g. compile=true or inpaint_batch=32 (repeatable)",
+    )
     b.set_defaults(func=_cmd_bench)
 
-    sa = sub.add_parser("stats", help="§2.8: mean ± std and t-tests of Tables 1-3; --paper: audit the paper's text against its tables",
-                        description="Summarise the intrinsic and segmentation results (mean ± population std, paired and one-sample "
-                        "t-tests) as CSV, Markdown and LaTeX with error-bar figures; with --paper, re-derive every statistic the "
-                        "paper's text reports from its own Tables 1, 2, 3 and B1 (data/paper/) and list what disagrees.")
-    common(sa); sa.add_argument("--out", help="folder for figures/ and runs/")
+    sa = sub.add_parser(
+        "stats",
+        help="§2.8: mean ± std and t-tests of Tables 1-3; --paper: audit the paper's text against its tables",
+        description="Summarise the intrinsic and segmentation results (mean ± population std, paired and one-sample "
+        "t-tests) as CSV, Markdown and LaTeX with error-bar figures; with --paper, re-derive every statistic the "
+        "paper's text reports from its own Tables 1, 2, 3 and B1 (data/paper/) and list what disagrees.",
+    )
+    common(sa)
+    sa.add_argument("--out", help="folder for figures/ and runs/")
     sa.add_argument("--paper", action="store_true", help="only the paper audit (no pipeline outputs needed)")
     sa.set_defaults(func=_cmd_stats)
 
-    sg = sub.add_parser("segment", help="§2.7: UNet++ segmentation experiments, Tables 2 and 3 (resumable, one row per cell)")
-    common(sg); sg.add_argument("--out", help="folder for figures/ and runs/"); sg.set_defaults(func=_cmd_segment)
+    sg = sub.add_parser(
+        "segment", help="§2.7: UNet++ segmentation experiments, Tables 2 and 3 (resumable, one row per cell)"
+    )
+    common(sg)
+    sg.add_argument("--out", help="folder for figures/ and runs/")
+    sg.set_defaults(func=_cmd_segment)
 
-    ev = sub.add_parser("evaluate", help="§2.6: FID, MS-SSIM (Table 1), the expert-review page and the memorization audit")
-    common(ev); ev.add_argument("--out", help="folder for figures/ and runs/")
-    ev.add_argument("--write-filtered", action="store_true", help="also write each synthetic set's manifest without the flagged samples")
+    ev = sub.add_parser(
+        "evaluate", help="§2.6: FID, MS-SSIM (Table 1), the expert-review page and the memorization audit"
+    )
+    common(ev)
+    ev.add_argument("--out", help="folder for figures/ and runs/")
+    ev.add_argument(
+        "--write-filtered",
+        action="store_true",
+        help="also write each synthetic set's manifest without the flagged samples",
+    )
     ev.set_defaults(func=_cmd_evaluate)
     sv = sub.add_parser("survey", help="Appendix B.1: build the expert-review page, or score its answers (Table B1)")
     svsub = sv.add_subparsers(dest="survey_command", required=True, metavar="ACTION")
     sb = svsub.add_parser("build", help="write the self-contained survey page and its separate answer key")
-    common(sb); sb.add_argument("--out", help="folder for figures/ and runs/"); sb.set_defaults(func=_cmd_survey_build)
-    ss = svsub.add_parser("score", help="score exported answers (JSON or CSV) into Table B1, accuracy, precision, recall, kappa")
-    common(ss); ss.add_argument("answers", metavar="ANSWERS", help="the file the survey page downloaded (survey_answers.json/.csv)")
+    common(sb)
+    sb.add_argument("--out", help="folder for figures/ and runs/")
+    sb.set_defaults(func=_cmd_survey_build)
+    ss = svsub.add_parser(
+        "score", help="score exported answers (JSON or CSV) into Table B1, accuracy, precision, recall, kappa"
+    )
+    common(ss)
+    ss.add_argument("answers", metavar="ANSWERS", help="the file the survey page downloaded (survey_answers.json/.csv)")
     ss.add_argument("--key", help="the answer key (default: runs/<profile>/intrinsic/survey_key.csv)")
-    ss.add_argument("--out", help="folder for figures/ and runs/"); ss.set_defaults(func=_cmd_survey_score)
-
+    ss.add_argument("--out", help="folder for figures/ and runs/")
+    ss.set_defaults(func=_cmd_survey_score)
 
     w = sub.add_parser("weights", help="show where each pretrained network's weights are found (or where to put them)")
-    common(w); w.set_defaults(func=_cmd_weights)
+    common(w)
+    w.set_defaults(func=_cmd_weights)
     cf = sub.add_parser("config", help="print a profile's resolved settings as JSON")
-    common(cf); cf.add_argument("--list", action="store_true", help="list the profiles"); cf.set_defaults(func=_cmd_config)
+    common(cf)
+    cf.add_argument("--list", action="store_true", help="list the profiles")
+    cf.set_defaults(func=_cmd_config)
     return P
+
 
 def main(argv=None) -> int:
     "Entry point of the `diffusegen` command."
     args = build_parser().parse_args(argv)
-    try: return args.func(args)
+    try:
+        return args.func(args)
     except DiffusegenError as e:
-        print(f"diffusegen: error: {e}", file=sys.stderr); return 2
+        print(f"diffusegen: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("diffusegen: interrupted", file=sys.stderr); return 130
-    except OSError as e:                  # a full disk, a read-only or vanished folder: the system's words and the file
+        print("diffusegen: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a read-only or vanished folder: the system's words and the file
         where = f"{e.filename}: " if e.filename else ""
-        print(one_line(f"diffusegen: error: {where}{e.strerror or e}"), file=sys.stderr); return 2
-    except Exception as e:                # a bug: its traceback, then one line; 2 as every error (1 means `data check` found problems)
+        print(one_line(f"diffusegen: error: {where}{e.strerror or e}"), file=sys.stderr)
+        return 2
+    except (
+        Exception
+    ) as e:  # a bug: its traceback, then one line; 2 as every error (1 means `data check` found problems)
         traceback.print_exc()
-        print(one_line(f"diffusegen: error: internal error ({type(e).__name__}: {e}); please report it with the traceback above"),
-              file=sys.stderr)
+        print(
+            one_line(
+                f"diffusegen: error: internal error ({type(e).__name__}: {e}); please report it with the traceback above"
+            ),
+            file=sys.stderr,
+        )
         return 2

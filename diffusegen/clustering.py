@@ -5,14 +5,28 @@ compares with the paper's own assignment (`clusters_20.pkl`)."""
 
 # %% ../nbs/02_clustering.ipynb #cc0e17b7
 from __future__ import annotations
-import json, os, time
+import json
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from .core import (Config, DataError, Artifact, atomic_path, atomic_write, write_json, write_table,
-                             save_figure, write_manifest, stage_dirs, resolve_device, content_key)
+from diffusegen.core import (
+    Config,
+    DataError,
+    Artifact,
+    atomic_path,
+    atomic_write,
+    write_json,
+    write_table,
+    save_figure,
+    write_manifest,
+    stage_dirs,
+    resolve_device,
+    content_key,
+)
 from .data import read_image, read_mask_grey, read_mask, load_split
 from .weights import resolve_weights, inception_features
 
@@ -24,166 +38,301 @@ __all__ = ['MASK_MODES', 'FEATURE_VERSION', 'PAPER_K', 'PAPER_K20_SIZES', 'featu
 
 # %% ../nbs/02_clustering.ipynb #1a057840
 MASK_MODES = ("grey", "raw", "binary")
-FEATURE_VERSION = 1        # bump when the feature computation changes: old cache files are then ignored
+FEATURE_VERSION = 1  # bump when the feature computation changes: old cache files are then ignored
+
 
 def _resize(a: np.ndarray, size: int) -> np.ndarray:
     "LANCZOS resize of an H×W×3 (or H×W) `uint8` array to `size`×`size`, as the paper's `Image.resize(..., LANCZOS)`."
     return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.LANCZOS))
 
-def feature_inputs(image, mask, size: int = 256, mask_mode: str = "grey", threshold: int = 128) -> tuple[np.ndarray, np.ndarray]:
+
+def feature_inputs(
+    image, mask, size: int = 256, mask_mode: str = "grey", threshold: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """The two Inception inputs of one pair: (image, mask as RGB), each `size`×`size`×3 `uint8`.
     mask_mode: 'grey' = the mask's L grey levels replicated to RGB (default); 'raw' = the file decoded as RGB
     (the paper's `Image.open(mask).convert("RGB")`); 'binary' = thresholded at `threshold`, {0, 255}."""
-    if mask_mode not in MASK_MODES: raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     img = read_image(image)
-    if mask_mode == "raw": m = read_image(mask)
-    elif mask_mode == "grey": m = read_mask_grey(mask)
-    else: m = read_mask(mask, threshold).astype(np.uint8) * np.uint8(255)
+    if mask_mode == "raw":
+        m = read_image(mask)
+    elif mask_mode == "grey":
+        m = read_mask_grey(mask)
+    else:
+        m = read_mask(mask, threshold).astype(np.uint8) * np.uint8(255)
     if img.shape[:2] != m.shape[:2]:
-        raise DataError(f"{mask}: size {m.shape[1]}×{m.shape[0]} differs from its image's {img.shape[1]}×{img.shape[0]}")
+        raise DataError(
+            f"{mask}: size {m.shape[1]}×{m.shape[0]} differs from its image's {img.shape[1]}×{img.shape[0]}"
+        )
     m = _resize(m, size)
-    if m.ndim == 2: m = np.repeat(m[..., None], 3, axis=2)
+    if m.ndim == 2:
+        m = np.repeat(m[..., None], 3, axis=2)
     return _resize(img, size), m
 
 # %% ../nbs/02_clustering.ipynb #29a56c5f
 def _forward(model, batch: np.ndarray, batch_size: int):
     "(B, S, S, 3) uint8 → (B, 2048) float32 pool3 features."
     import torch
+
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).contiguous()
     return inception_features(model, x, batch_size).numpy()
 
-def pair_features(pairs: list, model, size: int = 256, batch_size: int = 16, mask_mode: str = "grey",
-                  threshold: int = 128, progress: bool = True, workers: int | None = None) -> np.ndarray:
+
+def pair_features(
+    pairs: list,
+    model,
+    size: int = 256,
+    batch_size: int = 16,
+    mask_mode: str = "grey",
+    threshold: int = 128,
+    progress: bool = True,
+    workers: int | None = None,
+) -> np.ndarray:
     "(N, 4096) float32: [pool3(image), pool3(mask as RGB)] of each (image path, mask path) in `pairs`."
     from tqdm.auto import tqdm
+
     pairs = list(pairs)
-    if not pairs: return np.empty((0, 4096), np.float32)
-    half = max(1, batch_size // 2)                     # a batch holds `half` images and their `half` masks
-    chunks = [pairs[i:i + half] for i in range(0, len(pairs), half)]
+    if not pairs:
+        return np.empty((0, 4096), np.float32)
+    half = max(1, batch_size // 2)  # a batch holds `half` images and their `half` masks
+    chunks = [pairs[i : i + half] for i in range(0, len(pairs), half)]
     load = lambda ch: [feature_inputs(i, m, size, mask_mode, threshold) for i, m in ch]
     out = []
-    with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as ex, \
-         tqdm(total=len(pairs), desc="Inception features", unit="pair", disable=not progress) as bar:
+    with (
+        ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as ex,
+        tqdm(total=len(pairs), desc="Inception features", unit="pair", disable=not progress) as bar,
+    ):
         nxt = ex.submit(load, chunks[0])
         for k in range(len(chunks)):
             cur = nxt.result()
-            if k + 1 < len(chunks): nxt = ex.submit(load, chunks[k + 1])   # decode the next batch while this one runs
+            if k + 1 < len(chunks):
+                nxt = ex.submit(load, chunks[k + 1])  # decode the next batch while this one runs
             f = _forward(model, np.stack([a for a, _ in cur] + [b for _, b in cur]), batch_size)
-            out.append(np.concatenate([f[:len(cur)], f[len(cur):]], axis=1))
+            out.append(np.concatenate([f[: len(cur)], f[len(cur) :]], axis=1))
             bar.update(len(cur))
     return np.concatenate(out).astype(np.float32)
 
+
 def _file_sig(p) -> list:
-    p = Path(p).resolve(); st = p.stat()
+    p = Path(p).resolve()
+    st = p.stat()
     return [str(p), st.st_size, st.st_mtime_ns]
 
-def feature_cache_key(pairs: list, weights_sha256: str, size: int, mask_mode: str = "grey", threshold: int = 128) -> str:
+
+def feature_cache_key(
+    pairs: list, weights_sha256: str, size: int, mask_mode: str = "grey", threshold: int = 128
+) -> str:
     "Hash of what the features depend on: the weights, `size`, the mask mode and each file's path, size and mtime."
-    try: files = [[_file_sig(i), _file_sig(m)] for i, m in pairs]
-    except OSError as e: raise DataError(f"{e.filename}: cannot read ({e.strerror}); rerun the data stage") from None
-    spec = {"version": FEATURE_VERSION, "weights": weights_sha256, "size": size, "mask_mode": mask_mode,
-            "threshold": threshold if mask_mode == "binary" else None, "files": files}
+    try:
+        files = [[_file_sig(i), _file_sig(m)] for i, m in pairs]
+    except OSError as e:
+        raise DataError(f"{e.filename}: cannot read ({e.strerror}); rerun the data stage") from None
+    spec = {
+        "version": FEATURE_VERSION,
+        "weights": weights_sha256,
+        "size": size,
+        "mask_mode": mask_mode,
+        "threshold": threshold if mask_mode == "binary" else None,
+        "files": files,
+    }
     return content_key(spec, n=24, sort_keys=False)
 
-def feature_cache_dir(cfg: Config) -> Path: return cfg.root/"runs"/"cache"/"inception_features"
 
-def cached_pair_features(pairs: list, model, weights_sha256: str, cache_dir, size: int = 256, mask_mode: str = "grey",
-                         threshold: int = 128, batch_size: int = 16, progress: bool = True) -> tuple[np.ndarray, Path, bool]:
+def feature_cache_dir(cfg: Config) -> Path:
+    return cfg.root / "runs" / "cache" / "inception_features"
+
+
+def cached_pair_features(
+    pairs: list,
+    model,
+    weights_sha256: str,
+    cache_dir,
+    size: int = 256,
+    mask_mode: str = "grey",
+    threshold: int = 128,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[np.ndarray, Path, bool]:
     "`pair_features`, read from / written to `cache_dir`/<key>.safetensors: (features, cache file, whether it was a hit)."
     from safetensors.numpy import load_file, save_file
-    path = Path(cache_dir)/f"{feature_cache_key(pairs, weights_sha256, size, mask_mode, threshold)}.safetensors"
+
+    path = Path(cache_dir) / f"{feature_cache_key(pairs, weights_sha256, size, mask_mode, threshold)}.safetensors"
     if path.exists():
         try:
             f = load_file(str(path))["features"]
-            if f.shape == (len(pairs), 4096): return f, path, True
-        except Exception: pass                         # unreadable or partial: recompute and overwrite
+            if f.shape == (len(pairs), 4096):
+                return f, path, True
+        except Exception:
+            pass  # unreadable or partial: recompute and overwrite
     f = pair_features(pairs, model, size, batch_size, mask_mode, threshold, progress)
-    meta = {"weights_sha256": weights_sha256, "size": str(size), "mask_mode": mask_mode,
-            "images": json.dumps([str(i) for i, _ in pairs])}
-    with atomic_path(path) as tmp: save_file({"features": f}, str(tmp), metadata=meta)
+    meta = {
+        "weights_sha256": weights_sha256,
+        "size": str(size),
+        "mask_mode": mask_mode,
+        "images": json.dumps([str(i) for i, _ in pairs]),
+    }
+    with atomic_path(path) as tmp:
+        save_file({"features": f}, str(tmp), metadata=meta)
     return f, path, False
 
 # %% ../nbs/02_clustering.ipynb #71fb3198
-def kmeans_labels(features: np.ndarray, n_clusters: int, seed: int = 0, n_init: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def kmeans_labels(
+    features: np.ndarray, n_clusters: int, seed: int = 0, n_init: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
     "KMeans cluster labels (N,) and centres (k, D) of `features` (N, D), as the paper's `KMeans(k, random_state=0)`."
     from sklearn.cluster import KMeans
+
     n = len(features)
-    if n_clusters < 1: raise DataError(f"n_clusters={n_clusters}: must be at least 1")
-    if n_clusters > n: raise DataError(f"n_clusters={n_clusters} but only {n} training images: set n_clusters ≤ {n}")
+    if n_clusters < 1:
+        raise DataError(f"n_clusters={n_clusters}: must be at least 1")
+    if n_clusters > n:
+        raise DataError(f"n_clusters={n_clusters} but only {n} training images: set n_clusters ≤ {n}")
     km = KMeans(n_clusters=n_clusters, random_state=seed, n_init=n_init).fit(features)
     return km.labels_.astype(np.int64), km.cluster_centers_
 
 # %% ../nbs/02_clustering.ipynb #af305874
 PAPER_K = 20
-PAPER_K20_SIZES = [5, 42, 12, 16, 19, 37, 13, 15, 10, 16, 10, 26, 10, 24, 30, 9, 24, 12, 3, 15]   # clusters_20.pkl, by label
+PAPER_K20_SIZES = [
+    5,
+    42,
+    12,
+    16,
+    19,
+    37,
+    13,
+    15,
+    10,
+    16,
+    10,
+    26,
+    10,
+    24,
+    30,
+    9,
+    24,
+    12,
+    3,
+    15,
+]  # clusters_20.pkl, by label
+
 
 def match_clusters(ours, paper) -> pd.DataFrame:
     "One row per our cluster: the paper's cluster it shares most images with under a one-to-one (Hungarian) matching."
     from scipy.optimize import linear_sum_assignment
+
     ct = pd.crosstab(pd.Series(ours, name="ours"), pd.Series(paper, name="paper"))
     r, c = linear_sum_assignment(-ct.values)
     m = {ct.index[i]: (ct.columns[j], int(ct.values[i, j])) for i, j in zip(r, c)}
-    return pd.DataFrame([{"cluster": o, "matched_paper_cluster": m[o][0] if o in m else -1, "overlap": m[o][1] if o in m else 0}
-                         for o in ct.index])
+    return pd.DataFrame(
+        [
+            {"cluster": o, "matched_paper_cluster": m[o][0] if o in m else -1, "overlap": m[o][1] if o in m else 0}
+            for o in ct.index
+        ]
+    )
+
 
 def paper_agreement(ours, paper) -> dict:
     "ARI (and AMI) between two labellings of the same images, and the share of images in one-to-one matched clusters."
     from sklearn.metrics import adjusted_rand_score, adjusted_mutual_info_score
+
     ours, paper = np.asarray(ours), np.asarray(paper)
     mt = match_clusters(ours, paper)
-    return {"ari": float(adjusted_rand_score(paper, ours)), "ami": float(adjusted_mutual_info_score(paper, ours)),
-            "matched_share": float(mt.overlap.sum() / len(ours)), "n": int(len(ours)),
-            "k_ours": int(len(np.unique(ours))), "k_paper": int(len(np.unique(paper)))}
+    return {
+        "ari": float(adjusted_rand_score(paper, ours)),
+        "ami": float(adjusted_mutual_info_score(paper, ours)),
+        "matched_share": float(mt.overlap.sum() / len(ours)),
+        "n": int(len(ours)),
+        "k_ours": int(len(np.unique(ours))),
+        "k_paper": int(len(np.unique(paper))),
+    }
 
 # %% ../nbs/02_clustering.ipynb #a78f422e
-def seed_stability(features: np.ndarray, labels, n_clusters: int, seed: int = 0, n_init: int = 10, n_other: int = 3) -> list[float]:
+def seed_stability(
+    features: np.ndarray, labels, n_clusters: int, seed: int = 0, n_init: int = 10, n_other: int = 3
+) -> list[float]:
     "ARI between `labels` and KMeans runs with seeds `seed`+1 … `seed`+`n_other`: how much KMeans itself varies."
     from sklearn.metrics import adjusted_rand_score
-    return [float(adjusted_rand_score(labels, kmeans_labels(features, n_clusters, seed + i, n_init)[0])) for i in range(1, n_other + 1)]
+
+    return [
+        float(adjusted_rand_score(labels, kmeans_labels(features, n_clusters, seed + i, n_init)[0]))
+        for i in range(1, n_other + 1)
+    ]
+
 
 def _within_ss(X: np.ndarray, lab: np.ndarray) -> float:
     return float(sum(((X[lab == k] - X[lab == k].mean(0)) ** 2).sum() for k in np.unique(lab)))
+
 
 def paper_partition_fit(features: np.ndarray, ours, paper) -> dict:
     "How good a KMeans solution the paper's partition is on these features: inertia ratio (paper/ours), Lloyd-from-paper ARI."
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
-    X = np.asarray(features, np.float64); ours, paper = np.asarray(ours), np.asarray(paper)
+
+    X = np.asarray(features, np.float64)
+    ours, paper = np.asarray(ours), np.asarray(paper)
     ks = np.unique(paper)
     init = np.stack([X[paper == k].mean(0) for k in ks])
     lloyd = KMeans(len(ks), init=init, n_init=1).fit(X).labels_
-    return {"inertia_ratio": _within_ss(X, paper) / _within_ss(X, ours), "lloyd_from_paper_ari": float(adjusted_rand_score(paper, lloyd))}
+    return {
+        "inertia_ratio": _within_ss(X, paper) / _within_ss(X, ours),
+        "lloyd_from_paper_ari": float(adjusted_rand_score(paper, lloyd)),
+    }
 
 # %% ../nbs/02_clustering.ipynb #9379ddc5
 def _outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
     "Boundary pixels of a boolean mask (the mask minus its erosion)."
     from scipy.ndimage import binary_erosion
+
     return mask & ~binary_erosion(mask, iterations=width, border_value=0)
+
 
 def _thumb(image, mask, size: int, threshold: int) -> np.ndarray:
     "A `size`×`size` RGB thumbnail (LANCZOS) of `image` with its mask outline in green."
     t = _resize(read_image(image), size).copy()
-    m = np.asarray(Image.fromarray(read_mask(mask, threshold).astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)) >= 128
+    m = (
+        np.asarray(
+            Image.fromarray(read_mask(mask, threshold).astype(np.uint8) * 255).resize(
+                (size, size), Image.Resampling.BILINEAR
+            )
+        )
+        >= 128
+    )
     t[_outline(m, max(1, size // 48))] = (0, 255, 64)
     return t
 
+
 def cluster_mosaic(rows: list, thumb: int = 72, per_row: int = 8, threshold: int = 128, gap: int = 3) -> np.ndarray:
     "One mosaic row per entry of `rows` (a list of [(image path, mask path), ...]); empty cells stay white."
-    H = len(rows) * thumb + (len(rows) + 1) * gap; W = per_row * thumb + (per_row + 1) * gap
+    H = len(rows) * thumb + (len(rows) + 1) * gap
+    W = per_row * thumb + (per_row + 1) * gap
     canvas = np.full((H, W, 3), 255, np.uint8)
     jobs = [(r, c, im, mk) for r, row in enumerate(rows) for c, (im, mk) in enumerate(row[:per_row])]
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as ex:
         for (r, c, _, _), t in zip(jobs, ex.map(lambda j: _thumb(j[2], j[3], thumb, threshold), jobs)):
             y, x = gap + r * (thumb + gap), gap + c * (thumb + gap)
-            canvas[y:y + thumb, x:x + thumb] = t
+            canvas[y : y + thumb, x : x + thumb] = t
     return canvas
 
-def fig3_clusters(split_train: pd.DataFrame, labels, features, centres, matched: dict | None = None,
-                  per_row: int = 8, thumb: int = 72, threshold: int = 128):
+
+def fig3_clusters(
+    split_train: pd.DataFrame,
+    labels,
+    features,
+    centres,
+    matched: dict | None = None,
+    per_row: int = 8,
+    thumb: int = 72,
+    threshold: int = 128,
+):
     "Fig. 3: one row per cluster, its `per_row` members nearest to the centre, mask outlines in green."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = np.asarray(labels); ks = np.unique(labels)
+
+    labels = np.asarray(labels)
+    ks = np.unique(labels)
     rows, names = [], []
     for k in ks:
         idx = np.flatnonzero(labels == k)
@@ -196,79 +345,135 @@ def fig3_clusters(split_train: pd.DataFrame, labels, features, centres, matched:
     fig, ax = plt.subplots(figsize=(per_row * 0.95 + 1.6, len(ks) * 0.95 + 0.6))
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([gap + r * (thumb + gap) + thumb / 2 for r in range(len(ks))], names, fontsize=7)
-    ax.set_xticks([]); ax.tick_params(length=0)
-    for s in ax.spines.values(): s.set_visible(False)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for s in ax.spines.values():
+        s.set_visible(False)
     ax.set_ylabel("cluster (size)" + (" ↔ matched paper cluster" if matched else ""), fontsize=8)
-    ax.set_title(f"Fig. 3: {len(ks)} clusters of {len(labels)} training images; each row: up to {per_row} images "
-                 f"nearest the cluster centre (mask outline green)", fontsize=8)
+    ax.set_title(
+        f"Fig. 3: {len(ks)} clusters of {len(labels)} training images; each row: up to {per_row} images "
+        f"nearest the cluster centre (mask outline green)",
+        fontsize=8,
+    )
     return fig
+
 
 def projection_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     "2-D embedding of `features`: t-SNE (init='pca', random_state=`seed`) from 30 points on, PCA below; and its name."
     n = len(features)
     if n >= 30:
         from sklearn.manifold import TSNE
+
         perp = min(30.0, (n - 1) / 3)
-        return TSNE(2, perplexity=perp, init="pca", random_state=seed).fit_transform(features), f"t-SNE (perplexity {perp:g}, init=pca, random_state={seed})"
+        return TSNE(2, perplexity=perp, init="pca", random_state=seed).fit_transform(
+            features
+        ), f"t-SNE (perplexity {perp:g}, init=pca, random_state={seed})"
     from sklearn.decomposition import PCA
-    if n < 2: return np.zeros((n, 2)), "PCA (fewer than 2 points)"
+
+    if n < 2:
+        return np.zeros((n, 2)), "PCA (fewer than 2 points)"
     emb = PCA(min(2, n), random_state=seed).fit_transform(features)
-    if emb.shape[1] < 2: emb = np.pad(emb, ((0, 0), (0, 2 - emb.shape[1])))
+    if emb.shape[1] < 2:
+        emb = np.pad(emb, ((0, 0), (0, 2 - emb.shape[1])))
     return emb, f"PCA (only {n} points: too few for t-SNE)"
+
 
 def _colours(k: int):
     import matplotlib.pyplot as plt
+
     cmap = plt.get_cmap("tab20" if k <= 20 else "hsv")
     return [cmap(i if k <= 20 else i / k) for i in range(k)]
 
+
 def projection_figure(emb: np.ndarray, method: str, labels, paper=None, ari: float | None = None):
     "The 2-D projection coloured by our clusters (and, beside it, by the paper's), cluster numbers at their medians."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.patheffects as pe
-    panels = [("ours", np.asarray(labels))] + ([("paper's clusters_20.pkl", np.asarray(paper))] if paper is not None else [])
+
+    panels = [("ours", np.asarray(labels))] + (
+        [("paper's clusters_20.pkl", np.asarray(paper))] if paper is not None else []
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5), squeeze=False)
     for ax, (name, lab) in zip(axes[0], panels):
-        ks = np.unique(lab); col = _colours(len(ks))
+        ks = np.unique(lab)
+        col = _colours(len(ks))
         for i, k in enumerate(ks):
             sel = lab == k
             ax.scatter(emb[sel, 0], emb[sel, 1], s=14, color=col[i], edgecolor="k", linewidth=0.2)
-            cx, cy = np.median(emb[sel], axis=0)            # the label sits just above the cluster's median point
-            ax.annotate(str(k), (cx, cy), xytext=(0, 7), textcoords="offset points", fontsize=8, weight="bold", ha="center",
-                        va="center", color=col[i], path_effects=[pe.withStroke(linewidth=2.5, foreground="black")])
-        ax.set_title(f"coloured by {name} ({len(ks)} clusters)", fontsize=9); ax.set_xticks([]); ax.set_yticks([])
+            cx, cy = np.median(emb[sel], axis=0)  # the label sits just above the cluster's median point
+            ax.annotate(
+                str(k),
+                (cx, cy),
+                xytext=(0, 7),
+                textcoords="offset points",
+                fontsize=8,
+                weight="bold",
+                ha="center",
+                va="center",
+                color=col[i],
+                path_effects=[pe.withStroke(linewidth=2.5, foreground="black")],
+            )
+        ax.set_title(f"coloured by {name} ({len(ks)} clusters)", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
     extra = f"; ARI with the paper {ari:.3f}" if ari is not None else ""
     fig.suptitle(f"{method} of the 4096-d Inception features of {len(emb)} training images{extra}", fontsize=9)
     fig.tight_layout()
     return fig
 
+
 def contingency_figure(ours, paper, ari: float):
     "Heatmap of images shared by our clusters (rows) and the paper's (columns, ordered by the one-to-one matching)."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     ct = pd.crosstab(pd.Series(ours, name="ours"), pd.Series(paper, name="paper"))
     mt = match_clusters(ours, paper).set_index("cluster").matched_paper_cluster
-    cols = [c for c in mt.loc[ct.index] if c in ct.columns]; cols += [c for c in ct.columns if c not in cols]
+    cols = [c for c in mt.loc[ct.index] if c in ct.columns]
+    cols += [c for c in ct.columns if c not in cols]
     ct = ct[cols]
     fig, ax = plt.subplots(figsize=(0.32 * len(cols) + 2, 0.32 * len(ct) + 1.5))
     ax.imshow(ct.values, cmap="Blues")
     for (i, j), v in np.ndenumerate(ct.values):
-        if v: ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white" if v > ct.values.max() / 2 else "black")
-    ax.set_xticks(range(len(cols)), cols, fontsize=7); ax.set_yticks(range(len(ct)), ct.index, fontsize=7)
-    ax.set_xlabel("paper's cluster (clusters_20.pkl), ordered by the matching", fontsize=8); ax.set_ylabel("our cluster", fontsize=8)
+        if v:
+            ax.text(
+                j,
+                i,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if v > ct.values.max() / 2 else "black",
+            )
+    ax.set_xticks(range(len(cols)), cols, fontsize=7)
+    ax.set_yticks(range(len(ct)), ct.index, fontsize=7)
+    ax.set_xlabel("paper's cluster (clusters_20.pkl), ordered by the matching", fontsize=8)
+    ax.set_ylabel("our cluster", fontsize=8)
     ax.set_title(f"Images shared by our clusters and the paper's (ARI {ari:.3f})", fontsize=9)
     return fig
 
 # %% ../nbs/02_clustering.ipynb #7fb49c78
-def clusters_path(cfg: Config) -> Path: return stage_dirs(cfg, "clustering")[0]/"clusters.csv"
+def clusters_path(cfg: Config) -> Path:
+    return stage_dirs(cfg, "clustering")[0] / "clusters.csv"
+
 
 def load_clusters(cfg: Config) -> pd.DataFrame:
     "The cluster of every training image (columns id, cluster), as the clustering stage wrote it."
     p = clusters_path(cfg)
-    if not p.exists(): raise DataError(f"{p}: no clusters yet; run the clustering stage first (diffusegen reproduce --only clustering)")
+    if not p.exists():
+        raise DataError(
+            f"{p}: no clusters yet; run the clustering stage first (diffusegen reproduce --only clustering)"
+        )
     df = pd.read_csv(p, dtype={"id": str})
-    if list(df.columns[:2]) != ["id", "cluster"]: raise DataError(f"{p}: expected columns id, cluster; found {', '.join(df.columns)}")
+    if list(df.columns[:2]) != ["id", "cluster"]:
+        raise DataError(f"{p}: expected columns id, cluster; found {', '.join(df.columns)}")
     return df
+
 
 def size_table(labels, paper=None, matched: pd.DataFrame | None = None) -> pd.DataFrame:
     """Our cluster sizes, largest first. With the paper's labels of the same images: its sizes at the same rank (when it
@@ -276,9 +481,11 @@ def size_table(labels, paper=None, matched: pd.DataFrame | None = None) -> pd.Da
     s = pd.Series(np.asarray(labels)).value_counts()
     s = s.sort_index().sort_values(ascending=False, kind="stable")
     t = pd.DataFrame({"rank": range(1, len(s) + 1), "cluster": s.index.astype(int), "size": s.values.astype(int)})
-    if paper is None: return t
+    if paper is None:
+        return t
     psz = pd.Series(np.asarray(paper)).value_counts()
-    if len(psz) == len(t): t["paper_size_same_rank"] = sorted(psz.tolist(), reverse=True)
+    if len(psz) == len(t):
+        t["paper_size_same_rank"] = sorted(psz.tolist(), reverse=True)
     if matched is not None:
         m = matched.set_index("cluster")
         t["matched_paper_cluster"] = [int(m.matched_paper_cluster[c]) for c in t.cluster]
@@ -290,37 +497,60 @@ def size_table(labels, paper=None, matched: pd.DataFrame | None = None) -> pd.Da
 def run_clustering(cfg: Config, progress: bool = True) -> dict:
     "The clustering stage (§2.3): features of the training pairs, KMeans, agreement with the paper; tables, figures, manifest."
     import matplotlib.pyplot as plt
+
     t0 = time.time()
     run_d, fig_d = stage_dirs(cfg, "clustering")
     split = load_split(cfg)
     train = split[split.split == "train"].reset_index(drop=True)
-    if not len(train): raise DataError(f"{cfg.run_dir/'data'/'splits.csv'}: no training images")
+    if not len(train):
+        raise DataError(f"{cfg.run_dir / 'data' / 'splits.csv'}: no training images")
     if cfg.n_clusters > len(train):
-        raise DataError(f"{cfg.run_dir/'data'/'splits.csv'}: {len(train)} training images, fewer than n_clusters={cfg.n_clusters} "
-                        f"(set n_clusters ≤ {len(train)}, e.g. --set n_clusters={len(train)})")
+        raise DataError(
+            f"{cfg.run_dir / 'data' / 'splits.csv'}: {len(train)} training images, fewer than n_clusters={cfg.n_clusters} "
+            f"(set n_clusters ≤ {len(train)}, e.g. --set n_clusters={len(train)})"
+        )
     model, prov = resolve_weights("inception", cfg)
     dev = resolve_device(cfg)
-    if dev.type != "cpu": model = model.to(dev)
-    pairs, mask_mode = list(zip(train.image, train["mask"])), "grey"    # the paper's read (see `feature_inputs`)
+    if dev.type != "cpu":
+        model = model.to(dev)
+    pairs, mask_mode = list(zip(train.image, train["mask"])), "grey"  # the paper's read (see `feature_inputs`)
     t1 = time.time()
-    feats, cache, hit = cached_pair_features(pairs, model, prov["sha256"], feature_cache_dir(cfg), cfg.feature_size, mask_mode,
-                                             cfg.mask_threshold, batch_size=16, progress=progress)
+    feats, cache, hit = cached_pair_features(
+        pairs,
+        model,
+        prov["sha256"],
+        feature_cache_dir(cfg),
+        cfg.feature_size,
+        mask_mode,
+        cfg.mask_threshold,
+        batch_size=16,
+        progress=progress,
+    )
     t_feat = time.time() - t1
-    if progress: print(f"features: {feats.shape[0]}×{feats.shape[1]} ({'cache ' + cache.name if hit else f'computed in {t_feat:.0f} s'})")
+    if progress:
+        print(
+            f"features: {feats.shape[0]}×{feats.shape[1]} ({'cache ' + cache.name if hit else f'computed in {t_feat:.0f} s'})"
+        )
     t1 = time.time()
     labels, centres = kmeans_labels(feats, cfg.n_clusters, cfg.kmeans_seed, cfg.kmeans_n_init)
     t_km = time.time() - t1
     used = labels
-    if cfg.clusters_from == "paper":          # train on the paper's own assignment (its clusters_20.pkl) instead of ours
+    if cfg.clusters_from == "paper":  # train on the paper's own assignment (its clusters_20.pkl) instead of ours
         pc = train.paper_cluster.to_numpy() if "paper_cluster" in train else np.full(len(train), -1)
-        if (pc < 0).any(): raise DataError(f"clusters_from=paper: {(pc < 0).sum()} training images have no paper cluster "
-                                           f"(the paper's list covers only its 348 HyperKvasir images)")
+        if (pc < 0).any():
+            raise DataError(
+                f"clusters_from=paper: {(pc < 0).sum()} training images have no paper cluster "
+                f"(the paper's list covers only its 348 HyperKvasir images)"
+            )
         used = pc.astype(int)
-    with atomic_write(clusters_path(cfg)) as f: pd.DataFrame({"id": train.id, "cluster": used}).to_csv(f, index=False)
-    notes = [f"features: FID Inception-v3 pool3 of the image and of its mask (grey levels as RGB, mask_mode={mask_mode}), "
-             f"each LANCZOS-resized to {cfg.feature_size}×{cfg.feature_size}: {feats.shape[1]}-d; "
-             + (f"read from the cache {cache}" if hit else f"computed in {t_feat:.0f} s, cached as {cache}"),
-             f"KMeans(n_clusters={cfg.n_clusters}, random_state={cfg.kmeans_seed}, n_init={cfg.kmeans_n_init}) on {len(train)} training images"]
+    with atomic_write(clusters_path(cfg)) as f:
+        pd.DataFrame({"id": train.id, "cluster": used}).to_csv(f, index=False)
+    notes = [
+        f"features: FID Inception-v3 pool3 of the image and of its mask (grey levels as RGB, mask_mode={mask_mode}), "
+        f"each LANCZOS-resized to {cfg.feature_size}×{cfg.feature_size}: {feats.shape[1]}-d; "
+        + (f"read from the cache {cache}" if hit else f"computed in {t_feat:.0f} s, cached as {cache}"),
+        f"KMeans(n_clusters={cfg.n_clusters}, random_state={cfg.kmeans_seed}, n_init={cfg.kmeans_n_init}) on {len(train)} training images",
+    ]
     has_paper = "paper_cluster" in train and (train.paper_cluster >= 0).any()
     agree, matched, paper = None, None, None
     if has_paper:
@@ -329,46 +559,114 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
         agree = paper_agreement(labels[known], paper[known])
         matched = match_clusters(labels[known], paper[known])
         agree["seed_stability"] = seed_stability(feats, labels, cfg.n_clusters, cfg.kmeans_seed, cfg.kmeans_n_init)
-        if agree["k_paper"] == cfg.n_clusters: agree.update(paper_partition_fit(feats[known], labels[known], paper[known]))
-        if not known.all(): notes.append(f"the paper's clusters are known for {known.sum()} of {len(train)} training images: agreement on those")
+        if agree["k_paper"] == cfg.n_clusters:
+            agree.update(paper_partition_fit(feats[known], labels[known], paper[known]))
+        if not known.all():
+            notes.append(
+                f"the paper's clusters are known for {known.sum()} of {len(train)} training images: agreement on those"
+            )
         if cfg.n_clusters != PAPER_K or agree["k_paper"] != PAPER_K:
-            notes.append(f"the paper used k={PAPER_K}; here k={cfg.n_clusters} against the paper's k={agree['k_paper']} labels of "
-                         f"these {agree['n']} images, so the ARI is not comparable with a k=20 run")
-    else: notes.append("the paper's cluster assignment is not known for these images: no agreement measured")
-    arts = [Artifact(str(clusters_path(cfg)), "data", "Cluster of every training image", "§2.3", f"{PAPER_K} clusters", f"{cfg.n_clusters} clusters")]
-    full = has_paper and known.all()          # sizes are comparable only when the paper's labels cover every image
+            notes.append(
+                f"the paper used k={PAPER_K}; here k={cfg.n_clusters} against the paper's k={agree['k_paper']} labels of "
+                f"these {agree['n']} images, so the ARI is not comparable with a k=20 run"
+            )
+    else:
+        notes.append("the paper's cluster assignment is not known for these images: no agreement measured")
+    arts = [
+        Artifact(
+            str(clusters_path(cfg)),
+            "data",
+            "Cluster of every training image",
+            "§2.3",
+            f"{PAPER_K} clusters",
+            f"{cfg.n_clusters} clusters",
+        )
+    ]
+    full = has_paper and known.all()  # sizes are comparable only when the paper's labels cover every image
     sizes = size_table(labels, paper if full else None, matched if full else None)
-    arts.append(Artifact(str(write_table(sizes, fig_d/"cluster_sizes")[0]), "table", "Cluster sizes (largest first), with the paper's",
-                         "§2.3 (paper's clusters_20.pkl)", f"k={PAPER_K} on 348 images: " + ", ".join(map(str, sorted(PAPER_K20_SIZES, reverse=True))),
-                         "sizes " + ", ".join(map(str, sorted(np.bincount(labels).tolist(), reverse=True)))))
+    arts.append(
+        Artifact(
+            str(write_table(sizes, fig_d / "cluster_sizes")[0]),
+            "table",
+            "Cluster sizes (largest first), with the paper's",
+            "§2.3 (paper's clusters_20.pkl)",
+            f"k={PAPER_K} on 348 images: " + ", ".join(map(str, sorted(PAPER_K20_SIZES, reverse=True))),
+            "sizes " + ", ".join(map(str, sorted(np.bincount(labels).tolist(), reverse=True))),
+        )
+    )
     mdict = matched.set_index("cluster").matched_paper_cluster.to_dict() if matched is not None else None
     fig = fig3_clusters(train, labels, feats, centres, mdict, threshold=cfg.mask_threshold)
-    arts.append(Artifact(str(save_figure(fig, fig_d/"fig3_clusters.png", dpi=110)), "figure", "Fig. 3: images of each cluster", "Fig. 3")); plt.close(fig)
+    arts.append(
+        Artifact(
+            str(save_figure(fig, fig_d / "fig3_clusters.png", dpi=110)),
+            "figure",
+            "Fig. 3: images of each cluster",
+            "Fig. 3",
+        )
+    )
+    plt.close(fig)
     emb, method = projection_2d(feats, cfg.seed)
     fig = projection_figure(emb, method, labels, paper if full else None, agree["ari"] if agree else None)
-    arts.append(Artifact(str(save_figure(fig, fig_d/"projection.png")), "figure", f"Features in 2-D ({method.split(' (')[0]}), coloured by cluster", "§2.3"))
+    arts.append(
+        Artifact(
+            str(save_figure(fig, fig_d / "projection.png")),
+            "figure",
+            f"Features in 2-D ({method.split(' (')[0]}), coloured by cluster",
+            "§2.3",
+        )
+    )
     plt.close(fig)
     if agree:
         fig = contingency_figure(labels[known], paper[known], agree["ari"])
-        arts.append(Artifact(str(save_figure(fig, fig_d/"contingency.png")), "figure", "Our clusters against the paper's", "§2.3 (paper's clusters_20.pkl)"))
+        arts.append(
+            Artifact(
+                str(save_figure(fig, fig_d / "contingency.png")),
+                "figure",
+                "Our clusters against the paper's",
+                "§2.3 (paper's clusters_20.pkl)",
+            )
+        )
         plt.close(fig)
-        write_json(run_d/"agreement.json", agree)
-        arts.append(Artifact(str(run_d/"agreement.json"), "data", f"Agreement with the paper's k={agree['k_paper']} clustering (adjusted Rand index)",
-                             "§2.3 (paper's clusters_20.pkl)", "ARI 1.0 = identical clustering",
-                             f"ARI {agree['ari']:.3f} (k={cfg.n_clusters}, {agree['n']} images); our own runs with seeds "
-                             f"{cfg.kmeans_seed + 1}–{cfg.kmeans_seed + 3} against seed {cfg.kmeans_seed}: ARI "
-                             f"{min(agree['seed_stability']):.2f} to {max(agree['seed_stability']):.2f}"))
-        notes.append(f"ARI with the paper's clustering {agree['ari']:.3f}; KMeans itself varies: our runs with other seeds agree with "
-                     f"ours at ARI {min(agree['seed_stability']):.2f} to {max(agree['seed_stability']):.2f}"
-                     + (f"; the paper's partition has {agree['inertia_ratio']:.3f}× our within-cluster sum of squares on our features, "
-                        f"and Lloyd iterations from its cluster means keep ARI {agree['lloyd_from_paper_ari']:.2f} with it"
-                        if "inertia_ratio" in agree else ""))
-    else:                                     # no stale comparison from an earlier run with the paper's ids
-        for stale in (fig_d/"contingency.png", run_d/"agreement.json"): stale.unlink(missing_ok=True)
-    summary = {"n_images": int(len(train)), "n_clusters": cfg.n_clusters, "feature_dim": int(feats.shape[1]),
-               "sizes": sorted(np.bincount(labels, minlength=cfg.n_clusters).tolist(), reverse=True),
-               "ari_paper": agree["ari"] if agree else None, "agreement": agree, "projection": method,
-               "features_cached": hit, "feature_cache": str(cache), "seconds_features": round(t_feat, 1),
-               "seconds_kmeans": round(t_km, 2), "seconds": round(time.time() - t0, 1), "mask_mode": mask_mode}
+        write_json(run_d / "agreement.json", agree)
+        arts.append(
+            Artifact(
+                str(run_d / "agreement.json"),
+                "data",
+                f"Agreement with the paper's k={agree['k_paper']} clustering (adjusted Rand index)",
+                "§2.3 (paper's clusters_20.pkl)",
+                "ARI 1.0 = identical clustering",
+                f"ARI {agree['ari']:.3f} (k={cfg.n_clusters}, {agree['n']} images); our own runs with seeds "
+                f"{cfg.kmeans_seed + 1}–{cfg.kmeans_seed + 3} against seed {cfg.kmeans_seed}: ARI "
+                f"{min(agree['seed_stability']):.2f} to {max(agree['seed_stability']):.2f}",
+            )
+        )
+        notes.append(
+            f"ARI with the paper's clustering {agree['ari']:.3f}; KMeans itself varies: our runs with other seeds agree with "
+            f"ours at ARI {min(agree['seed_stability']):.2f} to {max(agree['seed_stability']):.2f}"
+            + (
+                f"; the paper's partition has {agree['inertia_ratio']:.3f}× our within-cluster sum of squares on our features, "
+                f"and Lloyd iterations from its cluster means keep ARI {agree['lloyd_from_paper_ari']:.2f} with it"
+                if "inertia_ratio" in agree
+                else ""
+            )
+        )
+    else:  # no stale comparison from an earlier run with the paper's ids
+        for stale in (fig_d / "contingency.png", run_d / "agreement.json"):
+            stale.unlink(missing_ok=True)
+    summary = {
+        "n_images": int(len(train)),
+        "n_clusters": cfg.n_clusters,
+        "feature_dim": int(feats.shape[1]),
+        "sizes": sorted(np.bincount(labels, minlength=cfg.n_clusters).tolist(), reverse=True),
+        "ari_paper": agree["ari"] if agree else None,
+        "agreement": agree,
+        "projection": method,
+        "features_cached": hit,
+        "feature_cache": str(cache),
+        "seconds_features": round(t_feat, 1),
+        "seconds_kmeans": round(t_km, 2),
+        "seconds": round(time.time() - t0, 1),
+        "mask_mode": mask_mode,
+    }
     write_manifest(cfg, "clustering", arts, [prov], summary, notes)
     return summary

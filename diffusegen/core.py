@@ -5,7 +5,17 @@ rules every artifact follows (atomic writes, a config and a manifest beside each
 
 # %% ../nbs/00_core.ipynb #daa580b1
 from __future__ import annotations
-import configparser, dataclasses, difflib, hashlib, json, math, os, random, re, tempfile, threading, time
+import configparser
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -13,50 +23,77 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['DRY_RUN_SECTION', 'DRY_RUN_BANNER', 'STAGES', 'MEASUREMENTS', 'one_line', 'DiffusegenError', 'ConfigError',
-           'DataError', 'WeightsNotFound', 'project_root', 'sha256_file', 'content_key', 'Config', 'resolve_path',
-           'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'dry_run_overrides', 'load_config',
-           'paper_dir', 'read_csv', 'paper_table', 'current_umask', 'fsync_path', 'fsync_tree', 'atomic_write',
-           'atomic_path', 'write_json', 'write_table', 'save_figure', 'save_png', 'read_ledger', 'write_ledger',
-           'resumable', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device', 'Stage',
-           'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'peak_memory', 'read_manifest', 'stage_function',
-           'inputs_fingerprint', 'stage_finished', 'upstream', 'ensure', 'show_stage']
+           'DataError', 'WeightsNotFound', 'project_root', 'sha256_file', 'clear_sha256_cache', 'content_key', 'Config',
+           'resolve_path', 'apply_overrides', 'settings_path', 'read_settings', 'profiles', 'dry_run_overrides',
+           'load_config', 'paper_dir', 'read_csv', 'paper_table', 'current_umask', 'fsync_path', 'fsync_tree',
+           'atomic_write', 'atomic_path', 'write_json', 'write_table', 'save_figure', 'save_png', 'read_ledger',
+           'write_ledger', 'resumable', 'step_seed', 'seed_everything', 'torch_generator', 'versions', 'resolve_device',
+           'Stage', 'get_stage', 'Artifact', 'stage_dirs', 'write_manifest', 'peak_memory', 'read_manifest',
+           'stage_function', 'inputs_fingerprint', 'stage_finished', 'upstream', 'ensure', 'show_stage']
 
 # %% ../nbs/00_core.ipynb #5603ad7a
 def one_line(s) -> str:
     "`s` as one printable line: newlines, other control characters and undecodable bytes escaped as Python writes them."
     s = str(s)
-    return s if s.isprintable() else "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    return (
+        s
+        if s.isprintable()
+        else "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    )
+
 
 class DiffusegenError(Exception):
     "A problem the user can fix. `str(e)` is one line naming the file and the problem (a newline in a name is escaped)."
-    def __str__(self): return one_line(super().__str__())
-class ConfigError(DiffusegenError): "A bad profile, setting or override."
-class DataError(DiffusegenError): "A bad dataset, split file or data folder."
-class WeightsNotFound(DiffusegenError): "Pretrained weights that cannot be found locally."
+
+    def __str__(self):
+        return one_line(super().__str__())
+
+
+class ConfigError(DiffusegenError):
+    "A bad profile, setting or override."
+
+
+class DataError(DiffusegenError):
+    "A bad dataset, split file or data folder."
+
+
+class WeightsNotFound(DiffusegenError):
+    "Pretrained weights that cannot be found locally."
 
 # %% ../nbs/00_core.ipynb #ad1e9b01
 def project_root() -> Path:
     "The folder holding `settings.ini`."
     env = os.environ.get("DIFFUSEGEN_ROOT")
-    if env: return Path(env).resolve()
+    if env:
+        return Path(env).resolve()
     for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d/"settings.ini").exists() and (d/"nbs").is_dir(): return d
+        if (d / "settings.ini").exists() and (d / "nbs").is_dir():
+            return d
     pkg_parent = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
     return pkg_parent
 
 # %% ../nbs/00_core.ipynb #f410d2cf
 _SHA256: dict = {}
 
+
 def sha256_file(path) -> str:
     "sha256 hex digest of a file, read in 1 MiB chunks; cached by (path, size, mtime)."
-    p = Path(path).resolve(); st = p.stat()
+    p = Path(path).resolve()
+    st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _SHA256:
         h = hashlib.sha256()
         with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
         _SHA256[key] = h.hexdigest()
     return _SHA256[key]
+
+
+def clear_sha256_cache() -> None:
+    "Forget `sha256_file`'s cached digests (a file replaced in place with the same size and mtime)."
+    _SHA256.clear()
+
 
 def content_key(obj, n: int = 16, sort_keys: bool = True) -> str:
     "The first `n` hex characters of sha256(json.dumps(obj, sort_keys=sort_keys, default=str)): a short key of a value."
@@ -67,38 +104,54 @@ def _f(default, stage, help="", ge=None, gt=None, le=None, lt=None):
     "A setting: its default, the stages whose results it changes (`keys_for`), and for a number its valid range."
     return field(default=default, metadata={"stage": stage, "help": help, "range": dict(ge=ge, gt=gt, le=le, lt=lt)})
 
+
 def _range_text(typ: str, r: dict) -> str:
     "'an integer ≥ 1', 'a number in [0, 1]', 'a number > 0 and < 1': the range `r` of a setting of type `typ`."
     what = "an integer" if typ == "int" else "a number"
     lo = ("ge", r["ge"]) if r.get("ge") is not None else ("gt", r["gt"]) if r.get("gt") is not None else None
     hi = ("le", r["le"]) if r.get("le") is not None else ("lt", r["lt"]) if r.get("lt") is not None else None
-    if lo and hi and lo[0] == "ge" and hi[0] == "le": return f"{what} in [{lo[1]}, {hi[1]}]"
+    if lo and hi and lo[0] == "ge" and hi[0] == "le":
+        return f"{what} in [{lo[1]}, {hi[1]}]"
     sym = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
     return what + " " + " and ".join(f"{sym[b[0]]} {b[1]}" for b in (lo, hi) if b)
 
+
 def _in_range(v, r: dict) -> bool:
-    return ((r.get("ge") is None or v >= r["ge"]) and (r.get("gt") is None or v > r["gt"])
-            and (r.get("le") is None or v <= r["le"]) and (r.get("lt") is None or v < r["lt"]))
+    return (
+        (r.get("ge") is None or v >= r["ge"])
+        and (r.get("gt") is None or v > r["gt"])
+        and (r.get("le") is None or v <= r["le"])
+        and (r.get("lt") is None or v < r["lt"])
+    )
+
 
 def _int_list(s: str) -> list[int] | None:
     "'16 8' or '16,8' → [16, 8]; None when an entry is not an integer."
-    try: return [int(v) for v in str(s).replace(",", " ").split()]
-    except ValueError: return None
+    try:
+        return [int(v) for v in str(s).replace(",", " ").split()]
+    except ValueError:
+        return None
+
 
 @dataclass(frozen=True)
 class Config:
     "Every setting of a pipeline run. Build it with `load_config`."
+
     profile: str = _f("demo", "run", "settings.ini section")
     out: str = _f(".", "run", "folder that holds figures/ and runs/")
     # data (§2.1, §2.3)
     data_root: str = _f("auto", "data")
     data_search: str = _f("data/kvasir-seg", "data")
-    data_download: str = _f("kvasir-seg", "run", "fetched into the first data_search folder's parent when no dataset is found")
+    data_download: str = _f(
+        "kvasir-seg", "run", "fetched into the first data_search folder's parent when no dataset is found"
+    )
     image_size: int = _f(256, "data", ge=8)
     resize_mode: str = _f("stretch", "data")
     mask_threshold: int = _f(128, "data", ge=0, le=255)
     mask_grey_tolerance: float = _f(0.05, "data", ge=0, le=1)
-    max_image_pixels: int = _f(100_000_000, "data", "largest width × height read; a larger file is a bad pair (decompression-bomb guard)", ge=1)
+    max_image_pixels: int = _f(
+        100_000_000, "data", "largest width × height read; a larger file is a bad pair (decompression-bomb guard)", ge=1
+    )
     on_bad_pairs: str = _f("error", "data")
     train_ids: str = _f("data/paper/paper_clusters_k20.csv", "data")
     n_train: int = _f(0, "data", ge=0)
@@ -139,10 +192,17 @@ class Config:
     check_draws: int = _f(32, "run", ge=1)
     train_clusters: str = _f("all", "training")
     train_full: bool = _f(True, "training")
-    init_from: str = _f("none", "training", "none = every model from scratch (the paper); full = cluster models start from the full model; "
-                        "shipped = the full model is the shipped one (when it fits the run), cluster models start from it")
-    shipped_weights: str = _f("weights/demo-full-64", "training", "the shipped full-data model (<name>.safetensors + <name>.json card), "
-                              "relative to the project root")
+    init_from: str = _f(
+        "none",
+        "training",
+        "none = every model from scratch (the paper); full = cluster models start from the full model; "
+        "shipped = the full model is the shipped one (when it fits the run), cluster models start from it",
+    )
+    shipped_weights: str = _f(
+        "weights/demo-full-64",
+        "training",
+        "the shipped full-data model (<name>.safetensors + <name>.json card), relative to the project root",
+    )
     sample_weights: str = _f("raw", "training")
     monitor_samples: int = _f(8, "training", ge=1)
     monitor_sample_steps: int = _f(100, "training", ge=1)
@@ -156,7 +216,7 @@ class Config:
     mask_open: int = _f(16, "inpainting", ge=0)
     samples_per_image: int = _f(3, "inpainting", ge=1)
     inpaint_images: int = _f(0, "inpainting", ge=0)
-    inpaint_batch: int = _f(0, "run", ge=0)           # 0 = auto: as many as the free memory holds
+    inpaint_batch: int = _f(0, "run", ge=0)  # 0 = auto: as many as the free memory holds
     # styling (§2.5, Appendix A.1.2, B.3; paper-code-facts b.5)
     style_respacing: int = _f(200, "styling", ge=1)
     style_start: int = _f(119, "styling", ge=0)
@@ -173,7 +233,7 @@ class Config:
     noise_aug: bool = _f(True, "styling")
     color_match: bool = _f(True, "styling")
     style_images: int = _f(0, "styling", ge=0)
-    style_batch: int = _f(0, "run", ge=0)             # 0 = auto: as many as the free memory holds
+    style_batch: int = _f(0, "run", ge=0)  # 0 = auto: as many as the free memory holds
     # intrinsic evaluation (§2.6, Table 1, Appendix B.1)
     fid_mode: str = _f("clean", "intrinsic")
     fid_repeats: int = _f(3, "intrinsic", ge=1)
@@ -223,23 +283,45 @@ class Config:
     dino_weights: str = _f("auto", "weights")
     vgg_weights: str = _f("auto", "weights")
     allow_substitute_weights: bool = _f(False, "weights")
-    substitute_weights: str = _f("inception", "weights", "inception = layers of the FID Inception stand in (labelled); random = the "
-                                 "real DINO/VGG architectures with seeded random weights (dry runs: cost, shapes and memory only)")
+    substitute_weights: str = _f(
+        "inception",
+        "weights",
+        "inception = layers of the FID Inception stand in (labelled); random = the "
+        "real DINO/VGG architectures with seeded random weights (dry runs: cost, shapes and memory only)",
+    )
     # run
-    dry_run: bool = _f(False, "run", "set by `--dry-run`: the [dry-run] section's counts on top of a profile; every output says so")
+    dry_run: bool = _f(
+        False, "run", "set by `--dry-run`: the [dry-run] section's counts on top of a profile; every output says so"
+    )
     seed: int = _f(0, "all", ge=0)
     device: str = _f("auto", "run")
     num_workers: int = _f(0, "run", ge=0)
 
-    _choices = {"resize_mode": ("stretch", "center_crop"), "on_bad_pairs": ("error", "skip"), "noise_schedule": ("linear",),
-                "mixed_precision": ("no", "bf16", "fp16"), "sample_weights": ("raw", "ema"), "clusters_from": ("kmeans", "paper"),
-                "inpaint_variant": ("paper-code", "paper-text"),
-                "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"), "table3_mode": ("add", "replace"),
-                "executor": ("local", "slurm", "debug"), "inpaint_sampler": ("ddpm", "ddim"), "init_from": ("none", "full", "shipped"),
-                "data_download": ("kvasir-seg", "hyperkvasir", "none"), "substitute_weights": ("inception", "random")}
+    _choices = {
+        "resize_mode": ("stretch", "center_crop"),
+        "on_bad_pairs": ("error", "skip"),
+        "noise_schedule": ("linear",),
+        "mixed_precision": ("no", "bf16", "fp16"),
+        "sample_weights": ("raw", "ema"),
+        "clusters_from": ("kmeans", "paper"),
+        "inpaint_variant": ("paper-code", "paper-text"),
+        "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"),
+        "table3_mode": ("add", "replace"),
+        "executor": ("local", "slurm", "debug"),
+        "inpaint_sampler": ("ddpm", "ddim"),
+        "init_from": ("none", "full", "shipped"),
+        "data_download": ("kvasir-seg", "hyperkvasir", "none"),
+        "substitute_weights": ("inception", "random"),
+    }
 
-    _int_lists = {"block_out_channels": True, "attention_resolutions": False, "full_attention_resolutions": False,
-                  "table2_n": True, "table3_n": True, "table3_r": True}     # lists of positive integers (True: at least one)
+    _int_lists = {
+        "block_out_channels": True,
+        "attention_resolutions": False,
+        "full_attention_resolutions": False,
+        "table2_n": True,
+        "table3_n": True,
+        "table3_r": True,
+    }  # lists of positive integers (True: at least one)
 
     def __post_init__(self):
         "Every value in its range and the settings consistent with each other; else one `ConfigError` line naming the key."
@@ -249,14 +331,23 @@ class Config:
         for f in fields(self):
             v, r = getattr(self, f.name), f.metadata.get("range") or {}
             if f.type == "float" and not math.isfinite(v):
-                raise ConfigError(f"setting {f.name}={v!r}: must be " + (f"{_range_text('float', r)} (finite)" if any(x is not None for x in r.values()) else "a finite number"))
+                raise ConfigError(
+                    f"setting {f.name}={v!r}: must be "
+                    + (
+                        f"{_range_text('float', r)} (finite)"
+                        if any(x is not None for x in r.values())
+                        else "a finite number"
+                    )
+                )
             if f.type in ("int", "float") and not _in_range(v, r):
                 raise ConfigError(f"setting {f.name}={v!r}: must be {_range_text(f.type, r)}")
         for k, nonempty in self._int_lists.items():
             vals = _int_list(getattr(self, k))
             if vals is None or any(x < 1 for x in vals) or (nonempty and not vals):
-                raise ConfigError(f"setting {k}={getattr(self, k)!r}: must be {'one or more' if nonempty else 'zero or more'} "
-                                  f"positive integers separated by spaces")
+                raise ConfigError(
+                    f"setting {k}={getattr(self, k)!r}: must be {'one or more' if nonempty else 'zero or more'} "
+                    f"positive integers separated by spaces"
+                )
         for k in ("batch_size", "full_batch_size"):
             v = getattr(self, k).strip()
             if v != "cluster" and not (v.isdigit() and int(v) >= 1):
@@ -265,131 +356,211 @@ class Config:
 
     def _check_relations(self):
         "The relations between settings that must hold (each error names both keys and their values)."
+
         def need(ok: bool, k: str, rule: str):
-            if not ok: raise ConfigError(f"setting {k}={getattr(self, k)!r}: must be {rule}")
+            if not ok:
+                raise ConfigError(f"setting {k}={getattr(self, k)!r}: must be {rule}")
+
         for k in ("timestep_respacing", "style_respacing", "monitor_sample_steps"):
             need(getattr(self, k) <= self.diffusion_steps, k, f"≤ diffusion_steps={self.diffusion_steps}")
-        if self.resample > 1:                      # jumps need a jump point below the start
-            need(self.jump_length < self.timestep_respacing, "jump_length",
-                 f"< timestep_respacing={self.timestep_respacing} (resample={self.resample} jumps back jump_length steps)")
+        if self.resample > 1:  # jumps need a jump point below the start
+            need(
+                self.jump_length < self.timestep_respacing,
+                "jump_length",
+                f"< timestep_respacing={self.timestep_respacing} (resample={self.resample} jumps back jump_length steps)",
+            )
         if self.inpaint_variant == "paper-text":
-            need(self.skip_timesteps < self.timestep_respacing, "skip_timesteps",
-                 f"< timestep_respacing={self.timestep_respacing} (inpaint_variant=paper-text starts after the skipped steps)")
-        need(self.style_start < self.style_respacing, "style_start", f"< style_respacing={self.style_respacing} (an index of the respaced steps)")
-        need(self.diff_iter < self.style_respacing, "diff_iter", f"< style_respacing={self.style_respacing} (an index of the respaced steps)")
+            need(
+                self.skip_timesteps < self.timestep_respacing,
+                "skip_timesteps",
+                f"< timestep_respacing={self.timestep_respacing} (inpaint_variant=paper-text starts after the skipped steps)",
+            )
+        need(
+            self.style_start < self.style_respacing,
+            "style_start",
+            f"< style_respacing={self.style_respacing} (an index of the respaced steps)",
+        )
+        need(
+            self.diff_iter < self.style_respacing,
+            "diff_iter",
+            f"< style_respacing={self.style_respacing} (an index of the respaced steps)",
+        )
         need(self.msssim_win % 2 == 1, "msssim_win", "odd (the Gaussian window has a centre pixel)")
         down = 2 ** (len(_int_list(self.block_out_channels)) - 1)
-        need(self.image_size % down == 0, "image_size",
-             f"a multiple of {down} (the UNet halves it {down.bit_length() - 1} times: block_out_channels={self.block_out_channels!r})")
+        need(
+            self.image_size % down == 0,
+            "image_size",
+            f"a multiple of {down} (the UNet halves it {down.bit_length() - 1} times: block_out_channels={self.block_out_channels!r})",
+        )
 
-    def to_dict(self) -> dict: return dataclasses.asdict(self)
-    def replace(self, **kw) -> "Config": return apply_overrides(self, kw, "replace()")
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw) -> "Config":
+        return apply_overrides(self, kw, "replace()")
 
     @property
-    def root(self) -> Path: return resolve_path(self.out)
+    def root(self) -> Path:
+        return resolve_path(self.out)
+
     @property
-    def run_dir(self) -> Path: return self.root/"runs"/self.profile
+    def run_dir(self) -> Path:
+        return self.root / "runs" / self.profile
+
     @property
-    def fig_dir(self) -> Path: return self.root/"figures"/self.profile
+    def fig_dir(self) -> Path:
+        return self.root / "figures" / self.profile
 
     def keys_for(self, stage: str) -> dict:
         "The settings whose values change `stage`'s results (plus those of every stage: `seed`)."
-        return {f.name: getattr(self, f.name) for f in fields(self) if {stage, "all"} & set(f.metadata["stage"].split())}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if {stage, "all"} & set(f.metadata["stage"].split())
+        }
 
     def hash(self, stage: str | None = None) -> str:
         "Short sha256 of the settings that change `stage` (all result-changing settings when `stage` is None)."
-        d = self.keys_for(stage) if stage else {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["stage"] != "run"}
+        d = (
+            self.keys_for(stage)
+            if stage
+            else {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["stage"] != "run"}
+        )
         return content_key(d)
 
 # %% ../nbs/00_core.ipynb #ba25fdf0
 def resolve_path(p: str | os.PathLike) -> Path:
     "A path from settings: absolute as given, relative to the project root otherwise."
     p = Path(os.path.expanduser(str(p)))
-    return p if p.is_absolute() else (project_root()/p).resolve()
+    return p if p.is_absolute() else (project_root() / p).resolve()
+
 
 _TYPES = {f.name: f.type for f in fields(Config)}
+
 
 def _parse(key: str, value, where: str):
     "Convert a settings string (or a typed value) to the field's type."
     typ = _TYPES[key]
     if not isinstance(value, str):
-        if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-        if type(value).__name__ == typ: return value
+        if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if type(value).__name__ == typ:
+            return value
         value = str(value)
     v = value.strip()
     try:
         if typ == "bool":
-            if v.lower() in ("1", "true", "yes", "on"): return True
-            if v.lower() in ("0", "false", "no", "off"): return False
+            if v.lower() in ("1", "true", "yes", "on"):
+                return True
+            if v.lower() in ("0", "false", "no", "off"):
+                return False
             raise ValueError
-        if typ == "int": return int(v)
-        if typ == "float": return float(v)
+        if typ == "int":
+            return int(v)
+        if typ == "float":
+            return float(v)
         return v
     except ValueError:
         raise ConfigError(f"{where}: setting {key}={value!r} is not a valid {typ}") from None
 
+
 def _unknown(key: str, where: str) -> ConfigError:
-    if key == "profile": return ConfigError(f"{where}: `profile` is not a setting; choose the profile with --profile (or papermill's `profile`)")
+    if key == "profile":
+        return ConfigError(
+            f"{where}: `profile` is not a setting; choose the profile with --profile (or papermill's `profile`)"
+        )
     close = difflib.get_close_matches(key, [k for k in _TYPES if k != "profile"], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"{where}: unknown setting {key!r}{hint}")
+
 
 def apply_overrides(cfg: Config, overrides: dict | None, where: str = "overrides") -> Config:
     "A copy of `cfg` with `overrides` applied; an unknown key is a `ConfigError`."
     kw = {}
     for k, v in (overrides or {}).items():
-        if k not in _TYPES or k == "profile": raise _unknown(k, where)
+        if k not in _TYPES or k == "profile":
+            raise _unknown(k, where)
         kw[k] = _parse(k, v, where)
-    try: return dataclasses.replace(cfg, **kw)
-    except ConfigError as e: raise ConfigError(f"{where}: {e}") from None
+    try:
+        return dataclasses.replace(cfg, **kw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 # %% ../nbs/00_core.ipynb #76e58763
-def settings_path() -> Path: return project_root()/"settings.ini"
+def settings_path() -> Path:
+    return project_root() / "settings.ini"
+
 
 def read_settings(path: Path | None = None) -> configparser.ConfigParser:
     "Parse `settings.ini` (inline comments start with `;`); `[DEFAULT]` is kept as its own section."
     path = Path(path or settings_path())
-    try: raw = path.read_bytes()          # ConfigParser.read() would skip a folder or an unreadable file without a word
-    except FileNotFoundError: raise ConfigError(f"{path}: settings file not found (run from the diffusegen folder or set DIFFUSEGEN_ROOT)") from None
-    except IsADirectoryError: raise ConfigError(f"{path}: is a folder, not a settings file") from None
-    except PermissionError: raise ConfigError(f"{path}: permission denied (cannot read the settings file)") from None
-    except OSError as e: raise ConfigError(f"{path}: cannot read the settings file ({e.strerror or e})") from None
-    try: text = raw.decode("utf-8-sig")
+    try:
+        raw = path.read_bytes()  # ConfigParser.read() would skip a folder or an unreadable file without a word
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: settings file not found (run from the diffusegen folder or set DIFFUSEGEN_ROOT)"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a settings file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied (cannot read the settings file)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the settings file ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
-                          "save it as UTF-8") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
     cp = configparser.ConfigParser(inline_comment_prefixes=(";",), interpolation=None, default_section="\0")
-    try: cp.read_string(text, source=str(path))
-    except configparser.Error as e: raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
+    try:
+        cp.read_string(text, source=str(path))
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
     return cp
+
 
 def profiles(path: Path | None = None) -> list[str]:
     "The profiles `settings.ini` defines (its sections but `[DEFAULT]`)."
     return [s for s in read_settings(path).sections() if s != "DEFAULT"]
 
+
 DRY_RUN_SECTION = "dry-run"
-DRY_RUN_BANNER = ("> **Dry run.** The profile's networks, resolution, dtypes, losses and file formats with every count cut "
-                  "(settings.ini [dry-run]); style networks without weights have random ones. It proves the run can start and "
-                  "shows its time and peak memory per stage; no number in it is a result.")
+DRY_RUN_BANNER = (
+    "> **Dry run.** The profile's networks, resolution, dtypes, losses and file formats with every count cut "
+    "(settings.ini [dry-run]); style networks without weights have random ones. It proves the run can start and "
+    "shows its time and peak memory per stage; no number in it is a result."
+)
+
 
 def dry_run_overrides(path: Path | None = None) -> dict:
     """The `[dry-run]` section's own values (not those it inherits): the counts a dry run cuts, applied on top of any
     profile as overrides, so that its networks, resolution, dtypes and formats stay the profile's."""
     path = Path(path or settings_path())
     cp = read_settings(path)
-    if DRY_RUN_SECTION not in cp.sections(): raise ConfigError(f"{path}: no [{DRY_RUN_SECTION}] section (the counts of --dry-run)")
+    if DRY_RUN_SECTION not in cp.sections():
+        raise ConfigError(f"{path}: no [{DRY_RUN_SECTION}] section (the counts of --dry-run)")
     return {k: v for k, v in cp[DRY_RUN_SECTION].items() if k != "base"}
+
 
 def _profile_values(cp, profile: str, path, seen=()) -> dict:
     "`[DEFAULT]`, then the `base` chain, then the profile's own values."
     if profile == "DEFAULT" or profile not in cp.sections():
-        raise ConfigError(f"{path}: no profile [{profile}] (profiles: {', '.join(s for s in cp.sections() if s != 'DEFAULT')})")
-    if profile in seen: raise ConfigError(f"{path}: profile [{profile}] inherits from itself through `base`")
+        raise ConfigError(
+            f"{path}: no profile [{profile}] (profiles: {', '.join(s for s in cp.sections() if s != 'DEFAULT')})"
+        )
+    if profile in seen:
+        raise ConfigError(f"{path}: profile [{profile}] inherits from itself through `base`")
     own = dict(cp[profile])
     base = own.pop("base", None)
-    vals = _profile_values(cp, base, path, (*seen, profile)) if base else dict(cp["DEFAULT"]) if cp.has_section("DEFAULT") else {}
+    vals = (
+        _profile_values(cp, base, path, (*seen, profile))
+        if base
+        else dict(cp["DEFAULT"])
+        if cp.has_section("DEFAULT")
+        else {}
+    )
     return {**vals, **own}
+
 
 def load_config(profile: str = "demo", overrides: dict | None = None, path: Path | None = None) -> Config:
     "Build the `Config` of `profile` from `settings.ini`, then apply `overrides`."
@@ -397,119 +568,169 @@ def load_config(profile: str = "demo", overrides: dict | None = None, path: Path
     where = f"{path} [{profile}]"
     kw = {}
     for k, v in _profile_values(read_settings(path), profile, path).items():
-        if k not in _TYPES or k == "profile": raise _unknown(k, where)
+        if k not in _TYPES or k == "profile":
+            raise _unknown(k, where)
         kw[k] = _parse(k, v, where)
-    if os.environ.get("DIFFUSEGEN_OUT"): kw["out"] = os.environ["DIFFUSEGEN_OUT"]   # tests and batch jobs redirect outputs
+    if os.environ.get("DIFFUSEGEN_OUT"):
+        kw["out"] = os.environ["DIFFUSEGEN_OUT"]  # tests and batch jobs redirect outputs
     # a new user's machine in CI: DIFFUSEGEN_DATA_SEARCH=none finds no dataset even where one lies beside the checkout
-    if "DIFFUSEGEN_DATA_SEARCH" in os.environ: kw["data_search"] = os.environ["DIFFUSEGEN_DATA_SEARCH"]
-    if "DIFFUSEGEN_DATA_DOWNLOAD" in os.environ: kw["data_download"] = os.environ["DIFFUSEGEN_DATA_DOWNLOAD"]
-    try: cfg = Config(profile=profile, **kw)
-    except ConfigError as e: raise ConfigError(f"{where}: {e}") from None
+    if "DIFFUSEGEN_DATA_SEARCH" in os.environ:
+        kw["data_search"] = os.environ["DIFFUSEGEN_DATA_SEARCH"]
+    if "DIFFUSEGEN_DATA_DOWNLOAD" in os.environ:
+        kw["data_download"] = os.environ["DIFFUSEGEN_DATA_DOWNLOAD"]
+    try:
+        cfg = Config(profile=profile, **kw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return apply_overrides(cfg, overrides, "override (--set or papermill `overrides`)")
 
 # %% ../nbs/00_core.ipynb #6c5319fb
-def paper_dir() -> Path: return resolve_path("data/paper")
+def paper_dir() -> Path:
+    return resolve_path("data/paper")
+
 
 def read_csv(p, hint: str = ""):
     "A CSV file as a DataFrame (empty cells NaN, no other NA words); a missing, empty or unreadable file is a `DataError`."
     import pandas as pd
+
     p = Path(p)
-    if not p.exists(): raise DataError(f"{p}: file not found{hint}")
-    try: return pd.read_csv(p, keep_default_na=False, na_values=[""])
-    except pd.errors.EmptyDataError: raise DataError(f"{p}: empty file (no CSV header)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e: raise DataError(f"{p}: not a readable CSV ({' '.join(str(e).split())[:120]})") from None
+    if not p.exists():
+        raise DataError(f"{p}: file not found{hint}")
+    try:
+        return pd.read_csv(p, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{p}: empty file (no CSV header)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: not a readable CSV ({' '.join(str(e).split())[:120]})") from None
+
 
 def paper_table(name: str, root=None):
     "The paper's table `name` (`table1`, `table2`, `table3`, `tableB1`, `claims`): data/paper/<name>.csv as a DataFrame."
-    return read_csv(Path(root or paper_dir())/f"{name}.csv", " (the paper's tables belong in data/paper/)")
+    return read_csv(Path(root or paper_dir()) / f"{name}.csv", " (the paper's tables belong in data/paper/)")
 
 # %% ../nbs/00_core.ipynb #8522149c
 _UMASK_LOCK = threading.Lock()
+
 
 def current_umask() -> int:
     "The process's umask, without changing it where /proc tells it (elsewhere set and restored under a lock)."
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("Umask:"): return int(line.split()[1], 8)
-    except (OSError, ValueError): pass
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     with _UMASK_LOCK:
-        m = os.umask(0o022); os.umask(m)
+        m = os.umask(0o022)
+        os.umask(m)
     return m
+
 
 def fsync_path(p) -> None:
     "Flush a file, or a folder's entries, to disk (best effort where the file system cannot)."
-    try: fd = os.open(p, os.O_RDONLY)
-    except OSError: return
-    try: os.fsync(fd)
-    except OSError: pass
-    finally: os.close(fd)
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 def fsync_tree(d) -> None:
     "Flush every file under folder `d`, then the folders themselves: before a folder is renamed into place."
     for sub, _, files in os.walk(d, topdown=False):
-        for f in files: fsync_path(os.path.join(sub, f))
+        for f in files:
+            fsync_path(os.path.join(sub, f))
         fsync_path(sub)
+
 
 @contextmanager
 def atomic_write(path, mode: str = "w", **kw):
     """Open a temporary file beside `path`; on success flush it to disk and rename it onto `path`, on error remove it.
     The file gets the mode a plain `open` would (0666 less the umask), not `mkstemp`'s 0600."""
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kw) as f:
             yield f
-            f.flush(); os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-        fsync_path(path.parent)                  # the rename itself survives a power cut
+        fsync_path(path.parent)  # the rename itself survives a power cut
     except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
 
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` for a library that writes files itself (with the umask's mode);
     on success flush it to disk and rename it onto `path`, on error remove it."""
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")   # unique per thread
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")  # unique per thread
     try:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
     except BaseException:
-        tmp.unlink(missing_ok=True); raise
+        tmp.unlink(missing_ok=True)
+        raise
+
 
 def _jsonable(o):
-    if isinstance(o, Path): return str(o)
-    if isinstance(o, (np.integer,)): return int(o)
-    if isinstance(o, (np.floating,)): return float(o)
-    if isinstance(o, np.ndarray): return o.tolist()
-    if dataclasses.is_dataclass(o): return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
 
 def write_json(path, obj) -> Path:
     "Write `obj` as indented JSON, atomically."
-    with atomic_write(path) as f: json.dump(obj, f, indent=2, default=_jsonable); f.write("\n")
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, default=_jsonable)
+        f.write("\n")
     return Path(path)
+
 
 def write_table(df, path) -> list[Path]:
     "Write a DataFrame as `path`.csv and `path`.md, atomically."
     path = Path(path)
-    with atomic_write(path.with_suffix(".csv")) as f: df.to_csv(f, index=False)
-    with atomic_write(path.with_suffix(".md")) as f: f.write(df.to_markdown(index=False) + "\n")
+    with atomic_write(path.with_suffix(".csv")) as f:
+        df.to_csv(f, index=False)
+    with atomic_write(path.with_suffix(".md")) as f:
+        f.write(df.to_markdown(index=False) + "\n")
     return [path.with_suffix(".csv"), path.with_suffix(".md")]
+
 
 def save_figure(fig, path, dpi: int = 150) -> Path:
     "Save a matplotlib figure atomically (format from the suffix)."
-    with atomic_path(path) as tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     return Path(path)
+
 
 def save_png(arr, path) -> Path:
     "Write a uint8 array (H×W×3 RGB or H×W L) as PNG, atomically."
     from PIL import Image
-    with atomic_path(path) as tmp: Image.fromarray(arr).save(tmp, format="PNG")
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
     return Path(path)
 
 # %% ../nbs/00_core.ipynb #a8d3e5f2
@@ -518,21 +739,33 @@ def read_ledger(path, columns: list | None = None, strings=(), numbers=(), what:
     absent). Columns in `strings` stay text (ids, seeds, hashes: '003' stays '003'); an empty cell of a column in
     `numbers` is NaN, any other empty cell ''. A file that is not CSV is one `DataError` line naming it (and `hint`)."""
     import pandas as pd
+
     path = Path(path)
-    if not path.exists(): return pd.DataFrame(columns=list(columns or []))
+    if not path.exists():
+        return pd.DataFrame(columns=list(columns or []))
     try:
         head = pd.read_csv(path, nrows=0).columns
-        return pd.read_csv(path, dtype={c: str for c in head if c in set(strings)}, keep_default_na=False,
-                           na_values={c: [""] for c in numbers if c in head})
+        return pd.read_csv(
+            path,
+            dtype={c: str for c in head if c in set(strings)},
+            keep_default_na=False,
+            na_values={c: [""] for c in numbers if c in head},
+        )
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable {what} ({' '.join(str(e).split())[:100]})" + (f"; {hint}" if hint else "")) from None
+        raise DataError(
+            f"{path}: not a readable {what} ({' '.join(str(e).split())[:100]})" + (f"; {hint}" if hint else "")
+        ) from None
+
 
 def write_ledger(rows, path, columns: list) -> Path:
     "Write ledger `rows` (a DataFrame or dicts) atomically, exactly `columns` in that order: a crash leaves the previous ledger."
     import pandas as pd
+
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=columns)
-    with atomic_write(path) as f: df[columns].to_csv(f, index=False)
+    with atomic_write(path) as f:
+        df[columns].to_csv(f, index=False)
     return Path(path)
+
 
 def resumable(rows, key, settings, current: dict) -> dict:
     """{key(row): row} of the ledger `rows` (dicts) that count as done: made under the settings key their unit has now,
@@ -540,7 +773,8 @@ def resumable(rows, key, settings, current: dict) -> dict:
     out = {}
     for r in rows:
         k = key(r)
-        if k in current and settings(r) == current[k]: out[k] = r
+        if k in current and settings(r) == current[k]:
+            out[k] = r
     return out
 
 # %% ../nbs/00_core.ipynb #caa63624
@@ -549,29 +783,43 @@ def step_seed(seed: int, name: str, step: int) -> int:
     h = hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
 
+
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and torch (all devices)."
     import torch
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
 
 def torch_generator(seed: int, device="cpu"):
     "A `torch.Generator` on `device` seeded with `seed`."
     import torch
+
     return torch.Generator(device=device).manual_seed(int(seed))
+
 
 def versions() -> dict:
     "Python, machine and the versions of the packages that make results (for reports and benchmarks)."
-    import importlib.metadata as md, platform
+    import importlib.metadata as md
+    import platform
+
     out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
     for p in ("diffusegen", "torch", "diffusers", "numpy"):
-        try: out[p] = md.version(p)
-        except md.PackageNotFoundError: pass
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
     return out
+
 
 def resolve_device(cfg: Config):
     "The torch device `cfg.device` names (`auto`: cuda when available)."
     import torch
-    if cfg.device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
 
 # %% ../nbs/00_core.ipynb #64a51dd4
@@ -583,6 +831,7 @@ class Stage:
     `(cfg, data) → str`) names the files from outside the run folder it reads: such a stage's run function takes
     `data` (the folder given with `--data`), the fingerprint enters its cache key, and its manifest records it as
     `summary["fingerprint"]`."""
+
     name: str
     notebook: str
     section: str
@@ -590,6 +839,7 @@ class Stage:
     deps: tuple = ()
     run: object = ""
     inputs: object = ""
+
 
 STAGES = (
     Stage("data", "01_data.ipynb", "§2.1, §2.3", "Data: pairs, checks, splits", inputs="diffusegen.data:data_inputs"),
@@ -604,91 +854,132 @@ STAGES = (
 
 # measurements made outside `diffusegen reproduce` (a command of their own); the report shows their manifests after the stages'
 MEASUREMENTS = (
-    Stage("fast_sampler", "92_bench.ipynb", "", "Fast sampler: FID against network evaluations (`diffusegen bench fast-sampler`)",
-          ("training",), run="diffusegen.bench:fast_sampler_curve"),
+    Stage(
+        "fast_sampler",
+        "92_bench.ipynb",
+        "",
+        "Fast sampler: FID against network evaluations (`diffusegen bench fast-sampler`)",
+        ("training",),
+        run="diffusegen.bench:fast_sampler_curve",
+    ),
 )
+
 
 def get_stage(name: str) -> Stage:
     for s in STAGES:
-        if s.name == name: return s
+        if s.name == name:
+            return s
     raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(s.name for s in STAGES)})")
 
 # %% ../nbs/00_core.ipynb #6bdd6658
 @dataclass
 class Artifact:
     "One output of a stage: a table, a figure or a data file, with the paper's value it is compared with."
+
     path: str
-    kind: str                 # table | figure | data
+    kind: str  # table | figure | data
     title: str
-    paper_ref: str = ""       # e.g. "Table 1", "Fig. 3", "§2.1"
-    paper_value: str = ""     # the paper's number or statement, as text
-    value: str = ""           # ours, as text
+    paper_ref: str = ""  # e.g. "Table 1", "Fig. 3", "§2.1"
+    paper_value: str = ""  # the paper's number or statement, as text
+    value: str = ""  # ours, as text
+
 
 def stage_dirs(cfg: Config, stage: str) -> tuple[Path, Path]:
     "(runs/<profile>/<stage>, figures/<profile>/<stage>): heavy artifacts, and tables/figures."
-    return cfg.run_dir/stage, cfg.fig_dir/stage
+    return cfg.run_dir / stage, cfg.fig_dir / stage
 
-def write_manifest(cfg: Config, stage: str, artifacts: list, weights: list | None = None,
-                   summary: dict | None = None, notes: list | None = None) -> Path:
+
+def write_manifest(
+    cfg: Config,
+    stage: str,
+    artifacts: list,
+    weights: list | None = None,
+    summary: dict | None = None,
+    notes: list | None = None,
+) -> Path:
     """Write `manifest.json` and `config.json` in both stage folders; return the figures-side manifest path. The manifest
     records the process's peak memory so far (`peak_memory`), so that a user can size a machine before a long run."""
     run_d, fig_d = stage_dirs(cfg, stage)
-    m = {"stage": stage, "profile": cfg.profile, "config_hash": cfg.hash(stage), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-         "artifacts": [dataclasses.asdict(a) if isinstance(a, Artifact) else a for a in artifacts],
-         "weights": weights or [], "summary": summary or {}, "notes": notes or [], "peak_memory": peak_memory()}
+    m = {
+        "stage": stage,
+        "profile": cfg.profile,
+        "config_hash": cfg.hash(stage),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "artifacts": [dataclasses.asdict(a) if isinstance(a, Artifact) else a for a in artifacts],
+        "weights": weights or [],
+        "summary": summary or {},
+        "notes": notes or [],
+        "peak_memory": peak_memory(),
+    }
     for d in (run_d, fig_d):
-        write_json(d/"config.json", cfg.to_dict())
-        write_json(d/"manifest.json", m)
-    return fig_d/"manifest.json"
+        write_json(d / "config.json", cfg.to_dict())
+        write_json(d / "manifest.json", m)
+    return fig_d / "manifest.json"
+
 
 def peak_memory() -> dict:
     """This process's peak resident memory so far (GiB; under `diffusegen reproduce` each stage has its own process) and,
     when CUDA is in use, the peak GPU memory torch allocated (GiB)."""
-    import resource, sys
-    out = {"rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}     # KiB on Linux
+    import resource
+    import sys
+
+    out = {"rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}  # KiB on Linux
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
+
 def read_manifest(cfg: Config, stage: str) -> dict | None:
-    p = stage_dirs(cfg, stage)[1]/"manifest.json"
+    p = stage_dirs(cfg, stage)[1] / "manifest.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 # %% ../nbs/00_core.ipynb #d4f0b2a5
 def _resolve(ref):
     "A callable given as itself or as 'module:function' (imported now, so the registry imports no stage module)."
-    if callable(ref): return ref
+    if callable(ref):
+        return ref
     import importlib
+
     mod, fn = str(ref).split(":")
     return getattr(importlib.import_module(mod), fn)
+
 
 def stage_function(stage: Stage):
     "The function that makes `stage`'s results: `Stage.run`, else `diffusegen.<name>:run_<name>`."
     return _resolve(stage.run or f"diffusegen.{stage.name}:run_{stage.name}")
 
+
 def inputs_fingerprint(cfg: Config, stage: Stage, data=None) -> str:
     "The fingerprint of the outside files `stage` reads (`Stage.inputs`; '' for a stage that reads none)."
     return str(_resolve(stage.inputs)(cfg, data)) if stage.inputs else ""
+
 
 def stage_finished(cfg: Config, stage: Stage, data=None, fingerprint: str | None = None) -> bool:
     """Whether `stage`'s results are there for `cfg`: its manifest was written under `cfg.hash(stage)` and, for a stage
     with `inputs`, from the files `data` names (`fingerprint`, when already known)."""
     m = read_manifest(cfg, stage.name)
-    if m is None or m.get("config_hash") != cfg.hash(stage.name): return False
-    if not stage.inputs: return True
+    if m is None or m.get("config_hash") != cfg.hash(stage.name):
+        return False
+    if not stage.inputs:
+        return True
     fp = inputs_fingerprint(cfg, stage, data) if fingerprint is None else fingerprint
     return (m.get("summary") or {}).get("fingerprint") == fp
+
 
 def upstream(name: str, stages=STAGES) -> list[Stage]:
     "Every stage `name` reads from, directly or through others, in pipeline order."
     by = {s.name: s for s in stages}
-    if name not in by: raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(by)})")
+    if name not in by:
+        raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(by)})")
     need, todo = set(), list(by[name].deps)
     while todo:
         d = todo.pop()
-        if d not in need: need.add(d); todo += list(by[d].deps)
+        if d not in need:
+            need.add(d)
+            todo += list(by[d].deps)
     return [s for s in stages if s.name in need]
+
 
 def ensure(cfg: Config, stage: str, data=None, progress: bool = False, redone=(), stages=STAGES) -> list[str]:
     """Make the inputs `stage` needs: run each upstream stage that is not finished (`stage_finished`), or whose own
@@ -697,23 +988,30 @@ def ensure(cfg: Config, stage: str, data=None, progress: bool = False, redone=()
     earlier `ensure` ran (a notebook that makes its inputs over several cells), whose readers are redone too."""
     ran = list(redone)
     for s in upstream(stage, stages):
-        if s.name in ran or (stage_finished(cfg, s, data) and not set(s.deps) & set(ran)): continue
+        if s.name in ran or (stage_finished(cfg, s, data) and not set(s.deps) & set(ran)):
+            continue
         stage_function(s)(cfg, **({"data": data} if s.inputs else {}), progress=progress)
         ran.append(s.name)
-    return ran[len(redone):]
+    return ran[len(redone) :]
 
 # %% ../nbs/00_core.ipynb #fc9c33da
 def show_stage(cfg: Config, stage: str, kinds: tuple = ("figure", "table"), match: str = "") -> int:
     """Display the figures and tables of `stage` (its manifest's artifacts of `kinds` whose title contains `match`)
     in a notebook; return how many were shown. Figures come from their PNG files, tables from their Markdown."""
     from IPython.display import Image, Markdown, display
+
     m, shown = read_manifest(cfg, stage), 0
-    if cfg.dry_run: display(Markdown(DRY_RUN_BANNER))
+    if cfg.dry_run:
+        display(Markdown(DRY_RUN_BANNER))
     for a in (m or {}).get("artifacts", []):
         p = Path(a["path"])
-        if a["kind"] not in kinds or match not in a["title"]: continue
+        if a["kind"] not in kinds or match not in a["title"]:
+            continue
         head = f"**{a['title']}**" + (f" (paper: {a['paper_ref']})" if a.get("paper_ref") else "")
-        if a["kind"] == "figure" and p.exists(): display(Markdown(head), Image(filename=str(p))); shown += 1
+        if a["kind"] == "figure" and p.exists():
+            display(Markdown(head), Image(filename=str(p)))
+            shown += 1
         elif a["kind"] == "table" and p.with_suffix(".md").exists():
-            display(Markdown(head + "\n\n" + p.with_suffix(".md").read_text())); shown += 1
+            display(Markdown(head + "\n\n" + p.with_suffix(".md").read_text()))
+            shown += 1
     return shown

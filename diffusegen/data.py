@@ -4,15 +4,33 @@
 
 # %% ../nbs/01_data.ipynb #55d39415
 from __future__ import annotations
-import io, json, os, pickle, importlib, re, warnings
+import json
+import os
+import pickle
+import importlib
+import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from .core import (Config, ConfigError, DataError, one_line, Artifact, atomic_path, atomic_write, write_json, write_table, save_figure,
-                             write_manifest, stage_dirs, resolve_path, load_config)
+from diffusegen.core import (
+    Config,
+    ConfigError,
+    DataError,
+    one_line,
+    Artifact,
+    atomic_path,
+    atomic_write,
+    write_table,
+    save_figure,
+    write_manifest,
+    stage_dirs,
+    resolve_path,
+    load_config,
+)
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'PAPER_DATA', 'Pair', 'Problem', 'find_pairs',
@@ -25,135 +43,197 @@ __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'PAPE
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 MASK_SUFFIXES = ("_mask", "_seg", "_gt")
 
+
 @dataclass(frozen=True)
 class Pair:
     "One image and its mask, paired by file stem `id`."
+
     id: str
     image: Path
     mask: Path
 
+
 @dataclass(frozen=True)
 class Problem:
     "One bad file or pair: printed as `path: message`."
+
     path: Path
     message: str
-    def __str__(self): return one_line(f"{self.path}: {self.message}")   # one problem, one line, whatever the file name
+
+    def __str__(self):
+        return one_line(f"{self.path}: {self.message}")  # one problem, one line, whatever the file name
+
 
 def _kind(p: Path) -> str:
     "'dir', 'file', 'missing' or 'denied' (a folder on the way may not be searched)."
-    try: return "dir" if p.is_dir() else "file" if p.exists() else "missing"
-    except PermissionError: return "denied"
+    try:
+        return "dir" if p.is_dir() else "file" if p.exists() else "missing"
+    except PermissionError:
+        return "denied"
+
 
 def _listing(d: Path, kind: str, problems: list, images: dict | None = None) -> dict | None:
     """stem → file of the images in `d`; non-images and duplicate stems become problems; None when `d` cannot be listed.
     A mask's stem loses a `_mask`/`_seg`/`_gt` suffix unless an image has the stem as it is (`images`: their listing)."""
     files = {}
-    try: entries = sorted(d.iterdir())
+    try:
+        entries = sorted(d.iterdir())
     except PermissionError:
-        problems.append(Problem(d, "permission denied (cannot list this folder)")); return None
+        problems.append(Problem(d, "permission denied (cannot list this folder)"))
+        return None
     for p in entries:
-        if p.name.startswith(".") or p.name in ("Thumbs.db", "desktop.ini") or _kind(p) == "dir": continue
+        if p.name.startswith(".") or p.name in ("Thumbs.db", "desktop.ini") or _kind(p) == "dir":
+            continue
         if p.suffix.lower() not in IMAGE_EXTS:
-            problems.append(Problem(p, f"not an image file (extension {p.suffix or 'none'!r}; expected {', '.join(IMAGE_EXTS)})")); continue
+            problems.append(
+                Problem(p, f"not an image file (extension {p.suffix or 'none'!r}; expected {', '.join(IMAGE_EXTS)})")
+            )
+            continue
         stem = p.stem
-        if kind == "mask" and stem not in (images or {}):   # masks/a_mask.png pairs with images/a_mask.jpg if there is one
+        if kind == "mask" and stem not in (
+            images or {}
+        ):  # masks/a_mask.png pairs with images/a_mask.jpg if there is one
             for suf in MASK_SUFFIXES:
-                if stem.endswith(suf) and len(stem) > len(suf): stem = stem[: -len(suf)]; break
-        if stem in files: problems.append(Problem(p, f"two {kind}s share the stem {stem!r} (also {files[stem].name})")); continue
+                if stem.endswith(suf) and len(stem) > len(suf):
+                    stem = stem[: -len(suf)]
+                    break
+        if stem in files:
+            problems.append(Problem(p, f"two {kind}s share the stem {stem!r} (also {files[stem].name})"))
+            continue
         files[stem] = p
     return files
 
+
 def find_pairs(root) -> tuple[list[Pair], list[Problem]]:
     "Pair `root/images` with `root/masks` by stem; return the pairs and the problems found on the way."
-    root = Path(root); problems = []
+    root = Path(root)
+    problems = []
     need = "a dataset is a folder with images/ and masks/ paired by file stem"
-    why = {"missing": "no such folder", "denied": "permission denied (cannot open this folder)",
-           "file": f"not a folder ({need})"}
-    if _kind(root) != "dir": return [], [Problem(root, why[_kind(root)])]
-    dirs = {k: root/k for k in ("images", "masks")}
+    why = {
+        "missing": "no such folder",
+        "denied": "permission denied (cannot open this folder)",
+        "file": f"not a folder ({need})",
+    }
+    if _kind(root) != "dir":
+        return [], [Problem(root, why[_kind(root)])]
+    dirs = {k: root / k for k in ("images", "masks")}
     for k, d in dirs.items():
         kind = _kind(d)
-        if kind != "dir": problems.append(Problem(d, f"missing folder ({need})" if kind == "missing" else why[kind]))
-    if problems: return [], problems
+        if kind != "dir":
+            problems.append(Problem(d, f"missing folder ({need})" if kind == "missing" else why[kind]))
+    if problems:
+        return [], problems
     imgs = _listing(dirs["images"], "image", problems)
     masks = _listing(dirs["masks"], "mask", problems, imgs)
-    if imgs is None or masks is None: return [], problems
+    if imgs is None or masks is None:
+        return [], problems
     for k, d in dirs.items():
-        if not (imgs if k == "images" else masks): problems.append(Problem(d, "no image files in this folder"))
-    for s in sorted(set(imgs) - set(masks)): problems.append(Problem(imgs[s], f"image without a mask (no masks/{s}.* file)"))
-    for s in sorted(set(masks) - set(imgs)): problems.append(Problem(masks[s], f"mask without an image (no images/{s}.* file)"))
+        if not (imgs if k == "images" else masks):
+            problems.append(Problem(d, "no image files in this folder"))
+    for s in sorted(set(imgs) - set(masks)):
+        problems.append(Problem(imgs[s], f"image without a mask (no masks/{s}.* file)"))
+    for s in sorted(set(masks) - set(imgs)):
+        problems.append(Problem(masks[s], f"mask without an image (no images/{s}.* file)"))
     pairs = [Pair(s, imgs[s], masks[s]) for s in sorted(set(imgs) & set(masks))]
     return pairs, problems
 
 # %% ../nbs/01_data.ipynb #349051bf
-MAX_IMAGE_PIXELS = 100_000_000   # the default of the `max_image_pixels` setting: 100 megapixels
+MAX_IMAGE_PIXELS = 100_000_000  # the default of the `max_image_pixels` setting: 100 megapixels
 # We enforce our own limit (below), so PIL's warning for images between its limit and twice it is noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+
 class _BadFile(DataError):
     "A `DataError` about one file, with the file and the problem apart (a path may itself contain ': ')."
+
     def __init__(self, path, problem: str):
         self.path, self.problem = Path(path), problem
         super().__init__(f"{path}: {problem}")
 
+
 def _too_large(path, max_pixels: int, pixels: int, size=None) -> DataError:
     dims = f"{size[0]}×{size[1]} pixels, " if size else ""
-    return _BadFile(path, f"image too large ({dims}{pixels / 1e6:.3g} megapixels; max_image_pixels = {max_pixels}): "
-                     f"a decompression bomb or a corrupt header? if the image is real, raise max_image_pixels")
+    return _BadFile(
+        path,
+        f"image too large ({dims}{pixels / 1e6:.3g} megapixels; max_image_pixels = {max_pixels}): "
+        f"a decompression bomb or a corrupt header? if the image is real, raise max_image_pixels",
+    )
+
 
 def _open(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     "Open and fully decode `path`, turning every failure into a one-line `DataError`; refuse more than `max_pixels` pixels."
     path = Path(path)
-    try: size = path.stat().st_size
-    except PermissionError: raise _BadFile(path, f"permission denied (cannot open a folder on its path)") from None
-    except OSError as e: raise _BadFile(path, f"cannot read ({e.strerror})") from None
-    if size == 0: raise _BadFile(path, f"empty file (0 bytes)")
-    if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1      # PIL refuses above twice its limit: never below ours
     try:
-        im = Image.open(path)                              # reads the header only
+        size = path.stat().st_size
+    except PermissionError:
+        raise _BadFile(path, "permission denied (cannot open a folder on its path)") from None
+    except OSError as e:
+        raise _BadFile(path, f"cannot read ({e.strerror})") from None
+    if size == 0:
+        raise _BadFile(path, "empty file (0 bytes)")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1  # PIL refuses above twice its limit: never below ours
+    try:
+        im = Image.open(path)  # reads the header only
         if im.width * im.height > max_pixels:
-            im.close(); raise _too_large(path, max_pixels, im.width * im.height, im.size)
-        im.load(); return im
+            im.close()
+            raise _too_large(path, max_pixels, im.width * im.height, im.size)
+        im.load()
+        return im
     except Image.DecompressionBombError as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
         raise _too_large(path, max_pixels, int(m.group(1)) if m else max_pixels + 1) from None
-    except UnidentifiedImageError: raise _BadFile(path, f"not a readable image (unknown or corrupt format)") from None
-    except PermissionError: raise _BadFile(path, f"permission denied (cannot read this file)") from None
+    except UnidentifiedImageError:
+        raise _BadFile(path, "not a readable image (unknown or corrupt format)") from None
+    except PermissionError:
+        raise _BadFile(path, "permission denied (cannot read this file)") from None
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e).split("\n")[0]
         kind = "truncated image" if "truncated" in msg.lower() else "corrupt image"
         raise _BadFile(path, f"{kind} ({msg})") from None
 
+
 def _to_uint8(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint8: return a
-    if a.dtype == bool: return a.astype(np.uint8) * 255
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
     a = a.astype(np.float64)
     hi = 65535.0 if a.max() > 255 else 255.0
     return np.clip(np.round(a / hi * 255), 0, 255).astype(np.uint8)
 
+
 def read_image(path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     "An image file as H×W×3 `uint8` RGB."
     im = _open(path, max_pixels)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"): a = _to_uint8(np.asarray(im))
-    else: a = np.asarray(im.convert("RGB") if im.mode != "L" else im)
-    if a.ndim == 2: a = np.repeat(a[..., None], 3, axis=2)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = _to_uint8(np.asarray(im))
+    else:
+        a = np.asarray(im.convert("RGB") if im.mode != "L" else im)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
     return np.ascontiguousarray(a[..., :3])
+
 
 def read_mask_grey(path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     "A mask file as H×W `uint8` grey levels (L); a {0,1} mask is scaled to {0,255}."
     im = _open(path, max_pixels)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "1"): a = _to_uint8(np.asarray(im))
-    else: a = np.asarray(im.convert("L"))
-    if a.max() == 1: a = a * np.uint8(255)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "1"):
+        a = _to_uint8(np.asarray(im))
+    else:
+        a = np.asarray(im.convert("L"))
+    if a.max() == 1:
+        a = a * np.uint8(255)
     return a
+
 
 def read_mask(path, threshold: int = 128, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     "A mask file as an H×W boolean array: polyp where the L value ≥ `threshold`."
     return read_mask_grey(path, max_pixels) >= threshold
 
 # %% ../nbs/01_data.ipynb #d1320d66
-GREY_BAND = (21, 234)   # mid-grey levels: neither background nor polyp, even with JPEG ringing
+GREY_BAND = (21, 234)  # mid-grey levels: neither background nor polyp, even with JPEG ringing
+
 
 @dataclass
 class PairStats:
@@ -162,72 +242,107 @@ class PairStats:
     height: int
     polyp_share: float
 
+
 @dataclass
 class CheckReport:
     "What `check_dataset` found: the valid pairs with their statistics, and one `Problem` per bad file."
+
     root: Path
-    valid: list = field(default_factory=list)       # list[Pair]
-    stats: list = field(default_factory=list)       # list[PairStats], aligned with `valid`
-    problems: list = field(default_factory=list)    # list[Problem]
+    valid: list = field(default_factory=list)  # list[Pair]
+    stats: list = field(default_factory=list)  # list[PairStats], aligned with `valid`
+    problems: list = field(default_factory=list)  # list[Problem]
 
     @property
-    def ok(self) -> bool: return not self.problems
+    def ok(self) -> bool:
+        return not self.problems
 
     def summary_lines(self) -> list[str]:
         "The lines `diffusegen data check` prints after the problems."
         n = len(self.valid)
-        lines = [f"{n} valid pair{'s' if n != 1 else ''}" + (f", {len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}" if self.problems else "")]
+        lines = [
+            f"{n} valid pair{'s' if n != 1 else ''}"
+            + (f", {len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}" if self.problems else "")
+        ]
         if n:
-            w = [s.width for s in self.stats]; h = [s.height for s in self.stats]
+            w = [s.width for s in self.stats]
+            h = [s.height for s in self.stats]
             a = np.array([s.polyp_share for s in self.stats]) * 100
-            lines.append(f"sizes: width {min(w)}–{max(w)} px, height {min(h)}–{max(h)} px ({len(set(zip(w, h)))} distinct)")
+            lines.append(
+                f"sizes: width {min(w)}–{max(w)} px, height {min(h)}–{max(h)} px ({len(set(zip(w, h)))} distinct)"
+            )
             lines.append(f"polyp area share: min {a.min():.2f}%, median {np.median(a):.1f}%, max {a.max():.1f}%")
         return lines
+
 
 def _check_pair(pair: Pair, threshold: int, tolerance: float, max_pixels: int = MAX_IMAGE_PIXELS):
     "(PairStats, []) for a good pair, (None, problems) for a bad one."
     problems, img, grey = [], None, None
-    try: img = _open(pair.image, max_pixels)
-    except _BadFile as e: problems.append(Problem(pair.image, e.problem))
-    try: grey = read_mask_grey(pair.mask, max_pixels)
-    except _BadFile as e: problems.append(Problem(pair.mask, e.problem))
-    if problems: return None, problems
+    try:
+        img = _open(pair.image, max_pixels)
+    except _BadFile as e:
+        problems.append(Problem(pair.image, e.problem))
+    try:
+        grey = read_mask_grey(pair.mask, max_pixels)
+    except _BadFile as e:
+        problems.append(Problem(pair.mask, e.problem))
+    if problems:
+        return None, problems
     (w, h), (mh, mw) = img.size, grey.shape
     if (w, h) != (mw, mh):
         return None, [Problem(pair.mask, f"size {mw}×{mh} differs from its image's {w}×{h} ({pair.image.name})")]
     mid = float(((grey >= GREY_BAND[0]) & (grey <= GREY_BAND[1])).mean())
     if mid > tolerance:
-        problems.append(Problem(pair.mask, f"not a two-level mask: {mid:.0%} of pixels are mid-grey (tolerance {tolerance:.0%})"))
+        problems.append(
+            Problem(pair.mask, f"not a two-level mask: {mid:.0%} of pixels are mid-grey (tolerance {tolerance:.0%})")
+        )
     share = float((grey >= threshold).mean())
-    if share == 0: problems.append(Problem(pair.mask, f"empty mask (no pixel ≥ {threshold})"))
+    if share == 0:
+        problems.append(Problem(pair.mask, f"empty mask (no pixel ≥ {threshold})"))
     return (None, problems) if problems else (PairStats(pair.id, w, h, share), [])
 
-def check_dataset(root, threshold: int = 128, tolerance: float = 0.05, workers: int | None = None,
-                  progress: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> CheckReport:
+
+def check_dataset(
+    root,
+    threshold: int = 128,
+    tolerance: float = 0.05,
+    workers: int | None = None,
+    progress: bool = False,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> CheckReport:
     "Decode every pair under `root` and report the valid pairs, their statistics and every problem."
-    for name, v, ok, rng in (("threshold", threshold, 0 <= threshold <= 255, "a grey level 0..255"),
-                             ("tolerance", tolerance, 0 <= tolerance <= 1, "a share 0..1"),
-                             ("max_pixels", max_pixels, max_pixels >= 1, "at least 1")):
-        if not ok: raise ConfigError(f"{name}={v!r}: must be {rng}")
+    for name, v, ok, rng in (
+        ("threshold", threshold, 0 <= threshold <= 255, "a grey level 0..255"),
+        ("tolerance", tolerance, 0 <= tolerance <= 1, "a share 0..1"),
+        ("max_pixels", max_pixels, max_pixels >= 1, "at least 1"),
+    ):
+        if not ok:
+            raise ConfigError(f"{name}={v!r}: must be {rng}")
     root = Path(root)
     pairs, problems = find_pairs(root)
     rep = CheckReport(root, problems=list(problems))
     workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as ex:      # PIL decodes without the GIL: threads scale
+    with ThreadPoolExecutor(workers) as ex:  # PIL decodes without the GIL: threads scale
         results = ex.map(lambda p: _check_pair(p, threshold, tolerance, max_pixels), pairs)
         if progress:
             from tqdm.auto import tqdm
+
             results = tqdm(results, total=len(pairs), desc="checking pairs", unit="pair")
         for pair, (st, probs) in zip(pairs, results):
-            if st is None: rep.problems.extend(probs)
-            else: rep.valid.append(pair); rep.stats.append(st)
+            if st is None:
+                rep.problems.extend(probs)
+            else:
+                rep.valid.append(pair)
+                rep.stats.append(st)
     return rep
 
 # %% ../nbs/01_data.ipynb #3936440a
 def _crop_box(w: int, h: int, mode: str):
-    if mode == "stretch": return None
-    s = min(w, h); l, t = (w - s) // 2, (h - s) // 2
+    if mode == "stretch":
+        return None
+    s = min(w, h)
+    l, t = (w - s) // 2, (h - s) // 2
     return (l, t, l + s, t + s)
+
 
 def resize_pair(img: np.ndarray, mask: np.ndarray, size: int, mode: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
     "Resize an RGB `uint8` image (Lanczos) and a boolean mask (area average, ≥ ½) to `size`×`size`."
@@ -237,100 +352,166 @@ def resize_pair(img: np.ndarray, mask: np.ndarray, size: int, mode: str = "stret
     mk = Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.Resampling.BOX, box=box)
     return np.asarray(im), np.asarray(mk) >= 0.5
 
+
 def to_tensor4(img: np.ndarray, mask: np.ndarray):
     "H×W×3 `uint8` and H×W bool → 4×H×W float32 in [−1, 1]: RGB scaled, mask channel in {−1, +1}."
     import torch
+
     rgb = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 127.5 - 1
     m = torch.from_numpy(np.array(mask, copy=True)).float()[None] * 2 - 1
     return torch.cat([rgb, m])
+
 
 def from_tensor4(x) -> tuple[np.ndarray, np.ndarray]:
     "Inverse of `to_tensor4`: (H×W×3 `uint8`, H×W bool); the mask channel is thresholded at 0."
     rgb = ((x[:3].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return rgb, (x[3] > 0).cpu().numpy()
 
-def load_pair(pair: Pair, size: int, mode: str = "stretch", threshold: int = 128,
-              max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+
+def load_pair(
+    pair: Pair, size: int, mode: str = "stretch", threshold: int = 128, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[np.ndarray, np.ndarray]:
     "Read and resize one pair: (size×size×3 `uint8`, size×size bool)."
     img, mask = read_image(pair.image, max_pixels), read_mask(pair.mask, threshold, max_pixels)
-    if img.shape[:2] != mask.shape: raise DataError(f"{pair.mask}: size {mask.shape[1]}×{mask.shape[0]} differs from its image's {img.shape[1]}×{img.shape[0]}")
+    if img.shape[:2] != mask.shape:
+        raise DataError(
+            f"{pair.mask}: size {mask.shape[1]}×{mask.shape[0]} differs from its image's {img.shape[1]}×{img.shape[0]}"
+        )
     return resize_pair(img, mask, size, mode)
 
 # %% ../nbs/01_data.ipynb #d76684fe
 def ellipse(d: int) -> np.ndarray:
     "cv2's elliptic structuring element of diameter d px."
     import cv2
+
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(d), int(d)))
+
 
 def dilate_mask(mask: np.ndarray, d: int) -> np.ndarray:
     "A 0/1 mask dilated once with a d-px ellipse (§2.5; d ≤ 0: unchanged)."
     import cv2
+
     m = (np.asarray(mask) > 0).astype(np.uint8)
     return m if d <= 0 else cv2.dilate(m, ellipse(d), iterations=1)
 
 # %% ../nbs/01_data.ipynb #902934c7
 def _raise_problems(root, problems, what="dataset"):
     n = len(problems)
-    raise DataError(f"{root}: {n} bad file{'s' if n > 1 else ''} in the {what} (first: {problems[0]}); "
-                    f"run `diffusegen data check {root}` for the full list, or set on_bad_pairs=skip to drop them")
+    raise DataError(
+        f"{root}: {n} bad file{'s' if n > 1 else ''} in the {what} (first: {problems[0]}); "
+        f"run `diffusegen data check {root}` for the full list, or set on_bad_pairs=skip to drop them"
+    )
+
 
 class PairedDataset:
     "4-channel (RGB + mask) tensors of the pairs under `root`, resized to `size`."
-    def __init__(self, root, size: int = 256, mode: str = "stretch", threshold: int = 128, tolerance: float = 0.05,
-                 on_bad: str = "error", ids: list | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+
+    def __init__(
+        self,
+        root,
+        size: int = 256,
+        mode: str = "stretch",
+        threshold: int = 128,
+        tolerance: float = 0.05,
+        on_bad: str = "error",
+        ids: list | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+    ):
         rep = check_dataset(root, threshold, tolerance, max_pixels=max_pixels)
-        if rep.problems and on_bad != "skip": _raise_problems(root, rep.problems)
+        if rep.problems and on_bad != "skip":
+            _raise_problems(root, rep.problems)
         self.root, self.size, self.mode, self.threshold, self.max_pixels = Path(root), size, mode, threshold, max_pixels
         self.skipped = rep.problems
         pairs = {p.id: p for p in rep.valid}
         if ids is not None:
             missing = [i for i in ids if i not in pairs]
-            if missing: raise DataError(f"{root}: {len(missing)} requested ids are not valid pairs here (e.g. {missing[0]})")
+            if missing:
+                raise DataError(f"{root}: {len(missing)} requested ids are not valid pairs here (e.g. {missing[0]})")
         self.pairs = [pairs[i] for i in (ids if ids is not None else sorted(pairs))]
+
     @property
-    def ids(self) -> list[str]: return [p.id for p in self.pairs]
-    def __len__(self): return len(self.pairs)
-    def __getitem__(self, i): return to_tensor4(*load_pair(self.pairs[i], self.size, self.mode, self.threshold, self.max_pixels))
+    def ids(self) -> list[str]:
+        return [p.id for p in self.pairs]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return to_tensor4(*load_pair(self.pairs[i], self.size, self.mode, self.threshold, self.max_pixels))
 
 # %% ../nbs/01_data.ipynb #7f3cd9df
 class _RestrictedUnpickler(pickle.Unpickler):
     "Unpickles plain containers, strings, numbers and numpy arrays; refuses every other global."
-    SAFE = {("builtins", n) for n in ("list", "dict", "tuple", "set", "frozenset", "str", "int", "float", "bool", "bytes", "complex")} | {
-        ("collections", "OrderedDict"), ("collections", "defaultdict"), ("_codecs", "encode"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    SAFE = {
+        ("builtins", n)
+        for n in ("list", "dict", "tuple", "set", "frozenset", "str", "int", "float", "bool", "bytes", "complex")
+    } | {
+        ("collections", "OrderedDict"),
+        ("collections", "defaultdict"),
+        ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
     def __init__(self, f, path):
-        super().__init__(f); self.path = path
+        super().__init__(f)
+        self.path = path
+
     def find_class(self, module, name):
         if (module, name) in self.SAFE:
-            if module.startswith("numpy.core"): module = module.replace("numpy.core", "numpy._core" if hasattr(np, "_core") else "numpy.core")
+            if module.startswith("numpy.core"):
+                module = module.replace("numpy.core", "numpy._core" if hasattr(np, "_core") else "numpy.core")
             return getattr(importlib.import_module(module), name)
-        raise DataError(f"{self.path}: refused to unpickle {module}.{name} (only plain containers, strings and numpy arrays are allowed)")
+        raise DataError(
+            f"{self.path}: refused to unpickle {module}.{name} (only plain containers, strings and numpy arrays are allowed)"
+        )
+
 
 def safe_unpickle(path):
     "Load a pickle that may only hold plain containers, strings, numbers and numpy arrays."
     path = Path(path)
     try:
-        with open(path, "rb") as f: return _RestrictedUnpickler(f, path).load()
-    except DataError: raise
-    except Exception as e: raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+        with open(path, "rb") as f:
+            return _RestrictedUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
 
-def _stem(p) -> str: return Path(str(p)).stem
+
+def _stem(p) -> str:
+    return Path(str(p)).stem
+
 
 def read_id_list(path) -> pd.DataFrame:
     "Training ids (and the paper's cluster, when given) from a CSV/TXT of ids or the paper's `clusters_*.pkl`."
     path = resolve_path(path)
-    if not path.exists(): raise DataError(f"{path}: id list not found (set train_ids in settings.ini, or `none` for a seeded split)")
+    if not path.exists():
+        raise DataError(f"{path}: id list not found (set train_ids in settings.ini, or `none` for a seeded split)")
     if path.suffix == ".pkl":
-        obj = safe_unpickle(path); rows = []
+        obj = safe_unpickle(path)
+        rows = []
         if isinstance(obj, dict) and all(isinstance(v, (list, tuple, np.ndarray)) for v in obj.values()):
             rows = [(_stem(p), int(c)) for c, ps in obj.items() for p in np.asarray(ps).ravel()]
-        elif isinstance(obj, dict): rows = [(_stem(p), int(c)) for p, c in obj.items()]
-        elif isinstance(obj, (list, tuple, np.ndarray)) and len(obj) and all(isinstance(v, (list, tuple, np.ndarray)) for v in obj):
+        elif isinstance(obj, dict):
+            rows = [(_stem(p), int(c)) for p, c in obj.items()]
+        elif (
+            isinstance(obj, (list, tuple, np.ndarray))
+            and len(obj)
+            and all(isinstance(v, (list, tuple, np.ndarray)) for v in obj)
+        ):
             rows = [(_stem(p), c) for c, ps in enumerate(obj) for p in np.asarray(ps).ravel()]
-        elif isinstance(obj, (list, tuple, np.ndarray)): rows = [(_stem(p), -1) for p in np.asarray(obj).ravel()]
-        else: raise DataError(f"{path}: unrecognised pickle layout ({type(obj).__name__}); expected {{cluster: [paths]}} as clusters_20.pkl")
+        elif isinstance(obj, (list, tuple, np.ndarray)):
+            rows = [(_stem(p), -1) for p in np.asarray(obj).ravel()]
+        else:
+            raise DataError(
+                f"{path}: unrecognised pickle layout ({type(obj).__name__}); expected {{cluster: [paths]}} as clusters_20.pkl"
+            )
         df = pd.DataFrame(rows, columns=["id", "paper_cluster"])
     elif path.suffix == ".csv":
         df = pd.read_csv(path, dtype=str)
@@ -342,28 +523,36 @@ def read_id_list(path) -> pd.DataFrame:
         ids = [l.strip() for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
         df = pd.DataFrame({"id": [_stem(i) for i in ids], "paper_cluster": -1})
     dup = df["id"][df["id"].duplicated()]
-    if len(dup): raise DataError(f"{path}: id {dup.iloc[0]!r} is listed twice")
-    if not len(df): raise DataError(f"{path}: lists no ids")
+    if len(dup):
+        raise DataError(f"{path}: id {dup.iloc[0]!r} is listed twice")
+    if not len(df):
+        raise DataError(f"{path}: lists no ids")
     return df.reset_index(drop=True)
 
 # %% ../nbs/01_data.ipynb #7df5b8a6
 def make_splits(ids: list[str], cfg: Config) -> tuple[pd.DataFrame, list[str]]:
     "Split dataset `ids` into train/test as `cfg` says; returns the split table (id, split, paper_cluster) and notes."
-    ids = sorted(ids); rng = np.random.default_rng(cfg.split_seed); notes = []
+    ids = sorted(ids)
+    rng = np.random.default_rng(cfg.split_seed)
+    notes = []
     listed = None if cfg.train_ids.lower() in ("none", "") else read_id_list(cfg.train_ids)
     if listed is not None:
         present = listed["id"].isin(ids)
-        if present.all(): train = listed
+        if present.all():
+            train = listed
         elif not present.any():
             notes.append(f"the dataset holds none of the {len(listed)} ids of {cfg.train_ids}: a seeded split is used")
             listed = None
         else:
             miss = listed["id"][~present]
-            raise DataError(f"{resolve_path(cfg.train_ids)}: {len(miss)} of its {len(listed)} training ids are not in the dataset "
-                            f"(e.g. {miss.iloc[0]}); is this the right dataset? (set train_ids=none for a seeded split)")
+            raise DataError(
+                f"{resolve_path(cfg.train_ids)}: {len(miss)} of its {len(listed)} training ids are not in the dataset "
+                f"(e.g. {miss.iloc[0]}); is this the right dataset? (set train_ids=none for a seeded split)"
+            )
     if listed is None:
         n_test = min(cfg.n_test, len(ids) // 5)
-        if n_test < cfg.n_test: notes.append(f"only {len(ids)} pairs: the test set has {n_test} images (n_test={cfg.n_test})")
+        if n_test < cfg.n_test:
+            notes.append(f"only {len(ids)} pairs: the test set has {n_test} images (n_test={cfg.n_test})")
         perm = [ids[i] for i in rng.permutation(len(ids))]
         test, rest = sorted(perm[:n_test]), perm[n_test:]
         rest = sorted(rest[: cfg.n_train] if cfg.n_train else rest)
@@ -371,7 +560,10 @@ def make_splits(ids: list[str], cfg: Config) -> tuple[pd.DataFrame, list[str]]:
     else:
         rest = sorted(set(ids) - set(train["id"]))
         n_test = min(cfg.n_test, len(rest))
-        if n_test < cfg.n_test: notes.append(f"only {len(rest)} images outside the training list: the test set has {n_test} (n_test={cfg.n_test})")
+        if n_test < cfg.n_test:
+            notes.append(
+                f"only {len(rest)} images outside the training list: the test set has {n_test} (n_test={cfg.n_test})"
+            )
         test = sorted(rest[i] for i in rng.permutation(len(rest))[:n_test])
     if cfg.subset and cfg.subset < len(train):
         train = train.iloc[np.sort(np.random.default_rng(cfg.split_seed + 1).permutation(len(train))[: cfg.subset])]
@@ -383,143 +575,260 @@ def make_splits(ids: list[str], cfg: Config) -> tuple[pd.DataFrame, list[str]]:
 # %% ../nbs/01_data.ipynb #c6c4aeba
 def resolve_data_root(cfg: Config, data=None) -> tuple[Path, str]:
     "The dataset folder to use and a sentence saying where it came from."
-    if data: return resolve_path(data), "given with --data"
-    if cfg.data_root != "auto": return resolve_path(cfg.data_root), "settings.ini data_root"
+    if data:
+        return resolve_path(data), "given with --data"
+    if cfg.data_root != "auto":
+        return resolve_path(cfg.data_root), "settings.ini data_root"
     search = [] if cfg.data_search.strip().lower() in ("", "none") else cfg.data_search.split()
     for cand in search:
         p = resolve_path(cand)
-        if (p/"images").is_dir() and (p/"masks").is_dir(): return p, f"found at {cand} (data_search)"
-    fetched, why = (fetch_dataset(cfg, resolve_path(search[0])) if search and cfg.data_download != "none"
-                    else (None, "data_download = none" if search else ""))
-    if fetched is not None: return fetched, f"downloaded into {fetched} (data_download = {cfg.data_download})"
+        if (p / "images").is_dir() and (p / "masks").is_dir():
+            return p, f"found at {cand} (data_search)"
+    fetched, why = (
+        fetch_dataset(cfg, resolve_path(search[0]))
+        if search and cfg.data_download != "none"
+        else (None, "data_download = none" if search else "")
+    )
+    if fetched is not None:
+        return fetched, f"downloaded into {fetched} (data_download = {cfg.data_download})"
     from diffusegen.datasets import make_demo_dataset
-    dest = cfg.run_dir/"data"/"demo-dataset"
+
+    dest = cfg.run_dir / "data" / "demo-dataset"
     make_demo_dataset(dest, n=cfg.demo_n, size=cfg.demo_size, seed=cfg.demo_seed)
     where = f"looked in {', '.join(search)}" if search else "data_search = none"
-    return dest, (f"no dataset found ({where}{'; ' + why if why else ''}): using the embedded procedural demo "
-                  f"dataset ({cfg.demo_n} images, seed {cfg.demo_seed}); pass --data DIR for real data")
+    return dest, (
+        f"no dataset found ({where}{'; ' + why if why else ''}): using the embedded procedural demo "
+        f"dataset ({cfg.demo_n} images, seed {cfg.demo_seed}); pass --data DIR for real data"
+    )
+
 
 def fetch_dataset(cfg: Config, target: Path) -> tuple[Path | None, str]:
     """`data_download`: when no dataset was found, fetch the public one into `target`'s parent folder (resumable; its
     terms printed first). Returns (its folder, '') or (None, why not); offline that takes seconds, not a timeout."""
-    import urllib.error, urllib.request
+    import urllib.error
+    import urllib.request
     from diffusegen.datasets import DATASETS, download_dataset
+
     ds = DATASETS[cfg.data_download]
-    try: urllib.request.urlopen(urllib.request.Request(ds.url, method="HEAD"), timeout=5).close()
-    except urllib.error.HTTPError: pass                            # the server answered: the network is there
+    try:
+        urllib.request.urlopen(urllib.request.Request(ds.url, method="HEAD"), timeout=5).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered: the network is there
     except (urllib.error.URLError, OSError) as e:
         msg = f"{ds.title} not downloaded: no network ({' '.join(str(getattr(e, 'reason', e)).split())})"
         print(msg)
         return None, msg
     print(f"downloading {ds.title} ({ds.url}) into {target.parent}. Terms: {ds.terms}")
-    try: return download_dataset(cfg.data_download, target.parent), ""
+    try:
+        return download_dataset(cfg.data_download, target.parent), ""
     except DataError as e:
         print(e)
         return None, f"{ds.title} not downloaded ({e})"
 
+
 def dataset_fingerprint(root) -> str:
     "A cheap fingerprint of a dataset folder (names and sizes of its files), for the runner's cache."
     import hashlib
+
     h = hashlib.sha256()
     for sub in ("images", "masks"):
-        d = Path(root)/sub
+        d = Path(root) / sub
         if d.is_dir():
-            for p in sorted(d.iterdir()): h.update(f"{sub}/{p.name}:{p.stat().st_size}\n".encode())
+            for p in sorted(d.iterdir()):
+                h.update(f"{sub}/{p.name}:{p.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
+
 
 def data_inputs(cfg: Config, data=None) -> str:
     "The data stage's `Stage.inputs`: the fingerprint of the dataset folder it reads (`--data`, else `resolve_data_root`)."
     return dataset_fingerprint(resolve_data_root(cfg, data)[0])
 
+
 def preprocess_pairs(pairs: list[Pair], cfg: Config, progress: bool = True) -> dict:
     "Resize `pairs` to `cfg.image_size`: {'images': N×3×S×S uint8, 'masks': N×S×S uint8 (0/1)} tensors."
     import torch
     from tqdm.auto import tqdm
+
     f = lambda p: load_pair(p, cfg.image_size, cfg.resize_mode, cfg.mask_threshold, cfg.max_image_pixels)
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as ex:
-        res = list(tqdm(ex.map(f, pairs), total=len(pairs), desc=f"resizing to {cfg.image_size}px", unit="pair", disable=not progress))
+        res = list(
+            tqdm(
+                ex.map(f, pairs),
+                total=len(pairs),
+                desc=f"resizing to {cfg.image_size}px",
+                unit="pair",
+                disable=not progress,
+            )
+        )
     imgs = torch.from_numpy(np.stack([r[0] for r in res])).permute(0, 3, 1, 2).contiguous()
     masks = torch.from_numpy(np.stack([r[1] for r in res]).astype(np.uint8))
     return {"images": imgs, "masks": masks}
 
+
 def save_pairs(tensors: dict, ids: list[str], path, meta: dict | None = None) -> Path:
     "Save preprocessed pairs as safetensors (ids and `meta` as JSON in its metadata), atomically."
     from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids), **{k: json.dumps(v) for k, v in (meta or {}).items()}})
+        save_file(
+            tensors, str(tmp), metadata={"ids": json.dumps(ids), **{k: json.dumps(v) for k, v in (meta or {}).items()}}
+        )
     return Path(path)
+
 
 def load_pairs(path) -> tuple[dict, list[str], dict]:
     "Load what `save_pairs` wrote: (tensors, ids, meta)."
     from safetensors import safe_open
     from safetensors.torch import load_file
-    with safe_open(str(path), "pt") as f: md = f.metadata()
+
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata()
     return load_file(str(path)), json.loads(md.pop("ids")), {k: json.loads(v) for k, v in md.items()}
 
-def pairs_path(cfg: Config) -> Path: return cfg.run_dir/"data"/f"pairs_{cfg.image_size}.safetensors"
+
+def pairs_path(cfg: Config) -> Path:
+    return cfg.run_dir / "data" / f"pairs_{cfg.image_size}.safetensors"
+
 
 def load_split(cfg: Config) -> pd.DataFrame:
     "The split table the data stage wrote (id, split, paper_cluster, image, mask)."
-    p = cfg.run_dir/"data"/"splits.csv"
-    if not p.exists(): raise DataError(f"{p}: no split yet; run the data stage first (diffusegen reproduce --only data)")
+    p = cfg.run_dir / "data" / "splits.csv"
+    if not p.exists():
+        raise DataError(f"{p}: no split yet; run the data stage first (diffusegen reproduce --only data)")
     return pd.read_csv(p, dtype={"id": str})
 
 # %% ../nbs/01_data.ipynb #4ceb9cf2
 # Numbers the paper (and, where the paper is silent, the dataset's documentation) gives for this stage.
-PAPER_DATA = {"pairs": ("§2.1, §2.7", "1000 (HyperKvasir segmented images)"),
-              "train": ("§2.1", "348"), "test": ("§2.7", "200"), "image_size": ("§2.3", "256 × 256"),
-              "sizes": ("Kvasir-SEG", "width 332–1920 px, height 352–1072 px"),
-              "share": ("Kvasir-SEG", "min 0.47%, median 11.4%, max 81.2%")}
+PAPER_DATA = {
+    "pairs": ("§2.1, §2.7", "1000 (HyperKvasir segmented images)"),
+    "train": ("§2.1", "348"),
+    "test": ("§2.7", "200"),
+    "image_size": ("§2.3", "256 × 256"),
+    "sizes": ("Kvasir-SEG", "width 332–1920 px, height 352–1072 px"),
+    "share": ("Kvasir-SEG", "min 0.47%, median 11.4%, max 81.2%"),
+}
+
 
 def sample_figure(tensors: dict, ids: list[str], n: int = 8, seed: int = 0):
     "Fig. 1: `n` training images (top) with their masks (bottom)."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    n = min(n, len(ids)); idx = np.sort(np.random.default_rng(seed).permutation(len(ids))[:n])
+
+    n = min(n, len(ids))
+    idx = np.sort(np.random.default_rng(seed).permutation(len(ids))[:n])
     fig, ax = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
     for j, i in enumerate(idx):
-        ax[0, j].imshow(tensors["images"][i].permute(1, 2, 0).numpy()); ax[0, j].set_title(ids[i][:10], fontsize=6)
+        ax[0, j].imshow(tensors["images"][i].permute(1, 2, 0).numpy())
+        ax[0, j].set_title(ids[i][:10], fontsize=6)
         ax[1, j].imshow(tensors["masks"][i].numpy(), cmap="gray", vmin=0, vmax=1)
-    for a in ax.ravel(): a.axis("off")
+    for a in ax.ravel():
+        a.axis("off")
     fig.suptitle("Fig. 1: training images and their masks", fontsize=9)
     return fig
+
 
 def run_data(cfg: Config, data=None, progress: bool = True) -> dict:
     "The data stage: find, check, split and resize the dataset; write its tables, figure and manifest."
     run_d, fig_d = stage_dirs(cfg, "data")
     root, origin = resolve_data_root(cfg, data)
-    if progress: print(f"dataset: {root} ({origin})")
-    rep = check_dataset(root, cfg.mask_threshold, cfg.mask_grey_tolerance, progress=progress, max_pixels=cfg.max_image_pixels)
-    if rep.problems and cfg.on_bad_pairs != "skip": _raise_problems(root, rep.problems)
-    if not rep.valid: raise DataError(f"{root}: no valid pairs")
+    if progress:
+        print(f"dataset: {root} ({origin})")
+    rep = check_dataset(
+        root, cfg.mask_threshold, cfg.mask_grey_tolerance, progress=progress, max_pixels=cfg.max_image_pixels
+    )
+    if rep.problems and cfg.on_bad_pairs != "skip":
+        _raise_problems(root, rep.problems)
+    if not rep.valid:
+        raise DataError(f"{root}: no valid pairs")
     notes = [origin] + [f"skipped: {p}" for p in rep.problems]
-    split, split_notes = make_splits([p.id for p in rep.valid], cfg); notes += split_notes
+    split, split_notes = make_splits([p.id for p in rep.valid], cfg)
+    notes += split_notes
     by_id = {p.id: p for p in rep.valid}
-    split["image"] = [str(by_id[i].image) for i in split.id]; split["mask"] = [str(by_id[i].mask) for i in split.id]
-    for name, part in [("splits", split), ("train", split[split.split == "train"]), ("test", split[split.split == "test"])]:
-        with atomic_write(run_d/f"{name}.csv") as f: part.to_csv(f, index=False)
+    split["image"] = [str(by_id[i].image) for i in split.id]
+    split["mask"] = [str(by_id[i].mask) for i in split.id]
+    for name, part in [
+        ("splits", split),
+        ("train", split[split.split == "train"]),
+        ("test", split[split.split == "test"]),
+    ]:
+        with atomic_write(run_d / f"{name}.csv") as f:
+            part.to_csv(f, index=False)
     if rep.problems:
-        write_table(pd.DataFrame({"file": [str(p.path) for p in rep.problems], "problem": [p.message for p in rep.problems]}), run_d/"bad_pairs")
+        write_table(
+            pd.DataFrame({"file": [str(p.path) for p in rep.problems], "problem": [p.message for p in rep.problems]}),
+            run_d / "bad_pairs",
+        )
     tensors = preprocess_pairs([by_id[i] for i in split.id], cfg, progress)
-    save_pairs(tensors, list(split.id), pairs_path(cfg), {"split": list(split.split), "image_size": cfg.image_size,
-               "resize_mode": cfg.resize_mode, "dataset": str(root)})
+    save_pairs(
+        tensors,
+        list(split.id),
+        pairs_path(cfg),
+        {
+            "split": list(split.split),
+            "image_size": cfg.image_size,
+            "resize_mode": cfg.resize_mode,
+            "dataset": str(root),
+        },
+    )
     share = np.array([s.polyp_share for s in rep.stats]) * 100
-    w = [s.width for s in rep.stats]; h = [s.height for s in rep.stats]
-    ours = {"pairs": f"{len(rep.valid)}", "train": f"{(split.split == 'train').sum()}", "test": f"{(split.split == 'test').sum()}",
-            "image_size": f"{cfg.image_size} × {cfg.image_size} ({cfg.resize_mode})",
-            "sizes": f"width {min(w)}–{max(w)} px, height {min(h)}–{max(h)} px",
-            "share": f"min {share.min():.2f}%, median {np.median(share):.1f}%, max {share.max():.1f}%"}
-    labels = {"pairs": "valid image/mask pairs", "train": "training images", "test": "test images", "image_size": "model input size",
-              "sizes": "original sizes", "share": "polyp area share"}
-    table = pd.DataFrame([{"quantity": labels[k], "ours": ours[k], "paper": PAPER_DATA[k][1], "source": PAPER_DATA[k][0]} for k in labels])
-    arts = [Artifact(str(p), "table", "Dataset summary", "§2.1, §2.3, §2.7") for p in write_table(table, fig_d/"dataset_summary")[:1]]
+    w = [s.width for s in rep.stats]
+    h = [s.height for s in rep.stats]
+    ours = {
+        "pairs": f"{len(rep.valid)}",
+        "train": f"{(split.split == 'train').sum()}",
+        "test": f"{(split.split == 'test').sum()}",
+        "image_size": f"{cfg.image_size} × {cfg.image_size} ({cfg.resize_mode})",
+        "sizes": f"width {min(w)}–{max(w)} px, height {min(h)}–{max(h)} px",
+        "share": f"min {share.min():.2f}%, median {np.median(share):.1f}%, max {share.max():.1f}%",
+    }
+    labels = {
+        "pairs": "valid image/mask pairs",
+        "train": "training images",
+        "test": "test images",
+        "image_size": "model input size",
+        "sizes": "original sizes",
+        "share": "polyp area share",
+    }
+    table = pd.DataFrame(
+        [
+            {"quantity": labels[k], "ours": ours[k], "paper": PAPER_DATA[k][1], "source": PAPER_DATA[k][0]}
+            for k in labels
+        ]
+    )
+    arts = [
+        Artifact(str(p), "table", "Dataset summary", "§2.1, §2.3, §2.7")
+        for p in write_table(table, fig_d / "dataset_summary")[:1]
+    ]
     tr = split.split.values == "train"
     fig = sample_figure({k: v[tr] for k, v in tensors.items()}, list(split.id[tr]), seed=cfg.seed)
-    arts.append(Artifact(str(save_figure(fig, fig_d/"fig1_samples.png")), "figure", "Fig. 1: training images and masks", "Fig. 1"))
-    import matplotlib.pyplot as plt; plt.close(fig)
-    arts += [Artifact(str(run_d/"splits.csv"), "data", "Train/test split", "§2.1, §2.7", "348 / 200", f"{ours['train']} / {ours['test']}"),
-             Artifact(str(pairs_path(cfg)), "data", f"Resized pairs ({cfg.image_size}px)", "§2.3")]
-    summary = {"dataset": str(root), "origin": origin, "fingerprint": dataset_fingerprint(root), **ours,
-               "skipped": len(rep.problems), "table": table.to_dict("records")}
+    arts.append(
+        Artifact(
+            str(save_figure(fig, fig_d / "fig1_samples.png")), "figure", "Fig. 1: training images and masks", "Fig. 1"
+        )
+    )
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    arts += [
+        Artifact(
+            str(run_d / "splits.csv"),
+            "data",
+            "Train/test split",
+            "§2.1, §2.7",
+            "348 / 200",
+            f"{ours['train']} / {ours['test']}",
+        ),
+        Artifact(str(pairs_path(cfg)), "data", f"Resized pairs ({cfg.image_size}px)", "§2.3"),
+    ]
+    summary = {
+        "dataset": str(root),
+        "origin": origin,
+        "fingerprint": dataset_fingerprint(root),
+        **ours,
+        "skipped": len(rep.problems),
+        "table": table.to_dict("records"),
+    }
     write_manifest(cfg, "data", arts, [], summary, notes)
     return summary

@@ -5,7 +5,15 @@ demo set that needs nothing, and a resumable, verified download of Kvasir-SEG or
 
 # %% ../nbs/01a_datasets.ipynb #a9785838
 from __future__ import annotations
-import json, os, re, shutil, socket, urllib.error, urllib.request, uuid, zipfile
+import json
+import os
+import re
+import shutil
+import socket
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
 import http.client
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +26,19 @@ __all__ = ['DEMO_VERSION', 'DEMO_AREA_RANGE', 'DATASETS', 'IMAGE_EXTS', 'demo_pa
            'safe_extract', 'check_layout', 'download_dataset']
 
 # %% ../nbs/01a_datasets.ipynb #7efd420a
-DEMO_VERSION = "demo-v1"                 # bump when the generator's output changes
-DEMO_AREA_RANGE = (0.01, 0.40)           # polyp share of the image the generator promises
+DEMO_VERSION = "demo-v1"  # bump when the generator's output changes
+DEMO_AREA_RANGE = (0.01, 0.40)  # polyp share of the image the generator promises
 _AREA_MEDIAN, _AREA_SIGMA, _AREA_CLIP = 0.11, 0.75, (0.012, 0.38)
+
 
 def _smoothstep(e0, e1, x):
     t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
     return t * t * (3 - 2 * t)
 
-def _lerp(a, b, t): return np.asarray(a, float) + (np.asarray(b, float) - np.asarray(a, float)) * t
+
+def _lerp(a, b, t):
+    return np.asarray(a, float) + (np.asarray(b, float) - np.asarray(a, float)) * t
+
 
 def _value_noise(rng, size: int, cells: float, octaves: int = 1) -> np.ndarray:
     "Smooth value noise in [0, 1] on a `size`×`size` grid with `cells` lattice cells across (fractal for octaves > 1)."
@@ -35,53 +47,67 @@ def _value_noise(rng, size: int, cells: float, octaves: int = 1) -> np.ndarray:
         c = max(1, int(round(cells * 2**o)))
         g = rng.random((c + 1, c + 1))
         t = (np.arange(size) + 0.5) * c / size
-        i = np.minimum(t.astype(int), c - 1); f = t - i; f = f * f * (3 - 2 * f)
+        i = np.minimum(t.astype(int), c - 1)
+        f = t - i
+        f = f * f * (3 - 2 * f)
         a = g[i][:, i] * (1 - f)[None, :] + g[i][:, i + 1] * f[None, :]
         b = g[i + 1][:, i] * (1 - f)[None, :] + g[i + 1][:, i + 1] * f[None, :]
-        out += amp * (a * (1 - f)[:, None] + b * f[:, None]); tot += amp; amp *= 0.5
+        out += amp * (a * (1 - f)[:, None] + b * f[:, None])
+        tot += amp
+        amp *= 0.5
     return out / tot
 
 # %% ../nbs/01a_datasets.ipynb #6aca45a5
 def _polyp_harmonics(rng):
     ks = np.arange(2, 7)
-    return ks, rng.uniform(0, 0.16, len(ks)) / ks ** 0.7, rng.uniform(0, 2 * np.pi, len(ks))
+    return ks, rng.uniform(0, 0.16, len(ks)) / ks**0.7, rng.uniform(0, 2 * np.pi, len(ks))
+
 
 def _radius(th, ks, amps, phs):
     "The blob's relative radius 1 + Σ a_k cos(kθ + φ_k) at angles `th`."
     return 1 + (amps[:, None, None] * np.cos(ks[:, None, None] * th[None] + phs[:, None, None])).sum(0)
 
+
 def demo_pair(seed: int, index: int, size: int = 256) -> tuple[Image.Image, Image.Image]:
     "Procedural endoscopy-like frame `index` of the demo set `seed`: (RGB image, L mask with 0/255)."
     from scipy.ndimage import gaussian_filter
+
     rng = np.random.default_rng([int(seed), int(index)])
     S, px = int(size), 2.0 / size
     c = (np.arange(S) + 0.5) * px - 1
-    u, v = np.meshgrid(c, c)                               # u right, v down
+    u, v = np.meshgrid(c, c)  # u right, v down
     r = np.hypot(u, v)
     # field of view: the endoscope's round or octagonal window, black outside
-    if rng.random() < 0.5: fovd = r - rng.uniform(1.02, 1.18)
-    else: fovd = np.maximum(np.maximum(np.abs(u), np.abs(v)) - 1.5, (np.abs(u) + np.abs(v)) / np.sqrt(2) - rng.uniform(1.05, 1.2))
+    if rng.random() < 0.5:
+        fovd = r - rng.uniform(1.02, 1.18)
+    else:
+        fovd = np.maximum(
+            np.maximum(np.abs(u), np.abs(v)) - 1.5, (np.abs(u) + np.abs(v)) / np.sqrt(2) - rng.uniform(1.05, 1.2)
+        )
     fov = _smoothstep(px, -px, fovd)
     # mucosa: pink / orange / red base colour, low-frequency variation, faint vessels
     base = _lerp(_lerp((236, 128, 112), (238, 138, 80), rng.random()), (205, 80, 64), rng.random() * 0.6)
     n1, n2 = _value_noise(rng, S, 3, 2) - 0.5, _value_noise(rng, S, 4, 2) - 0.5
     img = base * (1 + 0.25 * n1[..., None]) + np.array([36, -20, -28]) * n2[..., None]
-    ves = np.exp(-((_value_noise(rng, S, 7, 2) - 0.5) / 0.015) ** 2) * _value_noise(rng, S, 3) * rng.uniform(0.15, 0.5)
+    ves = (
+        np.exp(-(((_value_noise(rng, S, 7, 2) - 0.5) / 0.015) ** 2)) * _value_noise(rng, S, 3) * rng.uniform(0.15, 0.5)
+    )
     img *= 1 - ves[..., None] * np.array([0.12, 0.35, 0.3])
     # light: falls towards the lumen (far away, dark) and towards the border (vignetting)
     ang = rng.uniform(0, 2 * np.pi)
-    rad = rng.uniform(0.0, 0.75) if rng.random() < 0.8 else rng.uniform(0.95, 1.3)   # lumen sometimes off-frame
+    rad = rng.uniform(0.0, 0.75) if rng.random() < 0.8 else rng.uniform(0.95, 1.3)  # lumen sometimes off-frame
     du, dv, rl = u - rad * np.cos(ang), v - rad * np.sin(ang), rng.uniform(0.14, 0.34)
     dl = np.hypot(du, dv * rng.uniform(0.8, 1.25)) * (1 + 0.35 * (_value_noise(rng, S, 3) - 0.5))
     th = np.arctan2(dv, du)
-    light = (0.18 + 0.82 * _smoothstep(rl * 0.5, rl * 3.2, dl) ** 0.8) * (1 - 0.38 * r ** 2)
+    light = (0.18 + 0.82 * _smoothstep(rl * 0.5, rl * 3.2, dl) ** 0.8) * (1 - 0.38 * r**2)
     # folds: shadowed ridges on arcs around the lumen
     F, rk = np.zeros((S, S)), rl * 1.2
     for _ in range(rng.integers(1, 5)):
-        rk += rng.uniform(0.15, 0.4); w = rng.uniform(0.06, 0.12) * (1 + rk)
+        rk += rng.uniform(0.15, 0.4)
+        w = rng.uniform(0.06, 0.12) * (1 + rk)
         s = (dl + rng.uniform(0.02, 0.06) * np.sin(rng.integers(2, 5) * th + rng.uniform(0, 2 * np.pi)) - rk) / w
         arc = (0.5 + 0.5 * np.cos(th - rng.uniform(0, 2 * np.pi))) ** rng.uniform(0.5, 2.5)
-        F += arc * (-0.32 * np.exp(-((s + 0.6) / 0.8) ** 2) + 0.16 * np.exp(-((s - 0.7) / 0.9) ** 2))
+        F += arc * (-0.32 * np.exp(-(((s + 0.6) / 0.8) ** 2)) + 0.16 * np.exp(-(((s - 0.7) / 0.9) ** 2)))
     light *= np.clip(1 + F, 0.2, 1.3)
     t_l = _smoothstep(rl * 1.0, rl * 0.3, dl)[..., None]
     img = img * light[..., None] * (1 - t_l) + np.array([55, 18, 12]) * (0.5 + 0.5 * light[..., None]) * t_l
@@ -90,22 +116,27 @@ def demo_pair(seed: int, index: int, size: int = 256) -> tuple[Image.Image, Imag
     aspect, rot = rng.uniform(0.65, 1.0), rng.uniform(0, np.pi)
     ks, amps, phs = _polyp_harmonics(rng)
     Rt = _radius(np.linspace(0, 2 * np.pi, 256, endpoint=False)[None], ks, amps, phs)
-    reach = np.sqrt(4 * area / (np.pi * aspect * np.mean(Rt ** 2))) * Rt.max()
+    reach = np.sqrt(4 * area / (np.pi * aspect * np.mean(Rt**2))) * Rt.max()
     lim = max(0.0, 0.92 - 0.85 * reach)
     pcx, pcy = rng.uniform(-lim, lim, 2)
     cr, sr = np.cos(rot), np.sin(rot)
-    def q_of(x, y):                                         # blob = {q < r0}
+
+    def q_of(x, y):  # blob = {q < r0}
         a, b = x * cr + y * sr, (-x * sr + y * cr) / aspect
         return np.hypot(a, b) / _radius(np.arctan2(b, a), ks, amps, phs)
+
     q, inside = q_of(u - pcx, v - pcy), fovd < 0
-    qs = np.sort(q[inside]); k = min(max(int(round(area * S * S)), 1), qs.size - 1)
-    r0 = 0.5 * (qs[k - 1] + qs[k])                          # exactly k mask pixels
+    qs = np.sort(q[inside])
+    k = min(max(int(round(area * S * S)), 1), qs.size - 1)
+    r0 = 0.5 * (qs[k - 1] + qs[k])  # exactly k mask pixels
     mask = (q < r0) & inside
     # dome shading lit from (near) the camera, specular highlight, texture
     h = gaussian_filter(np.sqrt(np.clip(1 - (q / r0) ** 2, 0, 1)) ** rng.uniform(0.6, 1.0), max(1.0, 0.12 * r0 / px))
     gy, gx = np.gradient(h * rng.uniform(0.5, 1.0) * r0, px)
-    nrm = np.stack([-gx, -gy, np.ones_like(gx)], -1); nrm /= np.linalg.norm(nrm, axis=-1, keepdims=True)
-    ldir = np.array([rng.uniform(-0.4, 0.4), rng.uniform(-0.5, 0.1), 1.0]); ldir /= np.linalg.norm(ldir)
+    nrm = np.stack([-gx, -gy, np.ones_like(gx)], -1)
+    nrm /= np.linalg.norm(nrm, axis=-1, keepdims=True)
+    ldir = np.array([rng.uniform(-0.4, 0.4), rng.uniform(-0.5, 0.1), 1.0])
+    ldir /= np.linalg.norm(ldir)
     hv = (ldir + [0, 0, 1.0]) / np.linalg.norm(ldir + [0, 0, 1.0])
     spec = np.clip(nrm @ hv, 0, 1) ** rng.uniform(80, 240) * rng.uniform(0.4, 0.9)
     pcol = _lerp(base, _lerp((240, 170, 150), (196, 72, 70), rng.random()), rng.uniform(0.2, 0.6))
@@ -113,32 +144,46 @@ def demo_pair(seed: int, index: int, size: int = 256) -> tuple[Image.Image, Imag
     pimg = pcol * (1 + 0.22 * pt[..., None]) * (0.45 + 0.6 * np.clip(nrm @ ldir, 0, 1)[..., None])
     pimg *= 0.75 + 0.25 * light[..., None] / max(float(light[mask].mean()), 1e-3)
     pimg += 255 * 0.9 * spec[..., None]
-    off = -ldir[:2] * r0 * 0.25                             # soft shadow beside the bump, away from the light
+    off = -ldir[:2] * r0 * 0.25  # soft shadow beside the bump, away from the light
     img *= 1 - 0.35 * (_smoothstep(r0 * 1.15, r0 * 0.9, q_of(u - pcx - off[0], v - pcy - off[1])) * ~mask)[..., None]
-    alpha = (np.clip((r0 - q) / (1.2 * px), 0, 1) * mask)[..., None]   # anti-aliased edge, inside the mask only
+    alpha = (np.clip((r0 - q) / (1.2 * px), 0, 1) * mask)[..., None]  # anti-aliased edge, inside the mask only
     img = img * (1 - alpha) + pimg * alpha
     # specular glints on the wet mucosa
     glint = np.zeros((S, S))
     for _ in range(rng.integers(3, 14)):
-        gxc, gyc = rng.uniform(-0.85, 0.85, 2); gs, ga, ge = rng.uniform(0.006, 0.025), rng.uniform(0, np.pi), rng.uniform(1, 3)
+        gxc, gyc = rng.uniform(-0.85, 0.85, 2)
+        gs, ga, ge = rng.uniform(0.006, 0.025), rng.uniform(0, np.pi), rng.uniform(1, 3)
         e1 = ((u - gxc) * np.cos(ga) + (v - gyc) * np.sin(ga)) / (gs * ge)
         e2 = (-(u - gxc) * np.sin(ga) + (v - gyc) * np.cos(ga)) / gs
         glint = np.maximum(glint, _smoothstep(1.0, 0.4, np.hypot(e1, e2)))
     img = img * (1 - glint[..., None]) + np.array([255, 252, 245]) * glint[..., None]
     img = img * fov[..., None] + rng.normal(0, 2.5, img.shape)
-    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").filter(ImageFilter.GaussianBlur(0.45 * S / 256 + 0.2))
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").filter(
+        ImageFilter.GaussianBlur(0.45 * S / 256 + 0.2)
+    )
     return im, Image.fromarray(mask.astype(np.uint8) * 255, "L")
 
 # %% ../nbs/01a_datasets.ipynb #eee0f4e6
 def _demo_meta(dest: Path) -> dict | None:
-    try: return json.loads((Path(dest)/"dataset.json").read_text())
-    except (OSError, ValueError): return None
+    try:
+        return json.loads((Path(dest) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return None
+
 
 def _demo_complete(dest: Path, n: int, size: int, seed: int) -> bool:
     m = _demo_meta(dest)
-    if not m or m.get("generator_version") != DEMO_VERSION or (m.get("n"), m.get("size"), m.get("seed")) != (n, size, seed):
+    if (
+        not m
+        or m.get("generator_version") != DEMO_VERSION
+        or (m.get("n"), m.get("size"), m.get("seed")) != (n, size, seed)
+    ):
         return False
-    return all((dest/"images"/f"demo_{i:04d}.jpg").is_file() and (dest/"masks"/f"demo_{i:04d}.png").is_file() for i in range(n))
+    return all(
+        (dest / "images" / f"demo_{i:04d}.jpg").is_file() and (dest / "masks" / f"demo_{i:04d}.png").is_file()
+        for i in range(n)
+    )
+
 
 _SOURCE_MD = """# Procedural demo dataset (not real data)
 
@@ -148,48 +193,70 @@ These images only let the pipeline run end to end without a dataset. No result c
 about real polyps: use Kvasir-SEG / HyperKvasir (`diffusegen.datasets.download_dataset`) for that.
 """
 
+
 def make_demo_dataset(dest, n: int = 60, size: int = 256, seed: int = 0) -> Path:
     "Write (or reuse) the procedural demo set in `dest`: `images/demo_0000.jpg`, `masks/demo_0000.png`, ... ."
     dest = Path(dest)
     n, size, seed = int(n), int(size), int(seed)
-    if n < 1 or size < 16 or seed < 0: raise DataError(f"{dest}: demo set needs n >= 1, size >= 16 and seed >= 0 (got n={n}, size={size}, seed={seed})")
-    if _demo_complete(dest, n, size, seed): return dest
+    if n < 1 or size < 16 or seed < 0:
+        raise DataError(
+            f"{dest}: demo set needs n >= 1, size >= 16 and seed >= 0 (got n={n}, size={size}, seed={seed})"
+        )
+    if _demo_complete(dest, n, size, seed):
+        return dest
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and _demo_meta(dest) is None)):
         raise DataError(f"{dest}: exists and is not a diffusegen demo set; choose another folder or remove it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent/f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        (tmp/"images").mkdir(parents=True); (tmp/"masks").mkdir()
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
         shares = []
         for i in range(n):
             im, m = demo_pair(seed, i, size)
-            im.save(tmp/"images"/f"demo_{i:04d}.jpg", "JPEG", quality=90)
-            m.save(tmp/"masks"/f"demo_{i:04d}.png", "PNG")
+            im.save(tmp / "images" / f"demo_{i:04d}.jpg", "JPEG", quality=90)
+            m.save(tmp / "masks" / f"demo_{i:04d}.png", "PNG")
             shares.append(round(float((np.asarray(m) > 0).mean()), 6))
-        (tmp/"SOURCE.md").write_text(_SOURCE_MD.format(version=DEMO_VERSION, n=n, size=size, seed=seed))
-        write_json(tmp/"dataset.json", {
-            "name": "diffusegen-demo", "procedural": True, "real_data": False,
-            "generator": "diffusegen.datasets.make_demo_dataset", "generator_version": DEMO_VERSION,
-            "n": n, "size": size, "seed": seed, "image_format": "JPEG quality 90", "mask_format": "PNG, 0 = background, 255 = polyp",
-            "polyp_share": shares})
-        fsync_tree(tmp)                                     # on disk before the rename
+        (tmp / "SOURCE.md").write_text(_SOURCE_MD.format(version=DEMO_VERSION, n=n, size=size, seed=seed))
+        write_json(
+            tmp / "dataset.json",
+            {
+                "name": "diffusegen-demo",
+                "procedural": True,
+                "real_data": False,
+                "generator": "diffusegen.datasets.make_demo_dataset",
+                "generator_version": DEMO_VERSION,
+                "n": n,
+                "size": size,
+                "seed": seed,
+                "image_format": "JPEG quality 90",
+                "mask_format": "PNG, 0 = background, 255 = polyp",
+                "polyp_share": shares,
+            },
+        )
+        fsync_tree(tmp)  # on disk before the rename
         old = None
-        if dest.exists():                                   # an empty folder or an outdated demo set
-            old = dest.parent/f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if dest.exists():  # an empty folder or an outdated demo set
+            old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(dest, old)
-        try: os.rename(tmp, dest)
+        try:
+            os.rename(tmp, dest)
         except OSError:
-            if _demo_complete(dest, n, size, seed): return dest      # another process won the race
+            if _demo_complete(dest, n, size, seed):
+                return dest  # another process won the race
             raise
-        if old is not None: shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return dest
     finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/01a_datasets.ipynb #c5c94173
 @dataclass(frozen=True)
 class RemoteDataset:
     "A public paired dataset: where its zip lives and how many image/mask pairs it holds."
+
     name: str
     title: str
     url: str
@@ -198,19 +265,33 @@ class RemoteDataset:
     homepage: str
     terms: str = ""
 
+
 DATASETS = {
-    "kvasir-seg": RemoteDataset("kvasir-seg", "Kvasir-SEG", "https://datasets.simula.no/downloads/kvasir-seg.zip",
-                                "kvasir-seg.zip", 1000, "https://datasets.simula.no/kvasir-seg/",
-                                "Kvasir-SEG (Jha et al., MultiMedia Modeling 2020): free for research and education only; cite its paper. "
-                                "Its images are HyperKvasir's segmented images (Borgli et al., Scientific Data 2020, CC BY 4.0)"),
-    "hyperkvasir": RemoteDataset("hyperkvasir", "HyperKvasir segmented images",
-                                 "https://datasets.simula.no/downloads/hyper-kvasir/hyper-kvasir-segmented-images.zip",
-                                 "hyper-kvasir-segmented-images.zip", 1000, "https://datasets.simula.no/hyper-kvasir/",
-                                 "HyperKvasir (Borgli et al., Scientific Data 2020): CC BY 4.0, cite its paper"),
+    "kvasir-seg": RemoteDataset(
+        "kvasir-seg",
+        "Kvasir-SEG",
+        "https://datasets.simula.no/downloads/kvasir-seg.zip",
+        "kvasir-seg.zip",
+        1000,
+        "https://datasets.simula.no/kvasir-seg/",
+        "Kvasir-SEG (Jha et al., MultiMedia Modeling 2020): free for research and education only; cite its paper. "
+        "Its images are HyperKvasir's segmented images (Borgli et al., Scientific Data 2020, CC BY 4.0)",
+    ),
+    "hyperkvasir": RemoteDataset(
+        "hyperkvasir",
+        "HyperKvasir segmented images",
+        "https://datasets.simula.no/downloads/hyper-kvasir/hyper-kvasir-segmented-images.zip",
+        "hyper-kvasir-segmented-images.zip",
+        1000,
+        "https://datasets.simula.no/hyper-kvasir/",
+        "HyperKvasir (Borgli et al., Scientific Data 2020): CC BY 4.0, cite its paper",
+    ),
 }
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
-def _one_line(x) -> str: return " ".join(str(x).split())
+
+def _one_line(x) -> str:
+    return " ".join(str(x).split())
 
 # %% ../nbs/01a_datasets.ipynb #483c415a
 def _unsafe(name: str) -> bool:
@@ -218,18 +299,22 @@ def _unsafe(name: str) -> bool:
     n = name.replace("\\", "/")
     return n.startswith("/") or bool(re.match(r"^[A-Za-z]:", n)) or ".." in n.split("/")
 
+
 def safe_extract(zip_path, out) -> Path:
     "Extract `zip_path` into `out`; a member with an absolute path or `..` (path traversal) is a `DataError`."
     zip_path, out = Path(zip_path), Path(out)
     try:
         with zipfile.ZipFile(zip_path) as zf:
             bad = [m.filename for m in zf.infolist() if _unsafe(m.filename)]
-            if bad: raise DataError(f"{zip_path}: unsafe member {bad[0]!r} (absolute path or '..'); refusing to extract")
+            if bad:
+                raise DataError(f"{zip_path}: unsafe member {bad[0]!r} (absolute path or '..'); refusing to extract")
             out.mkdir(parents=True, exist_ok=True)
             root = out.resolve()
             for m in zf.infolist():
-                if not (out/m.filename).resolve().is_relative_to(root):
-                    raise DataError(f"{zip_path}: member {m.filename!r} points outside the extraction folder; refusing to extract")
+                if not (out / m.filename).resolve().is_relative_to(root):
+                    raise DataError(
+                        f"{zip_path}: member {m.filename!r} points outside the extraction folder; refusing to extract"
+                    )
             zf.extractall(out)
     except (zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"{zip_path}: not a complete zip file ({_one_line(e)}); delete it and download again") from None
@@ -237,69 +322,108 @@ def safe_extract(zip_path, out) -> Path:
 
 # %% ../nbs/01a_datasets.ipynb #709e6fe9
 def _files(d: Path) -> dict:
-    return {f.stem: f for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTS}
+    return {
+        f.stem: f
+        for f in sorted(d.iterdir())
+        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTS
+    }
+
 
 def check_layout(root, expected: int | None = None) -> int:
     "Check that `root/images` and `root/masks` pair up by stem (and number `expected` each); return the number of pairs."
     root = Path(root)
     for sub in ("images", "masks"):
-        if not (root/sub).is_dir(): raise DataError(f"{root}: no {sub}/ folder")
-    ims, mks = _files(root/"images"), _files(root/"masks")
+        if not (root / sub).is_dir():
+            raise DataError(f"{root}: no {sub}/ folder")
+    ims, mks = _files(root / "images"), _files(root / "masks")
     if expected is not None:
         for sub, d in (("images", ims), ("masks", mks)):
-            if len(d) != expected: raise DataError(f"{root/sub}: {len(d)} files, expected {expected}")
+            if len(d) != expected:
+                raise DataError(f"{root / sub}: {len(d)} files, expected {expected}")
     lone_i, lone_m = sorted(set(ims) - set(mks)), sorted(set(mks) - set(ims))
-    if lone_i: raise DataError(f"{root}: {len(lone_i)} images have no mask of the same stem (e.g. {ims[lone_i[0]].name})")
-    if lone_m: raise DataError(f"{root}: {len(lone_m)} masks have no image of the same stem (e.g. {mks[lone_m[0]].name})")
-    if not ims: raise DataError(f"{root}: images/ and masks/ are empty")
+    if lone_i:
+        raise DataError(f"{root}: {len(lone_i)} images have no mask of the same stem (e.g. {ims[lone_i[0]].name})")
+    if lone_m:
+        raise DataError(f"{root}: {len(lone_m)} masks have no image of the same stem (e.g. {mks[lone_m[0]].name})")
+    if not ims:
+        raise DataError(f"{root}: images/ and masks/ are empty")
     return len(ims)
+
 
 def _find_pair_folder(top: Path) -> Path | None:
     "The shallowest folder under `top` holding both images/ and masks/ (macOS `__MACOSX` copies ignored)."
-    cands = [p for p in [top, *sorted(top.rglob("*"))] if p.is_dir() and "__MACOSX" not in p.parts
-             and (p/"images").is_dir() and (p/"masks").is_dir()]
+    cands = [
+        p
+        for p in [top, *sorted(top.rglob("*"))]
+        if p.is_dir() and "__MACOSX" not in p.parts and (p / "images").is_dir() and (p / "masks").is_dir()
+    ]
     return min(cands, key=lambda p: len(p.parts)) if cands else None
 
 # %% ../nbs/01a_datasets.ipynb #f7dcd2b9
 def _content_range(h) -> tuple[int | None, int | None]:
     "(first byte, total) from a `Content-Range: bytes a-b/total` (or `bytes */total`) header."
     m = re.match(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", h or "")
-    if not m: return None, None
+    if not m:
+        return None, None
     return (int(m.group(1)) if m.group(1) else None), (int(m.group(2)) if m.group(2) != "*" else None)
+
 
 def _http_download(url: str, zip_path: Path, timeout: float, progress: bool, _retry: bool = True) -> Path:
     "Download `url` to `zip_path` through `zip_path`.part, resuming it with a Range request."
     from tqdm.auto import tqdm
+
     part = zip_path.with_name(zip_path.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "diffusegen (python urllib)", "Accept-Encoding": "identity"})
-    if have: req.add_header("Range", f"bytes={have}-")
-    try: resp = urllib.request.urlopen(req, timeout=timeout)
+    req = urllib.request.Request(
+        url, headers={"User-Agent": "diffusegen (python urllib)", "Accept-Encoding": "identity"}
+    )
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:                         # nothing left to send: complete, or a stale part file
+        if e.code == 416 and have:  # nothing left to send: complete, or a stale part file
             total = _content_range(e.headers.get("Content-Range"))[1]
             e.close()
-            if total == have: return _finish(part, zip_path, url, total)
-            if _retry: part.unlink(); return _http_download(url, zip_path, timeout, progress, False)
+            if total == have:
+                return _finish(part, zip_path, url, total)
+            if _retry:
+                part.unlink()
+                return _http_download(url, zip_path, timeout, progress, False)
         raise
     with resp:
         total = None
         if resp.status == 206 and have:
             start, total = _content_range(resp.headers.get("Content-Range"))
-            if start != have:                                # not the range we asked for: start over
+            if start != have:  # not the range we asked for: start over
                 resp.close()
-                if not _retry: raise DataError(f"{url}: the server answered range {start} for a resume at byte {have}")
-                part.unlink(); return _http_download(url, zip_path, timeout, progress, False)
+                if not _retry:
+                    raise DataError(f"{url}: the server answered range {start} for a resume at byte {have}")
+                part.unlink()
+                return _http_download(url, zip_path, timeout, progress, False)
             mode = "ab"
-        else:                                               # 200: the whole file (a server that ignores Range too)
+        else:  # 200: the whole file (a server that ignores Range too)
             have, mode = 0, "wb"
             cl = resp.headers.get("Content-Length")
             total = int(cl) if cl and cl.isdigit() else None
-        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                                          desc=zip_path.name, disable=not progress, leave=False) as bar:
+        with (
+            open(part, mode) as f,
+            tqdm(
+                total=total,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=zip_path.name,
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
             while chunk := resp.read(1 << 20):
-                f.write(chunk); bar.update(len(chunk))
+                f.write(chunk)
+                bar.update(len(chunk))
     return _finish(part, zip_path, url, total)
+
 
 def _finish(part: Path, zip_path: Path, url: str, total: int | None) -> Path:
     size = part.stat().st_size
@@ -308,43 +432,69 @@ def _finish(part: Path, zip_path: Path, url: str, total: int | None) -> Path:
     if not zipfile.is_zipfile(part):
         part.unlink()
         raise DataError(f"{url}: the downloaded file is not a zip (deleted {part}); check the URL")
-    fsync_path(part); os.replace(part, zip_path); fsync_path(zip_path.parent)
+    fsync_path(part)
+    os.replace(part, zip_path)
+    fsync_path(zip_path.parent)
     return zip_path
 
 # %% ../nbs/01a_datasets.ipynb #36936634
 _NET_ERRORS = (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException, OSError)
 
-def download_dataset(name: str, dest, *, url: str | None = None, timeout: float = 30, expected: int | None | str = "known",
-                     progress: bool = True) -> Path:
+
+def download_dataset(
+    name: str,
+    dest,
+    *,
+    url: str | None = None,
+    timeout: float = 30,
+    expected: int | None | str = "known",
+    progress: bool = True,
+) -> Path:
     "Get dataset `name` (kvasir-seg | hyperkvasir) as `dest/<name>/images` and `dest/<name>/masks`; return `dest/<name>`."
-    if name not in DATASETS: raise DataError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
     ds, dest = DATASETS[name], Path(dest)
     url = url or ds.url
     n_exp = ds.n_pairs if expected == "known" else expected
-    final, zip_path = dest/name, dest/ds.zip_name
+    final, zip_path = dest / name, dest / ds.zip_name
     if final.exists():
-        try: check_layout(final, n_exp); return final
+        try:
+            check_layout(final, n_exp)
+            return final
         except DataError as e:
-            raise DataError(f"{final}: exists but is not the complete {ds.title} ({e}); remove it to extract {zip_path} again") from None
+            raise DataError(
+                f"{final}: exists but is not the complete {ds.title} ({e}); remove it to extract {zip_path} again"
+            ) from None
     if not zip_path.is_file():
         dest.mkdir(parents=True, exist_ok=True)
         hint = f"fetch {url} on a machine with internet and put it at {zip_path}, then run again"
-        try: _http_download(url, zip_path, timeout, progress)
+        try:
+            _http_download(url, zip_path, timeout, progress)
         except urllib.error.HTTPError as e:
-            raise DataError(f"could not download {ds.title}: {url} answered HTTP {e.code} {_one_line(e.reason)}; {hint}") from None
-        except DataError: raise
+            raise DataError(
+                f"could not download {ds.title}: {url} answered HTTP {e.code} {_one_line(e.reason)}; {hint}"
+            ) from None
+        except DataError:
+            raise
         except _NET_ERRORS as e:
             why = _one_line(getattr(e, "reason", None) or e) or type(e).__name__
             part = zip_path.with_name(zip_path.name + ".part")
-            got = f", {part.stat().st_size} bytes kept in {part.name} for resuming" if part.exists() and part.stat().st_size else ""
+            got = (
+                f", {part.stat().st_size} bytes kept in {part.name} for resuming"
+                if part.exists() and part.stat().st_size
+                else ""
+            )
             raise DataError(f"could not download {ds.title} from {url} ({why}{got}); {hint}") from None
-    tmp = dest/f".{name}.extract-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = dest / f".{name}.extract-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         safe_extract(zip_path, tmp)
         found = _find_pair_folder(tmp)
-        if found is None: raise DataError(f"{zip_path}: holds no folder with both images/ and masks/")
+        if found is None:
+            raise DataError(f"{zip_path}: holds no folder with both images/ and masks/")
         check_layout(found, n_exp)
-        fsync_tree(found); os.rename(found, final); fsync_path(final.parent)
+        fsync_tree(found)
+        os.rename(found, final)
+        fsync_path(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

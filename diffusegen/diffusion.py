@@ -37,24 +37,29 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     "Mean over every dimension but the first (batch): shape (B,)."
     return x.mean(dim=tuple(range(1, x.ndim)))
 
+
 def normal_kl(mean1, logvar1, mean2, logvar2):
     "Elementwise KL(N(mean1, exp(logvar1)) ‖ N(mean2, exp(logvar2))), in nats; arguments broadcast."
     t = next(a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, torch.Tensor))
-    mean1, logvar1, mean2, logvar2 = (a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=t.dtype, device=t.device)
-                                      for a in (mean1, logvar1, mean2, logvar2))
+    mean1, logvar1, mean2, logvar2 = (
+        a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=t.dtype, device=t.device)
+        for a in (mean1, logvar1, mean2, logvar2)
+    )
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     "Φ(x) by the tanh approximation."
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
     "Elementwise log-probability (nats) of the 2/255-wide bin holding `x` (in [-1, 1]) under N(means, exp(log_scales)²)."
     centered, inv_std = x - means, torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255))   # Φ at the bin's upper edge
-    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255))    # Φ at the bin's lower edge
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))                       # lowest bin: (-∞, -1 + 1/255]
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))        # highest bin: [1 - 1/255, ∞)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255))  # Φ at the bin's upper edge
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255))  # Φ at the bin's lower edge
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))  # lowest bin: (-∞, -1 + 1/255]
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))  # highest bin: [1 - 1/255, ∞)
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
@@ -64,25 +69,34 @@ def _extract(arr: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.as_tensor(arr).to(dtype=x.dtype).to(x.device)[t.to(x.device).long()]
     return out.reshape(-1, *([1] * (x.ndim - 1)))
 
+
 def _as_t(t, x: torch.Tensor) -> torch.Tensor:
     "Step indices as a (B,) long tensor on x's device; an int means the same step for the whole batch."
-    if isinstance(t, torch.Tensor): return t.to(device=x.device, dtype=torch.long).reshape(-1)
+    if isinstance(t, torch.Tensor):
+        return t.to(device=x.device, dtype=torch.long).reshape(-1)
     return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
 
 class GaussianDiffusion:
     "DDPM with learned-range variance (Improved DDPM): float64 schedule, tensors in the inputs' dtype."
+
     def __init__(self, betas: np.ndarray, timestep_map: Sequence[int] | None = None):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a non-empty 1-D array with values in (0, 1]")
         self.betas, self.num_timesteps = betas, len(betas)
         self.timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map, dtype=np.int64)
-        if self.timestep_map.shape != betas.shape: raise ValueError("timestep_map must have one entry per beta")
+        if self.timestep_map.shape != betas.shape:
+            raise ValueError("timestep_map must have one entry per beta")
         # 1. α_t = 1 − β_t, ᾱ_t = Π α_s, ᾱ_{t−1} (1 before the first step)        (Ho et al. §2)
         self.alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(self.alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.sqrt_alphas, self.sqrt_betas, self.log_betas = np.sqrt(self.alphas), np.sqrt(betas), np.log(betas)   # one forward step; log β
+        self.sqrt_alphas, self.sqrt_betas, self.log_betas = (
+            np.sqrt(self.alphas),
+            np.sqrt(betas),
+            np.log(betas),
+        )  # one forward step; log β
         # 2. q(x_t|x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)                                      (Ho et al. Eq. 4)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
@@ -91,10 +105,12 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
         # 4. posterior q(x_{t−1}|x_t, x_0) = N(coef1·x_0 + coef2·x_t, β̃_t I)          (Ho et al. Eqs. 6–7)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        first = self.posterior_variance[1] if len(betas) > 1 else betas[0]   # β̃ at the first step is 0: clip the log
+        first = self.posterior_variance[1] if len(betas) > 1 else betas[0]  # β̃ at the first step is 0: clip the log
         self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        )
 
     def __repr__(self):
         return f"GaussianDiffusion(T={self.num_timesteps}, steps {self.timestep_map[0]}..{self.timestep_map[-1]})"
@@ -123,11 +139,13 @@ def q_sample(self: GaussianDiffusion, x0: torch.Tensor, t, noise: torch.Tensor) 
     t = _as_t(t, x0)
     return self._e("sqrt_alphas_cumprod", t, x0) * x0 + self._e("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
+
 @patch
 def q_step(self: GaussianDiffusion, x_prev: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
     "One forward step to index t: x_t = √(1−β_t) x_{t−1} + √β_t ε (Ho et al. Eq. 2; RePaint's undo)."
     t = _as_t(t, x_prev)
     return self._e("sqrt_alphas", t, x_prev) * x_prev + self._e("sqrt_betas", t, x_prev) * noise
+
 
 @patch
 def q_posterior(self: GaussianDiffusion, x0: torch.Tensor, x_t: torch.Tensor, t):
@@ -136,8 +154,11 @@ def q_posterior(self: GaussianDiffusion, x0: torch.Tensor, x_t: torch.Tensor, t)
     mean = self._e("posterior_mean_coef1", t, x_t) * x0 + self._e("posterior_mean_coef2", t, x_t) * x_t
     return mean, self._e("posterior_variance", t, x_t), self._e("posterior_log_variance_clipped", t, x_t)
 
+
 @patch
-def p_mean_variance(self: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = False) -> dict:
+def p_mean_variance(
+    self: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = False
+) -> dict:
     "p_θ(x_{t−1}|x_t) from a 2C-channel output [ε, v]: dict(mean, variance, log_variance, pred_xstart, eps)."
     C, t = x_t.shape[1], _as_t(t, x_t)
     if model_output.shape[1] != 2 * C:
@@ -148,14 +169,22 @@ def p_mean_variance(self: GaussianDiffusion, model_output: torch.Tensor, x_t: to
     frac = (v + 1) / 2
     log_variance = frac * self._e("log_betas", t, x_t) + (1 - frac) * self._e("posterior_log_variance_clipped", t, x_t)
     # 2. x̂_0 = √(1/ᾱ_t) x_t − √(1/ᾱ_t − 1) ε                                        (Ho et al. Eq. 15)
-    pred_xstart = self._e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
-    if clip_denoised: pred_xstart = pred_xstart.clamp(-1, 1)
+    pred_xstart = (
+        self._e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+    )
+    if clip_denoised:
+        pred_xstart = pred_xstart.clamp(-1, 1)
     # 3. μ_θ = posterior mean at x̂_0                                                  (Ho et al. Eq. 7)
     mean, _, _ = self.q_posterior(pred_xstart, x_t, t)
-    return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)
+    return dict(
+        mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart, eps=eps
+    )
+
 
 @patch
-def vb_terms_bpd(self: GaussianDiffusion, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+def vb_terms_bpd(
+    self: GaussianDiffusion, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t
+) -> torch.Tensor:
     "L_t in bits/dim, shape (B,): KL(q ‖ p_θ) for t > 0, decoder NLL for t = 0; μ_θ from ε.detach() (stop-gradient)."
     C, t = x0.shape[1], _as_t(t, x0)
     # 1. stop-gradient on the mean: only the v channels learn from L_vb                (IDDPM §3.1)
@@ -168,15 +197,24 @@ def vb_terms_bpd(self: GaussianDiffusion, model_output: torch.Tensor, x0: torch.
     nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
     return torch.where(t == 0, nll, kl)
 
+
 @patch
-def training_losses(self: GaussianDiffusion, model_output: torch.Tensor, x0: torch.Tensor, t, noise: torch.Tensor,
-                     x_t: torch.Tensor | None = None) -> dict:
+def training_losses(
+    self: GaussianDiffusion,
+    model_output: torch.Tensor,
+    x0: torch.Tensor,
+    t,
+    noise: torch.Tensor,
+    x_t: torch.Tensor | None = None,
+) -> dict:
     "dict(loss, mse, vb), each (B,): loss = mse + vb, Improved DDPM's hybrid loss as the paper's code runs it."
     t, model_output = _as_t(t, x0), model_output.to(x0.dtype)
-    if x_t is None: x_t = self.q_sample(x0, t, noise)
-    mse = mean_flat((noise - model_output[:, :x0.shape[1]]) ** 2)  # L_simple (Ho et al. Eq. 14)
-    vb = self.vb_terms_bpd(model_output, x0, x_t, t)               # L_t, no rescaling (paper-code-facts b.2)
+    if x_t is None:
+        x_t = self.q_sample(x0, t, noise)
+    mse = mean_flat((noise - model_output[:, : x0.shape[1]]) ** 2)  # L_simple (Ho et al. Eq. 14)
+    vb = self.vb_terms_bpd(model_output, x0, x_t, t)  # L_t, no rescaling (paper-code-facts b.2)
     return dict(loss=mse + vb, mse=mse, vb=vb)
+
 
 @patch
 def model_losses(self: GaussianDiffusion, model_fn: Callable, x0: torch.Tensor, t, noise: torch.Tensor) -> dict:
@@ -185,55 +223,82 @@ def model_losses(self: GaussianDiffusion, model_fn: Callable, x0: torch.Tensor, 
     x_t = self.q_sample(x0, t, noise)
     return self.training_losses(model_fn(x_t, self.model_timesteps(t)), x0, t, noise, x_t=x_t)
 
+
 @patch
-def p_sample(self: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor, t, noise: torch.Tensor,
-              grad: torch.Tensor | None = None, return_out: bool = False):
+def p_sample(
+    self: GaussianDiffusion,
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    t,
+    noise: torch.Tensor,
+    grad: torch.Tensor | None = None,
+    return_out: bool = False,
+):
     "x_{t−1} = μ_θ (+ Σ_θ·grad) + exp(½ log Σ_θ)·noise, no noise at index 0 (Eq. A2). `return_out`: also the p_mean_variance dict."
     t = _as_t(t, x_t)
     out = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
-    mean = out["mean"] if grad is None else out["mean"] + out["variance"] * grad  # guided mean (Dhariwal & Nichol Alg. 1)
+    mean = (
+        out["mean"] if grad is None else out["mean"] + out["variance"] * grad
+    )  # guided mean (Dhariwal & Nichol Alg. 1)
     nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
     x_prev = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
     return (x_prev, out) if return_out else x_prev
 
+
 @patch
-def ddim_sample(self: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor, t, noise: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
+def ddim_sample(
+    self: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor, t, noise: torch.Tensor, eta: float = 0.0
+) -> torch.Tensor:
     "One DDIM step t → t−1 from the network's ε (Song et al. 2021, Eq. 12); σ_t = η·(DDPM posterior std)."
     C, t = x_t.shape[1], _as_t(t, x_t)
     eps = model_output.to(x_t.dtype)[:, :C]
     x0 = self._e("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._e("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
     a, a_prev = self._e("alphas_cumprod", t, x_t), self._e("alphas_cumprod_prev", t, x_t)
     sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
-    return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
+
 
 def model_fn_diffusers(unet) -> Callable:
     "`model_fn(x, t)` for a diffusers `UNet2DModel` (returns its `.sample`, the 2C-channel output)."
     return lambda x, t: unet(x, t).sample
 
 # %% ../nbs/03a_diffusion.ipynb #ee4aeebc
-def randn_per_sample(generators: Sequence[torch.Generator], shape_per_sample: Sequence[int], device="cpu",
-                     dtype=torch.float32) -> torch.Tensor:
+def randn_per_sample(
+    generators: Sequence[torch.Generator], shape_per_sample: Sequence[int], device="cpu", dtype=torch.float32
+) -> torch.Tensor:
     "Standard normal noise (len(generators), *shape_per_sample): sample i drawn from generators[i] alone."
-    return torch.stack([torch.randn(tuple(shape_per_sample), generator=g, device=g.device, dtype=dtype)
-                        for g in generators]).to(device)
+    return torch.stack(
+        [torch.randn(tuple(shape_per_sample), generator=g, device=g.device, dtype=dtype) for g in generators]
+    ).to(device)
+
 
 def draw_noise(shape: Sequence[int], generator=None, device="cpu", dtype=torch.float32) -> torch.Tensor:
     "N(0, I) noise of `shape` from one `torch.Generator`, a list of per-sample generators, or (None) the global RNG."
     if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]: raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
         return randn_per_sample(generator, shape[1:], device, dtype)
     gen_device = generator.device if generator is not None else "cpu"
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
+
 @patch
-def sample_loop(self: GaussianDiffusion, model_fn: Callable, shape: Sequence[int], generator=None, noises: Iterable | None = None,
-                 device="cpu", progress: bool = False) -> torch.Tensor:
+def sample_loop(
+    self: GaussianDiffusion,
+    model_fn: Callable,
+    shape: Sequence[int],
+    generator=None,
+    noises: Iterable | None = None,
+    device="cpu",
+    progress: bool = False,
+) -> torch.Tensor:
     "Ancestral sampling from x_T ~ N(0, I) over indices T−1..0, calling `model_fn(x, model_timesteps(t))`; returns x_0."
     it = iter(noises) if noises is not None else None
     draw = (lambda: next(it).to(device)) if it is not None else (lambda: draw_noise(shape, generator, device))
     steps = range(self.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
+
         steps = tqdm(steps)
     x = draw()
     with torch.no_grad():
@@ -245,22 +310,31 @@ def sample_loop(self: GaussianDiffusion, model_fn: Callable, shape: Sequence[int
 # %% ../nbs/03a_diffusion.ipynb #2ea9c111
 class DeviceDiffusion(GaussianDiffusion):
     "A `GaussianDiffusion` whose tables are cached as tensors per (device, dtype): the same formulas, no host copy per step."
+
     def __init__(self, base: GaussianDiffusion):
-        self.__dict__.update(base.__dict__)                          # the numpy tables, num_timesteps, timestep_map
+        self.__dict__.update(base.__dict__)  # the numpy tables, num_timesteps, timestep_map
         self.base, self._cache = base, {}
-    def __repr__(self): return f"DeviceDiffusion({self.base!r})"
+
+    def __repr__(self):
+        return f"DeviceDiffusion({self.base!r})"
+
     def table(self, name: str, like: torch.Tensor) -> torch.Tensor:
         "The schedule array `name` as a tensor of `like`'s dtype on its device (made once)."
         key = (name, like.dtype, like.device)
-        if key not in self._cache: self._cache[key] = torch.as_tensor(getattr(self, name)).to(dtype=like.dtype).to(like.device)
+        if key not in self._cache:
+            self._cache[key] = torch.as_tensor(getattr(self, name)).to(dtype=like.dtype).to(like.device)
         return self._cache[key]
+
     def _e(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.table(name, x)[t].reshape(-1, *([1] * (x.ndim - 1)))
+
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t)
         key = ("timestep_map", t.device)
-        if key not in self._cache: self._cache[key] = torch.as_tensor(self.timestep_map).to(t.device)
+        if key not in self._cache:
+            self._cache[key] = torch.as_tensor(self.timestep_map).to(t.device)
         return self._cache[key][t.long()]
+
 
 def device_diffusion(d: GaussianDiffusion) -> DeviceDiffusion:
     "`d` as a `DeviceDiffusion` (unchanged when it is one)."
@@ -270,36 +344,50 @@ def device_diffusion(d: GaussianDiffusion) -> DeviceDiffusion:
 def amp_dtype(cfg, device):
     "bf16/fp16 autocast dtype on CUDA per `mixed_precision` (a Config or its value); None elsewhere (the CPU always runs fp32)."
     mp = getattr(cfg, "mixed_precision", cfg)
-    if torch.device(device).type != "cuda" or mp == "no": return None
+    if torch.device(device).type != "cuda" or mp == "no":
+        return None
     return torch.bfloat16 if mp == "bf16" else torch.float16
+
 
 def precision_label(cfg, device) -> str:
     "The arithmetic the network runs in on `device`: fp32, or bf16/fp16 autocast on CUDA."
     a = amp_dtype(cfg, device)
     return "fp32" if a is None else f"{cfg.mixed_precision} autocast"
 
+
 def sampling_fn(unet, cfg, device, compile: bool | None = None) -> Callable:
     "`model_fn(x, t)` → the UNet's float32 output, with the speed settings: on CUDA channels_last and `mixed_precision` autocast; torch.compile when `cfg.compile`."
     dev = torch.device(device)
     cl = dev.type == "cuda" and cfg.channels_last
-    if cl: unet = unet.to(memory_format=torch.channels_last)
+    if cl:
+        unet = unet.to(memory_format=torch.channels_last)
     net = torch.compile(unet) if (cfg.compile if compile is None else compile) else unet
     amp = amp_dtype(cfg, dev)
+
     def fn(x, t):
-        if cl: x = x.contiguous(memory_format=torch.channels_last)
-        if amp is None: return net(x, t).sample
-        with torch.autocast("cuda", dtype=amp): out = net(x, t).sample
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if amp is None:
+            return net(x, t).sample
+        with torch.autocast("cuda", dtype=amp):
+            out = net(x, t).sample
         return out.float()
+
     return fn
+
 
 def auto_batch(probe, device, default: int = 8, cap: int = 64, fraction: float = 0.8) -> int:
     "A batch size that fits: on CUDA from the peak memory of `probe(1)` and `probe(2)` and the free memory (≤ `cap`); elsewhere `default`."
     dev = torch.device(device)
-    if dev.type != "cuda": return default
+    if dev.type != "cuda":
+        return default
     peaks = []
     for b in (1, 2):
-        torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev); before = torch.cuda.memory_allocated(dev)
-        probe(b); torch.cuda.synchronize(dev)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        probe(b)
+        torch.cuda.synchronize(dev)
         peaks.append(torch.cuda.max_memory_allocated(dev) - before)
     per = max(peaks[1] - peaks[0], 1)
     free, _ = torch.cuda.mem_get_info(dev)

@@ -5,7 +5,8 @@ its real source image by checkpoint id, never by sorted file order."""
 
 # %% ../nbs/06c_gan.ipynb #405a801c
 from __future__ import annotations
-import re, warnings
+import re
+import warnings
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -18,21 +19,26 @@ __all__ = ['GAN_NAME', 'GAN_CHECK_SAMPLES', 'GAN_IOU_MIN', 'GAN_SHIFT_MARGIN', '
 # %% ../nbs/06c_gan.ipynb #7e46f3fc
 GAN_NAME = re.compile(r"^chk_id_(\d+)_gen_scale_(\d+)_(\d+)_(img|mask)\.png$")
 
+
 def parse_gan_name(name: str) -> dict | None:
     "{'chk_id', 'scale', 'sample', 'part'} of a SinGAN-Seg file name, or None when it is not one."
     m = GAN_NAME.match(Path(name).name)
     return None if m is None else {"chk_id": int(m[1]), "scale": int(m[2]), "sample": int(m[3]), "part": m[4]}
 
+
 def dataset_pairs(cfg: Config) -> dict:
     "{id: data.Pair} of every image/mask pair in the dataset folder (the 1000 HyperKvasir segmented images)."
     from diffusegen.data import resolve_data_root, find_pairs
+
     root, _ = resolve_data_root(cfg)
     pairs, _ = find_pairs(root)
     return {p.id: p for p in pairs}
 
+
 def dataset_ids(cfg: Config) -> list[str]:
     "Sorted ids of every image/mask pair in the dataset folder (the 1000 HyperKvasir segmented images)."
     return sorted(dataset_pairs(cfg))
+
 
 def chk_id_to_source(chk_ids, ids_sorted: list[str], base: int = 1) -> dict:
     "{chk_id: source id}: `chk_id` as a `base`-based index (SinGAN-Seg: 1) into the sorted ids."
@@ -40,100 +46,161 @@ def chk_id_to_source(chk_ids, ids_sorted: list[str], base: int = 1) -> dict:
     for c in sorted(set(int(c) for c in chk_ids)):
         k = c - base
         if not 0 <= k < len(ids_sorted):
-            raise DataError(f"SinGAN-Seg chk_id {c} is outside the {len(ids_sorted)} dataset ids (chk_id is read as a {base}-based index "
-                            f"into the sorted ids; for a set numbered otherwise, put a chk_id_map.csv with columns chk_id, source_id in gan_root)")
+            raise DataError(
+                f"SinGAN-Seg chk_id {c} is outside the {len(ids_sorted)} dataset ids (chk_id is read as a {base}-based index "
+                f"into the sorted ids; for a set numbered otherwise, put a chk_id_map.csv with columns chk_id, source_id in gan_root)"
+            )
         out[c] = ids_sorted[k]
     return out
 
+
 def read_chk_id_map(path) -> dict:
     "{chk_id: source_id} from a `chk_id_map.csv`; a malformed file is one DataError line naming it."
-    try: m = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e: raise DataError(f"{path}: not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not {"chk_id", "source_id"} <= set(m.columns): raise DataError(f"{path}: needs columns chk_id, source_id")
+    try:
+        m = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise DataError(
+            f"{path}: not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if not {"chk_id", "source_id"} <= set(m.columns):
+        raise DataError(f"{path}: needs columns chk_id, source_id")
     cmap = {}
     for c, sid in zip(m.chk_id.str.strip(), m.source_id.str.strip()):
-        if not c.isdigit(): raise DataError(f"{path}: chk_id {c!r} is not a non-negative integer")
-        if not sid: raise DataError(f"{path}: chk_id {c} has no source_id")
-        if int(c) in cmap and cmap[int(c)] != sid: raise DataError(f"{path}: chk_id {c} is listed twice with different source ids")
+        if not c.isdigit():
+            raise DataError(f"{path}: chk_id {c!r} is not a non-negative integer")
+        if not sid:
+            raise DataError(f"{path}: chk_id {c} has no source_id")
+        if int(c) in cmap and cmap[int(c)] != sid:
+            raise DataError(f"{path}: chk_id {c} is listed twice with different source ids")
         cmap[int(c)] = sid
     return cmap
 
-GAN_CHECK_SAMPLES = 64     # GAN samples compared with real masks (a seeded draw)
-GAN_IOU_MIN = 0.5          # a GAN mask "overlaps its source" at this IoU or more
-GAN_SHIFT_MARGIN = 0.1     # a neighbouring id must fit better by this much mean IoU to call the mapping shifted
+
+GAN_CHECK_SAMPLES = 64  # GAN samples compared with real masks (a seeded draw)
+GAN_IOU_MIN = 0.5  # a GAN mask "overlaps its source" at this IoU or more
+GAN_SHIFT_MARGIN = 0.1  # a neighbouring id must fit better by this much mean IoU to call the mapping shifted
+
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     "IoU of two boolean masks (1 when both are empty)."
     u = (a | b).sum()
     return 1.0 if u == 0 else float((a & b).sum() / u)
 
-def check_gan_mapping(g: pd.DataFrame, ids_sorted: list[str], real_masks: dict, where, threshold: int = 128,
-                      n: int = GAN_CHECK_SAMPLES, seed: int = 0, size: int = 64) -> dict:
+
+def check_gan_mapping(
+    g: pd.DataFrame,
+    ids_sorted: list[str],
+    real_masks: dict,
+    where,
+    threshold: int = 128,
+    n: int = GAN_CHECK_SAMPLES,
+    seed: int = 0,
+    size: int = 64,
+) -> dict:
     """Sanity check of the chk_id → source mapping: for a seeded draw of `n` GAN samples, the IoU of the GAN mask with the
     real mask of its assumed source and with those of the ids one place before and after it in `ids_sorted` (all
     stretched to `size` px). A DataError when a neighbour fits clearly better (a shifted mapping); a warning when fewer
     than half of the masks reach IoU `GAN_IOU_MIN` with their source. Returns the mean IoUs per offset."""
     from PIL import Image
     from diffusegen.data import read_mask
+
     def small(p):
         return np.asarray(Image.fromarray(read_mask(p, threshold)).resize((size, size), Image.NEAREST))
+
     pos, real = {i: k for k, i in enumerate(ids_sorted)}, {}
     iou = {-1: [], 0: [], 1: []}
     for r in g.iloc[np.random.default_rng(seed).permutation(len(g))[:n]].itertuples():
         k = pos.get(r.source_id)
-        if k is None or not 0 < k < len(ids_sorted) - 1 or any(ids_sorted[k + o] not in real_masks for o in (-1, 0, 1)): continue
+        if k is None or not 0 < k < len(ids_sorted) - 1 or any(ids_sorted[k + o] not in real_masks for o in (-1, 0, 1)):
+            continue
         m = small(r.mask_path)
         for o in (-1, 0, 1):
             i = ids_sorted[k + o]
-            if i not in real: real[i] = small(real_masks[i])
+            if i not in real:
+                real[i] = small(real_masks[i])
             iou[o].append(mask_iou(m, real[i]))
     out = {"checked": len(iou[0])}
-    if not iou[0]: return out
+    if not iou[0]:
+        return out
     mean = {o: float(np.mean(v)) for o, v in iou.items()}
-    out.update({"mean_iou": mean[0], "mean_iou_id_before": mean[-1], "mean_iou_id_after": mean[1],
-                "share_iou_over_min": float(np.mean(np.asarray(iou[0]) >= GAN_IOU_MIN))})
+    out.update(
+        {
+            "mean_iou": mean[0],
+            "mean_iou_id_before": mean[-1],
+            "mean_iou_id_after": mean[1],
+            "share_iou_over_min": float(np.mean(np.asarray(iou[0]) >= GAN_IOU_MIN)),
+        }
+    )
     best = max((-1, 1), key=mean.get)
     if mean[best] >= GAN_IOU_MIN and mean[best] > mean[0] + GAN_SHIFT_MARGIN:
-        raise DataError(f"{where}: the chk_id → source mapping looks shifted: over {len(iou[0])} GAN samples the real masks of the id "
-                        f"{'before' if best < 0 else 'after'} each assumed source match better (mean IoU {mean[best]:.2f}) than the "
-                        f"assumed sources' (mean IoU {mean[0]:.2f}); check the chk_id base or write chk_id_map.csv")
+        raise DataError(
+            f"{where}: the chk_id → source mapping looks shifted: over {len(iou[0])} GAN samples the real masks of the id "
+            f"{'before' if best < 0 else 'after'} each assumed source match better (mean IoU {mean[best]:.2f}) than the "
+            f"assumed sources' (mean IoU {mean[0]:.2f}); check the chk_id base or write chk_id_map.csv"
+        )
     if out["share_iou_over_min"] < 0.5:
-        warnings.warn(f"{where}: only {out['share_iou_over_min']:.0%} of {len(iou[0])} GAN masks reach IoU {GAN_IOU_MIN} with their "
-                      f"assumed source's mask (mean {mean[0]:.2f}); check the chk_id → source mapping")
+        warnings.warn(
+            f"{where}: only {out['share_iou_over_min']:.0%} of {len(iou[0])} GAN masks reach IoU {GAN_IOU_MIN} with their "
+            f"assumed source's mask (mean {mean[0]:.2f}); check the chk_id → source mapping"
+        )
     return out
 
-def load_gan(cfg: Config, ids_sorted: list[str] | None = None, base: int = 1, check: bool = True) -> pd.DataFrame | None:
+
+def load_gan(
+    cfg: Config, ids_sorted: list[str] | None = None, base: int = 1, check: bool = True
+) -> pd.DataFrame | None:
     """The SinGAN-Seg set under `cfg.gan_root` as a DataFrame (source_id, image_path, mask_path, sample, chk_id, scale),
     or None when `gan_root` is `none` ("not provided"). `chk_id` → source: `chk_id_map.csv` when present, else a
     `base`-based index into `ids_sorted` (default: the dataset's sorted ids). `check`: compare a sample of GAN masks
     with their sources' real masks (`check_gan_mapping`; the result is in `.attrs["mapping_check"]`)."""
-    if str(cfg.gan_root).strip().lower() in ("", "none"): return None
+    if str(cfg.gan_root).strip().lower() in ("", "none"):
+        return None
     from diffusegen.core import resolve_path
+
     root = resolve_path(cfg.gan_root)
-    if not root.is_dir(): raise DataError(f"{root}: gan_root is not a folder (the SinGAN-Seg set from https://osf.io/xrgz8/)")
+    if not root.is_dir():
+        raise DataError(f"{root}: gan_root is not a folder (the SinGAN-Seg set from https://osf.io/xrgz8/)")
     parts = {}
     for p in sorted(root.rglob("*.png")):
         d = parse_gan_name(p.name)
-        if d is None: continue
+        if d is None:
+            continue
         parts.setdefault((d["chk_id"], d["scale"], d["sample"]), {})[d["part"]] = p
-    if not parts: raise DataError(f"{root}: no SinGAN-Seg files (chk_id_<id>_gen_scale_<s>_<i>_img.png / _mask.png)")
+    if not parts:
+        raise DataError(f"{root}: no SinGAN-Seg files (chk_id_<id>_gen_scale_<s>_<i>_img.png / _mask.png)")
     for k, v in parts.items():
         if set(v) != {"img", "mask"}:
-            raise DataError(f"{root}: chk_id {k[0]} scale {k[1]} sample {k[2]} has no {'mask' if 'img' in v else 'img'} file")
+            raise DataError(
+                f"{root}: chk_id {k[0]} scale {k[1]} sample {k[2]} has no {'mask' if 'img' in v else 'img'} file"
+            )
     pairs = dataset_pairs(cfg) if (ids_sorted is None or check) else {}
     ids_sorted = sorted(pairs) if ids_sorted is None else list(ids_sorted)
-    mpath = root/"chk_id_map.csv"
+    mpath = root / "chk_id_map.csv"
     if mpath.exists():
         cmap = read_chk_id_map(mpath)
         miss = sorted({k[0] for k in parts} - set(cmap))
-        if miss: raise DataError(f"{mpath}: no source_id for chk_id {miss[:5]}")
+        if miss:
+            raise DataError(f"{mpath}: no source_id for chk_id {miss[:5]}")
     else:
-        try: cmap = chk_id_to_source([k[0] for k in parts], ids_sorted, base)
-        except DataError as e: raise DataError(f"{root}: {e}") from None
-    rows = [{"source_id": cmap[c], "image_path": str(v["img"]), "mask_path": str(v["mask"]), "sample": i, "chk_id": c, "scale": s}
-            for (c, s, i), v in sorted(parts.items())]
+        try:
+            cmap = chk_id_to_source([k[0] for k in parts], ids_sorted, base)
+        except DataError as e:
+            raise DataError(f"{root}: {e}") from None
+    rows = [
+        {
+            "source_id": cmap[c],
+            "image_path": str(v["img"]),
+            "mask_path": str(v["mask"]),
+            "sample": i,
+            "chk_id": c,
+            "scale": s,
+        }
+        for (c, s, i), v in sorted(parts.items())
+    ]
     g = pd.DataFrame(rows)
     if check:
         where = mpath if mpath.exists() else root
-        g.attrs["mapping_check"] = check_gan_mapping(g, ids_sorted, {i: p.mask for i, p in pairs.items()}, where, cfg.mask_threshold, seed=cfg.seed)
+        g.attrs["mapping_check"] = check_gan_mapping(
+            g, ids_sorted, {i: p.mask for i, p in pairs.items()}, where, cfg.mask_threshold, seed=cfg.seed
+        )
     return g

@@ -4,21 +4,50 @@
 
 # %% ../nbs/04_inpainting.ipynb #f34d54af
 from __future__ import annotations
-import json, time
-from pathlib import Path
+import json
+import time
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_table, save_figure,
-                             write_manifest, stage_dirs, torch_generator, resolve_device, save_png, step_seed,
-                             sha256_file)
-from .diffusion import (GaussianDiffusion, space_timesteps, randn_per_sample, device_diffusion, precision_label,
-                                  sampling_fn, auto_batch)
+from diffusegen.core import (
+    Config,
+    DiffusegenError,
+    Artifact,
+    write_table,
+    save_figure,
+    write_manifest,
+    stage_dirs,
+    torch_generator,
+    resolve_device,
+    save_png,
+    step_seed,
+    sha256_file,
+)
+from diffusegen.diffusion import (
+    GaussianDiffusion,
+    space_timesteps,
+    randn_per_sample,
+    device_diffusion,
+    precision_label,
+    sampling_fn,
+    auto_batch,
+)
 from .data import ellipse, dilate_mask
 from .training import weights_file
-from .sets import (MANIFEST_COLUMNS, UNPLANNED, set_dir, type_label, read_set, read_manifest_csv,
-                             write_manifest_csv, split_ledger, move_aside, prune_rows, write_unplanned)
+from diffusegen.sets import (
+    MANIFEST_COLUMNS,
+    UNPLANNED,
+    set_dir,
+    type_label,
+    read_set,
+    read_manifest_csv,
+    write_manifest_csv,
+    split_ledger,
+    move_aside,
+    prune_rows,
+    write_unplanned,
+)
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts', 'variant_start', 'refine_mask', 'to_uint8',
@@ -31,28 +60,41 @@ def jump_schedule(T: int, jump_length: int = 10, resample: int = 5, start: int |
     start = T - 1 if start is None else int(start)
     if T < 1 or not 0 <= start < T or jump_length < 1 or resample < 1:
         raise ValueError(f"bad schedule: T={T}, start={start}, jump_length={jump_length}, resample={resample}")
-    left = {p: resample - 1 for p in range(0, start + 1 - jump_length, jump_length)}   # jumps still to make at p
+    left = {p: resample - 1 for p in range(0, start + 1 - jump_length, jump_length)}  # jumps still to make at p
     t, seq = start, [start]
     while t >= 0:
-        if left.get(t, 0) > 0:                        # a jump point with jumps left: undo j steps
+        if left.get(t, 0) > 0:  # a jump point with jumps left: undo j steps
             left[t] -= 1
-            for _ in range(jump_length): t += 1; seq.append(t)
-        t -= 1; seq.append(t)                         # one reverse step (a network evaluation)
+            for _ in range(jump_length):
+                t += 1
+                seq.append(t)
+        t -= 1
+        seq.append(t)  # one reverse step (a network evaluation)
     return seq
+
 
 def schedule_counts(T: int, jump_length: int = 10, resample: int = 5, start: int | None = None) -> dict:
     "Network evaluations, undo steps, jump points and transitions of `jump_schedule(...)`, counted on the sequence."
     seq = jump_schedule(T, jump_length, resample, start)
     down = sum(b < a for a, b in zip(seq[:-1], seq[1:]))
     n_eff = (T - 1 if start is None else start) + 1
-    return {"nfe": down, "undo": len(seq) - 1 - down, "transitions": len(seq) - 1,
-            "jump_points": len(range(0, n_eff - jump_length, jump_length)), "start": seq[0]}
+    return {
+        "nfe": down,
+        "undo": len(seq) - 1 - down,
+        "transitions": len(seq) - 1,
+        "jump_points": len(range(0, n_eff - jump_length, jump_length)),
+        "start": seq[0],
+    }
+
 
 def variant_start(cfg: Config) -> int | None:
     "The first respaced index: None (pure noise at T−1) for `paper-code`, T − skip − 1 for `paper-text`."
     if cfg.inpaint_variant == "paper-text":
         s = cfg.timestep_respacing - cfg.skip_timesteps - 1
-        if s < 0: raise DiffusegenError(f"skip_timesteps={cfg.skip_timesteps} leaves no step of timestep_respacing={cfg.timestep_respacing}")
+        if s < 0:
+            raise DiffusegenError(
+                f"skip_timesteps={cfg.skip_timesteps} leaves no step of timestep_respacing={cfg.timestep_respacing}"
+            )
         return s
     return None
 
@@ -60,15 +102,19 @@ def variant_start(cfg: Config) -> int | None:
 def refine_mask(channel: np.ndarray, d: int) -> np.ndarray:
     "The generated mask: uint8 channel > 127 (float > 0), opened with a d-px ellipse; 0/255 uint8 (paper-code-facts b.4.5)."
     import cv2
+
     m = (np.asarray(channel) > 127).astype(np.uint8)
     # an even kernel's anchor is off-centre, so cv2's open (erode, then dilate with the same kernel) can shift the
     # result by 1 px; intersecting with the thresholded mask keeps the opening anti-extensive (it only removes pixels)
-    if d > 0: m = cv2.morphologyEx(m, cv2.MORPH_OPEN, ellipse(d)) & m
+    if d > 0:
+        m = cv2.morphologyEx(m, cv2.MORPH_OPEN, ellipse(d)) & m
     return m * 255
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     "[−1, 1] tensors (…, C, H, W) → uint8 arrays (…, H, W, C)."
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
 
 def inpaint_inputs(x4: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     "(init4, known, dilated) from real N×4×S×S pairs in [−1, 1]: init4 = [RGB, dilated mask ±1], known = 1 outside."
@@ -79,14 +125,27 @@ def inpaint_inputs(x4: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor
 # %% ../nbs/04_inpainting.ipynb #9d5c2b08
 SAMPLERS = ("ddpm", "ddim")
 
+
 @torch.no_grad()
-def repaint(model_fn, diffusion: GaussianDiffusion, init4: torch.Tensor, known_mask: torch.Tensor, generators,
-            jump_length: int = 10, resample: int = 5, start: int | None = None, progress: bool = False,
-            sampler: str = "ddpm", eta: float = 0.0) -> torch.Tensor:
+def repaint(
+    model_fn,
+    diffusion: GaussianDiffusion,
+    init4: torch.Tensor,
+    known_mask: torch.Tensor,
+    generators,
+    jump_length: int = 10,
+    resample: int = 5,
+    start: int | None = None,
+    progress: bool = False,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+) -> torch.Tensor:
     "RePaint a batch: `init4` B×C×H×W in [−1, 1], `known_mask` B×1×H×W (1 = keep), one generator per sample; `start` None = pure noise at T−1, else init4 noised to index `start`; `sampler` ddpm (ancestral, learned Σ) or ddim (η = `eta`)."
     B, shape, dev = init4.shape[0], tuple(init4.shape[1:]), init4.device
-    if len(generators) != B: raise ValueError(f"{len(generators)} generators for a batch of {B}")
-    if sampler not in SAMPLERS: raise ValueError(f"sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
+    if len(generators) != B:
+        raise ValueError(f"{len(generators)} generators for a batch of {B}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
     diffusion = device_diffusion(diffusion)
     known = known_mask.to(dev, init4.dtype)
     noise = lambda: randn_per_sample(generators, shape, device=dev, dtype=init4.dtype)
@@ -95,40 +154,63 @@ def repaint(model_fn, diffusion: GaussianDiffusion, init4: torch.Tensor, known_m
     pairs = list(zip(seq[:-1], seq[1:]))
     if progress:
         from tqdm.auto import tqdm
+
         pairs = tqdm(pairs, leave=False, desc="repaint")
     first = True
     for t_last, t_cur in pairs:
-        if t_cur < t_last:                                                     # reverse step at t_last
-            if not first: x = known * diffusion.q_sample(init4, t_last, noise()) + (1 - known) * x
+        if t_cur < t_last:  # reverse step at t_last
+            if not first:
+                x = known * diffusion.q_sample(init4, t_last, noise()) + (1 - known) * x
             first = False
             t = torch.full((B,), t_last, dtype=torch.long, device=dev)
             out = model_fn(x, diffusion.model_timesteps(t))
-            x = diffusion.p_sample(out, x, t, noise()) if sampler == "ddpm" else diffusion.ddim_sample(out, x, t, noise(), eta)
-        else:                                                                  # undo: x_{t+1} ~ q(x_{t+1}|x_t)
+            x = (
+                diffusion.p_sample(out, x, t, noise())
+                if sampler == "ddpm"
+                else diffusion.ddim_sample(out, x, t, noise(), eta)
+            )
+        else:  # undo: x_{t+1} ~ q(x_{t+1}|x_t)
             x = diffusion.q_step(x, t_cur, noise())
-    return known * init4 + (1 - known) * x                                     # paste the known region back
+    return known * init4 + (1 - known) * x  # paste the known region back
+
 
 def inpaint_diffusion(cfg: Config) -> GaussianDiffusion:
     "The training diffusion respaced to `timestep_respacing` steps (guided-diffusion's even spacing, 999 included)."
     from diffusegen.training import make_diffusion
+
     base = make_diffusion(cfg)
     return base.respace(space_timesteps(base.num_timesteps, cfg.timestep_respacing))
 
 # %% ../nbs/04_inpainting.ipynb #0d02388a
-CPU_BATCH = 8          # inpaint_batch = 0 on the CPU (on CUDA: as many as 80 % of the free memory holds, `auto_batch`)
+CPU_BATCH = 8  # inpaint_batch = 0 on the CPU (on CUDA: as many as 80 % of the free memory holds, `auto_batch`)
+
 
 def inpaint_params(cfg: Config, device=None) -> dict:
     "The settings a sample depends on (stored as JSON in every manifest row); the sampler, device and precision only when not the CPU/DDPM defaults."
     s = variant_start(cfg)
     dev = torch.device(device) if device is not None else resolve_device(cfg)
-    extra = {**({"sampler": "ddim", "ddim_eta": cfg.ddim_eta} if cfg.inpaint_sampler == "ddim" else {}),
-             **({"noise_device": dev.type, "precision": precision_label(cfg, dev)} if dev.type != "cpu" else {})}
-    return {**extra, "variant": cfg.inpaint_variant, "timestep_respacing": cfg.timestep_respacing, "jump_length": cfg.jump_length,
-            "resample": cfg.resample, "skip_timesteps": cfg.skip_timesteps if s is not None else 0,
-            "start_index": cfg.timestep_respacing - 1 if s is None else s, "dilation": cfg.dilation, "mask_open": cfg.mask_open,
-            "image_size": cfg.image_size, "clip_denoised": False, "known_region": "pasted back after the loop"}
+    extra = {
+        **({"sampler": "ddim", "ddim_eta": cfg.ddim_eta} if cfg.inpaint_sampler == "ddim" else {}),
+        **({"noise_device": dev.type, "precision": precision_label(cfg, dev)} if dev.type != "cpu" else {}),
+    }
+    return {
+        **extra,
+        "variant": cfg.inpaint_variant,
+        "timestep_respacing": cfg.timestep_respacing,
+        "jump_length": cfg.jump_length,
+        "resample": cfg.resample,
+        "skip_timesteps": cfg.skip_timesteps if s is not None else 0,
+        "start_index": cfg.timestep_respacing - 1 if s is None else s,
+        "dilation": cfg.dilation,
+        "mask_open": cfg.mask_open,
+        "image_size": cfg.image_size,
+        "clip_denoised": False,
+        "known_region": "pasted back after the loop",
+    }
+
 
 DEVICE_KEYS = ("noise_device", "precision")
+
 
 def settings_key(params: str) -> str:
     """A row's `params` without where it was made (`DEVICE_KEYS`): the resume key. A sample made on a GPU (a shard, a
@@ -136,56 +218,98 @@ def settings_key(params: str) -> str:
     p = json.loads(params)
     return json.dumps({k: v for k, v in p.items() if k not in DEVICE_KEYS}, sort_keys=True)
 
+
 def plan_samples(cfg: Config, kind: str, ids: list[str], clusters: dict, models: set) -> tuple[list[dict], list[str]]:
     "The samples of type `kind` to make (dicts) and the images skipped because their model is missing."
     perm = np.random.default_rng(step_seed(cfg.seed, "inpaint/subset", 0)).permutation(len(ids))
     order = [ids[i] for i in perm] if cfg.inpaint_images > 0 else list(ids)
     rows, skipped, n_img = [], [], 0
     for sid in order:
-        if cfg.inpaint_images > 0 and n_img >= cfg.inpaint_images: break
+        if cfg.inpaint_images > 0 and n_img >= cfg.inpaint_images:
+            break
         k = clusters.get(sid, -1)
         model = "full" if kind == "full-diff" else f"cluster_{k}"
-        if model not in models: skipped.append(sid); continue
+        if model not in models:
+            skipped.append(sid)
+            continue
         n_img += 1
         for i in range(cfg.samples_per_image):
-            rows.append({"name": f"{sid}_{i}", "source_id": sid, "cluster": int(k), "model": model, "sample": i,
-                         "seed": step_seed(cfg.seed, f"inpaint/{kind}/{sid}", i)})
+            rows.append(
+                {
+                    "name": f"{sid}_{i}",
+                    "source_id": sid,
+                    "cluster": int(k),
+                    "model": model,
+                    "sample": i,
+                    "seed": step_seed(cfg.seed, f"inpaint/{kind}/{sid}", i),
+                }
+            )
     return rows, skipped
 
 # %% ../nbs/04_inpainting.ipynb #3782edab
-def generate_type(cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], clusters: dict, device=None,
-                  progress: bool = True, stop_after: int | None = None, prune: bool = False) -> dict:
+def generate_type(
+    cfg: Config,
+    kind: str,
+    x4: torch.Tensor,
+    ids: list[str],
+    clusters: dict,
+    device=None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    prune: bool = False,
+) -> dict:
     """Make (or finish) the samples of type `kind`; returns counts, timings and skipped images. `stop_after`: stop after that
     many batches (tests). Finished samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them."""
     from diffusegen.training import load_unet
+
     tdir = stage_dirs(cfg, "training")[0]
     models = {p.parent.parent.name for p in tdir.glob("*/final/model.json")}
     plan, skipped = plan_samples(cfg, kind, ids, clusters, models)
-    sdir = set_dir(cfg, kind); (sdir/"images").mkdir(parents=True, exist_ok=True); (sdir/"masks").mkdir(parents=True, exist_ok=True)
-    mpath = sdir/"manifest.csv"
+    sdir = set_dir(cfg, kind)
+    (sdir / "images").mkdir(parents=True, exist_ok=True)
+    (sdir / "masks").mkdir(parents=True, exist_ok=True)
+    mpath = sdir / "manifest.csv"
     device = torch.device(device) if device is not None else resolve_device(cfg)
     params = json.dumps(inpaint_params(cfg, device), sort_keys=True)
     start, diff = variant_start(cfg), device_diffusion(inpaint_diffusion(cfg))
     nfe = schedule_counts(cfg.timestep_respacing, cfg.jump_length, cfg.resample, start)["nfe"]
-    shas = {m: sha256_file(weights_file(tdir/m)) for m in sorted({r["model"] for r in plan})}
+    shas = {m: sha256_file(weights_file(tdir / m)) for m in sorted({r["model"] for r in plan})}
     for r in plan:
-        r.update(file=f"images/{r['name']}.png", mask_file=f"masks/{r['name']}.png", checkpoint_sha256=shas[r["model"]],
-                 variant=cfg.inpaint_variant, nfe=nfe, params=params,
-                 weights=json.dumps({"source": "trained by diffusegen", "model_dir": str((tdir/r["model"]/"final").relative_to(cfg.root)),
-                                     "sample_weights": json.loads((tdir/r["model"]/"final"/"model.json").read_text()).get("sample_weights", cfg.sample_weights)}))
+        r.update(
+            file=f"images/{r['name']}.png",
+            mask_file=f"masks/{r['name']}.png",
+            checkpoint_sha256=shas[r["model"]],
+            variant=cfg.inpaint_variant,
+            nfe=nfe,
+            params=params,
+            weights=json.dumps(
+                {
+                    "source": "trained by diffusegen",
+                    "model_dir": str((tdir / r["model"] / "final").relative_to(cfg.root)),
+                    "sample_weights": json.loads((tdir / r["model"] / "final" / "model.json").read_text()).get(
+                        "sample_weights", cfg.sample_weights
+                    ),
+                }
+            ),
+        )
     # 1. what is already done (same sample, seed, weights and settings, files present); what lies outside the plan is kept
-    upath = sdir/UNPLANNED
+    upath = sdir / UNPLANNED
     old = [*read_manifest_csv(mpath).to_dict("records"), *read_manifest_csv(upath).to_dict("records")]
     key = lambda r: (str(r["file"]), int(r["seed"]), str(r["checkpoint_sha256"]), settings_key(r["params"]))
     planned = {key(r) for r in plan}
-    done_rows, aside = split_ledger(old, lambda r: key(r) in planned, {p["file"] for p in plan},
-                                    lambda r: (sdir/str(r["file"])).exists() and (sdir/str(r["mask_file"])).exists(),
-                                    keep=lambda r: move_aside(sdir, r))   # made under other settings: kept, not overwritten
+    done_rows, aside = split_ledger(
+        old,
+        lambda r: key(r) in planned,
+        {p["file"] for p in plan},
+        lambda r: (sdir / str(r["file"])).exists() and (sdir / str(r["mask_file"])).exists(),
+        keep=lambda r: move_aside(sdir, r),
+    )  # made under other settings: kept, not overwritten
     done = {key(r) for r in done_rows}
     pruned = prune_rows(sdir, aside) if prune else []
-    if prune: aside = []
+    if prune:
+        aside = []
     rows = pd.DataFrame(done_rows, columns=MANIFEST_COLUMNS)
-    write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)                        # first the plan's record, then the kept rows
+    write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)  # first the plan's record, then the kept rows
     write_unplanned(aside, upath, MANIFEST_COLUMNS)
     todo = [r for r in plan if key(r) not in done]
     # 2. batches of one model each, across images and seeds
@@ -194,109 +318,225 @@ def generate_type(cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], clus
     S = cfg.image_size
     for model in sorted({r["model"] for r in todo}):
         mt = [r for r in todo if r["model"] == model]
-        if stopped or not mt: continue
-        unet = load_unet(tdir/model, device).eval()
+        if stopped or not mt:
+            continue
+        unet = load_unet(tdir / model, device).eval()
         fn = sampling_fn(unet, cfg, device)
-        bs = cfg.inpaint_batch if cfg.inpaint_batch > 0 else auto_batch(
-            lambda b: fn(torch.zeros(b, 4, S, S, device=device), torch.zeros(b, dtype=torch.long, device=device)),
-            device, default=CPU_BATCH, cap=len(mt))
+        bs = (
+            cfg.inpaint_batch
+            if cfg.inpaint_batch > 0
+            else auto_batch(
+                lambda b: fn(torch.zeros(b, 4, S, S, device=device), torch.zeros(b, dtype=torch.long, device=device)),
+                device,
+                default=CPU_BATCH,
+                cap=len(mt),
+            )
+        )
         batch_sizes.append(bs)
         for b in range(0, len(mt), bs):
-            if stop_after is not None and n_batches >= stop_after: stopped = True; break
-            batch = mt[b:b + bs]
+            if stop_after is not None and n_batches >= stop_after:
+                stopped = True
+                break
+            batch = mt[b : b + bs]
             src = x4[[pos[r["source_id"]] for r in batch]]
             init4, known, _ = inpaint_inputs(src, cfg.dilation)
             t0 = time.perf_counter()
-            out = repaint(fn, diff, init4.to(device), known.to(device), [torch_generator(r["seed"], device) for r in batch],
-                          cfg.jump_length, cfg.resample, start, progress=progress, sampler=cfg.inpaint_sampler, eta=cfg.ddim_eta)
+            out = repaint(
+                fn,
+                diff,
+                init4.to(device),
+                known.to(device),
+                [torch_generator(r["seed"], device) for r in batch],
+                cfg.jump_length,
+                cfg.resample,
+                start,
+                progress=progress,
+                sampler=cfg.inpaint_sampler,
+                eta=cfg.ddim_eta,
+            )
             secs += time.perf_counter() - t0
             u8 = to_uint8(out)
             for r, a in zip(batch, u8):
-                save_png(np.ascontiguousarray(a[..., :3]), sdir/r["file"])
-                save_png(refine_mask(a[..., 3], cfg.mask_open).astype(np.uint8), sdir/r["mask_file"])
-            rows = pd.concat([rows, pd.DataFrame(batch)[MANIFEST_COLUMNS]], ignore_index=True) if len(rows) else pd.DataFrame(batch)[MANIFEST_COLUMNS]
+                save_png(np.ascontiguousarray(a[..., :3]), sdir / r["file"])
+                save_png(refine_mask(a[..., 3], cfg.mask_open).astype(np.uint8), sdir / r["mask_file"])
+            rows = (
+                pd.concat([rows, pd.DataFrame(batch)[MANIFEST_COLUMNS]], ignore_index=True)
+                if len(rows)
+                else pd.DataFrame(batch)[MANIFEST_COLUMNS]
+            )
             write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)
-            made += len(batch); n_batches += 1
-    if not stopped:                                         # final order: the plan's
+            made += len(batch)
+            n_batches += 1
+    if not stopped:  # final order: the plan's
         order = {r["file"]: i for i, r in enumerate(plan)}
         rows = rows.assign(_o=rows.file.map(order)).sort_values("_o").drop(columns="_o").reset_index(drop=True)
         write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)
-    return {"type": kind, "label": type_label(kind), "planned": len(plan), "cached": len(done), "made": made, "total": len(rows),
-            "images": len({r["source_id"] for r in plan}), "skipped_images": skipped, "nfe_per_sample": nfe,
-            "seconds": round(secs, 2), "samples_per_second": round(made / secs, 4) if secs else None,
-            "models": shas, "stopped": stopped, "batch_sizes": batch_sizes, "device": str(device),
-            "unplanned": len(aside), "pruned": [str(q) for q in pruned]}
+    return {
+        "type": kind,
+        "label": type_label(kind),
+        "planned": len(plan),
+        "cached": len(done),
+        "made": made,
+        "total": len(rows),
+        "images": len({r["source_id"] for r in plan}),
+        "skipped_images": skipped,
+        "nfe_per_sample": nfe,
+        "seconds": round(secs, 2),
+        "samples_per_second": round(made / secs, 4) if secs else None,
+        "models": shas,
+        "stopped": stopped,
+        "batch_sizes": batch_sizes,
+        "device": str(device),
+        "unplanned": len(aside),
+        "pruned": [str(q) for q in pruned],
+    }
 
 # %% ../nbs/04_inpainting.ipynb #0a991eb2
 def fig5(cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4):
     "Fig. 5 for type `kind`: rows of (source | samples) images with their masks beneath, the dilated region outlined."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     df = read_set(cfg, kind, required=True)
     srcs = list(dict.fromkeys(df.source_id))[:n_sources]
     k = int(df.groupby("source_id").size().max()) if len(df) else 0
-    fig, ax = plt.subplots(2 * max(1, len(srcs)), k + 1, figsize=(1.6 * (k + 1), 3.3 * max(1, len(srcs))), squeeze=False)
+    fig, ax = plt.subplots(
+        2 * max(1, len(srcs)), k + 1, figsize=(1.6 * (k + 1), 3.3 * max(1, len(srcs))), squeeze=False
+    )
     pos = {s: i for i, s in enumerate(ids)}
     for r, sid in enumerate(srcs):
         x = x4[pos[sid]]
         dil = dilate_mask((x[3] > 0).numpy(), cfg.dilation)
         img, msk = [to_uint8(x[:3])], [((x[3] > 0).numpy() * 255).astype(np.uint8)]
         for _, s in df[df.source_id == sid].iterrows():
-            img.append(np.array(Image.open(s.image_path))); msk.append(np.array(Image.open(s.mask_path)))
+            img.append(np.array(Image.open(s.image_path)))
+            msk.append(np.array(Image.open(s.mask_path)))
         for c in range(k + 1):
             for a, arr, cm in ((ax[2 * r, c], img, None), (ax[2 * r + 1, c], msk, "gray")):
                 if c < len(arr):
                     a.imshow(arr[c], cmap=cm, vmin=0, vmax=255 if cm else None)
                     a.contour(dil, levels=[0.5], colors="yellow", linewidths=0.8)
         ax[2 * r, 0].set_title(f"source {sid}", fontsize=7)
-        for c in range(1, k + 1): ax[2 * r, c].set_title(f"sample {c - 1}", fontsize=7)
-    for a in ax.ravel(): a.axis("off")
-    fig.suptitle(f"Fig. 5 ({type_label(kind)}): RePaint samples ({cfg.inpaint_variant}); yellow: the dilated region", fontsize=9)
+        for c in range(1, k + 1):
+            ax[2 * r, c].set_title(f"sample {c - 1}", fontsize=7)
+    for a in ax.ravel():
+        a.axis("off")
+    fig.suptitle(
+        f"Fig. 5 ({type_label(kind)}): RePaint samples ({cfg.inpaint_variant}); yellow: the dilated region", fontsize=9
+    )
     fig.tight_layout()
     return fig
 
 # %% ../nbs/04_inpainting.ipynb #ee70f94d
-def run_inpainting(cfg: Config, types=("diff", "full-diff"), progress: bool = True, stop_after: int | None = None,
-                   prune: bool = False) -> dict:
+def run_inpainting(
+    cfg: Config, types=("diff", "full-diff"), progress: bool = True, stop_after: int | None = None, prune: bool = False
+) -> dict:
     """The inpainting stage: samples of each type under runs/<profile>/synthetic/<type>/, Fig. 5, table and manifest.
     Finished samples outside the plan (a smaller `inpaint_images` or `samples_per_image`) are kept and listed in
     manifest_unplanned.csv; `prune=True` removes them, printing each file."""
     import matplotlib.pyplot as plt
     from diffusegen.clustering import load_clusters
     from diffusegen.training import training_images
-    fig_d = stage_dirs(cfg, "inpainting")[1]; fig_d.mkdir(parents=True, exist_ok=True)
+
+    fig_d = stage_dirs(cfg, "inpainting")[1]
+    fig_d.mkdir(parents=True, exist_ok=True)
     x4, ids = training_images(cfg)
-    cl = load_clusters(cfg); clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))
+    cl = load_clusters(cfg)
+    clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))
     recs, arts, notes, weights = [], [], [], {}
     start = variant_start(cfg)
-    notes.append(f"variant {cfg.inpaint_variant}: T={cfg.timestep_respacing} respaced steps, j={cfg.jump_length}, r={cfg.resample}, "
-                 + ("pure-noise start at index T-1, skip ignored as in the paper's code" if start is None
-                    else f"start from the real 4-channel image noised to index {start} (skip {cfg.skip_timesteps})")
-                 + f"; dilation {cfg.dilation} px, mask opening {cfg.mask_open} px at {cfg.image_size} px"
-                 + (f"; DDIM steps (eta {cfg.ddim_eta}) instead of the ancestral step" if cfg.inpaint_sampler == "ddim" else ""))
+    notes.append(
+        f"variant {cfg.inpaint_variant}: T={cfg.timestep_respacing} respaced steps, j={cfg.jump_length}, r={cfg.resample}, "
+        + (
+            "pure-noise start at index T-1, skip ignored as in the paper's code"
+            if start is None
+            else f"start from the real 4-channel image noised to index {start} (skip {cfg.skip_timesteps})"
+        )
+        + f"; dilation {cfg.dilation} px, mask opening {cfg.mask_open} px at {cfg.image_size} px"
+        + (f"; DDIM steps (eta {cfg.ddim_eta}) instead of the ancestral step" if cfg.inpaint_sampler == "ddim" else "")
+    )
     for ty in types:
         rec = generate_type(cfg, ty, x4, ids, clusters, progress=progress, stop_after=stop_after, prune=prune)
         recs.append(rec)
-        if rec["planned"] == 0: notes.append(f"{ty}: no trained model for this type; skipped")
+        if rec["planned"] == 0:
+            notes.append(f"{ty}: no trained model for this type; skipped")
         elif rec["skipped_images"]:
-            notes.append(f"{ty}: {len(rec['skipped_images'])} image(s) skipped, their cluster has no trained model: " + " ".join(rec["skipped_images"]))
+            notes.append(
+                f"{ty}: {len(rec['skipped_images'])} image(s) skipped, their cluster has no trained model: "
+                + " ".join(rec["skipped_images"])
+            )
         if rec["unplanned"]:
-            notes.append(f"{ty}: {rec['unplanned']} finished sample(s) outside the current plan kept in {set_dir(cfg, ty)/UNPLANNED} "
-                         f"(not used; remove them with `diffusegen inpaint --prune`)")
-        if rec["pruned"]: notes.append(f"{ty}: pruned {len(rec['pruned'])} file(s) outside the current plan")
+            notes.append(
+                f"{ty}: {rec['unplanned']} finished sample(s) outside the current plan kept in {set_dir(cfg, ty) / UNPLANNED} "
+                f"(not used; remove them with `diffusegen inpaint --prune`)"
+            )
+        if rec["pruned"]:
+            notes.append(f"{ty}: pruned {len(rec['pruned'])} file(s) outside the current plan")
         for m, sha in rec["models"].items():
-            weights[m] = {"name": m, "label": f"{m} (trained by diffusegen, {cfg.sample_weights} weights)", "sha256": sha,
-                          "source": str(weights_file(cfg.run_dir/"training"/m)), "provenance": "trained by diffusegen (training stage)"}
+            weights[m] = {
+                "name": m,
+                "label": f"{m} (trained by diffusegen, {cfg.sample_weights} weights)",
+                "sha256": sha,
+                "source": str(weights_file(cfg.run_dir / "training" / m)),
+                "provenance": "trained by diffusegen (training stage)",
+            }
         if rec["total"] and not rec["stopped"]:
-            fig = fig5(cfg, ty, x4, ids); save_figure(fig, fig_d/f"fig5_{ty}.png"); plt.close(fig)
-            arts.append(Artifact(str(fig_d/f"fig5_{ty}.png"), "figure", f"Fig. 5: {type_label(ty)} inpainted samples", "Fig. 5, §2.5"))
-        arts.append(Artifact(str(set_dir(cfg, ty)/"manifest.csv"), "data", f"{type_label(ty)} inpainted samples", "§2.5",
-                             "348 × 3 samples per type", f"{rec['total']} samples"))
-    cols = ["type", "label", "images", "planned", "cached", "made", "total", "nfe_per_sample", "seconds", "samples_per_second"]
+            fig = fig5(cfg, ty, x4, ids)
+            save_figure(fig, fig_d / f"fig5_{ty}.png")
+            plt.close(fig)
+            arts.append(
+                Artifact(
+                    str(fig_d / f"fig5_{ty}.png"),
+                    "figure",
+                    f"Fig. 5: {type_label(ty)} inpainted samples",
+                    "Fig. 5, §2.5",
+                )
+            )
+        arts.append(
+            Artifact(
+                str(set_dir(cfg, ty) / "manifest.csv"),
+                "data",
+                f"{type_label(ty)} inpainted samples",
+                "§2.5",
+                "348 × 3 samples per type",
+                f"{rec['total']} samples",
+            )
+        )
+    cols = [
+        "type",
+        "label",
+        "images",
+        "planned",
+        "cached",
+        "made",
+        "total",
+        "nfe_per_sample",
+        "seconds",
+        "samples_per_second",
+    ]
     table = pd.DataFrame([{c: r.get(c) for c in cols} for r in recs])
-    arts.insert(0, Artifact(str(write_table(table, fig_d/"samples")[0]), "table", "Inpainted samples", "§2.5",
-                            "3 samples per real image, 960 network evaluations each (paper-code-facts c)"))
+    arts.insert(
+        0,
+        Artifact(
+            str(write_table(table, fig_d / "samples")[0]),
+            "table",
+            "Inpainted samples",
+            "§2.5",
+            "3 samples per real image, 960 network evaluations each (paper-code-facts c)",
+        ),
+    )
     if not any(r["stopped"] for r in recs):
-        write_manifest(cfg, "inpainting", arts, list(weights.values()),
-                       {"types": [{k: v for k, v in r.items() if k != "skipped_images"} for r in recs], "params": inpaint_params(cfg)}, notes)
+        write_manifest(
+            cfg,
+            "inpainting",
+            arts,
+            list(weights.values()),
+            {
+                "types": [{k: v for k, v in r.items() if k != "skipped_images"} for r in recs],
+                "params": inpaint_params(cfg),
+            },
+            notes,
+        )
     return {"types": recs, "table": table.to_dict("records"), "notes": notes}

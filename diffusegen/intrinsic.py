@@ -6,14 +6,29 @@ also builds the expert-review page (Appendix B.1) and runs the memorization audi
 
 # %% ../nbs/06_intrinsic.ipynb #f2cea4d6
 from __future__ import annotations
-import json, shutil, time
+import json
+import shutil
+import time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, DiffusegenError, Artifact, atomic_path, atomic_write, write_json, write_table,
-                             save_figure, write_manifest, stage_dirs, resolve_device, save_png, paper_table,
-                             content_key)
+from diffusegen.core import (
+    Config,
+    DiffusegenError,
+    Artifact,
+    atomic_path,
+    atomic_write,
+    write_json,
+    write_table,
+    save_figure,
+    write_manifest,
+    stage_dirs,
+    resolve_device,
+    save_png,
+    paper_table,
+    content_key,
+)
 from .sets import set_dir, read_set, synthetic_types, type_label
 
 # %% auto #0
@@ -26,54 +41,76 @@ __all__ = ['MSSSIM_WEIGHTS', 'fid_extractor', 'file_features', 'fid_from_feature
 # %% ../nbs/06_intrinsic.ipynb #5da716b2
 _FEATS: dict = {}
 
+
 def _file_key(p, mode: str, weights: str = "auto") -> tuple:
     st = Path(p).stat()
     return (str(Path(p).resolve()), st.st_size, st.st_mtime_ns, mode, weights)
 
+
 def fid_extractor(cfg: Config):
     "(clean-fid feature extractor on cfg's device, device, the Inception's provenance)."
     from diffusegen.weights import resolve_weights, CleanFIDExtractor
+
     model, prov = resolve_weights("inception", cfg)
     device = resolve_device(cfg)
     return CleanFIDExtractor(model).to(device).eval(), device, prov
 
+
 def file_features(cfg: Config, files: list, progress: bool = False) -> np.ndarray:
     "(N, 2048) clean-fid features (mode `cfg.fid_mode`) of image files, computed once per file and cached."
     from cleanfid.fid import get_files_features
+
     files = [str(f) for f in files]
     for f in files:
-        if not Path(f).is_file(): raise DiffusegenError(f"{f}: image file not found for FID")
+        if not Path(f).is_file():
+            raise DiffusegenError(f"{f}: image file not found for FID")
     keys = [_file_key(f, cfg.fid_mode, cfg.inception_weights) for f in files]
     todo = sorted({f for f, k in zip(files, keys) if k not in _FEATS})
     if todo:
         ext, device, _ = fid_extractor(cfg)
         try:
-            feats = get_files_features(todo, ext, num_workers=cfg.num_workers, batch_size=max(1, cfg.fid_batch),
-                                       device=device, mode=cfg.fid_mode, description="FID Inception", verbose=progress)
+            feats = get_files_features(
+                todo,
+                ext,
+                num_workers=cfg.num_workers,
+                batch_size=max(1, cfg.fid_batch),
+                device=device,
+                mode=cfg.fid_mode,
+                description="FID Inception",
+                verbose=progress,
+            )
         except Exception:
             from diffusegen.data import read_image
-            for f in todo: read_image(f)                # an unreadable file: one DataError line naming it
+
+            for f in todo:
+                read_image(f)  # an unreadable file: one DataError line naming it
             raise
-        for f, v in zip(todo, feats): _FEATS[_file_key(f, cfg.fid_mode, cfg.inception_weights)] = v.astype(np.float64)
+        for f, v in zip(todo, feats):
+            _FEATS[_file_key(f, cfg.fid_mode, cfg.inception_weights)] = v.astype(np.float64)
     return np.stack([_FEATS[k] for k in keys]) if files else np.zeros((0, 2048))
+
 
 def fid_from_features(a: np.ndarray, b: np.ndarray, sqrtm: bool = False) -> float:
     """The Fréchet distance between two feature sets (each needs at least 2 rows). By default the trace term is
     computed from the singular values of the centred features (exact, see above); `sqrtm=True` uses clean-fid's own
     `fid_from_feats` (scipy `sqrtm` of a 2048×2048 matrix)."""
-    if len(a) < 2 or len(b) < 2: raise DiffusegenError(f"FID needs at least 2 images per set, got {len(a)} and {len(b)}")
+    if len(a) < 2 or len(b) < 2:
+        raise DiffusegenError(f"FID needs at least 2 images per set, got {len(a)} and {len(b)}")
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if sqrtm:
         from cleanfid.fid import fid_from_feats
+
         return float(fid_from_feats(a, b))
     mu_a, mu_b = a.mean(0), b.mean(0)
     A, B = (a - mu_a) / np.sqrt(len(a) - 1), (b - mu_b) / np.sqrt(len(b) - 1)
     tr_sqrt = np.linalg.svd(A @ B.T, compute_uv=False).sum()
     return float(((mu_a - mu_b) ** 2).sum() + (A * A).sum() + (B * B).sum() - 2 * tr_sqrt)
 
+
 def seeded_draw(n_total: int, n: int, seed: int) -> np.ndarray:
     "A seeded random selection (without replacement, in random order) of `n` of `range(n_total)`."
-    return np.random.default_rng(seed).permutation(n_total)[:min(n, n_total)]
+    return np.random.default_rng(seed).permutation(n_total)[: min(n, n_total)]
+
 
 def fid_between(cfg: Config, files_a: list, files_b: list, seed: int = 0) -> float:
     """clean-FID (mode `cfg.fid_mode`, the resolver's FID Inception, `cfg.device`, `cfg.num_workers`) between two lists
@@ -87,11 +124,14 @@ def fid_between(cfg: Config, files_a: list, files_b: list, seed: int = 0) -> flo
     return fid_from_features(file_features(cfg, a), file_features(cfg, b))
 
 # %% ../nbs/06_intrinsic.ipynb #2c798ee6
-def kid_from_features(a: np.ndarray, b: np.ndarray, seed: int = 0, subsets: int = 100, max_subset_size: int = 1000) -> float:
+def kid_from_features(
+    a: np.ndarray, b: np.ndarray, seed: int = 0, subsets: int = 100, max_subset_size: int = 1000
+) -> float:
     """KID of two feature sets (rows = images), with clean-fid's `kernel_distance`. clean-fid draws its subsets from
     NumPy's global generator; it runs here under a seeded global state that is restored afterwards, so the value is
     reproducible. (With ≤ `max_subset_size` images in both sets every subset is the whole set: the seed has no effect.)"""
     from cleanfid.fid import kernel_distance
+
     state = np.random.get_state()
     try:
         np.random.seed(seed)
@@ -102,23 +142,35 @@ def kid_from_features(a: np.ndarray, b: np.ndarray, seed: int = 0, subsets: int 
 # %% ../nbs/06_intrinsic.ipynb #f36f377b
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
+
 def msssim_setup(side: int, win: int = 11) -> dict:
     "Window and number of scales MS-SSIM can use on `side`-px images, and a note for the table."
     w = win if win % 2 else win - 1
-    while w > 3 and not side > (w - 1) * 16: w -= 2
-    if side > (w - 1) * 16: levels = 5
+    while w > 3 and not side > (w - 1) * 16:
+        w -= 2
+    if side > (w - 1) * 16:
+        levels = 5
     else:
         w, levels = 3, 1
-        while levels < 5 and side // 2 ** levels >= 3: levels += 1
-    note = f"window {w}, {levels} scales" + ("" if (w, levels) == (win, 5) else
-            f" (the standard window {win} with 5 scales needs images over {(win - 1) * 16} px; these are {side} px)")
+        while levels < 5 and side // 2**levels >= 3:
+            levels += 1
+    note = f"window {w}, {levels} scales" + (
+        ""
+        if (w, levels) == (win, 5)
+        else f" (the standard window {win} with 5 scales needs images over {(win - 1) * 16} px; these are {side} px)"
+    )
     return {"win": w, "levels": levels, "note": note}
 
-def ms_ssim_levels(X: torch.Tensor, Y: torch.Tensor, data_range: float = 255.0, win: int = 11, levels: int = 5) -> torch.Tensor:
+
+def ms_ssim_levels(
+    X: torch.Tensor, Y: torch.Tensor, data_range: float = 255.0, win: int = 11, levels: int = 5
+) -> torch.Tensor:
     "MS-SSIM per image (B,) with `levels` scales (weights: the first `levels` standard ones, renormalised): pytorch-msssim's loop without its size assertion."
     import torch.nn.functional as F
     from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
-    w = torch.tensor(MSSSIM_WEIGHTS[:levels], dtype=X.dtype); w = w / w.sum() if levels < 5 else w
+
+    w = torch.tensor(MSSSIM_WEIGHTS[:levels], dtype=X.dtype)
+    w = w / w.sum() if levels < 5 else w
     g = _fspecial_gauss_1d(win, 1.5).repeat([X.shape[1], 1, 1, 1])
     mcs = []
     for i in range(levels):
@@ -130,24 +182,28 @@ def ms_ssim_levels(X: torch.Tensor, Y: torch.Tensor, data_range: float = 255.0, 
     val = torch.prod(torch.stack(mcs + [torch.relu(ssim_pc)]) ** w.view(-1, 1, 1), dim=0)
     return val.mean(1)
 
+
 def pair_indices(n: int, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     "`n_pairs` seeded random pairs (i, j) of range(n), i ≠ j, drawn with replacement (j uniform over the others)."
     rng = np.random.default_rng(seed)
     i = rng.integers(0, n, n_pairs)
     return i, (i + rng.integers(1, n, n_pairs)) % n
 
+
 def ms_ssim_pairs(imgs: np.ndarray, n_pairs: int, seed: int, win: int = 11, batch: int = 64) -> float:
     "Mean MS-SSIM over `n_pairs` seeded random pairs (i ≠ j, `pair_indices`) of `imgs` (N, S, S, 3) uint8."
     import pytorch_msssim
+
     n = len(imgs)
-    if n < 2: return float("nan")
+    if n < 2:
+        return float("nan")
     i, j = pair_indices(n, n_pairs, seed)
     setup = msssim_setup(min(imgs.shape[1:3]), win)
     t = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()
     vals = []
     with torch.no_grad():
         for b in range(0, n_pairs, batch):
-            X, Y = t[i[b:b + batch]], t[j[b:b + batch]]
+            X, Y = t[i[b : b + batch]], t[j[b : b + batch]]
             if setup["levels"] == 5:
                 vals.append(pytorch_msssim.ms_ssim(X, Y, data_range=255, win_size=setup["win"], size_average=False))
             else:
@@ -159,32 +215,44 @@ def synthetic_labels() -> dict:
     "{label: key} of every generated type in the registry (Diff, Styled-Diff, Full-Diff, Full-Styled-Diff, and any added)."
     return {type_label(k): k for k in synthetic_types()}
 
+
 def table1_rows() -> tuple:
     "Table 1's rows: Real, its halves (the noise floor), GAN, then every generated type."
     return ("Real", "Real (halves)", "GAN", *synthetic_labels())
+
+
 def paper_table1() -> dict:
     "The paper's Table 1 (data/paper/table1.csv) as {row label: ([FID per set], [MS-SSIM per set])}."
     t = paper_table("table1").sort_values(["type", "set"], na_position="first")
     return {type_label(k): (g.fid.tolist(), g.msssim.tolist()) for k, g in t.groupby("type", sort=False)}
 
+
 def paper_t1_text() -> str:
     "The paper's Table 1 in a line, as the stage's manifest compares it: Real, Styled-Diff, Diff and GAN (mean ± std)."
-    p = paper_table1(); real = p["Real"][0][0]
-    return (f"Real FID {'−' if real < 0 else ''}{abs(real):.2g}, MS-SSIM {p['Real'][1][0]:.4f}; Styled-Diff FID {mean_std(p['Styled-Diff'][0])}, "
-            f"MS-SSIM {mean_std(p['Styled-Diff'][1])}; Diff {mean_std(p['Diff'][0])}; GAN {mean_std(p['GAN'][0])}")
+    p = paper_table1()
+    real = p["Real"][0][0]
+    return (
+        f"Real FID {'−' if real < 0 else ''}{abs(real):.2g}, MS-SSIM {p['Real'][1][0]:.4f}; Styled-Diff FID {mean_std(p['Styled-Diff'][0])}, "
+        f"MS-SSIM {mean_std(p['Styled-Diff'][1])}; Diff {mean_std(p['Diff'][0])}; GAN {mean_std(p['GAN'][0])}"
+    )
+
 
 def mean_std(v) -> str:
     "'mean ± std' with the population std (ddof = 0), as the paper; '' for no values."
     v = np.asarray([x for x in v if x == x], float)
-    if not len(v): return ""
+    if not len(v):
+        return ""
     digits = 4 if np.abs(v).max() < 1 else 2
     return f"{v.mean():.{digits}f} ± {v.std(ddof=0):.{digits}f}"
+
 
 def paired_p(a, b) -> float:
     "Paired t-test p-value (scipy.stats.ttest_rel) of two equally long value lists; nan when undefined."
     from scipy.stats import ttest_rel
+
     a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) != len(b) or len(a) < 2 or np.allclose(a - b, (a - b)[0]): return float("nan")
+    if len(a) != len(b) or len(a) < 2 or np.allclose(a - b, (a - b)[0]):
+        return float("nan")
     return float(ttest_rel(a, b).pvalue)
 
 # %% ../nbs/06_intrinsic.ipynb #0c5a30ed
@@ -192,71 +260,117 @@ def cache_dir(base: Path, what: dict) -> Path:
     """`base`/<key>, <key> a short hash of `what` (the settings and inputs the files depend on), recorded beside the
     files in `settings.json`; the other folders under `base` (files of other settings) are removed."""
     key = content_key(what)
-    d = Path(base)/key
+    d = Path(base) / key
     if Path(base).is_dir():
         for old in Path(base).iterdir():
-            if old.is_dir() and old.name != key: shutil.rmtree(old, ignore_errors=True)
-    if not (d/"settings.json").exists(): write_json(d/"settings.json", what)
+            if old.is_dir() and old.name != key:
+                shutil.rmtree(old, ignore_errors=True)
+    if not (d / "settings.json").exists():
+        write_json(d / "settings.json", what)
     return d
+
 
 def real_training_files(cfg: Config) -> pd.DataFrame:
     """The real training images and masks (data stage, resized) as PNG files under runs/<profile>/intrinsic/real/<key>/
     (`cache_dir`: keyed by the data settings, the pairs file and the training ids): id, image_path, mask_path."""
     from diffusegen.data import load_pairs, pairs_path, load_split
+
     p = pairs_path(cfg)
-    if not p.exists(): raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
+    if not p.exists():
+        raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
     split = load_split(cfg)
     train = set(split.loc[split.split == "train", "id"])
     t, ids, _ = load_pairs(p)
     st = p.stat()
-    d = cache_dir(cfg.run_dir/"intrinsic"/"real", {"data settings": cfg.hash("data"), "image_size": cfg.image_size,
-                  "pairs": [p.name, st.st_size, st.st_mtime_ns], "train ids": sorted(train)})
+    d = cache_dir(
+        cfg.run_dir / "intrinsic" / "real",
+        {
+            "data settings": cfg.hash("data"),
+            "image_size": cfg.image_size,
+            "pairs": [p.name, st.st_size, st.st_mtime_ns],
+            "train ids": sorted(train),
+        },
+    )
     rows = []
     for k, i in enumerate(ids):
-        if i not in train: continue
-        ip, mp = d/"images"/f"{i}.png", d/"masks"/f"{i}.png"
-        if not ip.exists(): save_png(t["images"][k].permute(1, 2, 0).numpy(), ip)
-        if not mp.exists(): save_png(t["masks"][k].numpy().astype(np.uint8) * 255, mp)
+        if i not in train:
+            continue
+        ip, mp = d / "images" / f"{i}.png", d / "masks" / f"{i}.png"
+        if not ip.exists():
+            save_png(t["images"][k].permute(1, 2, 0).numpy(), ip)
+        if not mp.exists():
+            save_png(t["masks"][k].numpy().astype(np.uint8) * 255, mp)
         rows.append({"id": i, "image_path": str(ip), "mask_path": str(mp)})
-    if not rows: raise DiffusegenError(f"{cfg.run_dir/'data'/'splits.csv'}: no training images")
+    if not rows:
+        raise DiffusegenError(f"{cfg.run_dir / 'data' / 'splits.csv'}: no training images")
     return pd.DataFrame(rows)
+
 
 def gan_at_size(cfg: Config, g: pd.DataFrame) -> pd.DataFrame:
     """The GAN pairs of `g` (source_id, image_path, mask_path) brought to `cfg.image_size` with the data stage's resize
     (`data.load_pair`: `resize_mode`, `mask_threshold`), as PNGs under runs/<profile>/intrinsic/gan/<key>/; same columns."""
     from diffusegen.data import Pair, load_pair
-    files = [[str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in list(g.image_path) + list(g.mask_path)]
-    d = cache_dir(cfg.run_dir/"intrinsic"/"gan", {"image_size": cfg.image_size, "resize_mode": cfg.resize_mode,
-                                                 "mask_threshold": cfg.mask_threshold, "files": files})
+
+    files = [
+        [str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in list(g.image_path) + list(g.mask_path)
+    ]
+    d = cache_dir(
+        cfg.run_dir / "intrinsic" / "gan",
+        {
+            "image_size": cfg.image_size,
+            "resize_mode": cfg.resize_mode,
+            "mask_threshold": cfg.mask_threshold,
+            "files": files,
+        },
+    )
     ips, mps = [], []
     for r in g.itertuples():
-        ip, mp = d/"images"/Path(r.image_path).name, d/"masks"/Path(r.mask_path).name
+        ip, mp = d / "images" / Path(r.image_path).name, d / "masks" / Path(r.mask_path).name
         if not (ip.exists() and mp.exists()):
-            img, mask = load_pair(Pair(r.source_id, Path(r.image_path), Path(r.mask_path)), cfg.image_size, cfg.resize_mode, cfg.mask_threshold)
-            save_png(img, ip); save_png(mask.astype(np.uint8) * 255, mp)
-        ips.append(str(ip)); mps.append(str(mp))
+            img, mask = load_pair(
+                Pair(r.source_id, Path(r.image_path), Path(r.mask_path)),
+                cfg.image_size,
+                cfg.resize_mode,
+                cfg.mask_threshold,
+            )
+            save_png(img, ip)
+            save_png(mask.astype(np.uint8) * 255, mp)
+        ips.append(str(ip))
+        mps.append(str(mp))
     return g.assign(image_path=ips, mask_path=mps)
+
 
 def synthetic_sets(cfg: Config, train_ids=None) -> dict:
     "{label: DataFrame(source_id, image_path, mask_path) or None} for GAN and every generated type (the data-set contract)."
     out = {}
     g = read_set(cfg, "gan")
-    if g is not None and train_ids is not None: g = g[g.source_id.isin(set(train_ids))]
-    out["GAN"] = None if g is None or not len(g) else gan_at_size(cfg, g[["source_id", "image_path", "mask_path"]].reset_index(drop=True))
-    if out["GAN"] is not None: out["GAN"].attrs["mapping_check"] = g.attrs.get("mapping_check", {})
+    if g is not None and train_ids is not None:
+        g = g[g.source_id.isin(set(train_ids))]
+    out["GAN"] = (
+        None
+        if g is None or not len(g)
+        else gan_at_size(cfg, g[["source_id", "image_path", "mask_path"]].reset_index(drop=True))
+    )
+    if out["GAN"] is not None:
+        out["GAN"].attrs["mapping_check"] = g.attrs.get("mapping_check", {})
     for label, kind in synthetic_labels().items():
         m = read_set(cfg, kind)
         out[label] = None if m is None else m[["source_id", "image_path", "mask_path"]].reset_index(drop=True)
     return out
 
+
 def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = False) -> dict:
     "{row: {'fid': [...], 'kid': [...], 'msssim': [...], 'n': images per repeat}} over `cfg.fid_repeats` seeded repeats."
     from diffusegen.memorization import read_rgb
+
     cap = cfg.fid_images if cfg.fid_images > 0 else 10**9
     rfiles = list(real.image_path)
     rimgs = np.stack([read_rgb(p, cfg.image_size) for p in rfiles])
     out = {}
-    def feats(files): return file_features(cfg, files, progress)
+
+    def feats(files):
+        return file_features(cfg, files, progress)
+
     n = min(len(rfiles), cap)
     real = {"fid": [], "kid": [], "msssim": [], "n": n}
     halves = {"fid": [], "kid": [], "msssim": [], "n": n // 2}
@@ -265,15 +379,17 @@ def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = 
         ia = seeded_draw(len(rfiles), n, s)
         fa = feats([rfiles[i] for i in ia])
         fp = fa[np.random.default_rng(s + 1000).permutation(len(fa))]
-        real["fid"].append(fid_from_features(fa, fp)); real["kid"].append(kid_from_features(fa, fp, s))
+        real["fid"].append(fid_from_features(fa, fp))
+        real["kid"].append(kid_from_features(fa, fp, s))
         half = len(ia) // 2
-        ha, hb = fa[:half], fa[half:2 * half]
+        ha, hb = fa[:half], fa[half : 2 * half]
         halves["fid"].append(fid_from_features(ha, hb) if half >= 2 else float("nan"))
         halves["kid"].append(kid_from_features(ha, hb, s) if half >= 2 else float("nan"))
         real["msssim"].append(ms_ssim_pairs(rimgs[ia], cfg.msssim_pairs, s, cfg.msssim_win))
     out["Real"], out["Real (halves)"] = real, halves
     for label, df in sets.items():
-        if df is None: continue
+        if df is None:
+            continue
         files = list(df.image_path)
         m = min(len(rfiles), len(files), cap)
         fid, kid, ms = [], [], []
@@ -288,18 +404,34 @@ def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = 
         out[label] = {"fid": fid, "kid": kid, "msssim": ms, "n": m}
     return out
 
+
 def table1_long(values: dict) -> pd.DataFrame:
     "Table 1's values in long form (type, repeat, fid, kid, msssim, status) for the statistics stage (table1_values.csv)."
     rows = []
-    def at(v, key, k): return v[key][k] if k < len(v.get(key, [])) else np.nan
+
+    def at(v, key, k):
+        return v[key][k] if k < len(v.get(key, [])) else np.nan
+
     for label in table1_rows():
         v = values.get(label)
         if not v:
-            rows.append({"type": label, "repeat": 0, "fid": np.nan, "kid": np.nan, "msssim": np.nan, "status": "not provided"})
+            rows.append(
+                {"type": label, "repeat": 0, "fid": np.nan, "kid": np.nan, "msssim": np.nan, "status": "not provided"}
+            )
             continue
         for k, f in enumerate(v["fid"]):
-            rows.append({"type": label, "repeat": k, "fid": f, "kid": at(v, "kid", k), "msssim": at(v, "msssim", k), "status": "ok"})
+            rows.append(
+                {
+                    "type": label,
+                    "repeat": k,
+                    "fid": f,
+                    "kid": at(v, "kid", k),
+                    "msssim": at(v, "msssim", k),
+                    "status": "ok",
+                }
+            )
     return pd.DataFrame(rows, columns=["type", "repeat", "fid", "kid", "msssim", "status"])
+
 
 def table1(values: dict, repeats: int, msssim_note: str = "") -> pd.DataFrame:
     """Table 1: per row the repeats, mean ± std and p vs Styled-Diff, for FID and MS-SSIM, next to the paper's values;
@@ -307,9 +439,11 @@ def table1(values: dict, repeats: int, msssim_note: str = "") -> pd.DataFrame:
     row (two disjoint real halves: at half the images FID's floor is higher than at the full count; KID's is 0 on average)."""
     ref = values.get("Styled-Diff")
     floor = values.get("Real (halves)") or {}
+
     def mean(v):
         v = [x for x in v if x == x]
         return float(np.mean(v)) if v else float("nan")
+
     rows, paper_t1 = [], paper_table1()
     for label in table1_rows():
         v = values.get(label)
@@ -317,67 +451,103 @@ def table1(values: dict, repeats: int, msssim_note: str = "") -> pd.DataFrame:
         row = {"data type": label, "images per repeat": v["n"] if v else "not provided"}
         kids = v.get("kid", []) if v else []
         row["KID mean ± std"] = mean_std(kids) if kids else ("not provided" if not v else "")
-        p = paired_p(kids, ref.get("kid", [])) if (ref and kids and label not in ("Styled-Diff", "Real (halves)")) else float("nan")
+        p = (
+            paired_p(kids, ref.get("kid", []))
+            if (ref and kids and label not in ("Styled-Diff", "Real (halves)"))
+            else float("nan")
+        )
         row["KID p vs Styled-Diff"] = "" if p != p else f"{p:.3g}"
         for metric, key in (("FID", "fid"), ("KID", "kid")):
-            d = mean(v[key]) - mean(floor.get(key, [])) if (v and label not in ("Real", "Real (halves)") and v.get(key)) else float("nan")
+            d = (
+                mean(v[key]) - mean(floor.get(key, []))
+                if (v and label not in ("Real", "Real (halves)") and v.get(key))
+                else float("nan")
+            )
             row[f"{metric} above floor"] = "" if d != d else (f"{d:.2f}" if metric == "FID" else f"{d:.4f}")
         for metric, key, paper in (("FID", "fid", pf), ("MS-SSIM", "msssim", pm)):
             vals = v[key] if v else []
             for k in range(repeats):
-                row[f"{metric} set {k + 1}"] = (round(vals[k], 6 if metric == "MS-SSIM" else 4) if k < len(vals) else
-                                                ("not provided" if not v else ""))
+                row[f"{metric} set {k + 1}"] = (
+                    round(vals[k], 6 if metric == "MS-SSIM" else 4)
+                    if k < len(vals)
+                    else ("not provided" if not v else "")
+                )
             row[f"{metric} mean ± std"] = mean_std(vals) if vals else ("not provided" if not v else "")
-            p = paired_p(vals, ref[key]) if (ref and vals and label not in ("Styled-Diff", "Real (halves)")) else float("nan")
+            p = (
+                paired_p(vals, ref[key])
+                if (ref and vals and label not in ("Styled-Diff", "Real (halves)"))
+                else float("nan")
+            )
             row[f"{metric} p vs Styled-Diff"] = "" if p != p else f"{p:.3g}"
             row[f"paper {metric}"] = ", ".join(f"{x:g}" for x in paper)
             row[f"paper {metric} mean ± std"] = mean_std(paper) if len(paper) > 1 else ""
         rows.append(row)
     t = pd.DataFrame(rows)
-    if msssim_note: t["MS-SSIM window"] = [msssim_note if r != "Real (halves)" else "" for r in t["data type"]]
+    if msssim_note:
+        t["MS-SSIM window"] = [msssim_note if r != "Real (halves)" else "" for r in t["data type"]]
     return t
 
 # %% ../nbs/06_intrinsic.ipynb #6a454436
 def survey_pool(cfg: Config, real: pd.DataFrame, sets: dict) -> pd.DataFrame:
     "Candidate pairs for the survey: the real training images, Diff and Styled-Diff (type, image_path, mask_path, source_id)."
-    parts = [pd.DataFrame({"type": "Real", "image_path": real.image_path, "mask_path": real.mask_path, "source_id": real.id})]
+    parts = [
+        pd.DataFrame({"type": "Real", "image_path": real.image_path, "mask_path": real.mask_path, "source_id": real.id})
+    ]
     for label in ("Diff", "Styled-Diff"):
-        if sets.get(label) is not None: parts.append(sets[label].assign(type=label))
+        if sets.get(label) is not None:
+            parts.append(sets[label].assign(type=label))
     return pd.concat(parts, ignore_index=True)[["type", "image_path", "mask_path", "source_id"]]
+
 
 def build_stage_survey(cfg: Config, real: pd.DataFrame | None = None, sets: dict | None = None) -> dict:
     "Write figures/<profile>/intrinsic/survey.html and runs/<profile>/intrinsic/survey_key.csv (+ survey_key_<id>.csv) (`diffusegen survey build`)."
     from diffusegen.survey import build_survey
+
     real = real_training_files(cfg) if real is None else real
     sets = synthetic_sets(cfg, real.id) if sets is None else sets
     run_d, fig_d = stage_dirs(cfg, "intrinsic")
-    return build_survey(survey_pool(cfg, real, sets), fig_d/"survey.html", run_d/"survey_key.csv", cfg.survey_per_type, cfg.seed)
+    return build_survey(
+        survey_pool(cfg, real, sets), fig_d / "survey.html", run_d / "survey_key.csv", cfg.survey_per_type, cfg.seed
+    )
+
 
 def memo_real_subset(cfg: Config, real: pd.DataFrame, sources) -> pd.DataFrame:
     "The real training images the audit searches: all, or `memo_real_images` seeded ones plus every source image."
-    if cfg.memo_real_images <= 0 or cfg.memo_real_images >= len(real): return real
+    if cfg.memo_real_images <= 0 or cfg.memo_real_images >= len(real):
+        return real
     keep = set(real.id.iloc[seeded_draw(len(real), cfg.memo_real_images, cfg.seed)]) | set(sources)
     return real[real.id.isin(keep)].reset_index(drop=True)
 
-def run_memorization(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+
+def run_memorization(
+    cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     "(audit of every synthetic image, the Real control, counts per type)."
     from diffusegen.memorization import audit, real_control, audit_counts
+
     cols = ["type", "image_path", "mask_path", "source_id"]
     synth = [df.assign(type=label)[cols] for label, df in sets.items() if df is not None]
     synth = pd.concat(synth, ignore_index=True) if synth else pd.DataFrame(columns=cols)
     search = memo_real_subset(cfg, real, synth.source_id)
     feats = lambda files: file_features(cfg, files, progress)
-    gan = synth.type == "GAN"                       # not inpainted: the whole image is generated
-    a = pd.concat([audit(cfg, synth[~gan], search, feats), audit(cfg, synth[gan], search, feats, inpainted=False)], ignore_index=True)
+    gan = synth.type == "GAN"  # not inpainted: the whole image is generated
+    a = pd.concat(
+        [audit(cfg, synth[~gan], search, feats), audit(cfg, synth[gan], search, feats, inpainted=False)],
+        ignore_index=True,
+    )
     ctrl = real_control(cfg, search, feats, n=min(32, len(search)), seed=cfg.seed)
     counts = audit_counts(pd.concat([ctrl, a], ignore_index=True))
     counts.insert(2, "real images searched", len(search))
     return a, ctrl, counts
 
+
 def table1_figure(t: pd.DataFrame, values: dict):
     "Table 1 as bars: ours (mean ± std over the repeats) beside the paper's, for FID and MS-SSIM."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     labels, paper_t1 = [r for r in table1_rows() if r != "Real (halves)"], paper_table1()
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
     for a, (metric, key, pk) in zip(ax, (("FID", "fid", 0), ("MS-SSIM", "msssim", 1))):
@@ -387,95 +557,183 @@ def table1_figure(t: pd.DataFrame, values: dict):
         paper = [np.mean(paper_t1[l][pk]) if paper_t1.get(l) else np.nan for l in labels]
         a.bar(x - 0.2, ours, 0.4, yerr=err, label="diffusegen (this run)")
         a.bar(x + 0.2, paper, 0.4, label="paper (Table 1)")
-        a.set_xticks(x); a.set_xticklabels(labels, rotation=30, ha="right", fontsize=7); a.set_title(metric, fontsize=9)
+        a.set_xticks(x)
+        a.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        a.set_title(metric, fontsize=9)
         for i, l in enumerate(labels):
-            if l not in values: a.text(i - 0.2, 0, "not\nprovided", ha="center", va="bottom", fontsize=6)
+            if l not in values:
+                a.text(i - 0.2, 0, "not\nprovided", ha="center", va="bottom", fontsize=6)
     ax[0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
+
 
 def run_intrinsic(cfg: Config, progress: bool = True, write_filtered: bool = False) -> dict:
     "The intrinsic-evaluation stage (§2.6): Table 1, the survey page, the memorization audit; tables, figures, manifest."
     import matplotlib.pyplot as plt
     from diffusegen.survey import paper_answers, score_survey, survey_figure
     from diffusegen.memorization import closest_pairs_figure, write_filtered_manifests
+
     t0 = time.time()
     run_d, fig_d = stage_dirs(cfg, "intrinsic")
-    fig_d.mkdir(parents=True, exist_ok=True); run_d.mkdir(parents=True, exist_ok=True)
+    fig_d.mkdir(parents=True, exist_ok=True)
+    run_d.mkdir(parents=True, exist_ok=True)
     _, device, prov = fid_extractor(cfg)
     real = real_training_files(cfg)
     sets = synthetic_sets(cfg, real.id)
     notes = []
     for label, df in sets.items():
-        if df is None: notes.append(f"{label}: not provided" + (" (gan_root = none)" if label == "GAN" else " (no such synthetic set)"))
+        if df is None:
+            notes.append(
+                f"{label}: not provided" + (" (gan_root = none)" if label == "GAN" else " (no such synthetic set)")
+            )
     if sets.get("GAN") is not None:
         mc = sets["GAN"].attrs.get("mapping_check", {})
-        notes.append(f"GAN: SinGAN-Seg pairs resized to {cfg.image_size} px with the data stage's resize ({cfg.resize_mode}, Lanczos; "
-                     f"masks ≥ {cfg.mask_threshold}) before FID, MS-SSIM and the audit, as Real and the diffusion sets (Parmar et al [18])"
-                     + (f"; chk_id → source check: mean mask IoU {mc['mean_iou']:.2f} with the assumed source vs {mc['mean_iou_id_before']:.2f} / "
-                        f"{mc['mean_iou_id_after']:.2f} with the ids before / after it ({mc['checked']} samples)" if mc.get("checked") else ""))
+        notes.append(
+            f"GAN: SinGAN-Seg pairs resized to {cfg.image_size} px with the data stage's resize ({cfg.resize_mode}, Lanczos; "
+            f"masks ≥ {cfg.mask_threshold}) before FID, MS-SSIM and the audit, as Real and the diffusion sets (Parmar et al [18])"
+            + (
+                f"; chk_id → source check: mean mask IoU {mc['mean_iou']:.2f} with the assumed source vs {mc['mean_iou_id_before']:.2f} / "
+                f"{mc['mean_iou_id_after']:.2f} with the ids before / after it ({mc['checked']} samples)"
+                if mc.get("checked")
+                else ""
+            )
+        )
     # Table 1
     values = table1_values(cfg, real, sets, progress)
     setup = msssim_setup(cfg.image_size, cfg.msssim_win)
     t = table1(values, cfg.fid_repeats, setup["note"])
-    t1 = write_table(t, fig_d/"table1")[0]
-    with atomic_path(fig_d/"table1_values.csv") as tmp: table1_long(values).to_csv(tmp, index=False)
-    fig = table1_figure(t, values); save_figure(fig, fig_d/"table1.png"); plt.close(fig)
+    t1 = write_table(t, fig_d / "table1")[0]
+    with atomic_path(fig_d / "table1_values.csv") as tmp:
+        table1_long(values).to_csv(tmp, index=False)
+    fig = table1_figure(t, values)
+    save_figure(fig, fig_d / "table1.png")
+    plt.close(fig)
     tt = t.set_index("data type")
-    def val(row, m): return tt.loc[row, f"{m} mean ± std"] if row in tt.index else ""
+
+    def val(row, m):
+        return tt.loc[row, f"{m} mean ± std"] if row in tt.index else ""
+
     # survey
     sv = build_stage_survey(cfg, real, sets)
-    fig = survey_figure(sv["key"]); save_figure(fig, fig_d/"survey_pairs.png"); plt.close(fig)
+    fig = survey_figure(sv["key"])
+    save_figure(fig, fig_d / "survey_pairs.png")
+    plt.close(fig)
     pa, pk = paper_answers()
-    with atomic_write(run_d/"paper_b1_key.csv") as f: pk.to_csv(f, index=False)
-    b1, b1m = score_survey(pa, run_d/"paper_b1_key.csv")
+    with atomic_write(run_d / "paper_b1_key.csv") as f:
+        pk.to_csv(f, index=False)
+    b1, b1m = score_survey(pa, run_d / "paper_b1_key.csv")
     pr = b1m["positive_real"]
-    b1 = b1.assign(**{"accuracy": f"{pr['accuracy']:.0%}", "precision (real positive)": f"{pr['precision']:.0%}",
-                      "recall (real positive)": f"{pr['recall']:.0%}", "precision (fake positive)": f"{b1m['positive_fake']['precision']:.0%}",
-                      "Cohen's kappa": f"{pr['kappa']:.2f}"})
-    b1p = write_table(b1, fig_d/"table_b1_paper")[0]
+    b1 = b1.assign(
+        **{
+            "accuracy": f"{pr['accuracy']:.0%}",
+            "precision (real positive)": f"{pr['precision']:.0%}",
+            "recall (real positive)": f"{pr['recall']:.0%}",
+            "precision (fake positive)": f"{b1m['positive_fake']['precision']:.0%}",
+            "Cohen's kappa": f"{pr['kappa']:.2f}",
+        }
+    )
+    b1p = write_table(b1, fig_d / "table_b1_paper")[0]
     # memorization audit
     a, ctrl, counts = run_memorization(cfg, real, sets, progress)
-    with atomic_path(fig_d/"memorization_audit.csv") as tmp: pd.concat([ctrl, a]).to_csv(tmp, index=False)
-    with atomic_path(fig_d/"flagged.csv") as tmp: a[a.flagged].to_csv(tmp, index=False)
-    mc = write_table(counts, fig_d/"memorization")[0]
-    fig = closest_pairs_figure(cfg, a if len(a) else ctrl, real, n=6,
-                               title=f"Closest real training images (flags: region SSIM ≥ {cfg.memo_ssim}, feature cosine ≥ {cfg.memo_cosine})")
-    save_figure(fig, fig_d/"memorization_closest.png"); plt.close(fig)
+    with atomic_path(fig_d / "memorization_audit.csv") as tmp:
+        pd.concat([ctrl, a]).to_csv(tmp, index=False)
+    with atomic_path(fig_d / "flagged.csv") as tmp:
+        a[a.flagged].to_csv(tmp, index=False)
+    mc = write_table(counts, fig_d / "memorization")[0]
+    fig = closest_pairs_figure(
+        cfg,
+        a if len(a) else ctrl,
+        real,
+        n=6,
+        title=f"Closest real training images (flags: region SSIM ≥ {cfg.memo_ssim}, feature cosine ≥ {cfg.memo_cosine})",
+    )
+    save_figure(fig, fig_d / "memorization_closest.png")
+    plt.close(fig)
     filtered = []
     if write_filtered:
-        filtered = [str(p) for p in write_filtered_manifests(cfg, a, {k: set_dir(cfg, v) for k, v in synthetic_labels().items()})]
+        filtered = [
+            str(p)
+            for p in write_filtered_manifests(cfg, a, {k: set_dir(cfg, v) for k, v in synthetic_labels().items()})
+        ]
     n_flag = {r["type"]: int(r["flagged"]) for r in counts.to_dict("records")}
     arts = [
-        Artifact(str(t1), "table", "Table 1: FID and MS-SSIM of each data type against the real training images", "Table 1",
-                 paper_t1_text(),
-                 f"Real FID {val('Real', 'FID')}, MS-SSIM {val('Real', 'MS-SSIM')}; Styled-Diff FID {val('Styled-Diff', 'FID')}, "
-                 f"MS-SSIM {val('Styled-Diff', 'MS-SSIM')}; Diff FID {val('Diff', 'FID')}; GAN {val('GAN', 'FID') or 'not provided'}"),
-        Artifact(str(fig_d/"table1.png"), "figure", "Table 1 as bars, ours beside the paper's", "Table 1"),
-        Artifact(str(fig_d/"survey_pairs.png"), "figure", "Expert review: the first survey pairs as the reviewer sees them", "Fig. 4"),
-        Artifact(sv["html"], "data", "Expert-review page (self-contained HTML, open it in a browser; answer key kept in runs/)", "Appendix B.1",
-                 "30 shuffled pairs: 10 Real, 10 Diff, 10 Styled-Diff", f"{sv['items']} pairs: " + ", ".join(f"{v} {k}" for k, v in sv["per_type"].items())),
-        Artifact(str(b1p), "table", "Table B1 of the paper, rescored by `diffusegen survey score`", "Table B1",
-                 "accuracy 60%, precision 40%, recall 40%", f"accuracy {pr['accuracy']:.0%}, precision {pr['precision']:.0%}, "
-                 f"recall {pr['recall']:.0%} (real = positive class reproduces the paper; κ = {pr['kappa']:.2f})"),
-        Artifact(str(mc), "table", "Memorization audit: flagged near-copies per data type (with a Real control)", "§2.6, §4",
-                 "the model sometimes handed back the original polyp (§4)", "; ".join(f"{k}: {v}" for k, v in n_flag.items())),
-        Artifact(str(fig_d/"memorization_closest.png"), "figure", "Memorization audit: the closest synthetic/real pairs", "§2.6"),
-        Artifact(str(fig_d/"flagged.csv"), "data", "Flagged synthetic images (drop before sharing: diffusegen evaluate --write-filtered)",
-                 "§2.6", "", f"{int(a.flagged.sum()) if len(a) else 0} flagged"),
+        Artifact(
+            str(t1),
+            "table",
+            "Table 1: FID and MS-SSIM of each data type against the real training images",
+            "Table 1",
+            paper_t1_text(),
+            f"Real FID {val('Real', 'FID')}, MS-SSIM {val('Real', 'MS-SSIM')}; Styled-Diff FID {val('Styled-Diff', 'FID')}, "
+            f"MS-SSIM {val('Styled-Diff', 'MS-SSIM')}; Diff FID {val('Diff', 'FID')}; GAN {val('GAN', 'FID') or 'not provided'}",
+        ),
+        Artifact(str(fig_d / "table1.png"), "figure", "Table 1 as bars, ours beside the paper's", "Table 1"),
+        Artifact(
+            str(fig_d / "survey_pairs.png"),
+            "figure",
+            "Expert review: the first survey pairs as the reviewer sees them",
+            "Fig. 4",
+        ),
+        Artifact(
+            sv["html"],
+            "data",
+            "Expert-review page (self-contained HTML, open it in a browser; answer key kept in runs/)",
+            "Appendix B.1",
+            "30 shuffled pairs: 10 Real, 10 Diff, 10 Styled-Diff",
+            f"{sv['items']} pairs: " + ", ".join(f"{v} {k}" for k, v in sv["per_type"].items()),
+        ),
+        Artifact(
+            str(b1p),
+            "table",
+            "Table B1 of the paper, rescored by `diffusegen survey score`",
+            "Table B1",
+            "accuracy 60%, precision 40%, recall 40%",
+            f"accuracy {pr['accuracy']:.0%}, precision {pr['precision']:.0%}, "
+            f"recall {pr['recall']:.0%} (real = positive class reproduces the paper; κ = {pr['kappa']:.2f})",
+        ),
+        Artifact(
+            str(mc),
+            "table",
+            "Memorization audit: flagged near-copies per data type (with a Real control)",
+            "§2.6, §4",
+            "the model sometimes handed back the original polyp (§4)",
+            "; ".join(f"{k}: {v}" for k, v in n_flag.items()),
+        ),
+        Artifact(
+            str(fig_d / "memorization_closest.png"),
+            "figure",
+            "Memorization audit: the closest synthetic/real pairs",
+            "§2.6",
+        ),
+        Artifact(
+            str(fig_d / "flagged.csv"),
+            "data",
+            "Flagged synthetic images (drop before sharing: diffusegen evaluate --write-filtered)",
+            "§2.6",
+            "",
+            f"{int(a.flagged.sum()) if len(a) else 0} flagged",
+        ),
     ]
-    notes += [f"FID: clean-fid mode {cfg.fid_mode}, FID Inception ({prov['label']}), {cfg.fid_repeats} seeded repeats of "
-              f"min(#real, #set{', ' + str(cfg.fid_images) if cfg.fid_images > 0 else ''}) images; small sets bias FID upwards",
-              "Real = a real subset against a shuffle of itself (as the paper, ≈ 0); Real (halves) = two disjoint real halves (ours): "
-              "the noise floor ('above floor' = a type's mean minus this row's mean)",
-              "KID: clean-fid's kernel_distance (unbiased MMD², cubic polynomial kernel) on the same Inception features and draws as "
-              "FID; unlike FID its expectation does not grow on small sets (0 for two draws of one distribution)",
-              f"MS-SSIM: mean over {cfg.msssim_pairs} seeded random pairs within a set, data_range 255, {setup['note']}",
-              "MS-SSIM pairs images within each set (§2.6/§3.2: the 'variance' of a set; the paper's Real 0.1813 ≠ 1); Table 1's "
-              "caption ('each data type (including Real) is compared with Real') holds for FID only",
-              "Table B1 precision/recall: the paper's 40%/40% are those of the class Real (fake as positive gives 70%/70%)"]
-    summary = {"seconds": round(time.time() - t0, 1), "device": str(device), "n_real": len(real),
-               "sets": {k: (0 if v is None else len(v)) for k, v in sets.items()}, "flagged": n_flag, "filtered": filtered,
-               "survey": {k: sv[k] for k in ("items", "per_type", "survey")}}
+    notes += [
+        f"FID: clean-fid mode {cfg.fid_mode}, FID Inception ({prov['label']}), {cfg.fid_repeats} seeded repeats of "
+        f"min(#real, #set{', ' + str(cfg.fid_images) if cfg.fid_images > 0 else ''}) images; small sets bias FID upwards",
+        "Real = a real subset against a shuffle of itself (as the paper, ≈ 0); Real (halves) = two disjoint real halves (ours): "
+        "the noise floor ('above floor' = a type's mean minus this row's mean)",
+        "KID: clean-fid's kernel_distance (unbiased MMD², cubic polynomial kernel) on the same Inception features and draws as "
+        "FID; unlike FID its expectation does not grow on small sets (0 for two draws of one distribution)",
+        f"MS-SSIM: mean over {cfg.msssim_pairs} seeded random pairs within a set, data_range 255, {setup['note']}",
+        "MS-SSIM pairs images within each set (§2.6/§3.2: the 'variance' of a set; the paper's Real 0.1813 ≠ 1); Table 1's "
+        "caption ('each data type (including Real) is compared with Real') holds for FID only",
+        "Table B1 precision/recall: the paper's 40%/40% are those of the class Real (fake as positive gives 70%/70%)",
+    ]
+    summary = {
+        "seconds": round(time.time() - t0, 1),
+        "device": str(device),
+        "n_real": len(real),
+        "sets": {k: (0 if v is None else len(v)) for k, v in sets.items()},
+        "flagged": n_flag,
+        "filtered": filtered,
+        "survey": {k: sv[k] for k in ("items", "per_type", "survey")},
+    }
     write_manifest(cfg, "intrinsic", arts, [prov], summary, notes)
     return {"table1": t.to_dict("records"), "memorization": counts.to_dict("records"), "survey": sv, "summary": summary}

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from .core import Config, DiffusegenError, atomic_write
+from .core import Config, atomic_write
 
 # %% auto #0
 __all__ = ['ssim_window', 'region_ssim', 'cosine_matrix', 'read_rgb', 'read_mask01', 'audit_region', 'audit', 'real_control',
@@ -23,24 +23,28 @@ def ssim_window(side: int, win: int = 11) -> int:
     w = min(win, max(3, side // 8))
     return w if w % 2 else w - 1 if w > 3 else 3
 
+
 def region_ssim(x, ys, region, data_range: float = 255.0, win: int = 11, chunk: int = 64) -> np.ndarray:
     "SSIM of image `x` (3, S, S) against each of `ys` (N, 3, S, S), averaged over the pixels of `region` (S, S): (N,)."
     from pytorch_msssim.ssim import _fspecial_gauss_1d, gaussian_filter
+
     x = torch.as_tensor(np.array(x, np.float32))[None]
     ys = torch.as_tensor(np.array(ys, np.float32))
     S, h = x.shape[-1], win // 2
     w = _fspecial_gauss_1d(win, 1.5).repeat(3, 1, 1, 1)
-    r = torch.as_tensor(np.asarray(region, bool))[h:S - h, h:S - h].float() if S > 2 * h else torch.ones(1, 1)
-    if r.sum() == 0: r = torch.ones_like(r)        # region only in the border: fall back to the whole image
+    r = torch.as_tensor(np.asarray(region, bool))[h : S - h, h : S - h].float() if S > 2 * h else torch.ones(1, 1)
+    if r.sum() == 0:
+        r = torch.ones_like(r)  # region only in the border: fall back to the whole image
     C1, C2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     out = []
     for i in range(0, len(ys), chunk):
-        Y = ys[i:i + chunk]; X = x.expand_as(Y)
+        Y = ys[i : i + chunk]
+        X = x.expand_as(Y)
         mu1, mu2 = gaussian_filter(X, w), gaussian_filter(Y, w)
-        s11 = gaussian_filter(X * X, w) - mu1 ** 2
-        s22 = gaussian_filter(Y * Y, w) - mu2 ** 2
+        s11 = gaussian_filter(X * X, w) - mu1**2
+        s22 = gaussian_filter(Y * Y, w) - mu2**2
         s12 = gaussian_filter(X * Y, w) - mu1 * mu2
-        m = ((2 * mu1 * mu2 + C1) * (2 * s12 + C2)) / ((mu1 ** 2 + mu2 ** 2 + C1) * (s11 + s22 + C2))
+        m = ((2 * mu1 * mu2 + C1) * (2 * s12 + C2)) / ((mu1**2 + mu2**2 + C1) * (s11 + s22 + C2))
         m = m.mean(1)
         out.append(((m * r).flatten(1).sum(1) / r.sum()).numpy())
     return np.concatenate(out) if out else np.zeros(0)
@@ -52,29 +56,41 @@ def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return a @ b.T
 
+
 def read_rgb(path, size: int | None = None) -> np.ndarray:
     "An image file as (H, W, 3) uint8, resized (bicubic) to size×size when it differs; unreadable: one DataError line."
     from diffusegen.data import read_image
+
     im = Image.fromarray(read_image(path))
-    if size and im.size != (size, size): im = im.resize((size, size), Image.BICUBIC)
+    if size and im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
     return np.asarray(im)
+
 
 def read_mask01(path, size: int | None = None) -> np.ndarray:
     "A mask file as (H, W) 0/1 (L ≥ 128), resized (nearest) to size×size when it differs; unreadable: one DataError line."
     from diffusegen.data import read_mask_grey
+
     im = Image.fromarray(read_mask_grey(path))
-    if size and im.size != (size, size): im = im.resize((size, size), Image.NEAREST)
+    if size and im.size != (size, size):
+        im = im.resize((size, size), Image.NEAREST)
     return (np.asarray(im) >= 128).astype(np.uint8)
+
 
 def audit_region(cfg: Config, mask01: np.ndarray, source_mask01: np.ndarray | None) -> np.ndarray:
     "R: the synthetic mask dilated, within the inpainted region U (the source mask dilated; None: not inpainted); U when that is empty."
     from diffusegen.data import dilate_mask
+
     r = dilate_mask(mask01, cfg.dilation) > 0
-    if source_mask01 is None: return r
+    if source_mask01 is None:
+        return r
     u = dilate_mask(source_mask01, cfg.dilation) > 0
     return (r & u) if (r & u).any() else u
 
-def audit(cfg: Config, synth: pd.DataFrame, real: pd.DataFrame, feats_fn, progress: bool = False, inpainted: bool = True) -> pd.DataFrame:
+
+def audit(
+    cfg: Config, synth: pd.DataFrame, real: pd.DataFrame, feats_fn, progress: bool = False, inpainted: bool = True
+) -> pd.DataFrame:
     """One row per synthetic image of `synth` (type, image_path, mask_path, source_id) with its nearest real training
     image of `real` (id, image_path, mask_path) by feature cosine and by region SSIM (`audit_region`), the source's
     values apart, and the flags. `feats_fn(files)` gives the (N, 2048) FID-Inception features of image files;
@@ -96,76 +112,149 @@ def audit(cfg: Config, synth: pd.DataFrame, real: pd.DataFrame, feats_fn, progre
         own = np.array([i == r.source_id for i in rids])
         c_other, s_other = np.where(own, -np.inf, cos[k]), np.where(own, -np.inf, ss)
         jc, js = int(np.argmax(c_other)), int(np.argmax(s_other))
-        row = {"type": r.type, "image_path": r.image_path, "mask_path": r.mask_path, "source_id": r.source_id,
-               "region_px": int(region.sum()),
-               "cos_source": float(cos[k][own][0]) if own.any() else float("nan"),
-               "ssim_source": float(ss[own][0]) if own.any() else float("nan"),
-               "cos_nn": float(c_other[jc]), "cos_nn_id": rids[jc], "ssim_nn": float(s_other[js]), "ssim_nn_id": rids[js]}
+        row = {
+            "type": r.type,
+            "image_path": r.image_path,
+            "mask_path": r.mask_path,
+            "source_id": r.source_id,
+            "region_px": int(region.sum()),
+            "cos_source": float(cos[k][own][0]) if own.any() else float("nan"),
+            "ssim_source": float(ss[own][0]) if own.any() else float("nan"),
+            "cos_nn": float(c_other[jc]),
+            "cos_nn_id": rids[jc],
+            "ssim_nn": float(s_other[js]),
+            "ssim_nn_id": rids[js],
+        }
         row["copy_of_source"] = bool(row["ssim_source"] >= cfg.memo_ssim)
         row["copy_of_other"] = bool(row["ssim_nn"] >= cfg.memo_ssim or row["cos_nn"] >= cfg.memo_cosine)
         row["flagged"] = row["copy_of_source"] or row["copy_of_other"]
         rows.append(row)
-    return pd.DataFrame(rows, columns=["type", "image_path", "mask_path", "source_id", "region_px", "cos_source", "ssim_source",
-                                       "cos_nn", "cos_nn_id", "ssim_nn", "ssim_nn_id", "copy_of_source", "copy_of_other", "flagged"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "type",
+            "image_path",
+            "mask_path",
+            "source_id",
+            "region_px",
+            "cos_source",
+            "ssim_source",
+            "cos_nn",
+            "cos_nn_id",
+            "ssim_nn",
+            "ssim_nn_id",
+            "copy_of_source",
+            "copy_of_other",
+            "flagged",
+        ],
+    )
+
 
 def real_control(cfg: Config, real: pd.DataFrame, feats_fn, n: int = 32, seed: int = 0) -> pd.DataFrame:
     "The audit of `n` seeded real training images (with their own masks) against the other real training images."
     pick = real.iloc[np.random.default_rng(seed).permutation(len(real))[:n]]
-    ctrl = pd.DataFrame({"type": "Real (control)", "image_path": pick.image_path.values, "mask_path": pick.mask_path.values,
-                         "source_id": pick.id.values})
+    ctrl = pd.DataFrame(
+        {
+            "type": "Real (control)",
+            "image_path": pick.image_path.values,
+            "mask_path": pick.mask_path.values,
+            "source_id": pick.id.values,
+        }
+    )
     out = audit(cfg, ctrl, real, feats_fn, inpainted=False)
-    out["copy_of_source"] = False                       # its own image: identical by definition, not a finding
+    out["copy_of_source"] = False  # its own image: identical by definition, not a finding
     out["cos_source"] = out["ssim_source"] = float("nan")
     out["flagged"] = out.copy_of_other
     return out
 
+
 def audit_counts(df: pd.DataFrame) -> pd.DataFrame:
     "Per data type: images, flagged, flagged as the source's polyp, flagged as another training image, max scores."
     g = df.groupby("type", sort=False)
-    return pd.DataFrame({"images": g.size(), "flagged": g.flagged.sum(), "copy of source polyp": g.copy_of_source.sum(),
-                         "copy of another training image": g.copy_of_other.sum(), "max ssim_source": g.ssim_source.max().round(3),
-                         "max ssim_nn": g.ssim_nn.max().round(3), "max cos_nn": g.cos_nn.max().round(3),
-                         "median cos_source": g.cos_source.median().round(3)}).reset_index()
+    return pd.DataFrame(
+        {
+            "images": g.size(),
+            "flagged": g.flagged.sum(),
+            "copy of source polyp": g.copy_of_source.sum(),
+            "copy of another training image": g.copy_of_other.sum(),
+            "max ssim_source": g.ssim_source.max().round(3),
+            "max ssim_nn": g.ssim_nn.max().round(3),
+            "max cos_nn": g.cos_nn.max().round(3),
+            "median cos_source": g.cos_source.median().round(3),
+        }
+    ).reset_index()
 
 # %% ../nbs/06b_memorization.ipynb #6452a6c8
 def closest_pairs_figure(cfg: Config, audit_df: pd.DataFrame, real: pd.DataFrame, n: int = 6, title: str = ""):
     "Fig.: the `n` synthetic images with the highest max(ssim_source, ssim_nn, cos_nn), their region R and closest real images."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     size = cfg.image_size
     paths, masks = dict(zip(real.id, real.image_path)), dict(zip(real.id, real.mask_path))
-    df = audit_df.assign(score=audit_df[["ssim_source", "ssim_nn", "cos_nn"]].max(axis=1)).sort_values("score", ascending=False).head(n)
+    df = (
+        audit_df.assign(score=audit_df[["ssim_source", "ssim_nn", "cos_nn"]].max(axis=1))
+        .sort_values("score", ascending=False)
+        .head(n)
+    )
     cols = ["synthetic (region R outlined)", "source", "nearest by region SSIM", "nearest by feature cosine"]
     fig, ax = plt.subplots(max(1, len(df)), 4, figsize=(8, 2.1 * max(1, len(df)) + 0.5), squeeze=False)
     for i, r in enumerate(df.itertuples()):
-        ims = [read_rgb(r.image_path, size), read_rgb(paths[r.source_id], size) if r.source_id in paths else np.zeros((size, size, 3), np.uint8),
-               read_rgb(paths[r.ssim_nn_id], size), read_rgb(paths[r.cos_nn_id], size)]
-        labels = [f"{r.type}{' FLAGGED' if r.flagged else ''}", f"SSIM {r.ssim_source:.2f}, cos {r.cos_source:.2f}",
-                  f"SSIM {r.ssim_nn:.2f}", f"cos {r.cos_nn:.3f}"]
+        ims = [
+            read_rgb(r.image_path, size),
+            read_rgb(paths[r.source_id], size) if r.source_id in paths else np.zeros((size, size, 3), np.uint8),
+            read_rgb(paths[r.ssim_nn_id], size),
+            read_rgb(paths[r.cos_nn_id], size),
+        ]
+        labels = [
+            f"{r.type}{' FLAGGED' if r.flagged else ''}",
+            f"SSIM {r.ssim_source:.2f}, cos {r.cos_source:.2f}",
+            f"SSIM {r.ssim_nn:.2f}",
+            f"cos {r.cos_nn:.3f}",
+        ]
         for j, im in enumerate(ims):
-            ax[i, j].imshow(im); ax[i, j].set_xlabel(labels[j], fontsize=7)
-            if i == 0: ax[i, j].set_title(cols[j], fontsize=7)
-        src_mask = read_mask01(masks[r.source_id], size) if r.type not in ("GAN", "Real (control)") and r.source_id in masks else None
-        ax[i, 0].contour(audit_region(cfg, read_mask01(r.mask_path, size), src_mask).astype(float), levels=[0.5], colors="yellow", linewidths=0.8)
-    for a in ax.ravel(): a.set_xticks([]); a.set_yticks([])
+            ax[i, j].imshow(im)
+            ax[i, j].set_xlabel(labels[j], fontsize=7)
+            if i == 0:
+                ax[i, j].set_title(cols[j], fontsize=7)
+        src_mask = (
+            read_mask01(masks[r.source_id], size)
+            if r.type not in ("GAN", "Real (control)") and r.source_id in masks
+            else None
+        )
+        ax[i, 0].contour(
+            audit_region(cfg, read_mask01(r.mask_path, size), src_mask).astype(float),
+            levels=[0.5],
+            colors="yellow",
+            linewidths=0.8,
+        )
+    for a in ax.ravel():
+        a.set_xticks([])
+        a.set_yticks([])
     fig.suptitle(title or "Memorization audit: closest real training images", fontsize=8)
     fig.tight_layout()
     return fig
 
+
 def write_filtered_manifests(cfg: Config, audit_df: pd.DataFrame, kinds: dict, dest=None) -> list[Path]:
     """For each {label: set folder} in `kinds` (each with manifest.csv), write its manifest without the flagged images
     to `dest`/<folder name>/manifest.csv (default runs/<profile>/intrinsic/filtered/), with absolute paths."""
-    dest = Path(dest) if dest else cfg.run_dir/"intrinsic"/"filtered"
+    dest = Path(dest) if dest else cfg.run_dir / "intrinsic" / "filtered"
     flagged = {str(Path(p).resolve()) for p in audit_df.loc[audit_df.flagged, "image_path"]}
     out = []
     for label, folder in kinds.items():
         folder = Path(folder)
-        if not (folder/"manifest.csv").exists(): continue
-        m = pd.read_csv(folder/"manifest.csv", dtype=str, keep_default_na=False)
-        m["file"] = [str((folder/f).resolve()) for f in m.file]
-        m["mask_file"] = [str((folder/f).resolve()) for f in m.mask_file]
+        if not (folder / "manifest.csv").exists():
+            continue
+        m = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+        m["file"] = [str((folder / f).resolve()) for f in m.file]
+        m["mask_file"] = [str((folder / f).resolve()) for f in m.mask_file]
         kept = m[~m.file.isin(flagged)]
-        p = dest/folder.name/"manifest.csv"; p.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(p) as f: kept.to_csv(f, index=False)
+        p = dest / folder.name / "manifest.csv"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(p) as f:
+            kept.to_csv(f, index=False)
         out.append(p)
     return out

@@ -4,12 +4,30 @@
 
 # %% ../nbs/90_runner.ipynb #90ec6e09
 from __future__ import annotations
-import json, time
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import (Config, DiffusegenError, MEASUREMENTS, STAGES, Stage, get_stage, load_config, project_root,
-                             write_json, atomic_write, read_manifest, stage_dirs, versions, inputs_fingerprint, stage_finished,
-                             dry_run_overrides, DRY_RUN_BANNER, content_key, sha256_file)
+from diffusegen.core import (
+    Config,
+    DiffusegenError,
+    MEASUREMENTS,
+    STAGES,
+    Stage,
+    get_stage,
+    load_config,
+    project_root,
+    write_json,
+    atomic_write,
+    read_manifest,
+    versions,
+    inputs_fingerprint,
+    stage_finished,
+    dry_run_overrides,
+    DRY_RUN_BANNER,
+    content_key,
+    sha256_file,
+)
 
 # %% auto #0
 __all__ = ['StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'write_report', 'reproduce']
@@ -18,172 +36,278 @@ __all__ = ['StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'write_repor
 class StageFailed(DiffusegenError):
     "A section notebook raised: the message names the notebook and the cell."
 
+
 _RESUME = "finished stages and samples are kept: fix the cause, then rerun the same command to resume from this stage"
+
 
 def notebook_hash(path) -> str:
     "sha256 of a notebook's cell types and sources (outputs and metadata do not count)."
     nb = json.loads(Path(path).read_text())
-    cells = [(c["cell_type"], "".join(c["source"]) if isinstance(c["source"], list) else c["source"]) for c in nb["cells"]]
+    cells = [
+        (c["cell_type"], "".join(c["source"]) if isinstance(c["source"], list) else c["source"]) for c in nb["cells"]
+    ]
     return content_key(cells, sort_keys=False)
+
 
 def stage_key(cfg: Config, stage: Stage, nb_path, upstream: dict, data_fingerprint: str = "") -> str:
     "The cache key of `stage`: its settings, its notebook, its data and its dependencies' keys."
-    parts = {"stage": stage.name, "settings": cfg.hash(stage.name), "notebook": notebook_hash(nb_path),
-             "deps": {d: upstream.get(d) for d in stage.deps}, "data": data_fingerprint}
+    parts = {
+        "stage": stage.name,
+        "settings": cfg.hash(stage.name),
+        "notebook": notebook_hash(nb_path),
+        "deps": {d: upstream.get(d) for d in stage.deps},
+        "data": data_fingerprint,
+    }
     return content_key(parts)
 
 # %% ../nbs/90_runner.ipynb #c13b83e1
 @dataclass
 class StageRun:
     stage: Stage
-    status: str            # ran | cached | missing | blocked | skipped | failed
+    status: str  # ran | cached | missing | blocked | skipped | failed
     seconds: float = 0.0
     key: str = ""
     detail: str = ""
 
-def _state_path(cfg: Config) -> Path: return cfg.run_dir/"stages.json"
+
+def _state_path(cfg: Config) -> Path:
+    return cfg.run_dir / "stages.json"
+
 
 def _read_state(cfg: Config) -> dict:
     p = _state_path(cfg)
-    try: return json.loads(p.read_text()) if p.exists() else {}
-    except json.JSONDecodeError: return {}
+    try:
+        return json.loads(p.read_text()) if p.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+
 
 def _execute(nb: Path, cfg: Config, data, overrides: dict, nbs_dir: Path, progress: bool) -> Path:
     "Run one notebook with papermill; return its executed copy, or raise `StageFailed` naming the cell."
     import papermill as pm
-    exe_dir = cfg.fig_dir/"executed"; exe_dir.mkdir(parents=True, exist_ok=True)
-    final, tmp, failed = exe_dir/nb.name, exe_dir/f".{nb.stem}.running.ipynb", exe_dir/f"{nb.stem}.failed.ipynb"
-    params = {"profile": cfg.profile, "data": str(data) if data else None, "out": str(cfg.root), "overrides": json.dumps(overrides)}
+
+    exe_dir = cfg.fig_dir / "executed"
+    exe_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp, failed = exe_dir / nb.name, exe_dir / f".{nb.stem}.running.ipynb", exe_dir / f"{nb.stem}.failed.ipynb"
+    params = {
+        "profile": cfg.profile,
+        "data": str(data) if data else None,
+        "out": str(cfg.root),
+        "overrides": json.dumps(overrides),
+    }
     try:
-        pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(nbs_dir), kernel_name="python3",
-                            progress_bar=progress, log_output=False, report_mode=False)
+        pm.execute_notebook(
+            str(nb),
+            str(tmp),
+            parameters=params,
+            cwd=str(nbs_dir),
+            kernel_name="python3",
+            progress_bar=progress,
+            log_output=False,
+            report_mode=False,
+        )
     except pm.PapermillExecutionError as e:
         tmp.replace(failed)
-        raise StageFailed(f"{nb}: {_failed_cell(failed, e.cell_index)} failed with {e.ename}: "
-                          f"{(str(e.evalue).strip().splitlines() or [''])[-1][:300]} (executed copy: {failed}); {_RESUME}") from None
+        raise StageFailed(
+            f"{nb}: {_failed_cell(failed, e.cell_index)} failed with {e.ename}: "
+            f"{(str(e.evalue).strip().splitlines() or [''])[-1][:300]} (executed copy: {failed}); {_RESUME}"
+        ) from None
     except BaseException as e:
-        if tmp.exists(): tmp.replace(failed)
-        if type(e).__name__ == "DeadKernelError":          # nbclient's: the kernel process is gone, mostly killed for memory
+        if tmp.exists():
+            tmp.replace(failed)
+        if type(e).__name__ == "DeadKernelError":  # nbclient's: the kernel process is gone, mostly killed for memory
             import resource
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20     # KiB on Linux → GiB
-            raise StageFailed(f"{nb}: the notebook's kernel died, most likely out of memory (largest kernel so far: "
-                              f"{peak:.1f} GiB); lower image_size or the batch settings or use a larger machine; {_RESUME}") from None
+
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux → GiB
+            raise StageFailed(
+                f"{nb}: the notebook's kernel died, most likely out of memory (largest kernel so far: "
+                f"{peak:.1f} GiB); lower image_size or the batch settings or use a larger machine; {_RESUME}"
+            ) from None
         raise
-    tmp.replace(final); failed.unlink(missing_ok=True)
+    tmp.replace(final)
+    failed.unlink(missing_ok=True)
     return final
 
 # %% ../nbs/90_runner.ipynb #33ff5d9b
 def _rel(p, base: Path) -> str:
-    try: return str(Path(p).resolve().relative_to(base.resolve()))
-    except ValueError: return str(p)
+    try:
+        return str(Path(p).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(p)
+
 
 def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     "Write `figures/<profile>/report.md` from the stage runs and their manifests."
-    base = cfg.fig_dir; base.mkdir(parents=True, exist_ok=True)
-    write_json(base/"config.json", cfg.to_dict())
+    base = cfg.fig_dir
+    base.mkdir(parents=True, exist_ok=True)
+    write_json(base / "config.json", cfg.to_dict())
     L = [f"# diffusegen reproduction report: profile `{cfg.profile}`" + (" — DRY RUN" if cfg.dry_run else ""), ""]
-    if cfg.dry_run: L += [DRY_RUN_BANNER, ""]
+    if cfg.dry_run:
+        L += [DRY_RUN_BANNER, ""]
     L += [
-         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} with {', '.join(f'{k} {v}' for k, v in versions().items())}. Full configuration: `config.json` "
-         f"(settings hash `{cfg.hash()}`). Executed notebooks: `executed/`.", ""]
-    lock = project_root()/"constraints.txt"
-    if lock.exists():                        # the pinned stack `make install` installs: how to get these versions back
-        L += [f"Packages: `make install` pins them with `constraints.txt` (sha256 `{sha256_file(lock)[:12]}`), "
-              "the stack the test suite passed with.", ""]
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} with {', '.join(f'{k} {v}' for k, v in versions().items())}. Full configuration: `config.json` "
+        f"(settings hash `{cfg.hash()}`). Executed notebooks: `executed/`.",
+        "",
+    ]
+    lock = project_root() / "constraints.txt"
+    if lock.exists():  # the pinned stack `make install` installs: how to get these versions back
+        L += [
+            f"Packages: `make install` pins them with `constraints.txt` (sha256 `{sha256_file(lock)[:12]}`), "
+            "the stack the test suite passed with.",
+            "",
+        ]
     dm = read_manifest(cfg, "data")
-    if dm:                                   # which data every number below comes from, before anything else
-        s = dm.get("summary", {}); meta = Path(s.get("dataset", ""))/"dataset.json"
+    if dm:  # which data every number below comes from, before anything else
+        s = dm.get("summary", {})
+        meta = Path(s.get("dataset", "")) / "dataset.json"
         procedural = meta.is_file() and json.loads(meta.read_text()).get("procedural", False)
-        L += [f"**Data:** `{s.get('dataset', '?')}` — {s.get('origin', '')}."
-              + (" These are procedurally drawn stand-ins, not endoscopy images: the pipeline runs end to end, but no number"
-                 " below is comparable with the paper's." if procedural else ""), ""]
-    L += ["## Stages", "", "Peak memory: the stage's process (its notebook's kernel) at its largest, from its manifest; "
-          "size a machine for a longer run of the same profile by it.", "",
-          "| section | stage | notebook | status | time | detail | peak memory |", "|---|---|---|---|---|---|---|"]
+        L += [
+            f"**Data:** `{s.get('dataset', '?')}` — {s.get('origin', '')}."
+            + (
+                " These are procedurally drawn stand-ins, not endoscopy images: the pipeline runs end to end, but no number"
+                " below is comparable with the paper's."
+                if procedural
+                else ""
+            ),
+            "",
+        ]
+    L += [
+        "## Stages",
+        "",
+        "Peak memory: the stage's process (its notebook's kernel) at its largest, from its manifest; "
+        "size a machine for a longer run of the same profile by it.",
+        "",
+        "| section | stage | notebook | status | time | detail | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         t = f"{r.seconds:.0f} s" if r.status in ("ran", "cached") else ""
         pm = (read_manifest(cfg, r.stage.name) or {}).get("peak_memory", {}) if r.status in ("ran", "cached") else {}
         mem = " / ".join(f"{v:.1f} GiB {'RSS' if k == 'rss_gib' else 'GPU'}" for k, v in pm.items())
-        L.append(f"| {r.stage.section} | {r.stage.title} | `{r.stage.notebook}` | {r.status} | {t} | {r.detail.replace('|', '/')} | {mem} |")
+        L.append(
+            f"| {r.stage.section} | {r.stage.title} | `{r.stage.notebook}` | {r.status} | {t} | {r.detail.replace('|', '/')} | {mem} |"
+        )
     weights = {}
+
     def section(m, title, stage_name):
         L.extend(["", f"## {title}" + (" — dry run" if cfg.dry_run else ""), ""])
-        for n in m.get("notes", []): L.append(f"- {n}")
-        if m.get("notes"): L.append("")
+        for n in m.get("notes", []):
+            L.append(f"- {n}")
+        if m.get("notes"):
+            L.append("")
         for a in m["artifacts"]:
             rel = _rel(a["path"], base)
             ref = f" (paper: {a['paper_ref']})" if a.get("paper_ref") else ""
             if a["kind"] == "table":
                 L.extend([f"**{a['title']}**{ref}: `{rel}`", ""])
                 md = Path(a["path"]).with_suffix(".md")
-                if md.exists(): L.extend([md.read_text().rstrip(), ""])
+                if md.exists():
+                    L.extend([md.read_text().rstrip(), ""])
             elif a["kind"] == "figure":
                 L.extend([f"**{a['title']}**{ref}", "", f"![{a['title']}]({rel})", ""])
             else:
                 vs = f": ours {a['value']}, paper {a['paper_value']}" if a.get("paper_value") else ""
                 L.append(f"- {a['title']}{ref}{vs} (`{_rel(a['path'], cfg.root)}`)")
-        for w in m.get("weights", []): weights.setdefault(w.get("label", w.get("name")), (w, set()))[1].add(stage_name)
+        for w in m.get("weights", []):
+            weights.setdefault(w.get("label", w.get("name")), (w, set()))[1].add(stage_name)
+
     for r in runs:
         m = read_manifest(cfg, r.stage.name) if r.status in ("ran", "cached") else None
-        if m: section(m, f"{r.stage.title} ({r.stage.section})", r.stage.name)
-    for s in MEASUREMENTS:                                    # made outside `reproduce` (e.g. `diffusegen bench fast-sampler`)
+        if m:
+            section(m, f"{r.stage.title} ({r.stage.section})", r.stage.name)
+    for s in MEASUREMENTS:  # made outside `reproduce` (e.g. `diffusegen bench fast-sampler`)
         m = read_manifest(cfg, s.name)
-        if m: section(m, s.title, s.name)
+        if m:
+            section(m, s.title, s.name)
     L += ["", "## Pretrained weights used", ""]
     if weights:
         L += ["| network | stages | source | sha256 |", "|---|---|---|---|"]
         for label, (w, st) in weights.items():
-            L.append(f"| {label} | {', '.join(sorted(st))} | `{w.get('source', '')}` | `{str(w.get('sha256', ''))[:16]}` |")
-    else: L.append("None so far: no stage that ran used pretrained weights.")
+            L.append(
+                f"| {label} | {', '.join(sorted(st))} | `{w.get('source', '')}` | `{str(w.get('sha256', ''))[:16]}` |"
+            )
+    else:
+        L.append("None so far: no stage that ran used pretrained weights.")
     missing = [r for r in runs if r.status in ("missing", "blocked")]
     L += ["", "## Not yet implemented", ""]
     L += [f"- {r.stage.title} ({r.stage.section}): {r.detail}" for r in missing] or ["Every stage is implemented."]
-    with atomic_write(base/"report.md") as f: f.write("\n".join(L) + "\n")
-    return base/"report.md"
+    with atomic_write(base / "report.md") as f:
+        f.write("\n".join(L) + "\n")
+    return base / "report.md"
 
 # %% ../nbs/90_runner.ipynb #50352159
 def _failed_cell(executed, index: int) -> str:
     "Name a failed cell as the user sees it in the source notebook: its number (papermill's injected cell not counted) and first line."
     import nbformat
-    cells = [c for c in nbformat.read(executed, as_version=4).cells     # without the error cells papermill inserted
-             if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+
+    cells = [
+        c
+        for c in nbformat.read(executed, as_version=4).cells  # without the error cells papermill inserted
+        if "papermill-error-cell-tag" not in c.metadata.get("tags", [])
+    ]
     injected = sum("injected-parameters" in c.metadata.get("tags", []) for c in cells[:index])
     first = next((l for l in cells[index].source.splitlines() if l.strip() and not l.startswith("#|")), "").strip()
     return f"cell {index - injected + 1} ({first[:60]!r})"
 
-def reproduce(profile: str = "demo", data=None, out=None, only=None, overrides: dict | None = None,
-              nbs_dir=None, force: bool = False, progress: bool = True, dry_run: bool = False) -> list[StageRun]:
+
+def reproduce(
+    profile: str = "demo",
+    data=None,
+    out=None,
+    only=None,
+    overrides: dict | None = None,
+    nbs_dir=None,
+    force: bool = False,
+    progress: bool = True,
+    dry_run: bool = False,
+) -> list[StageRun]:
     """Run the pipeline's section notebooks for `profile`, reusing finished stages; write the report. `dry_run`: the
     `[dry-run]` section's counts on top of the profile (its own overrides still win), in `<out>/dry-run/`."""
     from tqdm.auto import tqdm
+
     overrides = dict(overrides or {})
     if dry_run:
         overrides = {**dry_run_overrides(), **overrides}
-        out = Path(out or project_root())/"dry-run"
+        out = Path(out or project_root()) / "dry-run"
     cfg = load_config(profile, {**overrides, **({"out": str(out)} if out else {})})
-    nbs_dir = Path(nbs_dir or project_root()/"nbs").resolve()
+    nbs_dir = Path(nbs_dir or project_root() / "nbs").resolve()
     only = set(only or [])
-    for name in only: get_stage(name)
+    for name in only:
+        get_stage(name)
     state, runs, keys, failure = _read_state(cfg), [], {}, None
     bar = tqdm(STAGES, desc=f"reproduce [{profile}]", unit="stage", disable=not progress)
     for stage in bar:
-        nb = nbs_dir/stage.notebook
+        nb = nbs_dir / stage.notebook
         if not nb.exists():
-            runs.append(StageRun(stage, "missing", detail=f"{nb.relative_to(nbs_dir.parent) if nbs_dir.parent in nb.parents else nb} does not exist yet")); continue
+            runs.append(
+                StageRun(
+                    stage,
+                    "missing",
+                    detail=f"{nb.relative_to(nbs_dir.parent) if nbs_dir.parent in nb.parents else nb} does not exist yet",
+                )
+            )
+            continue
         gone = [d for d in stage.deps if d not in keys]
         if gone:
-            runs.append(StageRun(stage, "blocked", detail=f"needs {', '.join(gone)}")); continue
+            runs.append(StageRun(stage, "blocked", detail=f"needs {', '.join(gone)}"))
+            continue
         fp = inputs_fingerprint(cfg, stage, data)
         key = stage_key(cfg, stage, nb, keys, fp)
         prev = state.get(stage.name, {})
         done = prev.get("key") == key and prev.get("status") == "done" and stage_finished(cfg, stage, data, fp)
         if only and stage.name not in only:
-            if done: keys[stage.name] = key; runs.append(StageRun(stage, "cached", prev.get("seconds", 0), key, "not selected; cached result"))
-            else: runs.append(StageRun(stage, "skipped", detail="not selected with --only"))
+            if done:
+                keys[stage.name] = key
+                runs.append(StageRun(stage, "cached", prev.get("seconds", 0), key, "not selected; cached result"))
+            else:
+                runs.append(StageRun(stage, "skipped", detail="not selected with --only"))
             continue
         if done and not force:
-            keys[stage.name] = key; runs.append(StageRun(stage, "cached", prev.get("seconds", 0), key)); continue
-        bar.set_postfix_str(stage.name); t0 = time.time()
+            keys[stage.name] = key
+            runs.append(StageRun(stage, "cached", prev.get("seconds", 0), key))
+            continue
+        bar.set_postfix_str(stage.name)
+        t0 = time.time()
         state[stage.name] = {"key": None, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(_state_path(cfg), state)
         try:
@@ -192,13 +316,21 @@ def reproduce(profile: str = "demo", data=None, out=None, only=None, overrides: 
             state[stage.name] = {"key": None, "status": "failed", "error": str(e)}
             write_json(_state_path(cfg), state)
             runs.append(StageRun(stage, "failed", time.time() - t0, detail=str(e)))
-            failure = e; break
+            failure = e
+            break
         dt = time.time() - t0
-        state[stage.name] = {"key": key, "status": "done", "seconds": round(dt, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        state[stage.name] = {
+            "key": key,
+            "status": "done",
+            "seconds": round(dt, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         write_json(_state_path(cfg), state)
-        keys[stage.name] = key; runs.append(StageRun(stage, "ran", dt, key))
+        keys[stage.name] = key
+        runs.append(StageRun(stage, "ran", dt, key))
     done_names = {r.stage.name for r in runs}
     runs += [StageRun(s, "not run", detail="after the failure") for s in STAGES if s.name not in done_names]
     write_report(cfg, runs, data)
-    if failure is not None: raise failure
+    if failure is not None:
+        raise failure
     return runs

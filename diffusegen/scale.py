@@ -4,12 +4,18 @@
 
 # %% ../nbs/03b_scale.ipynb #e13e160c
 from __future__ import annotations
-import json, os, shutil, time
+import os
+import shutil
 from pathlib import Path
-import numpy as np
 import pandas as pd
 import torch
-from .core import Config, ConfigError, DiffusegenError, atomic_write, resolve_device, stage_dirs, torch_generator
+from diffusegen.core import (
+    Config,
+    ConfigError,
+    DiffusegenError,
+    resolve_device,
+    stage_dirs,
+)
 
 # %% auto #0
 __all__ = ['parse_shard', 'make_executor', 'local_waves', 'run_array', 'fanout_training', 'shard_root', 'generate_shard',
@@ -18,50 +24,82 @@ __all__ = ['parse_shard', 'make_executor', 'local_waves', 'run_array', 'fanout_t
 # %% ../nbs/03b_scale.ipynb #648e1f54
 def parse_shard(s: str) -> tuple[int, int]:
     "'I/K' → (I, K) with 0 ≤ I < K."
-    try: i, k = (int(v) for v in str(s).split("/"))
-    except ValueError: raise ConfigError(f"--shard {s!r}: expected I/K, e.g. 0/4") from None
-    if not (k >= 1 and 0 <= i < k): raise ConfigError(f"--shard {s!r}: need 0 <= I < K")
+    try:
+        i, k = (int(v) for v in str(s).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {s!r}: expected I/K, e.g. 0/4") from None
+    if not (k >= 1 and 0 <= i < k):
+        raise ConfigError(f"--shard {s!r}: need 0 <= I < K")
     return i, k
+
 
 def make_executor(cfg: Config, stage: str, name: str, gpus: int | None = None):
     "A submitit executor for `cfg.executor` (slurm, local or debug), logging to runs/<profile>/jobs/<stage>/; `gpus` (default `slurm_gpus`) per SLURM job, one task each."
     import submitit
-    folder = cfg.run_dir/"jobs"/stage
+
+    folder = cfg.run_dir / "jobs" / stage
     if cfg.executor == "slurm":
         if shutil.which("sbatch") is None:
-            raise ConfigError("executor=slurm: no `sbatch` on this machine; run on a SLURM login node, or use executor local or debug")
+            raise ConfigError(
+                "executor=slurm: no `sbatch` on this machine; run on a SLURM login node, or use executor local or debug"
+            )
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
         g = cfg.slurm_gpus if gpus is None else gpus
-        ex.update_parameters(name=name, timeout_min=cfg.slurm_time_min, slurm_partition=cfg.slurm_partition,
-                             gpus_per_node=g, tasks_per_node=max(1, g))
+        ex.update_parameters(
+            name=name,
+            timeout_min=cfg.slurm_time_min,
+            slurm_partition=cfg.slurm_partition,
+            gpus_per_node=g,
+            tasks_per_node=max(1, g),
+        )
     else:
         ex = submitit.AutoExecutor(folder=folder, cluster=cfg.executor)
         ex.update_parameters(name=name, timeout_min=cfg.slurm_time_min)
     return ex
 
+
 def _wait(jobs, names) -> list:
     "Every job's result; a failed job is a one-line DiffusegenError naming it and its log."
     out = []
     for j, n in zip(jobs, names):
-        try: out.append(j.result())
+        try:
+            out.append(j.result())
         except Exception as e:
             last = [l for l in str(e).strip().splitlines() if l.strip()][-1:] or [type(e).__name__]
             raise DiffusegenError(f"{n}: job {j.job_id} failed: {last[0].strip()} (log: {j.paths.stderr})") from None
     return out
+
 
 def local_waves(n: int, gpu_ids: list[str]) -> list[list[tuple[int, str | None]]]:
     "Jobs 0..n−1 in waves for the local executor: one job per GPU at a time, each on its own GPU id; one at a time without GPUs."
     w = max(1, len(gpu_ids))
     return [[(i, gpu_ids[i - a] if gpu_ids else None) for i in range(a, min(n, a + w))] for a in range(0, n, w)]
 
+
 def _gpu_ids() -> list[str]:
     "This machine's GPUs as CUDA_VISIBLE_DEVICES names them for this process (ids or UUIDs); [] without CUDA."
-    if not torch.cuda.is_available(): return []
+    if not torch.cuda.is_available():
+        return []
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [v.strip() for v in vis.split(",") if v.strip()][:torch.cuda.device_count()] if vis else [str(i) for i in range(torch.cuda.device_count())]
+    return (
+        [v.strip() for v in vis.split(",") if v.strip()][: torch.cuda.device_count()]
+        if vis
+        else [str(i) for i in range(torch.cuda.device_count())]
+    )
 
-def run_array(cfg: Config, stage: str, name: str, fn, arglists: list, labels: list, gpus: int | None = None,
-              what: str = "", progress: bool = True, gpu_ids: list[str] | None = None) -> tuple[list, list]:
+
+def run_array(
+    cfg: Config,
+    stage: str,
+    name: str,
+    fn,
+    arglists: list,
+    labels: list,
+    gpus: int | None = None,
+    what: str = "",
+    progress: bool = True,
+    gpu_ids: list[str] | None = None,
+) -> tuple[list, list]:
     """Run `fn(*args)` for each `args` in `arglists` as one submitit job each and wait: (results, jobs). `slurm`: one job
     array (`gpus` per job); `debug`: in this process, one after the other; `local`: one job per GPU at a time, each seeing
     only its own GPU (`gpu_ids`, default this machine's), or one at a time without GPUs. (submitit's local executor would
@@ -69,118 +107,195 @@ def run_array(cfg: Config, stage: str, name: str, fn, arglists: list, labels: li
     n = len(arglists)
     if cfg.executor != "local":
         js = make_executor(cfg, stage, name, gpus).map_array(fn, *map(list, zip(*arglists)))
-        if progress: print(f"submitted {n} {what}job(s) ({cfg.executor}): " + ", ".join(f"{l}={j.job_id}" for l, j in zip(labels, js)), flush=True)
+        if progress:
+            print(
+                f"submitted {n} {what}job(s) ({cfg.executor}): "
+                + ", ".join(f"{l}={j.job_id}" for l, j in zip(labels, js)),
+                flush=True,
+            )
         return _wait(js, labels), js
     ids = _gpu_ids() if gpu_ids is None else list(gpu_ids)
     waves = local_waves(n, ids)
-    if progress: print(f"submitted {n} {what}job(s) (local, {len(waves[0]) if waves else 0} at a time"
-                       + (f", one GPU each: {','.join(ids)}" if ids else ", no GPU") + ")", flush=True)
+    if progress:
+        print(
+            f"submitted {n} {what}job(s) (local, {len(waves[0]) if waves else 0} at a time"
+            + (f", one GPU each: {','.join(ids)}" if ids else ", no GPU")
+            + ")",
+            flush=True,
+        )
     res, jobs = [], []
     for wave in waves:
         js = []
         for i, gid in wave:
             ex = make_executor(cfg, stage, name)
-            if gid is not None: ex.update_parameters(gpus_per_node=1, local_setup=[f"export CUDA_VISIBLE_DEVICES={gid}"])
+            if gid is not None:
+                ex.update_parameters(gpus_per_node=1, local_setup=[f"export CUDA_VISIBLE_DEVICES={gid}"])
             js.append(ex.submit(fn, *arglists[i]))
-            if progress: print(f"  {labels[i]}: job {js[-1].job_id}" + (f" on GPU {gid}" if gid is not None else ""), flush=True)
-        res += _wait(js, [labels[i] for i, _ in wave]); jobs += js
+            if progress:
+                print(f"  {labels[i]}: job {js[-1].job_id}" + (f" on GPU {gid}" if gid is not None else ""), flush=True)
+        res += _wait(js, [labels[i] for i, _ in wave])
+        jobs += js
     return res, jobs
+
 
 def _job_env():
     "In a job with several tasks (SLURM, one per GPU): export RANK/WORLD_SIZE/MASTER_* so the tasks form one DDP group."
     import submitit
-    try: env = submitit.JobEnvironment()
-    except RuntimeError: return
-    if env.num_tasks > 1: submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:
+        return
+    if env.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 # %% ../nbs/03b_scale.ipynb #a57f1f26
 def _train_job(cfg: Config, clusters: list, full: bool, resume: bool = True) -> list:
     from diffusegen.training import run_training
-    _job_env()
-    return [{k: v for k, v in r.items() if k != "ids"} for r in run_training(cfg, clusters, full, resume, progress=False, write_report=False)["models"]]
 
-def fanout_training(cfg: Config, clusters: list | None = None, full: bool | None = None, resume: bool = True, progress: bool = True) -> dict:
+    _job_env()
+    return [
+        {k: v for k, v in r.items() if k != "ids"}
+        for r in run_training(cfg, clusters, full, resume, progress=False, write_report=False)["models"]
+    ]
+
+
+def fanout_training(
+    cfg: Config, clusters: list | None = None, full: bool | None = None, resume: bool = True, progress: bool = True
+) -> dict:
     "Train the selected models as submitit jobs (one per model, `cfg.executor`), wait, then write the stage's report."
     from diffusegen.clustering import load_clusters
     from diffusegen.training import run_training, stage_specs
-    cfg = cfg.replace(out=str(cfg.root))                      # jobs may start in another folder
+
+    cfg = cfg.replace(out=str(cfg.root))  # jobs may start in another folder
     first, rest = stage_specs(cfg, load_clusters(cfg), clusters, full)
     jobs = []
     for group in (first, rest):
-        if not group: continue
+        if not group:
+            continue
         args = [([], True) if s.full else ([int(s.name.split("_", 1)[1])], False) for s in group]
-        _, js = run_array(cfg, "training", f"diffusegen-train-{cfg.profile}", _train_job, [(cfg, c, f, resume) for c, f in args],
-                          [s.name for s in group], what="training ", progress=progress)
-        jobs += [{"name": s.name, "job_id": str(j.job_id), "executor": cfg.executor, "log": str(j.paths.stdout)} for s, j in zip(group, js)]
-    summary = run_training(cfg, clusters, full, progress=False)      # every model is finished: reused, then reported
+        _, js = run_array(
+            cfg,
+            "training",
+            f"diffusegen-train-{cfg.profile}",
+            _train_job,
+            [(cfg, c, f, resume) for c, f in args],
+            [s.name for s in group],
+            what="training ",
+            progress=progress,
+        )
+        jobs += [
+            {"name": s.name, "job_id": str(j.job_id), "executor": cfg.executor, "log": str(j.paths.stdout)}
+            for s, j in zip(group, js)
+        ]
+    summary = run_training(cfg, clusters, full, progress=False)  # every model is finished: reused, then reported
     return {**summary, "jobs": jobs}
 
 # %% ../nbs/03b_scale.ipynb #f4fc8cac
 def shard_root(cfg: Config, i: int, k: int) -> Path:
     "The output folder of shard I of K (it holds runs/<profile>/synthetic/<type>/ and a link to the trained models)."
-    return cfg.run_dir/"synthetic"/".shards"/f"{i}-of-{k}"
+    return cfg.run_dir / "synthetic" / ".shards" / f"{i}-of-{k}"
+
 
 def _shard_cfg(cfg: Config, i: int, k: int) -> Config:
-    root = shard_root(cfg, i, k); link = root/"runs"/cfg.profile/"training"
+    root = shard_root(cfg, i, k)
+    link = root / "runs" / cfg.profile / "training"
     link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.is_symlink(): link.symlink_to(stage_dirs(cfg, "training")[0].resolve(), target_is_directory=True)
-    return cfg.replace(out=str(root), inpaint_images=0)              # the shard's sources are given, not drawn
+    if not link.is_symlink():
+        link.symlink_to(stage_dirs(cfg, "training")[0].resolve(), target_is_directory=True)
+    return cfg.replace(out=str(root), inpaint_images=0)  # the shard's sources are given, not drawn
+
 
 def generate_shard(cfg: Config, kind: str, shard: tuple[int, int], device=None, progress: bool = False) -> dict:
     "Make shard I of K of type `kind`'s samples (`generate_type` on the planned sources ≡ I mod K) in the shard's folder."
     from diffusegen import inpainting as ip
     from diffusegen.clustering import load_clusters
     from diffusegen.training import training_images
+
     i, k = shard
     x4, ids = training_images(cfg)
-    cl = load_clusters(cfg); clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))
+    cl = load_clusters(cfg)
+    clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))
     models = {p.parent.parent.name for p in stage_dirs(cfg, "training")[0].glob("*/final/model.json")}
     plan, _ = ip.plan_samples(cfg, kind, ids, clusters, models)
     sources = list(dict.fromkeys(r["source_id"] for r in plan))[i::k]
     scfg = _shard_cfg(cfg, i, k)
     from diffusegen.sets import set_dir, UNPLANNED, MANIFEST_COLUMNS, read_manifest_csv, write_manifest_csv
+
     sdir, ssdir = set_dir(cfg, kind), set_dir(scfg, kind)
-    if not (ssdir/"manifest.csv").exists():                         # samples the real folder already has: not made again
-        old = pd.concat([read_manifest_csv(sdir/"manifest.csv"), read_manifest_csv(sdir/UNPLANNED)], ignore_index=True); keep = []
+    if not (ssdir / "manifest.csv").exists():  # samples the real folder already has: not made again
+        old = pd.concat(
+            [read_manifest_csv(sdir / "manifest.csv"), read_manifest_csv(sdir / UNPLANNED)], ignore_index=True
+        )
+        keep = []
         for r in old[old.source_id.isin(sources)].to_dict("records"):
-            if (sdir/r["file"]).exists() and (sdir/r["mask_file"]).exists():
+            if (sdir / r["file"]).exists() and (sdir / r["mask_file"]).exists():
                 for f in (r["file"], r["mask_file"]):
-                    (ssdir/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(sdir/f, ssdir/f)
+                    (ssdir / f).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(sdir / f, ssdir / f)
                 keep.append(r)
-        if keep: write_manifest_csv(keep, ssdir/"manifest.csv", MANIFEST_COLUMNS)
+        if keep:
+            write_manifest_csv(keep, ssdir / "manifest.csv", MANIFEST_COLUMNS)
     pos = {s: n for n, s in enumerate(ids)}
-    rec = ip.generate_type(scfg, kind, x4[[pos[s] for s in sources]], sources, clusters, device=device, progress=progress)
+    rec = ip.generate_type(
+        scfg, kind, x4[[pos[s] for s in sources]], sources, clusters, device=device, progress=progress
+    )
     return {**rec, "shard": f"{i}/{k}", "sources": len(sources)}
+
 
 def merge_shards(cfg: Config, kind: str) -> int:
     "Move every shard's samples of type `kind` into the real folder and merge the manifests (run after all shards finished); returns the merged rows (0: no shards)."
     from diffusegen.sets import set_dir, MANIFEST_COLUMNS, read_manifest_csv, write_manifest_csv
-    base, sdir = cfg.run_dir/"synthetic"/".shards", set_dir(cfg, kind)
-    parts = sorted(p for p in base.glob(f"*-of-*/runs/{cfg.profile}/synthetic/{kind}") if (p/"manifest.csv").exists()) if base.is_dir() else []
-    if not parts: return 0
-    frames = [read_manifest_csv(sdir/"manifest.csv")]
+
+    base, sdir = cfg.run_dir / "synthetic" / ".shards", set_dir(cfg, kind)
+    parts = (
+        sorted(p for p in base.glob(f"*-of-*/runs/{cfg.profile}/synthetic/{kind}") if (p / "manifest.csv").exists())
+        if base.is_dir()
+        else []
+    )
+    if not parts:
+        return 0
+    frames = [read_manifest_csv(sdir / "manifest.csv")]
     for ssdir in parts:
-        df = read_manifest_csv(ssdir/"manifest.csv"); frames.append(df)
+        df = read_manifest_csv(ssdir / "manifest.csv")
+        frames.append(df)
         for f in [*df.file, *df.mask_file]:
-            if (ssdir/f).exists(): (sdir/f).parent.mkdir(parents=True, exist_ok=True); os.replace(ssdir/f, sdir/f)
+            if (ssdir / f).exists():
+                (sdir / f).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(ssdir / f, sdir / f)
     frames = [f for f in frames if len(f)]
-    df = pd.concat(frames, ignore_index=True).drop_duplicates("file", keep="last") if frames else read_manifest_csv(sdir/"manifest.csv")
-    write_manifest_csv(df, sdir/"manifest.csv", MANIFEST_COLUMNS)    # first the record, then the shard folders go
+    df = (
+        pd.concat(frames, ignore_index=True).drop_duplicates("file", keep="last")
+        if frames
+        else read_manifest_csv(sdir / "manifest.csv")
+    )
+    write_manifest_csv(df, sdir / "manifest.csv", MANIFEST_COLUMNS)  # first the record, then the shard folders go
     for ssdir in parts:
         shutil.rmtree(ssdir)
         root = ssdir.parents[3]
-        if not any((root/"runs"/cfg.profile/"synthetic").iterdir()): shutil.rmtree(root)
-    if base.is_dir() and not any(base.iterdir()): base.rmdir()
+        if not any((root / "runs" / cfg.profile / "synthetic").iterdir()):
+            shutil.rmtree(root)
+    if base.is_dir() and not any(base.iterdir()):
+        base.rmdir()
     return len(df)
 
 # %% ../nbs/03b_scale.ipynb #e1c08936
 def _inpaint_job(cfg: Config, types: tuple, i: int, k: int) -> list:
     return [generate_shard(cfg, ty, (i, k)) for ty in types]
 
-def sharded_inpainting(cfg: Config, types=("diff", "full-diff"), shard: str | None = None, shards: int | None = None,
-                       executor: str | None = None, progress: bool = True, prune: bool = False) -> dict | None:
+
+def sharded_inpainting(
+    cfg: Config,
+    types=("diff", "full-diff"),
+    shard: str | None = None,
+    shards: int | None = None,
+    executor: str | None = None,
+    progress: bool = True,
+    prune: bool = False,
+) -> dict | None:
     "Inpainting in shards (see above); None when not sharded (after merging finished shards), for `run_inpainting` to do."
     from diffusegen.inpainting import run_inpainting
+
     if shard:
         i, k = parse_shard(shard)
         return {"shards": [generate_shard(cfg, ty, (i, k), progress=progress) for ty in types]}
@@ -188,24 +303,40 @@ def sharded_inpainting(cfg: Config, types=("diff", "full-diff"), shard: str | No
     if executor or shards:
         cfg = cfg.replace(out=str(cfg.root), **({"executor": executor} if executor else {}))
         k = int(shards or 1)
-        done, _ = run_array(cfg, "inpainting", f"diffusegen-inpaint-{cfg.profile}", _inpaint_job,   # one GPU per shard
-                            [(cfg, tuple(types), i, k) for i in range(k)], [f"shard {i}/{k}" for i in range(k)],
-                            gpus=min(1, cfg.slurm_gpus), what="inpainting shard ", progress=progress)
-        for ty in types: merge_shards(cfg, ty)
+        done, _ = run_array(
+            cfg,
+            "inpainting",
+            f"diffusegen-inpaint-{cfg.profile}",
+            _inpaint_job,  # one GPU per shard
+            [(cfg, tuple(types), i, k) for i in range(k)],
+            [f"shard {i}/{k}" for i in range(k)],
+            gpus=min(1, cfg.slurm_gpus),
+            what="inpainting shard ",
+            progress=progress,
+        )
+        for ty in types:
+            merge_shards(cfg, ty)
         return {**run_inpainting(cfg, types, progress=False, prune=prune), "shards": [r for d in done for r in d]}
     if world > 1:
         import torch.distributed as dist
+
         rank = int(os.environ["RANK"])
         import datetime
-        if not dist.is_initialized():                         # shards finish at different times: wait up to slurm_time_min
+
+        if not dist.is_initialized():  # shards finish at different times: wait up to slurm_time_min
             dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=max(30, cfg.slurm_time_min)))
-        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if resolve_device(cfg).type == "cuda" else None
+        dev = (
+            torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if resolve_device(cfg).type == "cuda" else None
+        )
         mine = [generate_shard(cfg, ty, (rank, world), device=dev, progress=False) for ty in types]
-        dist.barrier()                                        # every shard is done
+        dist.barrier()  # every shard is done
         if rank == 0:
-            for ty in types: merge_shards(cfg, ty)
+            for ty in types:
+                merge_shards(cfg, ty)
             out = {**run_inpainting(cfg, types, progress=False, prune=prune), "shards": mine}
-        dist.barrier(); dist.destroy_process_group()
+        dist.barrier()
+        dist.destroy_process_group()
         return out if rank == 0 else {"shards": mine}
-    for ty in types: merge_shards(cfg, ty)
+    for ty in types:
+        merge_shards(cfg, ty)
     return None

@@ -5,14 +5,36 @@ Table 3 (small real sets augmented with synthetic siblings), with Dice loss, Dic
 
 # %% ../nbs/07_segmentation.ipynb #b7c96f98
 from __future__ import annotations
-import copy, hashlib, json, math, os, time, warnings
+import copy
+import hashlib
+import json
+import math
+import time
+import warnings
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, ConfigError, DataError, DiffusegenError, WeightsNotFound, Artifact, atomic_write,
-                             write_table, write_manifest, stage_dirs, seed_everything, resolve_device, step_seed,
-                             paper_table, content_key, sha256_file, write_ledger, resumable)
+from diffusegen.core import (
+    Config,
+    ConfigError,
+    DataError,
+    DiffusegenError,
+    WeightsNotFound,
+    Artifact,
+    atomic_write,
+    write_table,
+    write_manifest,
+    stage_dirs,
+    seed_everything,
+    resolve_device,
+    step_seed,
+    paper_table,
+    content_key,
+    sha256_file,
+    write_ledger,
+    resumable,
+)
 from .core import read_ledger as read_ledger_file
 from .sets import TYPES, read_set, type_label
 
@@ -29,6 +51,7 @@ def polyp_channel(prob: torch.Tensor) -> torch.Tensor:
     "The polyp probability (B, H, W) from the softmax2d output (B, 2, H, W): channel 0 (background) is ignored."
     return prob[:, 1]
 
+
 def confusion(prob: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> tuple:
     "Per-image TP, FP, FN, (B,) each, of the polyp probability (B, H, W) thresholded at `threshold` (p > threshold)."
     pred = (prob > threshold).float().flatten(1)
@@ -36,101 +59,155 @@ def confusion(prob: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) 
     tp = (pred * g).sum(1)
     return tp, pred.sum(1) - tp, g.sum(1) - tp
 
+
 def iou_score(prob: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, eps: float = 1e-7) -> torch.Tensor:
     "Eq. (1) per image: TP / (TP + FP + FN), (B,)."
     tp, fp, fn = confusion(prob, target, threshold)
     return (tp + eps) / (tp + fp + fn + eps)
+
 
 def dice_score(prob: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, eps: float = 1e-7) -> torch.Tensor:
     "Eq. (2)'s Dice per image: 2TP / (2TP + FP + FN), (B,); 1 − this is Eq. (2)'s Dice loss of the thresholded mask."
     tp, fp, fn = confusion(prob, target, threshold)
     return (2 * tp + eps) / (2 * tp + fp + fn + eps)
 
+
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0, per_image: bool = True) -> torch.Tensor:
     """The soft Dice loss 1 − (2Σpg + eps)/(Σp + Σg + eps) on probabilities (the paper code's DiceLoss, eps = 1):
     per image (B,), or over the whole batch as one sum (`per_image=False`, the training loss)."""
     p, g = prob.float().flatten(1), target.float().flatten(1)
-    if not per_image: p, g = p.reshape(1, -1), g.reshape(1, -1)
+    if not per_image:
+        p, g = p.reshape(1, -1), g.reshape(1, -1)
     out = 1 - (2 * (p * g).sum(1) + eps) / (p.sum(1) + g.sum(1) + eps)
     return out if per_image else out[0]
 
 # %% ../nbs/07_segmentation.ipynb #a81f7212
 def _arch(name: str):
     import segmentation_models_pytorch as smp
-    if not hasattr(smp, name): raise ConfigError(f"setting seg_arch={name!r}: not a segmentation_models_pytorch architecture")
+
+    if not hasattr(smp, name):
+        raise ConfigError(f"setting seg_arch={name!r}: not a segmentation_models_pytorch architecture")
     return getattr(smp, name)
+
 
 def encoder_weights_file(cfg: Config, download: bool = True) -> Path | None:
     "The local file with the encoder's ImageNet weights for `cfg.seg_encoder_weights` (None when it is `none`)."
     w, enc = str(cfg.seg_encoder_weights).strip(), cfg.seg_encoder
-    if w.lower() in ("none", ""): return None
+    if w.lower() in ("none", ""):
+        return None
     if w.lower() != "imagenet":
         p = Path(w).expanduser()
-        if not p.is_file(): raise WeightsNotFound(f"{p}: seg_encoder_weights file not found")
+        if not p.is_file():
+            raise WeightsNotFound(f"{p}: seg_encoder_weights file not found")
         return p
-    if enc.startswith("tu-"): raise ConfigError(f"seg_encoder_weights=imagenet: only for smp's own encoders, not {enc} (give a file path)")
+    if enc.startswith("tu-"):
+        raise ConfigError(f"seg_encoder_weights=imagenet: only for smp's own encoders, not {enc} (give a file path)")
     import segmentation_models_pytorch as smp
     from huggingface_hub import hf_hub_download
+
     settings = smp.encoders.encoders.get(enc, {}).get("pretrained_settings", {}).get("imagenet")
-    if settings is None: raise ConfigError(f"seg_encoder_weights=imagenet: smp has no ImageNet weights for {enc}")
+    if settings is None:
+        raise ConfigError(f"seg_encoder_weights=imagenet: smp has no ImageNet weights for {enc}")
     repo = settings["repo_id"]
-    try: return Path(hf_hub_download(repo, "model.safetensors", revision=settings.get("revision"), local_files_only=True))
-    except Exception: pass
-    ck = Path(torch.hub.get_dir())/"checkpoints"
+    try:
+        return Path(
+            hf_hub_download(repo, "model.safetensors", revision=settings.get("revision"), local_files_only=True)
+        )
+    except Exception:
+        pass
+    ck = Path(torch.hub.get_dir()) / "checkpoints"
     found = sorted(ck.glob(f"{enc}-*.pth")) + sorted(ck.glob(f"{enc}.pth")) if ck.is_dir() else []
-    if found: return found[0]
+    if found:
+        return found[0]
     if download:
-        try: return Path(hf_hub_download(repo, "model.safetensors", revision=settings.get("revision")))
-        except Exception: pass
-    raise WeightsNotFound(f"{enc} ImageNet weights not found: put {repo}'s model.safetensors in the Hugging Face cache "
-                          f"(huggingface-cli download {repo}) or {enc}-*.pth in {ck}, or set seg_encoder_weights to a file path")
+        try:
+            return Path(hf_hub_download(repo, "model.safetensors", revision=settings.get("revision")))
+        except Exception:
+            pass
+    raise WeightsNotFound(
+        f"{enc} ImageNet weights not found: put {repo}'s model.safetensors in the Hugging Face cache "
+        f"(huggingface-cli download {repo}) or {enc}-*.pth in {ck}, or set seg_encoder_weights to a file path"
+    )
+
 
 def _load_encoder_weights(model, path: Path):
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         sd = load_file(str(path))
-    else: sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    else:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
     sd = {k: v for k, v in sd.items() if not k.startswith(("last_linear.", "fc.", "classifier."))}
     own = model.encoder.state_dict()
     missing, unexpected = set(own) - set(sd), set(sd) - set(own)
     if missing or unexpected:
-        raise WeightsNotFound(f"{path}: not {model.encoder.__class__.__name__} weights ({len(missing)} missing, {len(unexpected)} unexpected keys)")
-    torch.nn.Module.load_state_dict(model.encoder, sd, strict=True)     # (smp's encoders override load_state_dict)
+        raise WeightsNotFound(
+            f"{path}: not {model.encoder.__class__.__name__} weights ({len(missing)} missing, {len(unexpected)} unexpected keys)"
+        )
+    torch.nn.Module.load_state_dict(model.encoder, sd, strict=True)  # (smp's encoders override load_state_dict)
+
 
 def encoder_provenance(cfg: Config) -> dict:
     "The encoder's weights for the manifest: random initialisation, or the file (with its sha256) they were read from."
     p = encoder_weights_file(cfg, download=False) if str(cfg.seg_encoder_weights).lower() != "none" else None
     sha = sha256_file(p) if p is not None else None
-    label = f"{cfg.seg_encoder} ImageNet weights from {p}" if p is not None else f"{cfg.seg_encoder}, random initialisation (Appendix B.2 'zero-initialized')"
-    if cfg.seg_encoder != "se_resnext50_32x4d": label += " (a smaller stand-in for the paper's se_resnext50_32x4d)"
+    label = (
+        f"{cfg.seg_encoder} ImageNet weights from {p}"
+        if p is not None
+        else f"{cfg.seg_encoder}, random initialisation (Appendix B.2 'zero-initialized')"
+    )
+    if cfg.seg_encoder != "se_resnext50_32x4d":
+        label += " (a smaller stand-in for the paper's se_resnext50_32x4d)"
     return {"name": f"segmentation encoder {cfg.seg_encoder}", "label": label, "sha256": sha, "substitute": False}
+
 
 def build_model(cfg: Config, encoder: str | None = None, arch: str | None = None, weights: bool = True):
     "smp `seg_arch` with `seg_encoder`, 2 classes, softmax2d; ImageNet encoder weights when the settings ask for them."
     enc = encoder or cfg.seg_encoder
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try: model = _arch(arch or cfg.seg_arch)(encoder_name=enc, encoder_weights=None, classes=2, activation="softmax2d")
+        try:
+            model = _arch(arch or cfg.seg_arch)(
+                encoder_name=enc, encoder_weights=None, classes=2, activation="softmax2d"
+            )
         except (KeyError, ValueError, RuntimeError) as e:
             raise ConfigError(f"setting seg_encoder={enc!r}: {str(e).splitlines()[0][:160]}") from None
     if weights and encoder is None:
         p = encoder_weights_file(cfg)
-        if p is not None: _load_encoder_weights(model, p)
+        if p is not None:
+            _load_encoder_weights(model, p)
     return model
 
 # %% ../nbs/07_segmentation.ipynb #05a3ea0d
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+
 def train_augmentation(seed: int):
     "The paper code's training augmentations (albumentations 2 names), seeded."
-    import albumentations as A, cv2
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.Affine(scale=(0.5, 1.5), keep_ratio=True, translate_percent=(-0.1, 0.1), rotate=0, border_mode=cv2.BORDER_CONSTANT,
-                 fill=0, fill_mask=0, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST, p=1.0),
-        A.OneOf([A.CLAHE(p=1.0), A.RandomBrightnessContrast(contrast_limit=0, p=1.0), A.RandomGamma(p=1.0)], p=0.9),
-    ], seed=int(seed) % 2**32)
+    import albumentations as A
+    import cv2
+
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(
+                scale=(0.5, 1.5),
+                keep_ratio=True,
+                translate_percent=(-0.1, 0.1),
+                rotate=0,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=1.0,
+            ),
+            A.OneOf([A.CLAHE(p=1.0), A.RandomBrightnessContrast(contrast_limit=0, p=1.0), A.RandomGamma(p=1.0)], p=0.9),
+        ],
+        seed=int(seed) % 2**32,
+    )
+
 
 def to_tensors(images: np.ndarray, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     "uint8 (B, S, S, 3) and 0/1 (B, S, S) → ImageNet-normalised float (B, 3, S, S) and float (B, S, S)."
@@ -142,48 +219,62 @@ def hash_rank(seed: int, key: str, ids) -> list:
     "`ids` ordered by sha256(seed, key, id): a seeded order in which each id's place does not depend on the others."
     return sorted(ids, key=lambda i: hashlib.sha256(f"{seed}/{key}/{i}".encode()).hexdigest())
 
+
 def grouped_split(groups, val_fraction: float, seed: int, key: str = "split") -> np.ndarray:
     "Boolean mask over items: True = validation. Items of one group (source image) are always on the same side."
     groups = np.asarray([str(g) for g in groups])
     uniq = sorted(set(groups))
-    if len(uniq) < 2: raise DiffusegenError(f"a grouped train/validation split needs at least 2 source images, got {len(uniq)}")
+    if len(uniq) < 2:
+        raise DiffusegenError(f"a grouped train/validation split needs at least 2 source images, got {len(uniq)}")
     n_val = min(max(1, int(round(val_fraction * len(uniq)))), len(uniq) - 1)
     val = set(hash_rank(seed, key, uniq)[:n_val])
     return np.array([g in val for g in groups])
 
-def augment_small_set(real_ids: list, siblings: dict, r: int, alpha: float, mode: str, coin_seed: int,
-                      pick_seed: int) -> tuple[list, dict]:
+
+def augment_small_set(
+    real_ids: list, siblings: dict, r: int, alpha: float, mode: str, coin_seed: int, pick_seed: int
+) -> tuple[list, dict]:
     """Table 3's training set: [("real", id) | ("syn", sibling)], and counts. Each real image is picked with probability
     `alpha` (coins from `coin_seed`); a picked one gets `r` of `siblings[id]` (drawn from `pick_seed`); `mode` 'add'
     keeps the real image, 'replace' drops it (unless it has no siblings)."""
-    if mode not in ("add", "replace"): raise ConfigError(f"table3_mode={mode!r}: must be add or replace")
+    if mode not in ("add", "replace"):
+        raise ConfigError(f"table3_mode={mode!r}: must be add or replace")
     coins = np.random.default_rng(coin_seed % 2**63).random(len(real_ids)) < alpha
     pick = np.random.default_rng(pick_seed % 2**63)
     items, picked, short = [], 0, 0
     for i, on in zip(real_ids, coins):
         sib = list(siblings.get(i, []))
-        chosen = [sib[k] for k in sorted(pick.choice(len(sib), size=min(r, len(sib)), replace=False))] if on and sib else []
-        picked += bool(on); short += bool(on and len(sib) < r)
-        if not (mode == "replace" and chosen): items.append(("real", i))
+        chosen = (
+            [sib[k] for k in sorted(pick.choice(len(sib), size=min(r, len(sib)), replace=False))] if on and sib else []
+        )
+        picked += bool(on)
+        short += bool(on and len(sib) < r)
+        if not (mode == "replace" and chosen):
+            items.append(("real", i))
         items += [("syn", s) for s in chosen]
     n_syn = sum(k == "syn" for k, _ in items)
     return items, {"real": len(items) - n_syn, "synthetic": n_syn, "picked": picked, "short_of_r": short}
 
 # %% ../nbs/07_segmentation.ipynb #ea5b81c4
 @torch.no_grad()
-def evaluate(model, images: np.ndarray, masks: np.ndarray, threshold: float = 0.5, batch: int = 32, device="cpu") -> dict:
+def evaluate(
+    model, images: np.ndarray, masks: np.ndarray, threshold: float = 0.5, batch: int = 32, device="cpu"
+) -> dict:
     "Mean per-image soft Dice loss, Dice and IoU (thresholded) of the polyp channel on uint8 images and 0/1 masks."
     model.eval()
     out = {"dice_loss": [], "dice": [], "iou": []}
     for b in range(0, len(images), batch):
-        x, t = to_tensors(images[b:b + batch], masks[b:b + batch])
+        x, t = to_tensors(images[b : b + batch], masks[b : b + batch])
         p = polyp_channel(model(x.to(device))).float().cpu()
-        out["dice_loss"].append(soft_dice_loss(p, t)); out["dice"].append(dice_score(p, t, threshold))
+        out["dice_loss"].append(soft_dice_loss(p, t))
+        out["dice"].append(dice_score(p, t, threshold))
         out["iou"].append(iou_score(p, t, threshold))
     return {k: float(torch.cat(v).mean()) if v else float("nan") for k, v in out.items()}
 
-def train_cell(cfg: Config, train: tuple, val: tuple, test: tuple, seed: int, progress: bool = False,
-               desc: str = "") -> dict:
+
+def train_cell(
+    cfg: Config, train: tuple, val: tuple, test: tuple, seed: int, progress: bool = False, desc: str = ""
+) -> dict:
     "Train one model on `train` (images, masks), keep the best state by validation IoU, test it. Returns scores."
     device = resolve_device(cfg)
     seed_everything(seed % 2**32)
@@ -194,71 +285,118 @@ def train_cell(cfg: Config, train: tuple, val: tuple, test: tuple, seed: int, pr
     ims, mks = train
     best, best_iou, best_epoch, losses = None, -1.0, 0, []
     from tqdm.auto import tqdm
+
     for epoch in tqdm(range(cfg.seg_epochs), desc=desc, disable=not progress, leave=False):
-        for g in opt.param_groups: g["lr"] = cfg.seg_lr if epoch < cfg.seg_lr_drop_epoch else cfg.seg_lr_after
+        for g in opt.param_groups:
+            g["lr"] = cfg.seg_lr if epoch < cfg.seg_lr_drop_epoch else cfg.seg_lr_after
         model.train()
         perm, tot = order_rng.permutation(len(ims)), 0.0
         for b in range(0, len(perm), max(1, cfg.seg_batch)):
-            idx = perm[b:b + max(1, cfg.seg_batch)]
-            if len(idx) == 1: idx = np.concatenate([idx, idx])          # BatchNorm needs 2 values per channel
+            idx = perm[b : b + max(1, cfg.seg_batch)]
+            if len(idx) == 1:
+                idx = np.concatenate([idx, idx])  # BatchNorm needs 2 values per channel
             if aug is not None:
                 pairs = [aug(image=ims[k], mask=mks[k]) for k in idx]
                 bi, bm = np.stack([p["image"] for p in pairs]), np.stack([p["mask"] for p in pairs])
-            else: bi, bm = ims[idx], mks[idx]
+            else:
+                bi, bm = ims[idx], mks[idx]
             x, t = to_tensors(bi, bm)
             loss = soft_dice_loss(polyp_channel(model(x.to(device))), t.to(device), per_image=False)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
             tot += loss.item() * len(idx)
         losses.append(tot / max(1, len(perm)))
         v = evaluate(model, *val, threshold=cfg.seg_threshold, device=device)["iou"]
-        if v > best_iou: best, best_iou, best_epoch = copy.deepcopy(model.state_dict()), v, epoch + 1
-    if best is not None: model.load_state_dict(best)
+        if v > best_iou:
+            best, best_iou, best_epoch = copy.deepcopy(model.state_dict()), v, epoch + 1
+    if best is not None:
+        model.load_state_dict(best)
     res = evaluate(model, *test, threshold=cfg.seg_threshold, device=device)
     return {**res, "val_iou": best_iou, "best_epoch": best_epoch, "epochs": cfg.seg_epochs, "train_loss": losses}
 
 # %% ../nbs/07_segmentation.ipynb #b0bc28e9
-RESULT_COLUMNS = ["table", "type", "n", "r", "mode", "repeat", "seed", "dice_loss", "dice", "iou", "val_iou", "best_epoch",
-                  "epochs", "n_train", "n_val", "n_test", "encoder", "status", "n_syn", "short_of_r"]
+RESULT_COLUMNS = [
+    "table",
+    "type",
+    "n",
+    "r",
+    "mode",
+    "repeat",
+    "seed",
+    "dice_loss",
+    "dice",
+    "iou",
+    "val_iou",
+    "best_epoch",
+    "epochs",
+    "n_train",
+    "n_val",
+    "n_test",
+    "encoder",
+    "status",
+    "n_syn",
+    "short_of_r",
+]
 LEDGER_COLUMNS = RESULT_COLUMNS + ["settings_hash", "seconds"]
 KEY_COLUMNS = ["table", "type", "n", "r", "mode", "repeat"]
 
-def _ints(s: str) -> list[int]: return [int(v) for v in str(s).split()]
-def _words(s: str) -> list[str]: return str(s).split()
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in str(s).split()]
+
+
+def _words(s: str) -> list[str]:
+    return str(s).split()
+
 
 def cell_seed(cfg: Config, cell: dict) -> int:
     "The seed of one cell (a `grid` dict: table, type, n, r, mode, repeat): from the global seed and the cell's identity only."
     c = cell
-    return step_seed(cfg.seed, f"segment/table{c['table']}/{c['type']}/n{c['n']}/r{c['r']}/{c['mode']}/rep{c['repeat']}", 0)
+    return step_seed(
+        cfg.seed, f"segment/table{c['table']}/{c['type']}/n{c['n']}/r{c['r']}/{c['mode']}/rep{c['repeat']}", 0
+    )
+
 
 def grid(cfg: Config) -> list[dict]:
     "Every cell of Tables 2 and 3 for these settings, in run order."
     for t in _words(cfg.table2_types) + _words(cfg.table3_types):
-        if t not in TYPES: raise ConfigError(f"table type {t!r}: must be one of {', '.join(TYPES)}")
+        if t not in TYPES:
+            raise ConfigError(f"table type {t!r}: must be one of {', '.join(TYPES)}")
     cells = []
     for k in range(max(1, cfg.seg_repeats)):
         for t in _words(cfg.table2_types):
-            for n in ([1] if t == "real" else _ints(cfg.table2_n)):
+            for n in [1] if t == "real" else _ints(cfg.table2_n):
                 cells.append(dict(table=2, type=t, n=n, r=0, mode="", repeat=k))
         for n in _ints(cfg.table3_n):
-            cells.append(dict(table=3, type="real", n=n, r=0, mode="", repeat=k))     # shared by add and replace
+            cells.append(dict(table=3, type="real", n=n, r=0, mode="", repeat=k))  # shared by add and replace
             for t in _words(cfg.table3_types):
-                if t == "real": continue
-                for r in _ints(cfg.table3_r): cells.append(dict(table=3, type=t, n=n, r=r, mode=cfg.table3_mode, repeat=k))
+                if t == "real":
+                    continue
+                for r in _ints(cfg.table3_r):
+                    cells.append(dict(table=3, type=t, n=n, r=r, mode=cfg.table3_mode, repeat=k))
     return cells
 
 # %% ../nbs/07_segmentation.ipynb #4c63a29e
-def _read_pair(img_path, mask_path, size: int, mode: str = "stretch", threshold: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def _read_pair(
+    img_path, mask_path, size: int, mode: str = "stretch", threshold: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     "One synthetic pair as the real ones: the data stage's `load_pair` (resize_mode, mask_threshold); DataError names a bad file."
     from diffusegen.data import Pair, load_pair
+
     im, mk = load_pair(Pair(Path(img_path).stem, Path(img_path), Path(mask_path)), size, mode, threshold)
     return np.ascontiguousarray(im, dtype=np.uint8), mk.astype(np.uint8)
 
+
 class Sets:
     "The real pairs, the test set and every synthetic set as in-memory arrays (loaded once per stage)."
+
     def __init__(self, cfg: Config):
         from diffusegen.data import load_pairs, pairs_path
+
         p = pairs_path(cfg)
-        if not p.exists(): raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
+        if not p.exists():
+            raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
         t, ids, meta = load_pairs(p)
         split = meta["split"]
         split = [split[i] for i in ids] if isinstance(split, dict) else list(split)
@@ -267,30 +405,46 @@ class Sets:
         self.real = {i: (imgs[k], masks[k]) for k, i in enumerate(ids)}
         self.train_ids = sorted(i for i, s in zip(ids, split) if s == "train")
         test_ids = sorted(i for i, s in zip(ids, split) if s == "test")
-        if not self.train_ids or not test_ids: raise DiffusegenError(f"{p}: needs train and test images (has {len(self.train_ids)} and {len(test_ids)})")
+        if not self.train_ids or not test_ids:
+            raise DiffusegenError(f"{p}: needs train and test images (has {len(self.train_ids)} and {len(test_ids)})")
         self.test = (np.stack([self.real[i][0] for i in test_ids]), np.stack([self.real[i][1] for i in test_ids]))
         self._syn, self.notes = {}, {}
 
     def synthetic(self, kind: str) -> pd.DataFrame | None:
         "DataFrame (key, source_id, sample, image, mask) of one synthetic type, or None when that set is absent."
-        if kind in self._syn: return self._syn[kind]
+        if kind in self._syn:
+            return self._syn[kind]
         df = None
-        if kind != "real":                                          # any other type, read through the data-set contract
+        if kind != "real":  # any other type, read through the data-set contract
             m = read_set(self.cfg, kind)
             if m is not None:
                 names = [Path(p).name for p in m.image_path] if kind == "gan" else list(m.file)
-                df = pd.DataFrame({"key": [f"{kind}/{f}" for f in names], "source_id": m.source_id.astype(str),
-                                   "sample": m["sample"].astype(int), "image_path": m.image_path, "mask_path": m.mask_path})
+                df = pd.DataFrame(
+                    {
+                        "key": [f"{kind}/{f}" for f in names],
+                        "source_id": m.source_id.astype(str),
+                        "sample": m["sample"].astype(int),
+                        "image_path": m.image_path,
+                        "mask_path": m.mask_path,
+                    }
+                )
         if df is not None:
             df = df.assign(source_id=df.source_id.astype(str), sample=df["sample"].astype(int))
-            keep = df.source_id.isin(set(self.train_ids))          # never a sibling of a test image (e.g. GAN sets cover all 1000)
-            if not keep.all(): self.notes[kind] = f"{int((~keep).sum())} samples whose source is not a training image dropped"
+            keep = df.source_id.isin(
+                set(self.train_ids)
+            )  # never a sibling of a test image (e.g. GAN sets cover all 1000)
+            if not keep.all():
+                self.notes[kind] = f"{int((~keep).sum())} samples whose source is not a training image dropped"
             df = df[keep].sort_values(["source_id", "sample", "key"]).reset_index(drop=True)
-            df["file_sample"] = df["sample"]                        # renumber 0, 1, … per source (GAN files start at 1)
+            df["file_sample"] = df["sample"]  # renumber 0, 1, … per source (GAN files start at 1)
             df["sample"] = df.groupby("source_id").cumcount().astype(int)
-            if df.empty: df = None
+            if df.empty:
+                df = None
         if df is not None:
-            pairs = [_read_pair(a, b, self.size, self.cfg.resize_mode, self.cfg.mask_threshold) for a, b in zip(df.image_path, df.mask_path)]
+            pairs = [
+                _read_pair(a, b, self.size, self.cfg.resize_mode, self.cfg.mask_threshold)
+                for a, b in zip(df.image_path, df.mask_path)
+            ]
             df["image"], df["mask"] = [p[0] for p in pairs], [p[1] for p in pairs]
         self._syn[kind] = df
         return df
@@ -298,6 +452,7 @@ class Sets:
 # %% ../nbs/07_segmentation.ipynb #cc122ad1
 def _stack(rows: list) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([a for a, _ in rows]), np.stack([b for _, b in rows])
+
 
 def cell_data(cfg: Config, sets: Sets, cell: dict) -> dict:
     "The training and validation arrays of one cell, or {'status': 'not provided' | 'skipped: …'}."
@@ -307,79 +462,134 @@ def cell_data(cfg: Config, sets: Sets, cell: dict) -> dict:
             keys, groups, pairs = sets.train_ids, sets.train_ids, [sets.real[i] for i in sets.train_ids]
         else:
             df = sets.synthetic(kind)
-            if df is None: return {"status": "not provided" if kind == "gan" else f"skipped: no {kind} set (run its stage)"}
+            if df is None:
+                return {"status": "not provided" if kind == "gan" else f"skipped: no {kind} set (run its stage)"}
             sel = df[df["sample"] < n]
-            if sel.empty: return {"status": f"skipped: no {kind} samples with index < {n}"}
+            if sel.empty:
+                return {"status": f"skipped: no {kind} samples with index < {n}"}
             if n > 1 and not (df["sample"] == n - 1).any():
-                return {"status": f"skipped: no {kind} sample has index {n - 1} (indices {', '.join(map(str, sorted(set(df['sample']))))}): same set as N = {n - 1}"}
-            if sel.source_id.nunique() < 2: return {"status": f"skipped: {kind} samples with index < {n} come from one source image (no grouped split)"}
+                return {
+                    "status": f"skipped: no {kind} sample has index {n - 1} (indices {', '.join(map(str, sorted(set(df['sample']))))}): same set as N = {n - 1}"
+                }
+            if sel.source_id.nunique() < 2:
+                return {
+                    "status": f"skipped: {kind} samples with index < {n} come from one source image (no grouped split)"
+                }
             keys, groups, pairs = list(sel.key), list(sel.source_id), list(zip(sel["image"], sel["mask"]))
         is_val = grouped_split(groups, cfg.seg_val_fraction, cfg.seed, f"table2/rep{k}")
-        tr = [p for p, v in zip(pairs, is_val) if not v]; va = [p for p, v in zip(pairs, is_val) if v]
-        tkeys = [q for q, v in zip(keys, is_val) if not v]; vkeys = [q for q, v in zip(keys, is_val) if v]
-        return {"train": _stack(tr), "val": _stack(va), "keys": (tkeys, vkeys),
-                "counts": {"synthetic": 0 if kind == "real" else len(tr), "short_of_r": 0}}
+        tr = [p for p, v in zip(pairs, is_val) if not v]
+        va = [p for p, v in zip(pairs, is_val) if v]
+        tkeys = [q for q, v in zip(keys, is_val) if not v]
+        vkeys = [q for q, v in zip(keys, is_val) if v]
+        return {
+            "train": _stack(tr),
+            "val": _stack(va),
+            "keys": (tkeys, vkeys),
+            "counts": {"synthetic": 0 if kind == "real" else len(tr), "short_of_r": 0},
+        }
     # Table 3
-    if len(sets.train_ids) < 2: return {"status": "skipped: fewer than 2 real training images"}
+    if len(sets.train_ids) < 2:
+        return {"status": "skipped: fewer than 2 real training images"}
     is_val = grouped_split(sets.train_ids, cfg.seg_val_fraction, cfg.seed, f"table3/rep{k}")
     pool = [i for i, v in zip(sets.train_ids, is_val) if not v]
     vkeys = [i for i, v in zip(sets.train_ids, is_val) if v]
-    if n > len(pool): return {"status": f"skipped: N = {n} > {len(pool)} real training images outside validation"}
+    if n > len(pool):
+        return {"status": f"skipped: N = {n} > {len(pool)} real training images outside validation"}
     chosen = sorted(hash_rank(cfg.seed, f"table3/subset/rep{k}", pool)[:n])
     sib, df = {}, None
     if kind != "real":
         df = sets.synthetic(kind)
-        if df is None: return {"status": "not provided" if kind == "gan" else f"skipped: no {kind} set (run its stage)"}
+        if df is None:
+            return {"status": "not provided" if kind == "gan" else f"skipped: no {kind} set (run its stage)"}
         for key, sid, j in zip(df.key, df.source_id, df["sample"]):
-            if j < cfg.samples_per_image: sib.setdefault(sid, []).append(key)      # X̃_ij, j = 1..M
-    items, counts = augment_small_set(chosen, sib, r, cfg.table3_alpha, cfg.table3_mode,
-                                      step_seed(cfg.seed, f"segment/table3/coins/n{n}/r{r}/rep{k}", 0),
-                                      step_seed(cfg.seed, f"segment/table3/pick/{kind}/n{n}/r{r}/rep{k}", 0))
+            if j < cfg.samples_per_image:
+                sib.setdefault(sid, []).append(key)  # X̃_ij, j = 1..M
+    items, counts = augment_small_set(
+        chosen,
+        sib,
+        r,
+        cfg.table3_alpha,
+        cfg.table3_mode,
+        step_seed(cfg.seed, f"segment/table3/coins/n{n}/r{r}/rep{k}", 0),
+        step_seed(cfg.seed, f"segment/table3/pick/{kind}/n{n}/r{r}/rep{k}", 0),
+    )
     lookup = {} if df is None else dict(zip(df.key, zip(df["image"], df["mask"])))
     tr = [sets.real[q] if s == "real" else lookup[q] for s, q in items]
-    return {"train": _stack(tr), "val": _stack([sets.real[i] for i in vkeys]), "keys": ([q for _, q in items], vkeys),
-            "counts": counts}
+    return {
+        "train": _stack(tr),
+        "val": _stack([sets.real[i] for i in vkeys]),
+        "keys": ([q for _, q in items], vkeys),
+        "counts": counts,
+    }
+
 
 def data_hash(cfg: Config, cell: dict, data: dict, test: tuple) -> str:
     "sha256 (16 hex) of the training settings and the pixels of the cell's training, validation and test sets."
     h = hashlib.sha256()
-    keys = {k: v for k, v in cfg.keys_for("segmentation").items() if not k.startswith(("table2_", "table3_", "seg_repeats"))}
-    keys.update(image_size=cfg.image_size, cell=cell, alpha=cfg.table3_alpha if cell["table"] == 3 and cell["type"] != "real" else None)
+    keys = {
+        k: v for k, v in cfg.keys_for("segmentation").items() if not k.startswith(("table2_", "table3_", "seg_repeats"))
+    }
+    keys.update(
+        image_size=cfg.image_size,
+        cell=cell,
+        alpha=cfg.table3_alpha if cell["table"] == 3 and cell["type"] != "real" else None,
+    )
     h.update(json.dumps(keys, sort_keys=True, default=str).encode())
-    for a in (*data["train"], *data["val"], *test): h.update(np.ascontiguousarray(a).tobytes())
+    for a in (*data["train"], *data["val"], *test):
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
+
 
 def cell_hash(cfg: Config, sets: Sets, cell: dict) -> str:
     "The settings hash a cell's ledger row must carry to count: `data_hash`, or for an untrainable cell a hash of its status."
     data = cell_data(cfg, sets, cell)
-    if "status" in data: return content_key([cell, data["status"], cfg.seg_encoder], sort_keys=False)
+    if "status" in data:
+        return content_key([cell, data["status"], cfg.seg_encoder], sort_keys=False)
     return data_hash(cfg, cell, data, sets.test)
 
 # %% ../nbs/07_segmentation.ipynb #cbe7ec84
 def results_paths(cfg: Config) -> tuple[Path, Path, Path]:
     "(cells ledger, results.csv, figures copy of results.csv)."
     run_d, fig_d = stage_dirs(cfg, "segmentation")
-    return run_d/"cells.csv", run_d/"results.csv", fig_d/"results.csv"
+    return run_d / "cells.csv", run_d / "results.csv", fig_d / "results.csv"
 
-def _key(row) -> tuple: return tuple(str(row[k]) for k in KEY_COLUMNS)
+
+def _key(row) -> tuple:
+    return tuple(str(row[k]) for k in KEY_COLUMNS)
+
 
 STALE = "stale: settings changed"
 SCORE_COLUMNS = ["dice_loss", "dice", "iou", "val_iou"]
+
 
 def read_ledger(cfg: Config) -> pd.DataFrame:
     """The cells ledger (LEDGER_COLUMNS; read with `core.read_ledger`, the format unchanged); a ledger of an older
     schema gets empty n_syn, short_of_r; another is a DataError."""
     p = results_paths(cfg)[0]
-    if not p.exists(): return pd.DataFrame(columns=LEDGER_COLUMNS)
-    df = read_ledger_file(p, LEDGER_COLUMNS, strings=("mode", "status", "settings_hash", "encoder"), numbers=SCORE_COLUMNS,
-                          what="cells ledger", hint="delete it to retrain every cell")
-    for c in ("n_syn", "short_of_r"):                              # written before these columns existed: unknown ("")
+    if not p.exists():
+        return pd.DataFrame(columns=LEDGER_COLUMNS)
+    df = read_ledger_file(
+        p,
+        LEDGER_COLUMNS,
+        strings=("mode", "status", "settings_hash", "encoder"),
+        numbers=SCORE_COLUMNS,
+        what="cells ledger",
+        hint="delete it to retrain every cell",
+    )
+    for c in ("n_syn", "short_of_r"):  # written before these columns existed: unknown ("")
         df[c] = (df[c] if c in df.columns else pd.Series("", index=df.index)).astype(object)
     miss = [c for c in LEDGER_COLUMNS if c not in df.columns]
-    if miss: raise DataError(f"{p}: missing column(s) {', '.join(miss)} (not this stage's cells ledger; delete it to retrain every cell)")
+    if miss:
+        raise DataError(
+            f"{p}: missing column(s) {', '.join(miss)} (not this stage's cells ledger; delete it to retrain every cell)"
+        )
     bad = [c for c in ("table", "n", "r", "repeat") if pd.to_numeric(df[c], errors="coerce").isna().any()]
-    if bad: raise DataError(f"{p}: non-numeric {', '.join(bad)} (not this stage's cells ledger; delete it to retrain every cell)")
+    if bad:
+        raise DataError(
+            f"{p}: non-numeric {', '.join(bad)} (not this stage's cells ledger; delete it to retrain every cell)"
+        )
     return df[LEDGER_COLUMNS]
+
 
 def write_results(cfg: Config, ledger: pd.DataFrame, cells: list[dict], current: dict):
     """Rewrite the ledger and results.csv (the current grid's cells that have a row, in grid order), atomically. A row
@@ -397,45 +607,82 @@ def write_results(cfg: Config, ledger: pd.DataFrame, cells: list[dict], current:
         cur.loc[stale, "status"] = STALE
     res = cur.sort_values("_o")[RESULT_COLUMNS]
     for p in (res_p, fig_p):
-        with atomic_write(p) as f: res.to_csv(f, index=False)
+        with atomic_write(p) as f:
+            res.to_csv(f, index=False)
     return res
+
 
 def paper_seg_scores() -> dict:
     "{(table, type, N, r): (Dice loss, IoU)} of the paper's Tables 2 and 3 (data/paper/table2.csv, table3.csv)."
     t = pd.concat([paper_table("table2"), paper_table("table3")], ignore_index=True)
     return {(int(r.table), str(r.type), int(r.n), int(r.r)): (float(r.dice_loss), float(r.iou)) for r in t.itertuples()}
 
+
 def paper_seg_text(table: int) -> str:
     "The paper's Table 2 or 3 in a line, as the stage's manifest compares it (Table 2's means over N as §3.3 reports them)."
     p, f = paper_seg_scores(), lambda v: f"{v[0]:.4f} / {v[1]:.4f}"
     if table == 3:
-        return (f"Dice loss / IoU (replace mode, the caption): N = 16: Real {f(p[(3, 'real', 16, 0)])}, Styled-Diff r = 1 "
-                f"{f(p[(3, 'styled-diff', 16, 1)])}; N = 128: Real {f(p[(3, 'real', 128, 0)])}")
+        return (
+            f"Dice loss / IoU (replace mode, the caption): N = 16: Real {f(p[(3, 'real', 16, 0)])}, Styled-Diff r = 1 "
+            f"{f(p[(3, 'styled-diff', 16, 1)])}; N = 128: Real {f(p[(3, 'real', 128, 0)])}"
+        )
     said = paper_table("claims").set_index("claim")["reported"].map(lambda s: str(s).split(" ±")[0])
-    means = ", ".join(f"{type_label(t)} {said[f's33-t2-{c}-dl']} / {said[f's33-t2-{c}-iou']}"
-                      for t, c in (("styled-diff", "sd"), ("gan", "gan"), ("diff", "diff"), ("full-styled-diff", "fsd")))
+    means = ", ".join(
+        f"{type_label(t)} {said[f's33-t2-{c}-dl']} / {said[f's33-t2-{c}-iou']}"
+        for t, c in (("styled-diff", "sd"), ("gan", "gan"), ("diff", "diff"), ("full-styled-diff", "fsd"))
+    )
     return f"Dice loss / IoU: Real {f(p[(2, 'real', 1, 0)])}; mean over N (§3.3): {means}"
 
-def _fmt(x) -> str: return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+def _fmt(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
 
 def quick_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Table 2 and Table 3 as rows of mean scores over repeats (ok cells), beside the paper's values."
+
     def summarise(g):
         ok = g[g.status == "ok"]
         m = lambda c: float(ok[c].astype(float).mean()) if len(ok) else None
         st = "ok" if len(ok) == len(g) else "; ".join(sorted(set(g.status)))
         return m("dice_loss"), m("dice"), m("iou"), int(ok.n_train.astype(int).mean()) if len(ok) else 0, len(ok), st
+
     rows2, rows3, paper = [], [], paper_seg_scores()
     for (t, n), g in res[res.table.astype(int) == 2].groupby(["type", "n"], sort=False):
         dl, d, i, ntr, reps, st = summarise(g)
         p = paper.get((2, t, int(n), 0), (None, None))
-        rows2.append({"data type": type_label(t) + ("" if t == "real" else f"-{n}"), "Dice loss": _fmt(dl), "IoU": _fmt(i),
-                      "Dice": _fmt(d), "paper Dice loss": _fmt(p[0]), "paper IoU": _fmt(p[1]), "n_train": ntr, "repeats": reps, "status": st})
+        rows2.append(
+            {
+                "data type": type_label(t) + ("" if t == "real" else f"-{n}"),
+                "Dice loss": _fmt(dl),
+                "IoU": _fmt(i),
+                "Dice": _fmt(d),
+                "paper Dice loss": _fmt(p[0]),
+                "paper IoU": _fmt(p[1]),
+                "n_train": ntr,
+                "repeats": reps,
+                "status": st,
+            }
+        )
     for (n, t, r, mode), g in res[res.table.astype(int) == 3].groupby(["n", "type", "r", "mode"], sort=False):
         dl, d, i, ntr, reps, st = summarise(g)
         p = paper.get((3, t, int(n), int(r)), (None, None))
-        rows3.append({"N": int(n), "data type": type_label(t), "r": int(r), "mode": mode, "Dice loss": _fmt(dl), "IoU": _fmt(i),
-                      "Dice": _fmt(d), "paper Dice loss": _fmt(p[0]), "paper IoU": _fmt(p[1]), "n_train": ntr, "repeats": reps, "status": st})
+        rows3.append(
+            {
+                "N": int(n),
+                "data type": type_label(t),
+                "r": int(r),
+                "mode": mode,
+                "Dice loss": _fmt(dl),
+                "IoU": _fmt(i),
+                "Dice": _fmt(d),
+                "paper Dice loss": _fmt(p[0]),
+                "paper IoU": _fmt(p[1]),
+                "n_train": ntr,
+                "repeats": reps,
+                "status": st,
+            }
+        )
     return pd.DataFrame(rows2), pd.DataFrame(rows3)
 
 # %% ../nbs/07_segmentation.ipynb #e9f7d6b2
@@ -443,15 +690,20 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     """The segmentation stage: every cell of Tables 2 and 3 (or the cells in `only`), resumable; writes results.csv
     (runs/ and figures/), the quick tables and the manifest."""
     run_d, fig_d = stage_dirs(cfg, "segmentation")
-    run_d.mkdir(parents=True, exist_ok=True); fig_d.mkdir(parents=True, exist_ok=True)
+    run_d.mkdir(parents=True, exist_ok=True)
+    fig_d.mkdir(parents=True, exist_ok=True)
     sets = Sets(cfg)
     cells = grid(cfg)
     todo = cells if only is None else [c for c in cells if any(all(str(c[k]) == str(o[k]) for k in o) for o in only)]
     ledger = read_ledger(cfg)
-    current = {_key(c): cell_hash(cfg, sets, c) for c in cells}    # every grid cell's hash: older rows are marked stale
-    done = {k: r for k, r in resumable(ledger.to_dict("records"), _key, lambda r: str(r["settings_hash"]), current).items()
-            if r["status"] == "ok"}                                   # trained under the current hash: reused
+    current = {_key(c): cell_hash(cfg, sets, c) for c in cells}  # every grid cell's hash: older rows are marked stale
+    done = {
+        k: r
+        for k, r in resumable(ledger.to_dict("records"), _key, lambda r: str(r["settings_hash"]), current).items()
+        if r["status"] == "ok"
+    }  # trained under the current hash: reused
     from tqdm.auto import tqdm
+
     t_stage, trained, reused = time.time(), 0, 0
     n_test = len(sets.test[0])
     for cell in tqdm(todo, desc="segmentation cells", disable=not progress):
@@ -460,53 +712,124 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         h = current[_key(cell)]
         base = {**cell, "seed": seed, "encoder": cfg.seg_encoder, "n_test": n_test}
         if "status" in data:
-            row = {**base, "dice_loss": float("nan"), "dice": float("nan"), "iou": float("nan"), "val_iou": float("nan"),
-                   "best_epoch": 0, "epochs": 0, "n_train": 0, "n_val": 0, "status": data["status"], "n_syn": 0, "short_of_r": 0,
-                   "settings_hash": h, "seconds": 0.0}
+            row = {
+                **base,
+                "dice_loss": float("nan"),
+                "dice": float("nan"),
+                "iou": float("nan"),
+                "val_iou": float("nan"),
+                "best_epoch": 0,
+                "epochs": 0,
+                "n_train": 0,
+                "n_val": 0,
+                "status": data["status"],
+                "n_syn": 0,
+                "short_of_r": 0,
+                "settings_hash": h,
+                "seconds": 0.0,
+            }
         else:
             counts = {"n_syn": data["counts"]["synthetic"], "short_of_r": data["counts"]["short_of_r"]}
             if _key(cell) in done:
                 at = np.array([_key(r) == _key(cell) for _, r in ledger.iterrows()], dtype=bool)
-                for c, v in counts.items(): ledger.loc[at, c] = v                # same data: same counts
-                reused += 1; continue
+                for c, v in counts.items():
+                    ledger.loc[at, c] = v  # same data: same counts
+                reused += 1
+                continue
             t0 = time.time()
             label = f"table {cell['table']} {cell['type']} n={cell['n']} r={cell['r']}"
             res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress=progress, desc=label)
             trained += 1
-            row = {**base, **{k: res[k] for k in ("dice_loss", "dice", "iou", "val_iou", "best_epoch", "epochs")},
-                   "n_train": len(data["train"][0]), "n_val": len(data["val"][0]), "status": "ok", **counts, "settings_hash": h,
-                   "seconds": round(time.time() - t0, 2)}
+            row = {
+                **base,
+                **{k: res[k] for k in ("dice_loss", "dice", "iou", "val_iou", "best_epoch", "epochs")},
+                "n_train": len(data["train"][0]),
+                "n_val": len(data["val"][0]),
+                "status": "ok",
+                **counts,
+                "settings_hash": h,
+                "seconds": round(time.time() - t0, 2),
+            }
         ledger = ledger[[_key(r) != _key(cell) for _, r in ledger.iterrows()]]
-        ledger = pd.concat([ledger, pd.DataFrame([row])[LEDGER_COLUMNS]], ignore_index=True) if len(ledger) else pd.DataFrame([row])[LEDGER_COLUMNS]
+        ledger = (
+            pd.concat([ledger, pd.DataFrame([row])[LEDGER_COLUMNS]], ignore_index=True)
+            if len(ledger)
+            else pd.DataFrame([row])[LEDGER_COLUMNS]
+        )
         write_results(cfg, ledger, cells, current)
     res = write_results(cfg, ledger, cells, current)
     t2, t3 = quick_tables(res)
-    arts = [Artifact(str(results_paths(cfg)[2]), "data", "Per-cell segmentation results (one row per table cell and repeat)",
-                     "§2.7", "", f"{(res.status == 'ok').sum()} trained cells of {len(res)}")]
+    arts = [
+        Artifact(
+            str(results_paths(cfg)[2]),
+            "data",
+            "Per-cell segmentation results (one row per table cell and repeat)",
+            "§2.7",
+            "",
+            f"{(res.status == 'ok').sum()} trained cells of {len(res)}",
+        )
+    ]
     if len(t2):
-        arts.append(Artifact(str(write_table(t2, fig_d/"table2")[0]), "table", "Table 2: trained on synthetic data only, tested on real images",
-                             "Table 2", paper_seg_text(2),
-                             "; ".join(f"{r['data type']} {r['Dice loss']} / {r['IoU']}" for _, r in t2.iterrows() if r["status"] == "ok")))
+        arts.append(
+            Artifact(
+                str(write_table(t2, fig_d / "table2")[0]),
+                "table",
+                "Table 2: trained on synthetic data only, tested on real images",
+                "Table 2",
+                paper_seg_text(2),
+                "; ".join(
+                    f"{r['data type']} {r['Dice loss']} / {r['IoU']}" for _, r in t2.iterrows() if r["status"] == "ok"
+                ),
+            )
+        )
     if len(t3):
-        arts.append(Artifact(str(write_table(t3, fig_d/"table3")[0]), "table",
-                             f"Table 3: small real sets augmented with synthetic siblings (mode {cfg.table3_mode}, α = {cfg.table3_alpha})",
-                             "Table 3", paper_seg_text(3),
-                             "; ".join(f"N={r['N']} {r['data type']} r={r['r']} {r['Dice loss']} / {r['IoU']}" for _, r in t3.iterrows() if r["status"] == "ok")))
+        arts.append(
+            Artifact(
+                str(write_table(t3, fig_d / "table3")[0]),
+                "table",
+                f"Table 3: small real sets augmented with synthetic siblings (mode {cfg.table3_mode}, α = {cfg.table3_alpha})",
+                "Table 3",
+                paper_seg_text(3),
+                "; ".join(
+                    f"N={r['N']} {r['data type']} r={r['r']} {r['Dice loss']} / {r['IoU']}"
+                    for _, r in t3.iterrows()
+                    if r["status"] == "ok"
+                ),
+            )
+        )
     seconds = round(time.time() - t_stage, 2)
-    notes = [f"model: {cfg.seg_arch} with {cfg.seg_encoder} (paper: UnetPlusPlus with se_resnext50_32x4d), encoder weights "
-             f"{cfg.seg_encoder_weights}; {cfg.seg_epochs} epochs (paper 150), {cfg.image_size} px, batch {cfg.seg_batch}",
-             "dice_loss = soft Dice loss on probabilities (the paper's DL); dice, iou = thresholded at "
-             f"{cfg.seg_threshold}, polyp channel, mean over test images",
-             "train/validation split grouped by source image (the paper code's split is not; paper-code-facts b.7.12)",
-             f"Table 3 mode: {cfg.table3_mode} ({'r siblings added with probability α, the text' if cfg.table3_mode == 'add' else 'each real image replaced by r siblings with probability α, the caption'})"]
+    notes = [
+        f"model: {cfg.seg_arch} with {cfg.seg_encoder} (paper: UnetPlusPlus with se_resnext50_32x4d), encoder weights "
+        f"{cfg.seg_encoder_weights}; {cfg.seg_epochs} epochs (paper 150), {cfg.image_size} px, batch {cfg.seg_batch}",
+        "dice_loss = soft Dice loss on probabilities (the paper's DL); dice, iou = thresholded at "
+        f"{cfg.seg_threshold}, polyp channel, mean over test images",
+        "train/validation split grouped by source image (the paper code's split is not; paper-code-facts b.7.12)",
+        f"Table 3 mode: {cfg.table3_mode} ({'r siblings added with probability α, the text' if cfg.table3_mode == 'add' else 'each real image replaced by r siblings with probability α, the caption'})",
+    ]
     notes += [f"{k}: {v}" for k, v in sets.notes.items()]
     skipped = sorted(set(s for s in res.status if s != "ok"))
     notes += [f"cells not trained: {s}" for s in skipped]
     short = res[pd.to_numeric(res.short_of_r, errors="coerce").fillna(0) > 0]
-    if len(short): notes.append("cells with picked images short of r siblings (fewer than r samples of their source): " +
-                                "; ".join(f"{r.type} N={r.n} r={r.r} repeat {r.repeat}: {r.short_of_r}" for r in short.itertuples()))
-    summary = {"cells": len(res), "trained": trained, "reused": reused, "ok": int((res.status == "ok").sum()),
-               "seconds": seconds, "device": str(resolve_device(cfg)), "encoder": cfg.seg_encoder, "arch": cfg.seg_arch}
+    if len(short):
+        notes.append(
+            "cells with picked images short of r siblings (fewer than r samples of their source): "
+            + "; ".join(f"{r.type} N={r.n} r={r.r} repeat {r.repeat}: {r.short_of_r}" for r in short.itertuples())
+        )
+    summary = {
+        "cells": len(res),
+        "trained": trained,
+        "reused": reused,
+        "ok": int((res.status == "ok").sum()),
+        "seconds": seconds,
+        "device": str(resolve_device(cfg)),
+        "encoder": cfg.seg_encoder,
+        "arch": cfg.seg_arch,
+    }
     write_manifest(cfg, "segmentation", arts, [encoder_provenance(cfg)], summary, notes)
-    return {**summary, "status": "done", "table2": t2.to_dict("records"), "table3": t3.to_dict("records"),
-            "results": res.to_dict("records")}
+    return {
+        **summary,
+        "status": "done",
+        "table2": t2.to_dict("records"),
+        "table3": t3.to_dict("records"),
+        "results": res.to_dict("records"),
+    }

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
-from .core import Config, DiffusegenError, atomic_write, content_key, read_ledger, write_ledger
+from .core import Config, DiffusegenError, content_key, read_ledger, write_ledger
 
 # %% auto #0
 __all__ = ['TYPES', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType', 'register_type', 'get_type', 'type_label',
@@ -18,62 +18,108 @@ __all__ = ['TYPES', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType
 # %% ../nbs/01b_sets.ipynb #a1a9ecfe
 @dataclass(frozen=True)
 class DataType:
-    key: str                      # folder and `type` value: "styled-diff"
-    label: str                    # the paper's name: "Styled-Diff"
-    made_by: str                  # "data", "external", or the generator stage that writes it ("inpainting", "styling", …)
-    made_from: tuple = ()         # the types it is made from (("diff",) for Styled-Diff)
-    extra_columns: tuple = ()     # manifest columns beyond MANIFEST_COLUMNS
+    key: str  # folder and `type` value: "styled-diff"
+    label: str  # the paper's name: "Styled-Diff"
+    made_by: str  # "data", "external", or the generator stage that writes it ("inpainting", "styling", …)
+    made_from: tuple = ()  # the types it is made from (("diff",) for Styled-Diff)
+    extra_columns: tuple = ()  # manifest columns beyond MANIFEST_COLUMNS
+
 
 TYPES: dict[str, DataType] = {}
+
 
 def register_type(t: DataType) -> DataType:
     "Add a data type (or replace one with the same key); evaluation stages pick it up from here."
     bad = [k for k in t.made_from if k not in TYPES]
-    if bad: raise DiffusegenError(f"data type {t.key!r}: made from unknown type(s) {', '.join(bad)}")
+    if bad:
+        raise DiffusegenError(f"data type {t.key!r}: made from unknown type(s) {', '.join(bad)}")
     TYPES[t.key] = t
     return t
 
-for _t in (DataType("real", "Real", "data"), DataType("gan", "GAN", "external"),
-           DataType("diff", "Diff", "inpainting"), DataType("styled-diff", "Styled-Diff", "styling", ("diff",), ("inpainted_file",)),
-           DataType("full-diff", "Full-Diff", "inpainting"),
-           DataType("full-styled-diff", "Full-Styled-Diff", "styling", ("full-diff",), ("inpainted_file",))):
+
+for _t in (
+    DataType("real", "Real", "data"),
+    DataType("gan", "GAN", "external"),
+    DataType("diff", "Diff", "inpainting"),
+    DataType("styled-diff", "Styled-Diff", "styling", ("diff",), ("inpainted_file",)),
+    DataType("full-diff", "Full-Diff", "inpainting"),
+    DataType("full-styled-diff", "Full-Styled-Diff", "styling", ("full-diff",), ("inpainted_file",)),
+):
     register_type(_t)
 
+
 def get_type(key: str) -> DataType:
-    if key not in TYPES: raise DiffusegenError(f"unknown data type {key!r} (types: {', '.join(TYPES)})")
+    if key not in TYPES:
+        raise DiffusegenError(f"unknown data type {key!r} (types: {', '.join(TYPES)})")
     return TYPES[key]
 
-def type_label(key: str) -> str: return get_type(key).label
+
+def type_label(key: str) -> str:
+    return get_type(key).label
+
+
 def type_key(label: str) -> str:
     "The key of the type whose label is `label` (e.g. 'Styled-Diff' → 'styled-diff')."
     for t in TYPES.values():
-        if t.label == label: return t.key
+        if t.label == label:
+            return t.key
     raise DiffusegenError(f"unknown data type label {label!r} (labels: {', '.join(t.label for t in TYPES.values())})")
 
-def types_made_by(stage: str) -> list[str]: return [k for k, t in TYPES.items() if t.made_by == stage]
+
+def types_made_by(stage: str) -> list[str]:
+    return [k for k, t in TYPES.items() if t.made_by == stage]
+
+
 def synthetic_types() -> list[str]:
     "The keys of the types diffusegen generates (not Real, not external sets), in table order."
     return [k for k, t in TYPES.items() if t.made_by not in ("data", "external")]
 
 # %% ../nbs/01b_sets.ipynb #0b1f9605
-MANIFEST_COLUMNS = ["file", "mask_file", "source_id", "cluster", "model", "sample", "seed", "checkpoint_sha256",
-                    "variant", "nfe", "params", "weights"]
-STRING_COLUMNS = {"file", "mask_file", "source_id", "model", "seed", "checkpoint_sha256", "variant", "params", "weights",
-                  "inpainted_file"}
+MANIFEST_COLUMNS = [
+    "file",
+    "mask_file",
+    "source_id",
+    "cluster",
+    "model",
+    "sample",
+    "seed",
+    "checkpoint_sha256",
+    "variant",
+    "nfe",
+    "params",
+    "weights",
+]
+STRING_COLUMNS = {
+    "file",
+    "mask_file",
+    "source_id",
+    "model",
+    "seed",
+    "checkpoint_sha256",
+    "variant",
+    "params",
+    "weights",
+    "inpainted_file",
+}
+
 
 def manifest_columns(key: str) -> list[str]:
     "The manifest columns of set `key`: the shared ones, then the type's own."
     return MANIFEST_COLUMNS + list(get_type(key).extra_columns)
 
+
 def set_dir(cfg: Config, key: str) -> Path:
     "runs/<profile>/synthetic/<key>/: the folder of a generated set."
     t = get_type(key)
-    if t.made_by in ("data", "external"): raise DiffusegenError(f"data type {key!r} is not generated by diffusegen (made by: {t.made_by})")
-    return cfg.run_dir/"synthetic"/key
+    if t.made_by in ("data", "external"):
+        raise DiffusegenError(f"data type {key!r} is not generated by diffusegen (made by: {t.made_by})")
+    return cfg.run_dir / "synthetic" / key
+
 
 def read_manifest_csv(path, columns: list | None = None) -> pd.DataFrame:
     "A set manifest, the set's ledger (or an empty one with `columns` when the file is absent); ids, names and seeds stay strings."
     return read_ledger(path, columns or MANIFEST_COLUMNS, strings=STRING_COLUMNS, what="set manifest")
+
 
 def write_manifest_csv(rows, path, columns: list):
     "Write a set manifest atomically (`core.write_ledger`), with exactly `columns` in that order."
@@ -85,25 +131,34 @@ def read_set(cfg: Config, key: str, required: bool = False) -> pd.DataFrame | No
     t = get_type(key)
     if t.made_by == "data":
         from diffusegen.data import load_split
+
         sp = load_split(cfg)
         sp = sp[sp.split == "train"]
-        df = pd.DataFrame({"source_id": sp.id.astype(str), "image_path": sp.image, "mask_path": sp["mask"]}).reset_index(drop=True)
+        df = pd.DataFrame(
+            {"source_id": sp.id.astype(str), "image_path": sp.image, "mask_path": sp["mask"]}
+        ).reset_index(drop=True)
     elif key == "gan":
-        from diffusegen.gan import load_gan        # the published SinGAN-Seg set's own reader (a reader, not a generator)
+        from diffusegen.gan import load_gan  # the published SinGAN-Seg set's own reader (a reader, not a generator)
+
         df = load_gan(cfg)
     else:
         d = set_dir(cfg, key)
-        df = read_manifest_csv(d/"manifest.csv") if (d/"manifest.csv").exists() else None
+        df = read_manifest_csv(d / "manifest.csv") if (d / "manifest.csv").exists() else None
         if df is not None:
-            df["image_path"] = [str(d/f) for f in df.file]; df["mask_path"] = [str(d/f) for f in df.mask_file]
+            df["image_path"] = [str(d / f) for f in df.file]
+            df["mask_path"] = [str(d / f) for f in df.mask_file]
     if df is None or not len(df):
-        if required: raise DiffusegenError(f"{cfg.run_dir/'synthetic'/key}: no {t.label} samples; run the {t.made_by} stage first "
-                                           f"(diffusegen reproduce --only {t.made_by})")
+        if required:
+            raise DiffusegenError(
+                f"{cfg.run_dir / 'synthetic' / key}: no {t.label} samples; run the {t.made_by} stage first "
+                f"(diffusegen reproduce --only {t.made_by})"
+            )
         return None
     return df
 
 # %% ../nbs/01b_sets.ipynb #3631611b
-UNPLANNED = "manifest_unplanned.csv"   # beside manifest.csv: finished samples outside the current plan, kept
+UNPLANNED = "manifest_unplanned.csv"  # beside manifest.csv: finished samples outside the current plan, kept
+
 
 def split_ledger(rows: list[dict], current, planned_files: set, exists, keep=None) -> tuple[list[dict], list[dict]]:
     """(done, aside) from earlier rows (manifest.csv's, then manifest_unplanned.csv's): `done` = rows of the current
@@ -114,32 +169,48 @@ def split_ledger(rows: list[dict], current, planned_files: set, exists, keep=Non
     done, aside, seen = [], [], set()
     for r in rows:
         f = str(r["file"])
-        if f in seen or not exists(r): continue
-        if current(r): done.append(r); seen.add(f)
-        elif f not in planned_files: aside.append(r); seen.add(f)
-        elif keep is not None: aside.append(keep(r))
+        if f in seen or not exists(r):
+            continue
+        if current(r):
+            done.append(r)
+            seen.add(f)
+        elif f not in planned_files:
+            aside.append(r)
+            seen.add(f)
+        elif keep is not None:
+            aside.append(keep(r))
     return done, aside
+
 
 def move_aside(folder: Path, row: dict, subs=("file", "mask_file")) -> dict:
     """Rename a finished sample's files (`subs` under `folder`) to `<stem>.was-<key><suffix>`, `key` a hash of its row,
     so the plan can make its file again without losing it; returns the row with the new names."""
     import os
+
     key = content_key(row, n=10)
     out = dict(row)
     for s in subs:
-        p = Path(folder)/str(row[s]); q = p.with_name(f"{p.stem}.was-{key}{p.suffix}")
-        if p.exists(): os.replace(p, q)
+        p = Path(folder) / str(row[s])
+        q = p.with_name(f"{p.stem}.was-{key}{p.suffix}")
+        if p.exists():
+            os.replace(p, q)
         out[s] = str(q.relative_to(folder))
     return out
+
 
 def prune_rows(folder: Path, rows: list[dict], subs=("file", "mask_file"), extra=lambda r: [], log=print) -> list[Path]:
     "Remove the files of `rows` (columns `subs` under `folder`, and `extra(row)` paths), printing each file removed."
     removed = []
     for r in rows:
-        for q in [Path(folder)/str(r[s]) for s in subs] + [Path(q) for q in extra(r)]:
-            if q.is_file(): q.unlink(); removed.append(q); log(f"pruned {q}")
+        for q in [Path(folder) / str(r[s]) for s in subs] + [Path(q) for q in extra(r)]:
+            if q.is_file():
+                q.unlink()
+                removed.append(q)
+                log(f"pruned {q}")
     return removed
+
 
 def write_unplanned(rows: list[dict], path: Path, columns: list[str]):
     "Write manifest_unplanned.csv (`rows` outside the plan): when there are any, or to empty an earlier one."
-    if rows or path.exists(): write_ledger(rows, path, columns)
+    if rows or path.exists():
+        write_ledger(rows, path, columns)

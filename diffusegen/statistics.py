@@ -6,14 +6,28 @@ summary statistic and p-value claim of the paper's text from the paper's own Tab
 
 # %% ../nbs/08_statistics.ipynb #8b554c47
 from __future__ import annotations
-import csv, json, math, re, warnings
-from dataclasses import dataclass, field
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-from .core import (Config, DataError, Artifact, atomic_write, write_table, save_figure, write_manifest,
-                             stage_dirs, paper_dir, paper_table, read_csv)
+from diffusegen.core import (
+    Config,
+    DataError,
+    Artifact,
+    atomic_write,
+    write_table,
+    save_figure,
+    write_manifest,
+    stage_dirs,
+    paper_dir,
+    paper_table,
+    read_csv,
+)
 
 # %% auto #0
 __all__ = ['METRICS', 'LOWER_IS_BETTER', 'SEG_COLUMNS', 'OPS', 'CLAIM_COLUMNS', 'type_names', 'type_name', 'mean_std', 'fmt_num',
@@ -27,36 +41,50 @@ __all__ = ['METRICS', 'LOWER_IS_BETTER', 'SEG_COLUMNS', 'OPS', 'CLAIM_COLUMNS', 
 def type_names() -> dict:
     "{key: label} of every data type in the registry (the data-set contract), in table order."
     from diffusegen.sets import TYPES
-    return {k: t.label for k, t in TYPES.items()}
-METRICS = {"fid": "FID", "msssim": "MS-SSIM", "dice_loss": "DL", "iou": "IoU"}
-LOWER_IS_BETTER = {"fid": True, "dice_loss": True, "iou": False, "msssim": None}   # MS-SSIM: a diversity measure
 
-def type_name(t: str) -> str: return type_names().get(t, t)
+    return {k: t.label for k, t in TYPES.items()}
+
+
+METRICS = {"fid": "FID", "msssim": "MS-SSIM", "dice_loss": "DL", "iou": "IoU"}
+LOWER_IS_BETTER = {"fid": True, "dice_loss": True, "iou": False, "msssim": None}  # MS-SSIM: a diversity measure
+
+
+def type_name(t: str) -> str:
+    return type_names().get(t, t)
+
 
 def mean_std(x, ddof: int = 0) -> tuple[float, float, int]:
     "(mean, standard deviation, count) of the finite values of `x`; population std (ddof = 0) as the paper."
     a = np.asarray(pd.Series(x, dtype=float).dropna(), dtype=float)
-    if len(a) == 0: return math.nan, math.nan, 0
+    if len(a) == 0:
+        return math.nan, math.nan, 0
     return float(a.mean()), float(a.std(ddof=ddof)) if len(a) > ddof else math.nan, len(a)
+
 
 def fmt_num(v: float, digits: int = 4) -> str:
     "A value with `digits` decimals; large values (FID) with 2; tiny ones in scientific notation."
-    if v is None or not np.isfinite(v): return "n/a"
-    if v != 0 and abs(v) < 10**-digits: return f"{v:.3e}"
+    if v is None or not np.isfinite(v):
+        return "n/a"
+    if v != 0 and abs(v) < 10**-digits:
+        return f"{v:.3e}"
     return f"{v:.2f}" if abs(v) >= 10 else f"{v:.{digits}f}"
+
 
 def fmt_pm(x, digits: int = 4) -> str:
     "'mean ± std (k)' of `x` (population std); one value is shown alone."
     m, s, k = mean_std(x)
-    if k == 0: return "n/a (0 values)"
-    if k == 1: return fmt_num(m, digits)
-    d = 2 if abs(m) >= 10 else digits                  # the std gets the mean's decimals
+    if k == 0:
+        return "n/a (0 values)"
+    if k == 1:
+        return fmt_num(m, digits)
+    d = 2 if abs(m) >= 10 else digits  # the std gets the mean's decimals
     return f"{m:.{d}f} ± {s:.{d}f}"
 
 # %% ../nbs/08_statistics.ipynb #36a6c482
 @dataclass
 class TTest:
     "One t-test: its kind, the number of values (pairs) it used, t, the two-sided p and the mean difference a − b."
+
     kind: str
     k: int
     t: float = math.nan
@@ -65,38 +93,53 @@ class TTest:
     note: str = ""
 
     @property
-    def ok(self) -> bool: return np.isfinite(self.p)
-    def significant(self, alpha: float) -> bool: return self.ok and self.p < alpha
+    def ok(self) -> bool:
+        return np.isfinite(self.p)
+
+    def significant(self, alpha: float) -> bool:
+        return self.ok and self.p < alpha
+
     def text(self, alpha: float | None = None) -> str:
-        if not self.ok: return self.note or f"n/a ({self.k} values)"
+        if not self.ok:
+            return self.note or f"n/a ({self.k} values)"
         star = "*" if alpha is not None and self.p < alpha else ""
         return f"{self.p:.3g}{star} ({self.kind}, k={self.k})"
 
-def _finite(s: pd.Series) -> pd.Series: return pd.Series(s, dtype=float).dropna()
+
+def _finite(s: pd.Series) -> pd.Series:
+    return pd.Series(s, dtype=float).dropna()
+
 
 def repeat_means(s: pd.Series) -> pd.Series:
     "The mean of `s` within each repeat (over N or r), indexed by the repeat; `s` itself when it has no repeat level."
     return s.groupby(level="repeat").mean() if "repeat" in s.index.names else s
 
+
 def ttest(a: pd.Series, b: pd.Series, one_sample: bool = False) -> TTest:
     """Compare `a` with `b` (Series indexed by their matching keys): paired on the keys (Welch when they share none);
     `one_sample=True` (one of them is Real): one-sample against its single value, or repeat means paired on the repeat."""
-    with warnings.catch_warnings():                  # identical values: scipy warns, the result (p = 0 or nan) says it
+    with warnings.catch_warnings():  # identical values: scipy warns, the result (p = 0 or nan) says it
         warnings.simplefilter("ignore", RuntimeWarning)
         return _ttest(a, b, one_sample)
 
+
 def _ttest(a: pd.Series, b: pd.Series, one_sample: bool) -> TTest:
     a, b = _finite(a), _finite(b)
-    if len(a) == 0 or len(b) == 0: return TTest("none", min(len(a), len(b)), note=f"n/a ({min(len(a), len(b))} values)")
+    if len(a) == 0 or len(b) == 0:
+        return TTest("none", min(len(a), len(b)), note=f"n/a ({min(len(a), len(b))} values)")
     if one_sample and (len(b) == 1 or len(a) == 1):
         one, many, sign = (b, a, 1) if len(b) == 1 else (a, b, -1)
-        if len(many) < 2: return TTest("one-sample", len(many), note=f"n/a ({len(many)} values)")
+        if len(many) < 2:
+            return TTest("one-sample", len(many), note=f"n/a ({len(many)} values)")
         r = sps.ttest_1samp(many.to_numpy(), float(one.iloc[0]))
-        tt = TTest("one-sample", len(many), sign*float(r.statistic), float(r.pvalue), sign*(many.mean() - one.iloc[0]))
-    elif one_sample:                                 # Real has one value per repeat: repeat means, paired on the repeat
+        tt = TTest(
+            "one-sample", len(many), sign * float(r.statistic), float(r.pvalue), sign * (many.mean() - one.iloc[0])
+        )
+    elif one_sample:  # Real has one value per repeat: repeat means, paired on the repeat
         x, y = repeat_means(a), repeat_means(b)
         keys = x.index.intersection(y.index)
-        if len(keys) < 2: return TTest("paired by repeat", len(keys), note=f"n/a ({len(keys)} repeats in common)")
+        if len(keys) < 2:
+            return TTest("paired by repeat", len(keys), note=f"n/a ({len(keys)} repeats in common)")
         x, y = x.loc[keys].to_numpy(), y.loc[keys].to_numpy()
         r = sps.ttest_rel(x, y)
         tt = TTest("paired by repeat", len(keys), float(r.statistic), float(r.pvalue), float((x - y).mean()))
@@ -109,18 +152,43 @@ def _ttest(a: pd.Series, b: pd.Series, one_sample: bool) -> TTest:
         elif len(keys) == 0:
             r = sps.ttest_ind(a.to_numpy(), b.to_numpy(), equal_var=False)
             tt = TTest("Welch", len(a) + len(b), float(r.statistic), float(r.pvalue), float(a.mean() - b.mean()))
-        else: return TTest("paired", len(keys), note=f"n/a ({len(keys)} values)")
-    if not tt.ok: tt.note = f"n/a (no variance, k={tt.k})"
+        else:
+            return TTest("paired", len(keys), note=f"n/a ({len(keys)} values)")
+    if not tt.ok:
+        tt.note = f"n/a (no variance, k={tt.k})"
     return tt
 
 # %% ../nbs/08_statistics.ipynb #d90331a5
-SEG_COLUMNS = ["table", "type", "n", "r", "mode", "repeat", "seed", "dice_loss", "dice", "iou", "val_iou", "best_epoch",
-               "epochs", "n_train", "n_val", "n_test", "encoder", "status", "n_syn", "short_of_r"]   # = segmentation.RESULT_COLUMNS
+SEG_COLUMNS = [
+    "table",
+    "type",
+    "n",
+    "r",
+    "mode",
+    "repeat",
+    "seed",
+    "dice_loss",
+    "dice",
+    "iou",
+    "val_iou",
+    "best_epoch",
+    "epochs",
+    "n_train",
+    "n_val",
+    "n_test",
+    "encoder",
+    "status",
+    "n_syn",
+    "short_of_r",
+]  # = segmentation.RESULT_COLUMNS
+
 
 def _need(df: pd.DataFrame, cols, p) -> pd.DataFrame:
     miss = [c for c in cols if c not in df.columns]
-    if miss: raise DataError(f"{p}: missing column(s) {', '.join(miss)}")
+    if miss:
+        raise DataError(f"{p}: missing column(s) {', '.join(miss)}")
     return df
+
 
 def _int_keys(df: pd.DataFrame, cols, where) -> pd.DataFrame:
     "Key columns as integers; a missing, non-numeric or fractional key is a DataError naming the file and the rows."
@@ -129,43 +197,57 @@ def _int_keys(df: pd.DataFrame, cols, where) -> pd.DataFrame:
         bad = v.isna() | (v.notna() & (v != v.round()))
         if bad.any():
             rows = [int(i) + 1 for i in np.flatnonzero(bad.to_numpy())]
-            raise DataError(f"{where}: column {c} is not an integer in data row(s) {', '.join(map(str, rows[:5]))}"
-                            f"{' …' if len(rows) > 5 else ''} (e.g. {str(df[c].iloc[rows[0] - 1])!r})")
+            raise DataError(
+                f"{where}: column {c} is not an integer in data row(s) {', '.join(map(str, rows[:5]))}"
+                f"{' …' if len(rows) > 5 else ''} (e.g. {str(df[c].iloc[rows[0] - 1])!r})"
+            )
         df[c] = v.astype(int)
     return df
+
 
 def normalize_seg(df: pd.DataFrame, where="results") -> pd.DataFrame:
     "Segmentation results in the results.csv schema: types lower case, mode '' for none, status 'ok' by default."
     df = _need(df.copy(), ["table", "type", "n", "dice_loss", "iou"], where)
     for c, d in (("r", 0), ("repeat", 0), ("mode", ""), ("status", "ok")):
-        if c not in df.columns: df[c] = d
+        if c not in df.columns:
+            df[c] = d
     df["type"] = df["type"].astype(str).str.strip().str.lower()
     df["mode"] = df["mode"].fillna("").astype(str)
     df["status"] = df["status"].fillna("ok").astype(str).str.strip()
     df = _int_keys(df, ("table", "n", "r", "repeat"), where)
-    for c in ("dice_loss", "iou"): df[c] = pd.to_numeric(df[c], errors="coerce")
+    for c in ("dice_loss", "iou"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
+
 
 def normalize_t1(df: pd.DataFrame, where="table1_values") -> pd.DataFrame:
     "Table 1 values, long format: type, repeat, fid, msssim (status 'ok' unless given)."
     df = df.copy()
-    if "set" in df.columns and "repeat" not in df.columns: df["repeat"] = pd.to_numeric(df["set"]) - 1
+    if "set" in df.columns and "repeat" not in df.columns:
+        df["repeat"] = pd.to_numeric(df["set"]) - 1
     df = _need(df, ["type", "fid", "msssim"], where)
-    if "repeat" not in df.columns: df["repeat"] = 0
-    if "status" not in df.columns: df["status"] = "ok"
+    if "repeat" not in df.columns:
+        df["repeat"] = 0
+    if "status" not in df.columns:
+        df["status"] = "ok"
     df["type"] = [t.lower() if t.lower() in type_names() else t for t in df["type"].astype(str).str.strip()]
-    df["repeat"] = pd.to_numeric(df["repeat"], errors="coerce").fillna(0).astype(int)    # Real's empty set: one value
+    df["repeat"] = pd.to_numeric(df["repeat"], errors="coerce").fillna(0).astype(int)  # Real's empty set: one value
     df["status"] = df["status"].fillna("ok").astype(str).str.strip()
-    for c in ("fid", "msssim"): df[c] = pd.to_numeric(df[c], errors="coerce")
+    for c in ("fid", "msssim"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
+
 
 def load_paper_tables(root: Path | None = None) -> dict:
     "The paper's tables from data/paper/: {'t1': Table 1 long, 'seg': Tables 2 and 3, 'b1': Table B1}."
     root = Path(root or paper_dir())
-    t1 = normalize_t1(paper_table("table1", root), root/"table1.csv")
-    seg = pd.concat([normalize_seg(paper_table(f"table{i}", root), root/f"table{i}.csv") for i in (2, 3)], ignore_index=True)
-    b1 = _need(paper_table("tableB1", root), ["type", "rated_real", "rated_fake"], root/"tableB1.csv")
+    t1 = normalize_t1(paper_table("table1", root), root / "table1.csv")
+    seg = pd.concat(
+        [normalize_seg(paper_table(f"table{i}", root), root / f"table{i}.csv") for i in (2, 3)], ignore_index=True
+    )
+    b1 = _need(paper_table("tableB1", root), ["type", "rated_real", "rated_fake"], root / "tableB1.csv")
     return {"t1": t1, "seg": seg, "b1": b1}
+
 
 def values(T: dict, table: int, metric: str, kind: str, n: int | None = None, mode: str | None = None) -> pd.Series:
     "The values of data type `kind` for `metric` in Table `table` (status ok, finite), indexed by the keys t-tests pair on."
@@ -176,8 +258,15 @@ def values(T: dict, table: int, metric: str, kind: str, n: int | None = None, mo
         if mode is not None:
             modes = d["mode"].to_numpy()
             mask &= np.isin(modes, [mode, ""]) if kind == "real" else (modes == mode)
-        if n is not None: mask &= d["n"].to_numpy() == n
-    keys = ["repeat"] if table == 1 else ["n", "repeat"] if table == 2 else (["r", "repeat"] if n is not None else ["n", "r", "repeat"])
+        if n is not None:
+            mask &= d["n"].to_numpy() == n
+    keys = (
+        ["repeat"]
+        if table == 1
+        else ["n", "repeat"]
+        if table == 2
+        else (["r", "repeat"] if n is not None else ["n", "r", "repeat"])
+    )
     v = d[metric].to_numpy(dtype=float)[mask]
     cols = [d[k].to_numpy()[mask] for k in keys]
     idx = pd.MultiIndex.from_arrays(cols, names=keys) if len(keys) > 1 else pd.Index(cols[0], name=keys[0])
@@ -188,14 +277,17 @@ def values(T: dict, table: int, metric: str, kind: str, n: int | None = None, mo
 @dataclass
 class Derived:
     "A quantity derived from the tables: its value (number, pair or word), a text for people, an extra check."
+
     value: object
     text: str
     ok: bool = True
     note: str = ""
 
+
 def _improvement(metric: str, a: float, b: float) -> float:
     "How much better a is than b (lower DL/FID is better; higher IoU)."
     return (b - a) if LOWER_IS_BETTER[metric] else (a - b)
+
 
 def paired_diff(T, table, metric, a, b, n=None) -> pd.Series:
     "a − b matched on the keys; a single b value per N (Real) is subtracted from every a value at that N."
@@ -203,39 +295,63 @@ def paired_diff(T, table, metric, a, b, n=None) -> pd.Series:
     out = []
     for nn in ns:
         x, y = values(T, table, metric, a, nn), values(T, table, metric, b, nn)
-        if len(y) == 1: out.append(x - y.iloc[0])
-        elif len(x) == 1: out.append(x.iloc[0] - y)
-        else: out.append((x - y).dropna())
+        if len(y) == 1:
+            out.append(x - y.iloc[0])
+        elif len(x) == 1:
+            out.append(x.iloc[0] - y)
+        else:
+            out.append((x - y).dropna())
     return pd.concat(out) if out else pd.Series(dtype=float)
+
 
 def _op_mean_std(T, table, metric, kind, n=None):
     v = values(T, int(table), metric, kind, None if n is None else int(n))
-    m, s, k = mean_std(v); s1 = mean_std(v, 1)[1]
+    m, s, k = mean_std(v)
+    s1 = mean_std(v, 1)[1]
     return Derived((m, s, s1), f"{fmt_pm(v)} (population std; sample std {fmt_num(s1, 4)}; k={k})")
+
 
 def _op_diff_mean_std(T, table, metric, a, b, n=None):
     d = paired_diff(T, int(table), metric, a, b, None if n is None else int(n))
-    m, s, k = mean_std(d); s1 = mean_std(d, 1)[1]
+    m, s, k = mean_std(d)
+    s1 = mean_std(d, 1)[1]
     return Derived((m, s, s1), f"{fmt_pm(d, 5)} (population std of {k} differences; sample std {fmt_num(s1, 5)})")
+
 
 def _op_mean_diff(T, table, metric, a, b, n=None):
     x, y = (values(T, int(table), metric, t, None if n is None else int(n)) for t in (a, b))
     d = x.mean() - y.mean()
     return Derived(d, f"{fmt_num(d)} (means {fmt_num(x.mean())} − {fmt_num(y.mean())})")
 
+
 def _op_max_abs_diff(T, table, metric, a, b):
     x, y = values(T, int(table), metric, a), values(T, int(table), metric, b)
     d = (x - y.mean()).abs()
-    return Derived(float(d.max()), f"{fmt_num(d.max())} (set values {', '.join(fmt_num(v) for v in x)}; Real {fmt_num(y.mean())}; "
-                   f"|mean − Real| {fmt_num(abs(x.mean() - y.mean()))})")
+    return Derived(
+        float(d.max()),
+        f"{fmt_num(d.max())} (set values {', '.join(fmt_num(v) for v in x)}; Real {fmt_num(y.mean())}; "
+        f"|mean − Real| {fmt_num(abs(x.mean() - y.mean()))})",
+    )
+
 
 def _op_ttest(T, table, metric, a, b, n=None, expect=None):
     x, y = (values(T, int(table), metric, t, None if n is None else int(n)) for t in (a, b))
     r = ttest(x, y, "real" in (a, b))
     ok, note = True, ""
     if expect and r.ok and not ((r.diff < 0) if expect == "<" else (r.diff > 0)):
-        ok, note = False, f"direction: {type_name(a)} is not {'below' if expect == '<' else 'above'} {type_name(b)} (mean difference {fmt_num(r.diff)})"
-    return Derived(r.p, f"p = {r.p:.3g} ({r.kind} t-test, k={r.k}, t = {r.t:.3g}; mean difference {fmt_num(r.diff)})" if r.ok else r.text(), ok, note)
+        ok, note = (
+            False,
+            f"direction: {type_name(a)} is not {'below' if expect == '<' else 'above'} {type_name(b)} (mean difference {fmt_num(r.diff)})",
+        )
+    return Derived(
+        r.p,
+        f"p = {r.p:.3g} ({r.kind} t-test, k={r.k}, t = {r.t:.3g}; mean difference {fmt_num(r.diff)})"
+        if r.ok
+        else r.text(),
+        ok,
+        note,
+    )
+
 
 def _op_compare_means(T, table, metric, a, b, n=None):
     ns = [int(v) for v in str(n).split(",")] if n is not None else [None]
@@ -247,11 +363,19 @@ def _op_compare_means(T, table, metric, a, b, n=None):
     word = words.pop() if len(words) == 1 else "mixed"
     return Derived(word, f"{word}: {type_name(a)} vs {type_name(b)} " + "; ".join(parts))
 
+
 def _op_best_n(T, table, metric, a, b):
-    imp = {int(nn): _improvement(metric, values(T, int(table), metric, a, int(nn)).mean(), values(T, int(table), metric, b, int(nn)).mean())
-           for nn in sorted(T["seg"].query(f"table == {int(table)}").n.unique())}
+    imp = {
+        int(nn): _improvement(
+            metric, values(T, int(table), metric, a, int(nn)).mean(), values(T, int(table), metric, b, int(nn)).mean()
+        )
+        for nn in sorted(T["seg"].query(f"table == {int(table)}").n.unique())
+    }
     best = max(imp, key=imp.get)
-    return Derived(str(best), f"N = {best} (improvement " + ", ".join(f"N={k}: {fmt_num(v)}" for k, v in imp.items()) + ")")
+    return Derived(
+        str(best), f"N = {best} (improvement " + ", ".join(f"N={k}: {fmt_num(v)}" for k, v in imp.items()) + ")"
+    )
+
 
 def _op_significant_cells(T, table, a, b, alpha=0.05):
     cells, parts = [], []
@@ -259,84 +383,129 @@ def _op_significant_cells(T, table, a, b, alpha=0.05):
         for m in ("dice_loss", "iou"):
             r = ttest(values(T, int(table), m, a, int(nn)), values(T, int(table), m, b, int(nn)), "real" in (a, b))
             parts.append(f"N={nn} {METRICS[m]} p={r.p:.3g}")
-            if r.significant(float(alpha)): cells.append(f"{nn} {METRICS[m]}")
+            if r.significant(float(alpha)):
+                cells.append(f"{nn} {METRICS[m]}")
     word = ", ".join(cells) or "none"
     return Derived(word, f"{word} ({'; '.join(parts)})")
 
+
 def b1_counts(b1: pd.DataFrame, positive: str = "real") -> dict:
     "Confusion counts of Table B1's real/fake ratings; Diff and Styled-Diff together are the Fake images."
-    b = b1.set_index("type"); real = b.loc["real"]; fake = b.drop(index="real")[["rated_real", "rated_fake"]].sum()
-    if positive == "real": return dict(tp=int(real.rated_real), fn=int(real.rated_fake), fp=int(fake.rated_real), tn=int(fake.rated_fake))
+    b = b1.set_index("type")
+    real = b.loc["real"]
+    fake = b.drop(index="real")[["rated_real", "rated_fake"]].sum()
+    if positive == "real":
+        return dict(tp=int(real.rated_real), fn=int(real.rated_fake), fp=int(fake.rated_real), tn=int(fake.rated_fake))
     return dict(tp=int(fake.rated_fake), fn=int(fake.rated_real), fp=int(real.rated_fake), tn=int(real.rated_real))
+
 
 def _op_b1(T, metric, positive="real"):
     c = b1_counts(T["b1"], positive)
-    v = {"accuracy": (c["tp"] + c["tn"])/sum(c.values()), "precision": c["tp"]/(c["tp"] + c["fp"]),
-         "recall": c["tp"]/(c["tp"] + c["fn"])}[metric]
+    v = {
+        "accuracy": (c["tp"] + c["tn"]) / sum(c.values()),
+        "precision": c["tp"] / (c["tp"] + c["fp"]),
+        "recall": c["tp"] / (c["tp"] + c["fn"]),
+    }[metric]
     other = b1_counts(T["b1"], "fake" if positive == "real" else "real")
-    vo = {"accuracy": (other["tp"] + other["tn"])/sum(other.values()), "precision": other["tp"]/(other["tp"] + other["fp"]),
-          "recall": other["tp"]/(other["tp"] + other["fn"])}[metric]
-    return Derived(v, f"{100*v:.1f} % (TP {c['tp']}, FP {c['fp']}, FN {c['fn']}, TN {c['tn']}; with {'Fake' if positive == 'real' else 'Real'} "
-                   f"as the positive class: {100*vo:.1f} %)")
+    vo = {
+        "accuracy": (other["tp"] + other["tn"]) / sum(other.values()),
+        "precision": other["tp"] / (other["tp"] + other["fp"]),
+        "recall": other["tp"] / (other["tp"] + other["fn"]),
+    }[metric]
+    return Derived(
+        v,
+        f"{100 * v:.1f} % (TP {c['tp']}, FP {c['fp']}, FN {c['fn']}, TN {c['tn']}; with {'Fake' if positive == 'real' else 'Real'} "
+        f"as the positive class: {100 * vo:.1f} %)",
+    )
+
 
 def _op_b1_argmax(T, column):
     b = T["b1"].set_index("type")
     col = b["rated_fake"].where(b.index == "real", b["rated_real"]) if column == "wrong" else b[column]
     best = sorted(col[col == col.max()].index)
-    return Derived(", ".join(best), f"{', '.join(type_name(t) for t in best)} ({', '.join(f'{type_name(t)} {v}' for t, v in col.items())})")
+    return Derived(
+        ", ".join(best),
+        f"{', '.join(type_name(t) for t in best)} ({', '.join(f'{type_name(t)} {v}' for t, v in col.items())})",
+    )
 
-OPS = {"mean_std": _op_mean_std, "diff_mean_std": _op_diff_mean_std, "mean_diff": _op_mean_diff, "max_abs_diff": _op_max_abs_diff,
-       "ttest": _op_ttest, "compare_means": _op_compare_means, "best_n": _op_best_n, "significant_cells": _op_significant_cells,
-       "b1": _op_b1, "b1_argmax": _op_b1_argmax}
+
+OPS = {
+    "mean_std": _op_mean_std,
+    "diff_mean_std": _op_diff_mean_std,
+    "mean_diff": _op_mean_diff,
+    "max_abs_diff": _op_max_abs_diff,
+    "ttest": _op_ttest,
+    "compare_means": _op_compare_means,
+    "best_n": _op_best_n,
+    "significant_cells": _op_significant_cells,
+    "b1": _op_b1,
+    "b1_argmax": _op_b1_argmax,
+}
+
 
 def derive(T: dict, spec: str) -> Derived:
     "Evaluate a claim's `derive` text, e.g. 'ttest table=1 metric=fid a=styled-diff b=gan expect=<'."
     op, *args = spec.split()
-    if op not in OPS: raise DataError(f"claims: unknown derivation {op!r} in {spec!r} (known: {', '.join(OPS)})")
+    if op not in OPS:
+        raise DataError(f"claims: unknown derivation {op!r} in {spec!r} (known: {', '.join(OPS)})")
     kw = dict(a.split("=", 1) for a in args)
-    if "type" in kw: kw["kind"] = kw.pop("type")       # claims.csv names the data type `type=`
+    if "type" in kw:
+        kw["kind"] = kw.pop("type")  # claims.csv names the data type `type=`
     return OPS[op](T, **kw)
 
 # %% ../nbs/08_statistics.ipynb #503fe4ba
 _NUM = r"[-−+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
+
 def _decimals(s: str) -> int:
     s = s.strip().replace("−", "-")
-    if "e" in s.lower(): return 12
+    if "e" in s.lower():
+        return 12
     return len(s.split(".")[1]) if "." in s else 0
 
-def _num(s: str) -> float: return float(s.strip().replace("−", "-"))
+
+def _num(s: str) -> float:
+    return float(s.strip().replace("−", "-"))
+
 
 def _close(v: float, rep: str, units: float = 0.5) -> bool:
     "Is `v` within `units` of the last written digit of `rep`?"
-    return abs(v - _num(rep)) <= units*10**-_decimals(rep) + 1e-12
+    return abs(v - _num(rep)) <= units * 10 ** -_decimals(rep) + 1e-12
+
 
 def check(reported: str, d: Derived) -> tuple[str, str]:
     "Verdict ('✓', '⚠' or '✗') of a reported value against the derived one, and why."
     rep = reported.strip()
-    if not d.ok: return "✗", d.note
-    if (m := re.fullmatch(rf"({_NUM})\s*±\s*({_NUM})", rep)):
+    if not d.ok:
+        return "✗", d.note
+    if m := re.fullmatch(rf"({_NUM})\s*±\s*({_NUM})", rep):
         mean, std, std1 = d.value
-        if not np.isfinite(mean): return "✗", "the tables give no values"
+        if not np.isfinite(mean):
+            return "✗", "the tables give no values"
         res = []
         for label, v, r in (("mean", mean, m[1]), ("std", std, m[2])):
             res.append("✓" if _close(v, r) else "⚠" if _close(v, r, 1.5) else "✗")
         why = []
-        if res[0] != "✓": why.append(f"mean {fmt_num(mean, max(4, _decimals(m[1])))} ≠ {m[1]}")
+        if res[0] != "✓":
+            why.append(f"mean {fmt_num(mean, max(4, _decimals(m[1])))} ≠ {m[1]}")
         if res[1] != "✓":
-            why.append(f"population std {fmt_num(std, max(4, _decimals(m[2])))} ≠ {m[2]}" +
-                       (" (the sample std, ddof = 1, gives it)" if _close(std1, m[2]) else ""))
+            why.append(
+                f"population std {fmt_num(std, max(4, _decimals(m[2])))} ≠ {m[2]}"
+                + (" (the sample std, ddof = 1, gives it)" if _close(std1, m[2]) else "")
+            )
         return ("✗" if "✗" in res else "⚠" if "⚠" in res else "✓"), "; ".join(why)
-    if (m := re.fullmatch(rf"(<|>|=|≈|≤|≥)\s*({_NUM})", rep)):
+    if m := re.fullmatch(rf"(<|>|=|≈|≤|≥)\s*({_NUM})", rep):
         v, op, x = float(d.value), m[1], _num(m[2])
-        if not np.isfinite(v): return "✗", "cannot be derived: " + d.text
+        if not np.isfinite(v):
+            return "✗", "cannot be derived: " + d.text
         if op in "<≤>≥":
             good = {"<": v < x, "≤": v <= x, ">": v > x, "≥": v >= x}[op]
             return ("✓", "") if good else ("✗", f"{fmt_num(v, 4) if v >= 1e-4 else f'{v:.3g}'} is not {op} {m[2]}")
-        if _close(v, m[2]): return "✓", ""
+        if _close(v, m[2]):
+            return "✓", ""
         return ("⚠" if _close(v, m[2], 1.5) else "✗"), f"{v:.{_decimals(m[2]) + 1}f} ≠ {m[2]}"
-    if (m := re.fullmatch(rf"({_NUM})\s*%", rep)):
-        v = 100*float(d.value)
+    if m := re.fullmatch(rf"({_NUM})\s*%", rep):
+        v = 100 * float(d.value)
         return ("✓", "") if _close(v, m[1]) else ("✗", f"{v:.1f} % ≠ {m[1]} %")
     norm = lambda s: " ".join(str(s).lower().replace(",", " ").split())
     return ("✓", "") if norm(d.value) == norm(rep) else ("✗", f"tables give {d.value!r}")
@@ -344,64 +513,99 @@ def check(reported: str, d: Derived) -> tuple[str, str]:
 # %% ../nbs/08_statistics.ipynb #d98fc9e9
 CLAIM_COLUMNS = ["claim", "section", "quote", "quantity", "reported", "derive"]
 
+
 def load_claims(path: Path | None = None) -> pd.DataFrame:
     "The text's claims (data/paper/claims.csv)."
-    p = Path(path or paper_dir()/"claims.csv")
+    p = Path(path or paper_dir() / "claims.csv")
     return _need(read_csv(p).fillna(""), CLAIM_COLUMNS, p)
+
 
 def audit_paper(T: dict | None = None, claims: pd.DataFrame | None = None) -> pd.DataFrame:
     "Every claim of the text re-derived from the paper's tables: one row per claim with its verdict."
-    T = T or load_paper_tables(); claims = load_claims() if claims is None else claims
+    T = T or load_paper_tables()
+    claims = load_claims() if claims is None else claims
     rows = []
     for c in claims.itertuples():
         d = derive(T, c.derive)
         v, why = check(str(c.reported), d)
-        rows.append(dict(claim=c.claim, section=c.section, quantity=c.quantity, reported=c.reported, derived=d.text,
-                         verdict=v, why=why, quote=c.quote, derive=c.derive))
+        rows.append(
+            dict(
+                claim=c.claim,
+                section=c.section,
+                quantity=c.quantity,
+                reported=c.reported,
+                derived=d.text,
+                verdict=v,
+                why=why,
+                quote=c.quote,
+                derive=c.derive,
+            )
+        )
     return pd.DataFrame(rows)
+
 
 def audit_lines(df: pd.DataFrame) -> list[str]:
     "One line per claim: what the text says, what the tables give, the verdict."
-    return [f"{r.verdict} {r.claim} ({r.section}) {r.quantity}: text {r.reported}; tables give {r.derived}" + (f" — {r.why}" if r.why else "")
-            for r in df.itertuples()]
+    return [
+        f"{r.verdict} {r.claim} ({r.section}) {r.quantity}: text {r.reported}; tables give {r.derived}"
+        + (f" — {r.why}" if r.why else "")
+        for r in df.itertuples()
+    ]
+
 
 def audit_markdown(df: pd.DataFrame) -> str:
     "The audit as Markdown: the counts, what the tables do not support, then every claim."
     n = df.verdict.value_counts()
-    L = ["### Paper audit: the text's statistics re-derived from its own tables", "",
-         "Every mean ± std (population std, ddof = 0) and p-value claim of the paper's text, recomputed from its Tables 1, 2, 3 "
-         "and B1 (`data/paper/`), with the claims in `data/paper/claims.csv`. Paired claims use `scipy.stats.ttest_rel`, claims "
-         "against Real's single value `scipy.stats.ttest_1samp` (two-sided).", "",
-         f"**{n.get('✓', 0)} agree (✓), {n.get('⚠', 0)} differ in the last digit (⚠), {n.get('✗', 0)} are not supported by the tables (✗)** "
-         f"of {len(df)} claims.", ""]
+    L = [
+        "### Paper audit: the text's statistics re-derived from its own tables",
+        "",
+        "Every mean ± std (population std, ddof = 0) and p-value claim of the paper's text, recomputed from its Tables 1, 2, 3 "
+        "and B1 (`data/paper/`), with the claims in `data/paper/claims.csv`. Paired claims use `scipy.stats.ttest_rel`, claims "
+        "against Real's single value `scipy.stats.ttest_1samp` (two-sided).",
+        "",
+        f"**{n.get('✓', 0)} agree (✓), {n.get('⚠', 0)} differ in the last digit (⚠), {n.get('✗', 0)} are not supported by the tables (✗)** "
+        f"of {len(df)} claims.",
+        "",
+    ]
     bad = df[df.verdict != "✓"]
     if len(bad):
         L += ["#### Not supported by the tables", ""]
         for r in bad.itertuples():
-            L += [f"- {r.verdict} **{r.claim}** ({r.section}): {r.quantity}. Text: {r.reported}; tables: {r.derived}. {r.why}.",
-                  f"  > {r.quote}"]
+            L += [
+                f"- {r.verdict} **{r.claim}** ({r.section}): {r.quantity}. Text: {r.reported}; tables: {r.derived}. {r.why}.",
+                f"  > {r.quote}",
+            ]
         L.append("")
     L += ["#### All claims", ""]
     cols = df[["claim", "section", "quantity", "reported", "derived", "verdict", "why"]]
     L.append(cols.to_markdown(index=False))
     return "\n".join(L) + "\n"
 
+
 def write_paper_audit(cfg: Config, df: pd.DataFrame | None = None) -> list[Path]:
     "Write figures/<profile>/statistics/paper_audit.{md,csv}."
     df = audit_paper() if df is None else df
     d = stage_dirs(cfg, "statistics")[1]
-    with atomic_write(d/"paper_audit.md") as f: f.write(audit_markdown(df))
-    with atomic_write(d/"paper_audit.csv") as f: df.to_csv(f, index=False)
-    return [d/"paper_audit.md", d/"paper_audit.csv"]
+    with atomic_write(d / "paper_audit.md") as f:
+        f.write(audit_markdown(df))
+    with atomic_write(d / "paper_audit.csv") as f:
+        df.to_csv(f, index=False)
+    return [d / "paper_audit.md", d / "paper_audit.csv"]
 
 # %% ../nbs/08_statistics.ipynb #38375cb3
-def results_path(cfg: Config) -> Path: return stage_dirs(cfg, "segmentation")[0]/"results.csv"
-def table1_values_path(cfg: Config) -> Path: return stage_dirs(cfg, "intrinsic")[1]/"table1_values.csv"
+def results_path(cfg: Config) -> Path:
+    return stage_dirs(cfg, "segmentation")[0] / "results.csv"
+
+
+def table1_values_path(cfg: Config) -> Path:
+    return stage_dirs(cfg, "intrinsic")[1] / "table1_values.csv"
+
 
 def read_results(cfg: Config) -> pd.DataFrame | None:
     "The segmentation results (results.csv schema), or None when the segmentation stage has not written them."
     p = results_path(cfg)
     return normalize_seg(read_csv(p), p) if p.exists() else None
+
 
 def table1_from_wide(df: pd.DataFrame) -> pd.DataFrame:
     "The long Table 1 values from the intrinsic stage's wide table1.csv ('data type', 'FID set k', 'MS-SSIM set k')."
@@ -411,40 +615,55 @@ def table1_from_wide(df: pd.DataFrame) -> pd.DataFrame:
         t = inv.get(str(r["data type"]), str(r["data type"]))
         k = 1
         while f"FID set {k}" in r:
-            f, m = pd.to_numeric(r[f"FID set {k}"], errors="coerce"), pd.to_numeric(r.get(f"MS-SSIM set {k}"), errors="coerce")
-            if np.isfinite(f) or np.isfinite(m): rows.append(dict(type=t, repeat=k - 1, fid=f, msssim=m, status="ok"))
+            f, m = (
+                pd.to_numeric(r[f"FID set {k}"], errors="coerce"),
+                pd.to_numeric(r.get(f"MS-SSIM set {k}"), errors="coerce"),
+            )
+            if np.isfinite(f) or np.isfinite(m):
+                rows.append(dict(type=t, repeat=k - 1, fid=f, msssim=m, status="ok"))
             k += 1
         if not any(x["type"] == t for x in rows):
             why = "not provided" if str(r.get("images per repeat", "")) == "not provided" else "no values"
             rows.append(dict(type=t, repeat=0, fid=np.nan, msssim=np.nan, status=why))
     return pd.DataFrame(rows, columns=["type", "repeat", "fid", "msssim", "status"])
 
+
 def read_table1_values(cfg: Config) -> pd.DataFrame | None:
     """The intrinsic stage's Table 1 values (type, repeat, fid, msssim), or None when absent. Reads
     table1_values.csv, else the wide table1.csv the intrinsic stage writes beside it."""
     p = table1_values_path(cfg)
-    if p.exists(): return normalize_t1(read_csv(p), p)
+    if p.exists():
+        return normalize_t1(read_csv(p), p)
     w = p.with_name("table1.csv")
     if w.exists():
         df = read_csv(w)
-        if "data type" in df.columns and "FID set 1" in df.columns: return normalize_t1(table1_from_wide(df), w)
+        if "data type" in df.columns and "FID set 1" in df.columns:
+            return normalize_t1(table1_from_wide(df), w)
     return None
+
 
 def _types(cfg_types: str, present) -> list[str]:
     "The configured types in their order, then any other type the results have."
     want = str(cfg_types).split()
     return want + [t for t in present if t not in want]
 
+
 def _status(rows: pd.DataFrame, metric_cols) -> str:
     "'ok', 'missing', or the upstream status of rows without values."
-    if rows is None or len(rows) == 0: return "missing"
+    if rows is None or len(rows) == 0:
+        return "missing"
     ok = rows[(rows.status == "ok") & rows[metric_cols].notna().any(axis=1)]
-    if len(ok) == len(rows): return "ok"
+    if len(ok) == len(rows):
+        return "ok"
     other = sorted(set(rows.loc[~rows.index.isin(ok.index), "status"]) - {"ok"}) or ["no values"]
-    if len(ok) == 0: return "; ".join(other)
+    if len(ok) == 0:
+        return "; ".join(other)
     return f"ok ({len(ok)} of {len(rows)} rows; others: {'; '.join(other)})"
 
-def _ptext(r: TTest, alpha: float) -> str: return r.text(alpha)
+
+def _ptext(r: TTest, alpha: float) -> str:
+    return r.text(alpha)
+
 
 def table1_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[pd.DataFrame, list[dict]]:
     "Table 1 with mean ± std, the tests against Styled-Diff, and the paper's values."
@@ -457,26 +676,63 @@ def table1_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
             row[f"{METRICS[m]}"] = fmt_pm(v, 4 if m == "msssim" else 2) if len(v) else ""
             row[f"paper {METRICS[m]}"] = fmt_pm(pv, 4 if m == "msssim" else 2) if len(pv) else ""
             if t != "styled-diff":
-                one = t == "real"                    # against Real: one-sample, or repeat means paired on the repeat
-                r, pr = ttest(values(T, 1, m, "styled-diff"), v, one), ttest(values(paper, 1, m, "styled-diff"), pv, one)
+                one = t == "real"  # against Real: one-sample, or repeat means paired on the repeat
+                r, pr = (
+                    ttest(values(T, 1, m, "styled-diff"), v, one),
+                    ttest(values(paper, 1, m, "styled-diff"), pv, one),
+                )
                 row[f"p {METRICS[m]} vs Styled-Diff"] = _ptext(r, alpha) if len(v) else ""
                 row[f"paper p {METRICS[m]}"] = _ptext(pr, alpha) if len(pv) else ""
-                tests.append(dict(table=1, metric=m, n="", a="styled-diff", b=t, kind=r.kind, k=r.k, t=r.t, p=r.p, diff=r.diff,
-                                  significant=r.significant(alpha), paper_p=pr.p))
-            else: row[f"p {METRICS[m]} vs Styled-Diff"] = row[f"paper p {METRICS[m]}"] = "—"
+                tests.append(
+                    dict(
+                        table=1,
+                        metric=m,
+                        n="",
+                        a="styled-diff",
+                        b=t,
+                        kind=r.kind,
+                        k=r.k,
+                        t=r.t,
+                        p=r.p,
+                        diff=r.diff,
+                        significant=r.significant(alpha),
+                        paper_p=pr.p,
+                    )
+                )
+            else:
+                row[f"p {METRICS[m]} vs Styled-Diff"] = row[f"paper p {METRICS[m]}"] = "—"
         row["k"] = len(values(T, 1, "fid", t))
-        row["status"] = "upstream missing (the intrinsic stage wrote no table1_values.csv)" if ours is None else \
-            _status(ours[ours.type == t], ["fid", "msssim"])
+        row["status"] = (
+            "upstream missing (the intrinsic stage wrote no table1_values.csv)"
+            if ours is None
+            else _status(ours[ours.type == t], ["fid", "msssim"])
+        )
         rows.append(row)
-    cols = ["type", "k", "FID", "paper FID", "p FID vs Styled-Diff", "paper p FID", "MS-SSIM", "paper MS-SSIM",
-            "p MS-SSIM vs Styled-Diff", "paper p MS-SSIM", "status"]
+    cols = [
+        "type",
+        "k",
+        "FID",
+        "paper FID",
+        "p FID vs Styled-Diff",
+        "paper p FID",
+        "MS-SSIM",
+        "paper MS-SSIM",
+        "p MS-SSIM vs Styled-Diff",
+        "paper p MS-SSIM",
+        "status",
+    ]
     return pd.DataFrame(rows)[cols], tests
+
 
 def table2_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[pd.DataFrame, list[dict]]:
     "Table 2: DL and IoU mean ± std across N (and repeats), each type against Styled-Diff paired on N, the paper's values."
     alpha, tests, rows = cfg.significance, [], []
     seg = ours[ours.table == 2] if ours is not None else None
-    T = {"seg": seg if seg is not None else normalize_seg(pd.DataFrame(columns=["table", "type", "n", "dice_loss", "iou"]))}
+    T = {
+        "seg": seg
+        if seg is not None
+        else normalize_seg(pd.DataFrame(columns=["table", "type", "n", "dice_loss", "iou"]))
+    }
     for t in _types(cfg.table2_types, [] if seg is None else seg.type.unique()):
         sub = None if seg is None else seg[seg.type == t]
         ok = values(T, 2, "dice_loss", t)
@@ -486,24 +742,63 @@ def table2_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
             row[METRICS[m]] = fmt_pm(v) if len(v) else ""
             row[f"paper {METRICS[m]}"] = fmt_pm(pv)
             if t != "styled-diff":
-                one = t == "real"                    # against Real: one-sample, or repeat means paired on the repeat
-                r, pr = ttest(values(T, 2, m, "styled-diff"), v, one), ttest(values(paper, 2, m, "styled-diff"), pv, one)
+                one = t == "real"  # against Real: one-sample, or repeat means paired on the repeat
+                r, pr = (
+                    ttest(values(T, 2, m, "styled-diff"), v, one),
+                    ttest(values(paper, 2, m, "styled-diff"), pv, one),
+                )
                 row[f"p {METRICS[m]} vs Styled-Diff"] = _ptext(r, alpha) if len(v) else ""
                 row[f"paper p {METRICS[m]}"] = _ptext(pr, alpha)
-                tests.append(dict(table=2, metric=m, n="", a="styled-diff", b=t, kind=r.kind, k=r.k, t=r.t, p=r.p, diff=r.diff,
-                                  significant=r.significant(alpha), paper_p=pr.p))
-            else: row[f"p {METRICS[m]} vs Styled-Diff"] = row[f"paper p {METRICS[m]}"] = "—"
-        row["status"] = "upstream missing (the segmentation stage wrote no results.csv)" if seg is None else _status(sub, ["dice_loss", "iou"])
+                tests.append(
+                    dict(
+                        table=2,
+                        metric=m,
+                        n="",
+                        a="styled-diff",
+                        b=t,
+                        kind=r.kind,
+                        k=r.k,
+                        t=r.t,
+                        p=r.p,
+                        diff=r.diff,
+                        significant=r.significant(alpha),
+                        paper_p=pr.p,
+                    )
+                )
+            else:
+                row[f"p {METRICS[m]} vs Styled-Diff"] = row[f"paper p {METRICS[m]}"] = "—"
+        row["status"] = (
+            "upstream missing (the segmentation stage wrote no results.csv)"
+            if seg is None
+            else _status(sub, ["dice_loss", "iou"])
+        )
         rows.append(row)
-    cols = ["type", "N", "k", "DL", "paper DL", "p DL vs Styled-Diff", "paper p DL", "IoU", "paper IoU", "p IoU vs Styled-Diff",
-            "paper p IoU", "status"]
+    cols = [
+        "type",
+        "N",
+        "k",
+        "DL",
+        "paper DL",
+        "p DL vs Styled-Diff",
+        "paper p DL",
+        "IoU",
+        "paper IoU",
+        "p IoU vs Styled-Diff",
+        "paper p IoU",
+        "status",
+    ]
     return pd.DataFrame(rows)[cols], tests
+
 
 def table3_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[pd.DataFrame, list[dict]]:
     "Table 3: per N, mean ± std across r; against Real (one-sample, or by repeat) and Styled-Diff against GAN (paired on r)."
     alpha, tests, rows = cfg.significance, [], []
     seg = ours[ours.table == 3] if ours is not None else None
-    T = {"seg": seg if seg is not None else normalize_seg(pd.DataFrame(columns=["table", "type", "n", "dice_loss", "iou"]))}
+    T = {
+        "seg": seg
+        if seg is not None
+        else normalize_seg(pd.DataFrame(columns=["table", "type", "n", "dice_loss", "iou"]))
+    }
     modes = sorted(set(seg["mode"]) - {""}) if seg is not None else []
     modes = modes or [cfg.table3_mode]
     ns = sorted(set(int(v) for v in str(cfg.table3_n).split()) | (set(seg.n) if seg is not None else set()))
@@ -513,50 +808,121 @@ def table3_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
             for t in types:
                 md = None if t == "real" else mode
                 v = {m: values(T, 3, m, t, n, md) for m in ("dice_loss", "iou")}
-                sub = None if seg is None else seg[(seg.type == t) & (seg.n == n) & ((seg["mode"] == mode) | (t == "real"))]
-                row = {"mode": mode, "N": n, "type": type_name(t), "r": " ".join(str(x) for x in sorted({k[0] for k in v["iou"].index})),
-                       "k": len(v["iou"])}
+                sub = (
+                    None
+                    if seg is None
+                    else seg[(seg.type == t) & (seg.n == n) & ((seg["mode"] == mode) | (t == "real"))]
+                )
+                row = {
+                    "mode": mode,
+                    "N": n,
+                    "type": type_name(t),
+                    "r": " ".join(str(x) for x in sorted({k[0] for k in v["iou"].index})),
+                    "k": len(v["iou"]),
+                }
                 for m in ("dice_loss", "iou"):
                     pv = values(paper, 3, m, t, n)
                     row[METRICS[m]] = fmt_pm(v[m]) if len(v[m]) else ""
                     row[f"paper {METRICS[m]}"] = fmt_pm(pv) if len(pv) else ""
                     for b, label in (("real", "Real"), ("gan", "GAN")):
                         col = f"p {METRICS[m]} vs {label}"
-                        if t == b or (b == "gan" and t != "styled-diff") or (b == "real" and t == "real"): row[col] = row["paper " + col] = "—"; continue
+                        if t == b or (b == "gan" and t != "styled-diff") or (b == "real" and t == "real"):
+                            row[col] = row["paper " + col] = "—"
+                            continue
                         r = ttest(v[m], values(T, 3, m, b, n, None if b == "real" else mode), b == "real")
                         pr = ttest(pv, values(paper, 3, m, b, n), b == "real")
                         row[col] = _ptext(r, alpha) if len(v[m]) else ""
                         row["paper " + col] = _ptext(pr, alpha) if len(pv) else ""
-                        tests.append(dict(table=3, metric=m, n=n, mode=mode, a=t, b=b, kind=r.kind, k=r.k, t=r.t, p=r.p, diff=r.diff,
-                                          significant=r.significant(alpha), paper_p=pr.p))
-                row["status"] = "upstream missing (the segmentation stage wrote no results.csv)" if seg is None else _status(sub, ["dice_loss", "iou"])
+                        tests.append(
+                            dict(
+                                table=3,
+                                metric=m,
+                                n=n,
+                                mode=mode,
+                                a=t,
+                                b=b,
+                                kind=r.kind,
+                                k=r.k,
+                                t=r.t,
+                                p=r.p,
+                                diff=r.diff,
+                                significant=r.significant(alpha),
+                                paper_p=pr.p,
+                            )
+                        )
+                row["status"] = (
+                    "upstream missing (the segmentation stage wrote no results.csv)"
+                    if seg is None
+                    else _status(sub, ["dice_loss", "iou"])
+                )
                 rows.append(row)
-    cols = ["mode", "N", "type", "r", "k", "DL", "paper DL", "p DL vs Real", "paper p DL vs Real", "p DL vs GAN", "paper p DL vs GAN",
-            "IoU", "paper IoU", "p IoU vs Real", "paper p IoU vs Real", "p IoU vs GAN", "paper p IoU vs GAN", "status"]
+    cols = [
+        "mode",
+        "N",
+        "type",
+        "r",
+        "k",
+        "DL",
+        "paper DL",
+        "p DL vs Real",
+        "paper p DL vs Real",
+        "p DL vs GAN",
+        "paper p DL vs GAN",
+        "IoU",
+        "paper IoU",
+        "p IoU vs Real",
+        "paper p IoU vs Real",
+        "p IoU vs GAN",
+        "paper p IoU vs GAN",
+        "status",
+    ]
     return pd.DataFrame(rows)[cols], tests
 
 # %% ../nbs/08_statistics.ipynb #7be63eb7
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-        "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
 
 def tex_escape(s) -> str:
     s = "".join(_TEX.get(ch, ch) for ch in str(s))
-    return s.replace("±", r"$\pm$").replace("—", "---").replace("−", "$-$").replace("≥", r"$\geq$").replace("≤", r"$\leq$")
+    return (
+        s.replace("±", r"$\pm$").replace("—", "---").replace("−", "$-$").replace("≥", r"$\geq$").replace("≤", r"$\leq$")
+    )
+
 
 def latex_table(df: pd.DataFrame, caption: str = "", label: str = "") -> str:
     "A booktabs LaTeX table of `df` (all cells as text)."
     L = [r"\begin{table}[ht]", r"\centering", r"\small"]
-    if caption: L.append(rf"\caption{{{tex_escape(caption)}}}")
-    if label: L.append(rf"\label{{{label}}}")
-    L += [r"\begin{tabular}{" + "l"*len(df.columns) + "}", r"\toprule", " & ".join(tex_escape(c) for c in df.columns) + r" \\", r"\midrule"]
+    if caption:
+        L.append(rf"\caption{{{tex_escape(caption)}}}")
+    if label:
+        L.append(rf"\label{{{label}}}")
+    L += [
+        r"\begin{tabular}{" + "l" * len(df.columns) + "}",
+        r"\toprule",
+        " & ".join(tex_escape(c) for c in df.columns) + r" \\",
+        r"\midrule",
+    ]
     L += [" & ".join(tex_escape("" if pd.isna(v) else v) for v in r) + r" \\" for r in df.itertuples(index=False)]
     L += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(L) + "\n"
 
+
 def write_tables(df: pd.DataFrame, path: Path, caption: str = "") -> list[Path]:
     "`path`.csv, .md and .tex."
     out = write_table(df, path)
-    with atomic_write(Path(path).with_suffix(".tex")) as f: f.write(latex_table(df, caption, "tab:" + Path(path).stem))
+    with atomic_write(Path(path).with_suffix(".tex")) as f:
+        f.write(latex_table(df, caption, "tab:" + Path(path).stem))
     return out + [Path(path).with_suffix(".tex")]
 
 # %% ../nbs/08_statistics.ipynb #b6b574c0
@@ -564,29 +930,47 @@ def _stats_of(T, table, metric, t, n=None, mode=None):
     m, s, k = mean_std(values(T, table, metric, t, n, mode))
     return m, (s if k > 1 else 0.0), k
 
+
 def figure_table2(seg: pd.DataFrame | None, paper: dict, types: list[str]):
     "Bars of Table 2's DL and IoU (mean ± std across N), the paper's means as markers."
-    import matplotlib; matplotlib.use("Agg", force=False)
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
     T = {"seg": seg if seg is not None else paper["seg"].iloc[:0]}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     x = np.arange(len(types))
     for ax, m in zip(axes, ("dice_loss", "iou")):
-        ours = [_stats_of(T, 2, m, t) for t in types]; pap = [_stats_of(paper, 2, m, t) for t in types]
-        ax.bar(x, [o[0] if o[2] else 0 for o in ours], yerr=[o[1] for o in ours], capsize=4, color="#4c72b0", label="ours (mean ± std)")
+        ours = [_stats_of(T, 2, m, t) for t in types]
+        pap = [_stats_of(paper, 2, m, t) for t in types]
+        ax.bar(
+            x,
+            [o[0] if o[2] else 0 for o in ours],
+            yerr=[o[1] for o in ours],
+            capsize=4,
+            color="#4c72b0",
+            label="ours (mean ± std)",
+        )
         ax.errorbar(x, [p[0] for p in pap], yerr=[p[1] for p in pap], fmt="kx", capsize=3, label="paper (mean ± std)")
         for i, o in enumerate(ours):
-            if not o[2]: ax.text(i, 0.02, "no data", ha="center", rotation=90, fontsize=8)
-        ax.set_xticks(x, [type_name(t) for t in types], rotation=30, ha="right"); ax.set_title(f"Table 2: {METRICS[m]} across N")
+            if not o[2]:
+                ax.text(i, 0.02, "no data", ha="center", rotation=90, fontsize=8)
+        ax.set_xticks(x, [type_name(t) for t in types], rotation=30, ha="right")
+        ax.set_title(f"Table 2: {METRICS[m]} across N")
         ax.set_ylim(0, 1)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
+
 def figure_table3(seg: pd.DataFrame | None, paper: dict, types: list[str], ns: list[int], mode: str):
     "IoU and DL against N (mean ± std across r) per type; the paper's as dashed lines."
-    import matplotlib; matplotlib.use("Agg", force=False)
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
     T = {"seg": seg if seg is not None else paper["seg"].iloc[:0]}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     colours = {"real": "k", "styled-diff": "#c44e52", "gan": "#4c72b0"}
@@ -595,78 +979,176 @@ def figure_table3(seg: pd.DataFrame | None, paper: dict, types: list[str], ns: l
             c = colours.get(t, f"C{j}")
             o = [(n, *_stats_of(T, 3, m, t, n, None if t == "real" else mode)) for n in ns]
             o = [v for v in o if v[3]]
-            if o: ax.errorbar([v[0] for v in o], [v[1] for v in o], yerr=[v[2] for v in o], color=c, marker="o", capsize=3, label=f"{type_name(t)} (ours)")
-            p = [(n, *_stats_of(paper, 3, m, t, n)) for n in ns]; p = [v for v in p if v[3]]
-            if p: ax.errorbar([v[0] for v in p], [v[1] for v in p], yerr=[v[2] for v in p], color=c, ls="--", alpha=0.5, capsize=2, label=f"{type_name(t)} (paper)")
-        ax.set_xscale("log", base=2); ax.set_xticks(ns, [str(n) for n in ns]); ax.set_xlabel("N real images")
+            if o:
+                ax.errorbar(
+                    [v[0] for v in o],
+                    [v[1] for v in o],
+                    yerr=[v[2] for v in o],
+                    color=c,
+                    marker="o",
+                    capsize=3,
+                    label=f"{type_name(t)} (ours)",
+                )
+            p = [(n, *_stats_of(paper, 3, m, t, n)) for n in ns]
+            p = [v for v in p if v[3]]
+            if p:
+                ax.errorbar(
+                    [v[0] for v in p],
+                    [v[1] for v in p],
+                    yerr=[v[2] for v in p],
+                    color=c,
+                    ls="--",
+                    alpha=0.5,
+                    capsize=2,
+                    label=f"{type_name(t)} (paper)",
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("N real images")
         ax.set_title(f"Table 3: {METRICS[m]} against N (mean ± std across r)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
+
 def figure_table1(t1: pd.DataFrame | None, paper: dict):
     "Bars of Table 1's FID and MS-SSIM (mean ± std across repeats), the paper's as markers."
-    import matplotlib; matplotlib.use("Agg", force=False)
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
     T = {"t1": t1 if t1 is not None else paper["t1"].iloc[:0]}
-    types = list(type_names()); x = np.arange(len(types))
+    types = list(type_names())
+    x = np.arange(len(types))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, m in zip(axes, ("fid", "msssim")):
-        ours = [_stats_of(T, 1, m, t) for t in types]; pap = [_stats_of(paper, 1, m, t) for t in types]
-        ax.bar(x, [o[0] if o[2] else 0 for o in ours], yerr=[o[1] for o in ours], capsize=4, color="#55a868", label="ours")
+        ours = [_stats_of(T, 1, m, t) for t in types]
+        pap = [_stats_of(paper, 1, m, t) for t in types]
+        ax.bar(
+            x, [o[0] if o[2] else 0 for o in ours], yerr=[o[1] for o in ours], capsize=4, color="#55a868", label="ours"
+        )
         ax.errorbar(x, [p[0] for p in pap], yerr=[p[1] for p in pap], fmt="kx", capsize=3, label="paper")
-        ax.set_xticks(x, [type_name(t) for t in types], rotation=30, ha="right"); ax.set_title(f"Table 1: {METRICS[m]}")
-    axes[0].legend(fontsize=8); fig.tight_layout()
+        ax.set_xticks(x, [type_name(t) for t in types], rotation=30, ha="right")
+        ax.set_title(f"Table 1: {METRICS[m]}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/08_statistics.ipynb #b4187578
 def run_statistics(cfg: Config, progress: bool = True) -> dict:
     "Tables 1–3 with mean ± std and t-tests (CSV, Markdown, LaTeX), error-bar figures, the paper audit, and the manifest."
     import matplotlib.pyplot as plt
-    _, fig_d = stage_dirs(cfg, "statistics"); fig_d.mkdir(parents=True, exist_ok=True)
+
+    _, fig_d = stage_dirs(cfg, "statistics")
+    fig_d.mkdir(parents=True, exist_ok=True)
     paper = load_paper_tables()
     t1v, seg = read_table1_values(cfg), read_results(cfg)
-    notes = [f"Mean ± population std (ddof = 0, as the paper); two-sided t-tests at significance {cfg.significance} (* marks p below it): "
-             "paired (scipy ttest_rel) on matching repeats/N/r, one-sample (ttest_1samp) against a single value (Real); "
-             "against Real with one value per repeat, the other set's means over N (or r) per repeat paired with Real on the repeat; "
-             "'paper …' columns are the same statistics computed from the paper's tables (data/paper/)."]
-    if t1v is None: notes.append(f"upstream missing: {table1_values_path(cfg)} not found (the intrinsic stage has not run), Table 1 has the paper's values only")
-    if seg is None: notes.append(f"upstream missing: {results_path(cfg)} not found (the segmentation stage has not run), Tables 2 and 3 have the paper's values only")
-    elif (stale := int(seg.status.str.startswith("stale").sum())):
-        notes.append(f"{stale} rows of {results_path(cfg)} are stale (trained under other settings) and left out; rerun the segmentation stage")
+    notes = [
+        f"Mean ± population std (ddof = 0, as the paper); two-sided t-tests at significance {cfg.significance} (* marks p below it): "
+        "paired (scipy ttest_rel) on matching repeats/N/r, one-sample (ttest_1samp) against a single value (Real); "
+        "against Real with one value per repeat, the other set's means over N (or r) per repeat paired with Real on the repeat; "
+        "'paper …' columns are the same statistics computed from the paper's tables (data/paper/)."
+    ]
+    if t1v is None:
+        notes.append(
+            f"upstream missing: {table1_values_path(cfg)} not found (the intrinsic stage has not run), Table 1 has the paper's values only"
+        )
+    if seg is None:
+        notes.append(
+            f"upstream missing: {results_path(cfg)} not found (the segmentation stage has not run), Tables 2 and 3 have the paper's values only"
+        )
+    elif stale := int(seg.status.str.startswith("stale").sum()):
+        notes.append(
+            f"{stale} rows of {results_path(cfg)} are stale (trained under other settings) and left out; rerun the segmentation stage"
+        )
     arts, tests = [], []
     tabs = {}
-    for name, fn, src, ref, title in (("table1", table1_stats, t1v, "Table 1", "FID and MS-SSIM, mean ± std over repeats, tests against Styled-Diff"),
-                                       ("table2", table2_stats, seg, "Table 2", "Full synthetic training: DL and IoU mean ± std across N, paired tests against Styled-Diff"),
-                                       ("table3", table3_stats, seg, "Table 3", "Small-data augmentation: mean ± std across r per N, tests against Real and GAN")):
-        df, tt = fn(cfg, src, paper); tabs[name] = df; tests += tt
-        write_tables(df, fig_d/name, f"{ref} ({title})")
-        arts.append(Artifact(str(fig_d/f"{name}.csv"), "table", title, ref))
+    for name, fn, src, ref, title in (
+        ("table1", table1_stats, t1v, "Table 1", "FID and MS-SSIM, mean ± std over repeats, tests against Styled-Diff"),
+        (
+            "table2",
+            table2_stats,
+            seg,
+            "Table 2",
+            "Full synthetic training: DL and IoU mean ± std across N, paired tests against Styled-Diff",
+        ),
+        (
+            "table3",
+            table3_stats,
+            seg,
+            "Table 3",
+            "Small-data augmentation: mean ± std across r per N, tests against Real and GAN",
+        ),
+    ):
+        df, tt = fn(cfg, src, paper)
+        tabs[name] = df
+        tests += tt
+        write_tables(df, fig_d / name, f"{ref} ({title})")
+        arts.append(Artifact(str(fig_d / f"{name}.csv"), "table", title, ref))
     tdf = pd.DataFrame(tests)
-    write_table(tdf, fig_d/"tests")
-    arts.append(Artifact(str(fig_d/"tests.csv"), "data", "Every t-test (kind, k, t, p, mean difference) with the paper's p", "§2.8"))
-    figs = [("table1", figure_table1(t1v, paper), "Table 1: FID and MS-SSIM with error bars", "Table 1"),
-            ("table2", figure_table2(seg[seg.table == 2] if seg is not None else None, paper, str(cfg.table2_types).split()),
-             "Table 2: DL and IoU per type (mean ± std across N)", "Table 2")]
+    write_table(tdf, fig_d / "tests")
+    arts.append(
+        Artifact(
+            str(fig_d / "tests.csv"), "data", "Every t-test (kind, k, t, p, mean difference) with the paper's p", "§2.8"
+        )
+    )
+    figs = [
+        ("table1", figure_table1(t1v, paper), "Table 1: FID and MS-SSIM with error bars", "Table 1"),
+        (
+            "table2",
+            figure_table2(seg[seg.table == 2] if seg is not None else None, paper, str(cfg.table2_types).split()),
+            "Table 2: DL and IoU per type (mean ± std across N)",
+            "Table 2",
+        ),
+    ]
     modes = sorted(set(seg[seg.table == 3]["mode"]) - {""}) if seg is not None else []
     for mode in modes or [cfg.table3_mode]:
-        figs.append((f"table3_{mode}", figure_table3(seg[seg.table == 3] if seg is not None else None, paper,
-                     ["real"] + [t for t in str(cfg.table3_types).split() if t != "real"],
-                     sorted(set(int(v) for v in str(cfg.table3_n).split()) | set(paper["seg"].query("table == 3").n)), mode),
-                     f"Table 3 ({mode}): IoU and DL against N (mean ± std across r)", "Table 3"))
+        figs.append(
+            (
+                f"table3_{mode}",
+                figure_table3(
+                    seg[seg.table == 3] if seg is not None else None,
+                    paper,
+                    ["real"] + [t for t in str(cfg.table3_types).split() if t != "real"],
+                    sorted(set(int(v) for v in str(cfg.table3_n).split()) | set(paper["seg"].query("table == 3").n)),
+                    mode,
+                ),
+                f"Table 3 ({mode}): IoU and DL against N (mean ± std across r)",
+                "Table 3",
+            )
+        )
     for name, fig, title, ref in figs:
-        p = save_figure(fig, fig_d/f"{name}.png", dpi=110); plt.close(fig)
+        p = save_figure(fig, fig_d / f"{name}.png", dpi=110)
+        plt.close(fig)
         arts.append(Artifact(str(p), "figure", title, ref))
     audit = audit_paper(paper)
     write_paper_audit(cfg, audit)
     n = audit.verdict.value_counts()
-    arts.append(Artifact(str(fig_d/"paper_audit.md"), "table", "Paper audit: the text's statistics re-derived from its tables",
-                         "§3.2, §3.3, Appendix B.1", value=f"{n.get('✓', 0)} ✓, {n.get('⚠', 0)} ⚠, {n.get('✗', 0)} ✗"))
+    arts.append(
+        Artifact(
+            str(fig_d / "paper_audit.md"),
+            "table",
+            "Paper audit: the text's statistics re-derived from its tables",
+            "§3.2, §3.3, Appendix B.1",
+            value=f"{n.get('✓', 0)} ✓, {n.get('⚠', 0)} ⚠, {n.get('✗', 0)} ✗",
+        )
+    )
     sig = int(tdf["significant"].sum()) if len(tdf) else 0
-    summary = {"tests": len(tdf), "tests_with_p": int(np.isfinite(tdf["p"]).sum()) if len(tdf) else 0, "significant": sig,
-               "audit_agree": int(n.get("✓", 0)), "audit_last_digit": int(n.get("⚠", 0)), "audit_unsupported": int(n.get("✗", 0)),
-               "intrinsic": t1v is not None, "segmentation": seg is not None}
+    summary = {
+        "tests": len(tdf),
+        "tests_with_p": int(np.isfinite(tdf["p"]).sum()) if len(tdf) else 0,
+        "significant": sig,
+        "audit_agree": int(n.get("✓", 0)),
+        "audit_last_digit": int(n.get("⚠", 0)),
+        "audit_unsupported": int(n.get("✗", 0)),
+        "intrinsic": t1v is not None,
+        "segmentation": seg is not None,
+    }
     write_manifest(cfg, "statistics", arts, summary=summary, notes=notes)
-    if progress: print(f"statistics: {summary['tests_with_p']} of {summary['tests']} t-tests computed; paper audit "
-                       f"{summary['audit_agree']} ✓ / {summary['audit_last_digit']} ⚠ / {summary['audit_unsupported']} ✗ → {fig_d}")
+    if progress:
+        print(
+            f"statistics: {summary['tests_with_p']} of {summary['tests']} t-tests computed; paper audit "
+            f"{summary['audit_agree']} ✓ / {summary['audit_last_digit']} ⚠ / {summary['audit_unsupported']} ✗ → {fig_d}"
+        )
     return {**summary, "tables": {k: v.to_dict("records") for k, v in tabs.items()}, "notes": notes}

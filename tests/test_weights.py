@@ -1,4 +1,5 @@
 "Pretrained-weights resolver: the real FID Inception on real Kvasir images, missing files, substitutes, local DINO/VGG files."
+
 import re
 from pathlib import Path
 
@@ -23,35 +24,42 @@ def empty_home(tmp_path, monkeypatch):
     "A HOME/TORCH_HOME/HF cache with no weights in it, and no DIFFUSEGEN_*_WEIGHTS variables."
     for k in ["XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE"] + [s.env for s in W.WEIGHTS.values()]:
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path/"home"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path/"home"/"torch"))
-    return tmp_path/"home"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home" / "torch"))
+    return tmp_path / "home"
 
 
 def _kvasir_image(root: Path, i: int) -> torch.Tensor:
-    p = sorted((root/"images").glob("*.jpg"))[i]
+    p = sorted((root / "images").glob("*.jpg"))[i]
     return torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)[None]
 
 
 def test_inception_features_on_real_kvasir(kvasir_root):
-    fid_file = _real_inception_or_skip()
+    _real_inception_or_skip()
     cfg = load_config("smoke")
     model, prov = W.resolve_weights("inception", cfg)
     a, b = _kvasir_image(kvasir_root, 0), _kvasir_image(kvasir_root, 1)
     fa, fb, fa2 = W.inception_features(model, a), W.inception_features(model, b), W.inception_features(model, a)
     assert fa.shape == (1, 2048) and fa.dtype == torch.float32
     assert torch.isfinite(fa).all() and torch.isfinite(fb).all()
-    assert (fa - fb).abs().max() > 1e-2                      # two different images, two different features
-    assert torch.equal(fa, fa2)                              # the same image twice, the same feature
+    assert (fa - fb).abs().max() > 1e-2  # two different images, two different features
+    assert torch.equal(fa, fa2)  # the same image twice, the same feature
     # the same image resized to 299 and fed as clean-fid does (float [0, 255]) gives the same feature
     u = torch.nn.functional.interpolate(a.float(), size=(299, 299), mode="bilinear", align_corners=False)
     with torch.no_grad():
         torch.testing.assert_close(W.CleanFIDExtractor(model)(u), fa, atol=1e-5, rtol=1e-5)
     # batching does not change the numbers
-    same = torch.cat([W.inception_features(model, torch.nn.functional.interpolate(x.float(), size=(300, 300)).round().byte())
-                      for x in (a, b)])
-    both = W.inception_features(model, torch.cat([torch.nn.functional.interpolate(x.float(), size=(300, 300)).round().byte()
-                                                  for x in (a, b)]), batch_size=2)
+    same = torch.cat(
+        [
+            W.inception_features(model, torch.nn.functional.interpolate(x.float(), size=(300, 300)).round().byte())
+            for x in (a, b)
+        ]
+    )
+    both = W.inception_features(
+        model,
+        torch.cat([torch.nn.functional.interpolate(x.float(), size=(300, 300)).round().byte() for x in (a, b)]),
+        batch_size=2,
+    )
     torch.testing.assert_close(both, same, atol=1e-4, rtol=1e-4)
 
 
@@ -60,7 +68,7 @@ def test_inception_provenance_and_cache():
     cfg = load_config("smoke")
     m1, prov = W.resolve_weights("inception", cfg)
     m2, prov2 = W.resolve_weights("inception", cfg)
-    assert m1 is m2                                          # served from the in-process cache
+    assert m1 is m2  # served from the in-process cache
     assert prov["source"] == str(fid_file) and "default_1.pt" in prov["label"]
     assert re.fullmatch(r"[0-9a-f]{64}", prov["sha256"]) and prov2["sha256"] == prov["sha256"]
     assert prov["sha256"] == sha256_file(fid_file)
@@ -76,11 +84,13 @@ def test_inception_configured_nvidia_layout(tmp_path, empty_home):
 
     class Top(torch.nn.Module):
         def __init__(self, layers):
-            super().__init__(); self.layers = layers
+            super().__init__()
+            self.layers = layers
+
         def forward(self, x):
             return self.layers(x)
 
-    path = tmp_path/"inception-2015-12-05.pt"
+    path = tmp_path / "inception-2015-12-05.pt"
     torch.jit.save(torch.jit.script(Top(ref.layers)), str(path))
     model, prov = W.resolve_weights("inception", cfg.replace(inception_weights=str(path)))
     assert prov["source"] == str(path) and "inception_weights" in prov["origin"]
@@ -96,7 +106,7 @@ def test_missing_weights_one_line(name, empty_home):
     msg = str(e.value)
     spec = W.WEIGHTS[name]
     assert "\n" not in msg
-    assert str(empty_home/"torch"/"hub"/"checkpoints") in msg and spec.filename in msg
+    assert str(empty_home / "torch" / "hub" / "checkpoints") in msg and spec.filename in msg
     assert spec.setting in msg and spec.env in msg and spec.url in msg
 
 
@@ -114,7 +124,7 @@ def test_substitutes_labelled_and_shaped(empty_home):
     assert e.shape == (2, dino.dim) == (2, 2048) and torch.isfinite(e).all()
     maps = vgg(x)
     assert {k: tuple(v.shape) for k, v in maps.items()} == {"conv1_1": (2, 32, 23, 23), "conv2_1": (2, 80, 10, 10)}
-    assert all((v >= 0).all() for v in maps.values())        # rectified, like VGG's relu1_1/relu2_1
+    assert all((v >= 0).all() for v in maps.values())  # rectified, like VGG's relu1_1/relu2_1
     # the DINO substitute is the FID feature of the same image in [0, 255]
     inc, _ = W.resolve_weights("inception", cfg)
     u8 = ((x[:1] + 1) * 127.5).round().byte()
@@ -129,9 +139,10 @@ def test_substitutes_never_in_paper_profile(empty_home):
 def test_dino_local_safetensors(tmp_path, empty_home):
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
+
     torch.manual_seed(0)
     direct = timm.create_model(W.DINO_TIMM_NAME, pretrained=False, num_classes=0, dynamic_img_size=True).eval()
-    path = tmp_path/"dino_vitb8.safetensors"
+    path = tmp_path / "dino_vitb8.safetensors"
     save_file({k: v.contiguous() for k, v in direct.state_dict().items()}, str(path))
     cfg = load_config("smoke", {"dino_weights": str(path), "allow_substitute_weights": True})
     net, prov = W.resolve_weights("dino_vitb8", cfg)
@@ -143,14 +154,19 @@ def test_dino_local_safetensors(tmp_path, empty_home):
         # independent reference: the last block's output token 0 via a forward hook, as the paper's code takes it
         kept = []
         h = direct.blocks[-1].register_forward_hook(lambda m, i, o: kept.append(o))
-        direct(W.DinoCLS(direct).preprocess(x)); h.remove()
+        direct(W.DinoCLS(direct).preprocess(x))
+        h.remove()
     assert got.shape == (1, 768)
     torch.testing.assert_close(got, kept[0][:, 0])
     # the official DINO layout (teacher/backbone prefixes, projection head) maps onto the same weights
-    official = {"teacher": {f"module.backbone.{k}": v for k, v in direct.state_dict().items()}
-                | {"module.head.last_layer.weight_g": torch.ones(1)}}
-    torch.save(official, tmp_path/"dino_vitbase8_pretrain.pth")
-    net2, prov2 = W.resolve_weights("dino_vitb8", cfg.replace(dino_weights=str(tmp_path/"dino_vitbase8_pretrain.pth")))
+    official = {
+        "teacher": {f"module.backbone.{k}": v for k, v in direct.state_dict().items()}
+        | {"module.head.last_layer.weight_g": torch.ones(1)}
+    }
+    torch.save(official, tmp_path / "dino_vitbase8_pretrain.pth")
+    net2, prov2 = W.resolve_weights(
+        "dino_vitb8", cfg.replace(dino_weights=str(tmp_path / "dino_vitbase8_pretrain.pth"))
+    )
     with torch.no_grad():
         torch.testing.assert_close(net2(x), got)
 
@@ -158,9 +174,10 @@ def test_dino_local_safetensors(tmp_path, empty_home):
 def test_vgg_local_safetensors(tmp_path, empty_home):
     torchvision = pytest.importorskip("torchvision")
     from safetensors.torch import save_file
+
     torch.manual_seed(0)
     direct = torchvision.models.vgg19(weights=None).eval()
-    path = tmp_path/"vgg19.safetensors"
+    path = tmp_path / "vgg19.safetensors"
     save_file({k: v.contiguous() for k, v in direct.state_dict().items()}, str(path))
     net, prov = W.resolve_weights("vgg19", load_config("smoke", {"vgg_weights": str(path)}))
     assert isinstance(net, W.VGGFeatures) and prov["substitute"] is False and prov["source"] == str(path)
@@ -171,10 +188,13 @@ def test_vgg_local_safetensors(tmp_path, empty_home):
         h, kept = W._imagenet_norm(x.clone()), {}
         for i, layer in enumerate(direct.features[:7]):
             h = layer(h)
-            if i == 0: kept["conv1_1"] = h
-            if i == 5: kept["conv2_1"] = h
+            if i == 0:
+                kept["conv1_1"] = h
+            if i == 5:
+                kept["conv2_1"] = h
     assert got["conv1_1"].shape == (2, 64, 32, 32) and got["conv2_1"].shape == (2, 128, 16, 16)
-    for k in kept: torch.testing.assert_close(got[k], kept[k])
+    for k in kept:
+        torch.testing.assert_close(got[k], kept[k])
     # rectified=False gives the raw convolution outputs
     net.rectified = False
     with torch.no_grad():
@@ -184,7 +204,8 @@ def test_vgg_local_safetensors(tmp_path, empty_home):
 
 
 def test_bad_weights_file_one_line(tmp_path, empty_home):
-    bad = tmp_path/"vgg19.safetensors"; bad.write_bytes(b"not a safetensors file")
+    bad = tmp_path / "vgg19.safetensors"
+    bad.write_bytes(b"not a safetensors file")
     with pytest.raises(W.BadWeights) as e:
         W.resolve_weights("vgg19", load_config("smoke", {"vgg_weights": str(bad)}))
     assert "\n" not in str(e.value) and str(bad) in str(e.value)
@@ -193,18 +214,21 @@ def test_bad_weights_file_one_line(tmp_path, empty_home):
 def test_env_var_and_hub_cache(tmp_path, empty_home, monkeypatch):
     torchvision = pytest.importorskip("torchvision")
     sd = torchvision.models.vgg19(weights=None).features.state_dict()
-    hub = empty_home/"torch"/"hub"/"checkpoints"; hub.mkdir(parents=True)
-    torch.save({f"features.{k}": v for k, v in sd.items()}, hub/"vgg19-dcbb9e9d.pth")   # features only: accepted
+    hub = empty_home / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save({f"features.{k}": v for k, v in sd.items()}, hub / "vgg19-dcbb9e9d.pth")  # features only: accepted
     _, prov = W.resolve_weights("vgg19", load_config("paper"))
-    assert prov["source"] == str(hub/"vgg19-dcbb9e9d.pth") and "torch hub" in prov["origin"]
-    monkeypatch.setenv("DIFFUSEGEN_VGG_WEIGHTS", str(tmp_path/"missing.pth"))
+    assert prov["source"] == str(hub / "vgg19-dcbb9e9d.pth") and "torch hub" in prov["origin"]
+    monkeypatch.setenv("DIFFUSEGEN_VGG_WEIGHTS", str(tmp_path / "missing.pth"))
     with pytest.raises(WeightsNotFound, match="DIFFUSEGEN_VGG_WEIGHTS"):
         W.resolve_weights("vgg19", load_config("paper"))
 
 
 def test_download_offline_one_line(tmp_path):
     with pytest.raises(WeightsNotFound) as e:
-        W.download_weights("dino_vitb8", tmp_path, url="http://127.0.0.1:9/dino_vitbase8_pretrain.pth", timeout=5, progress=False)
+        W.download_weights(
+            "dino_vitb8", tmp_path, url="http://127.0.0.1:9/dino_vitbase8_pretrain.pth", timeout=5, progress=False
+        )
     msg = str(e.value)
     assert "\n" not in msg and "dino_vitbase8_pretrain.pth" in msg and str(tmp_path) in msg
     assert list(tmp_path.iterdir()) == []
@@ -216,6 +240,6 @@ def test_weights_report(empty_home):
     assert rows["dino_vitb8"]["status"] == "substitute" and rows["dino_vitb8"]["label"].startswith("SUBSTITUTE:")
     if W.fid_helper_file() is not None and W.fid_helper_file().is_file():
         assert rows["inception"]["status"] == "found" and len(rows["inception"]["sha256"]) == 64
-        assert rows["vgg19"]["source"] == rows["inception"]["source"]     # the substitute's file is the Inception's
+        assert rows["vgg19"]["source"] == rows["inception"]["source"]  # the substitute's file is the Inception's
     rows = {r["name"]: r for r in W.weights_report(load_config("paper"), with_hash=False)}
     assert rows["vgg19"]["status"] == "missing" and "vgg19-dcbb9e9d.pth" in rows["vgg19"]["message"]
