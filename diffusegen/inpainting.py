@@ -32,6 +32,7 @@ from diffusegen.diffusion import (
     precision_label,
     sampling_fn,
     auto_batch,
+    release_memory,
 )
 from .data import ellipse, dilate_mask
 from .training import weights_file
@@ -320,6 +321,8 @@ def generate_type(
         mt = [r for r in todo if r["model"] == model]
         if stopped or not mt:
             continue
+        unet = fn = None
+        release_memory()  # the previous model's weights, before the next one is loaded
         unet = load_unet(tdir / model, device).eval()
         fn = sampling_fn(unet, cfg, device)
         bs = (

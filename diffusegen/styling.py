@@ -41,6 +41,7 @@ from diffusegen.diffusion import (
     auto_batch,
     amp_dtype,
     precision_label,
+    release_memory,
 )
 from .training import make_diffusion, load_unet, weights_file
 from diffusegen.sets import (
@@ -508,6 +509,8 @@ def style_type(
     bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc=kind, unit="sample", disable=not progress)
     for model_name, grp in pending.groupby("model", sort=False):
         if model_name not in nets_cache:
+            nets_cache.clear()  # one diffusion model at a time: 20 paper-scale models would hold 44 GB
+            release_memory()
             mdir = cfg.run_dir / "training" / str(model_name)
             sha = sha256_file(weights_file(mdir))
             nets_cache[model_name] = (StyleNets(load_unet(mdir, device), cfg, cls_net, vgg_net, device), sha)

@@ -36,7 +36,7 @@ from diffusegen.core import (
     sha256_file,
     project_root,
 )
-from .diffusion import GaussianDiffusion, linear_betas, space_timesteps, amp_dtype
+from .diffusion import GaussianDiffusion, linear_betas, space_timesteps, amp_dtype, release_memory
 
 # %% auto #0
 __all__ = ['parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters', 'model_specs',
@@ -786,6 +786,7 @@ def run_training(
             recs.append(
                 train_model(spec, imgs, cfg, run_d / spec.name, resume=resume, progress=progress, accelerator=acc)
             )
+            release_memory()  # this model's weights, gradients, Adam state and EMA, before the next one is built
     summary = {"models": recs, "table": None}
     # first/final_loss: the mean loss of the first and last tenth of the steps (each a random draw: a noisy view);
     # init_fixed_loss → fixed_loss: the loss on the same seeded draws before and after training (the comparison)
