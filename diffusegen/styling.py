@@ -386,7 +386,13 @@ def style_networks(cfg: Config, device) -> tuple:
 def weights_tag(provenance: list) -> str:
     "A short text for figure titles: each network's name, and SUBSTITUTE where it is one."
     return "; ".join(
-        f"{p['name']}: " + ("SUBSTITUTE (FID Inception-v3)" if p["substitute"] else p["label"]) for p in provenance
+        f"{p['name']}: "
+        + (
+            ("RANDOM WEIGHTS" if p.get("origin") == "random" else "SUBSTITUTE (FID Inception-v3)")
+            if p["substitute"]
+            else p["label"]
+        )
+        for p in provenance
     )
 
 # %% ../nbs/05_styling.ipynb #72eb000f
