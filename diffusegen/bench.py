@@ -29,7 +29,7 @@ from diffusegen.core import (
 __all__ = ['GPU_PEAK_TFLOPS', 'PAPER_SEG_ENCODER', 'PARTS', 'DEMO_FAST_SETTINGS', 'FAST_SETTING', 'device_peak', 'forward_flops',
            'train_worker', 'bench_train', 'generate_worker', 'bench_generate', 'style_worker', 'bench_style',
            'segment_throughput', 'segment_worker', 'bench_segment', 'run_bench', 'fast_sampler_curve',
-           'fast_sampler_nfe']
+           'fast_sampler_nfe', 'checkpoint_curve', 'curve_figure', 'ship_checkpoint']
 
 # %% ../nbs/92_bench.ipynb #328a5e56
 # (name substring, bf16/fp16 dense tensor TFLOP/s, fp32 TFLOP/s): vendors' data sheets, without sparsity
@@ -891,6 +891,69 @@ def _setting_cfg(cfg, s: dict):
     return cfg.replace(**over)
 
 
+def _curve_inputs(cfg, n_images: int, run_d: Path) -> dict:
+    """What a sampler curve inpaints and compares with: `n_images` seeded training images (their 4-channel tensors, the
+    known region, per-image seeds) and every training image as a PNG under `run_d`/real (the FID reference)."""
+    from diffusegen.core import step_seed, save_png
+    from diffusegen.training import training_images
+    from diffusegen.inpainting import inpaint_inputs, to_uint8
+
+    x4, ids = training_images(cfg)
+    n = min(n_images, len(ids))
+    pick = np.random.default_rng(step_seed(cfg.seed, "fast_sampler/subset", 0)).permutation(len(ids))[:n]
+    init4, known, _ = inpaint_inputs(x4[pick], cfg.dilation)
+    real_dir = run_d / "real"
+    real_dir.mkdir(parents=True, exist_ok=True)
+    real_files = []
+    for k, sid in enumerate(ids):
+        p = real_dir / f"{sid}.png"
+        if not p.exists():
+            save_png(np.ascontiguousarray(to_uint8(x4[k, :3])), p)
+        real_files.append(p)
+    return {
+        "n": n,
+        "names": [str(ids[i]) for i in pick],
+        "init4": init4,
+        "known": known,
+        "seeds": [step_seed(cfg.seed, f"fast_sampler/{ids[i]}", 0) for i in pick],
+        "real_files": real_files,
+        "sources": [real_files[i] for i in pick],
+    }
+
+
+def _inpaint_files(fn, c, inp: dict, d: Path, batch: int, dev) -> tuple[list, float, int]:
+    "RePaint every image of `inp` under the settings `c` with the network `fn`: (PNG files in `d`, seconds, NFE per image)."
+    from diffusegen.core import torch_generator, save_png
+    from diffusegen.inpainting import inpaint_diffusion, repaint, schedule_counts, variant_start, to_uint8
+
+    start, diff = variant_start(c), inpaint_diffusion(c)
+    nfe = schedule_counts(c.timestep_respacing, c.jump_length, c.resample, start)["nfe"]
+    d.mkdir(parents=True, exist_ok=True)
+    files, secs = [], 0.0
+    for b in range(0, inp["n"], batch):
+        sl = slice(b, b + batch)
+        t0 = time.perf_counter()
+        out = repaint(
+            fn,
+            diff,
+            inp["init4"][sl].to(dev),
+            inp["known"][sl].to(dev),
+            [torch_generator(sd, dev) for sd in inp["seeds"][sl]],
+            c.jump_length,
+            c.resample,
+            start,
+            sampler=c.inpaint_sampler,
+            eta=c.ddim_eta,
+        )
+        _sync(dev)
+        secs += time.perf_counter() - t0
+        for name, a in zip(inp["names"][sl], to_uint8(out)):
+            f = d / f"{name}.png"
+            save_png(np.ascontiguousarray(a[..., :3]), f)
+            files.append(f)
+    return files, secs, nfe
+
+
 def fast_sampler_curve(
     cfg,
     settings: list[dict] | None = None,
@@ -901,21 +964,10 @@ def fast_sampler_curve(
     write: bool = True,
 ) -> pd.DataFrame:
     "FID against network evaluations per image for inpainting `settings` (default `DEMO_FAST_SETTINGS`) on `n_images` training images; writes table, figure and manifest under figures/<profile>/fast_sampler/."
-    from diffusegen.core import resolve_device, torch_generator
-    from diffusegen.core import step_seed
-    from diffusegen.training import training_images, load_unet
-    from diffusegen.core import save_png, sha256_file
+    from diffusegen.core import resolve_device, sha256_file
+    from diffusegen.training import load_unet, weights_file
     from diffusegen.diffusion import sampling_fn
-    from diffusegen.training import weights_file
-    from diffusegen.inpainting import (
-        inpaint_inputs,
-        inpaint_diffusion,
-        repaint,
-        schedule_counts,
-        variant_start,
-        to_uint8,
-        CPU_BATCH,
-    )
+    from diffusegen.inpainting import CPU_BATCH
     from diffusegen.intrinsic import fid_between
 
     how = "diffusegen.intrinsic.fid_between"
@@ -926,56 +978,20 @@ def fast_sampler_curve(
         raise DiffusegenError(
             f"{mdir}: no trained model {model!r}; run the training stage first (diffusegen reproduce --only training)"
         )
-    run_d, fig_d = stage_dirs(cfg, "fast_sampler")
+    run_d = stage_dirs(cfg, "fast_sampler")[0]
     dev = resolve_device(cfg)
-    x4, ids = training_images(cfg)
-    n = min(n_images, len(ids))
-    pick = np.random.default_rng(step_seed(cfg.seed, "fast_sampler/subset", 0)).permutation(len(ids))[:n]
-    init4, known, _ = inpaint_inputs(x4[pick], cfg.dilation)
-    seeds = [step_seed(cfg.seed, f"fast_sampler/{ids[i]}", 0) for i in pick]
-    unet = load_unet(mdir, dev).eval()
-    fn = sampling_fn(unet, cfg, dev)
+    inp = _curve_inputs(cfg, n_images, run_d)
+    n = inp["n"]
+    fn = sampling_fn(load_unet(mdir, dev).eval(), cfg, dev)
     bs = batch or cfg.inpaint_batch or CPU_BATCH
     fcfg = cfg.replace(fid_images=0) if hasattr(cfg, "fid_images") else cfg  # every real training image, no cap
-    real_dir = run_d / "real"
-    real_dir.mkdir(parents=True, exist_ok=True)
-    real_files = []
-    for k, sid in enumerate(ids):
-        p = real_dir / f"{sid}.png"
-        if not p.exists():
-            save_png(np.ascontiguousarray(to_uint8(x4[k, :3])), p)
-        real_files.append(p)
+    real_files = inp["real_files"]
     rows = []
     for s in settings:
         c = _setting_cfg(cfg, s)
         label = s.get("label") or json.dumps({k: v for k, v in s.items() if k != "reference"})
-        start = variant_start(c)
-        diff = inpaint_diffusion(c)
-        nfe = schedule_counts(c.timestep_respacing, c.jump_length, c.resample, start)["nfe"]
         d = run_d / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
-        d.mkdir(parents=True, exist_ok=True)
-        files, secs = [], 0.0
-        for b in range(0, n, bs):
-            sl = slice(b, b + bs)
-            t0 = time.perf_counter()
-            out = repaint(
-                fn,
-                diff,
-                init4[sl].to(dev),
-                known[sl].to(dev),
-                [torch_generator(sd, dev) for sd in seeds[sl]],
-                c.jump_length,
-                c.resample,
-                start,
-                sampler=c.inpaint_sampler,
-                eta=c.ddim_eta,
-            )
-            _sync(dev)
-            secs += time.perf_counter() - t0
-            for j, a in zip(range(b, b + bs), to_uint8(out)):
-                f = d / f"{ids[pick[j]]}.png"
-                save_png(np.ascontiguousarray(a[..., :3]), f)
-                files.append(f)
+        files, secs, nfe = _inpaint_files(fn, c, inp, d, bs, dev)
         fid = fid_of(files, real_files)
         rows.append(
             {
@@ -1000,7 +1016,7 @@ def fast_sampler_curve(
     ref = df[df.reference].iloc[0] if df.reference.any() else df.iloc[0]
     df["nfe_fraction"] = (df.nfe_per_image / ref.nfe_per_image).round(4)
     df["fid_ratio"] = (df.fid / ref.fid).round(4)
-    floor = fid_of([real_files[i] for i in pick], real_files)  # the sources themselves: a perfect inpainting
+    floor = fid_of(inp["sources"], real_files)  # the sources themselves: a perfect inpainting
     df["fid_excess"] = (df.fid - floor).round(3)
     df["excess_ratio"] = (df.fid_excess / (ref.fid - floor)).round(4)
     df["meets_goal"] = (df.nfe_fraction <= 0.25) & (df.fid_ratio <= 1.10)
@@ -1095,3 +1111,100 @@ def fast_sampler_nfe(profile: str, label: str = FAST_SETTING, settings: dict | N
         load_config(profile, settings or {}), next(s for s in DEMO_FAST_SETTINGS if s.get("label") == label)
     )
     return schedule_counts(c.timestep_respacing, c.jump_length, c.resample, variant_start(c))["nfe"]
+
+# %% ../nbs/92_bench.ipynb #53344f22
+def _checkpoint_ema(path: Path) -> tuple[Path, int]:
+    "(EMA weights folder, step) of a checkpoint folder (state.json + unet_ema/) or a finished model folder (final/)."
+    path = Path(path)
+    if (path / "final" / "model.json").exists():
+        return path / "final" / "unet_ema", int(json.loads((path / "final" / "model.json").read_text())["steps"])
+    if (path / "state.json").exists() and (path / "unet_ema").is_dir():
+        return path / "unet_ema", int(json.loads((path / "state.json").read_text())["step"])
+    raise DiffusegenError(
+        f"{path}: neither a checkpoint (state.json, unet_ema/) nor a finished model (final/model.json)"
+    )
+
+
+def checkpoint_curve(
+    cfg, checkpoints: list, n_images: int = 48, batch: int | None = None, progress: bool = True
+) -> pd.DataFrame:
+    """FID and KID (against every training image) of the RePaint samples each checkpoint's EMA weights draw from pure
+    noise with the profile's sampler, on the same `n_images` seeded images and seeds; one row per checkpoint, in step
+    order. `df.attrs['floor']`: FID and KID of the source images themselves."""
+    from diffusegen.core import resolve_device, sha256_file
+    from diffusegen.training import load_unet
+    from diffusegen.diffusion import sampling_fn
+    from diffusegen.inpainting import CPU_BATCH
+    from diffusegen.intrinsic import file_features, fid_from_features, kid_from_features
+
+    c = cfg.replace(inpaint_variant="paper-code")  # from pure noise: how the demo uses a shipped model
+    run_d, dev = stage_dirs(cfg, "checkpoint_curve")[0], resolve_device(cfg)
+    inp = _curve_inputs(cfg, n_images, run_d)
+    ref = file_features(cfg, inp["real_files"])
+    score = lambda files: (
+        fid_from_features(file_features(cfg, files), ref),
+        kid_from_features(file_features(cfg, files), ref, seed=cfg.seed),
+    )
+    rows = []
+    for ema, step in sorted((_checkpoint_ema(p) for p in checkpoints), key=lambda e: e[1]):
+        fn = sampling_fn(load_unet(ema, dev).eval(), c, dev)
+        files, secs, nfe = _inpaint_files(
+            fn, c, inp, run_d / f"step_{step:06d}", batch or c.inpaint_batch or CPU_BATCH, dev
+        )
+        fid, kid = score(files)
+        rows.append(
+            {
+                "step": step,
+                "images": inp["n"],
+                "nfe": nfe,
+                "fid": round(fid, 3),
+                "kid": round(kid, 5),
+                "seconds": round(secs, 1),
+                "weights_sha256": sha256_file(next(ema.glob("*.safetensors"))),
+            }
+        )
+        if progress:
+            print(f"step {step}: FID {fid:.2f}, KID {kid:.4f} ({inp['n']} images, {nfe} NFE, {secs:.0f} s)", flush=True)
+    df = pd.DataFrame(rows)
+    fid0, kid0 = score(inp["sources"])
+    df.attrs["floor"] = {"fid": round(fid0, 3), "kid": round(kid0, 5), "images": inp["n"]}
+    return df
+
+# %% ../nbs/92_bench.ipynb #dfb1671a
+def curve_figure(df: pd.DataFrame, title: str):
+    "FID and KID against training steps (two panels), with the floor of the source images themselves as a dotted line."
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    floor = df.attrs.get("floor") or {}
+    for ax, k, name in ((axes[0], "fid", "FID"), (axes[1], "kid", "KID")):
+        ax.plot(df.step, df[k], "o-")
+        if k in floor:
+            ax.axhline(floor[k], color="tab:red", ls=":", lw=0.9, label=f"the sources themselves ({floor[k]:.3g})")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{name} vs the real training images")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def ship_checkpoint(
+    cfg, src, dest, curve: list = (), n_images: int = 48, command: str = "", progress: bool = True
+) -> dict:
+    """Ship the EMA weights of `src` (a checkpoint or finished full model of `cfg`'s profile) as `dest` (e.g.
+    `weights/demo-full-64`): measure `checkpoint_curve` over `curve` and `src`, draw it (`<dest>-curve.png`), and write
+    the weights and their card with `training.ship_weights`."""
+    from diffusegen.training import ship_weights
+
+    dest = Path(dest)
+    todo = list(dict.fromkeys([*map(Path, curve), Path(src)]))
+    df = checkpoint_curve(cfg, todo, n_images=n_images, progress=progress)
+    rows = df[["step", "images", "fid", "kid"]].to_dict("records")
+    card = ship_weights(cfg, src, dest, command, curve=rows, floor=df.attrs["floor"])
+    fig = curve_figure(df, f"{dest.name}: RePaint samples ({df.nfe.iloc[0]} NFE, pure noise) over training")
+    save_figure(fig, dest.parent / f"{dest.name}-curve.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return card

@@ -169,6 +169,24 @@ def _cmd_style(a) -> int:
     return 0
 
 
+def _cmd_ship(a) -> int:
+    from diffusegen.bench import ship_checkpoint
+
+    cfg = _stage_cfg(a)
+    made = (
+        f"diffusegen reproduce --profile {a.profile} --data KVASIR-SEG --only data clustering && "
+        f"diffusegen train --profile {a.profile} --full"
+    )
+    card = ship_checkpoint(
+        cfg, a.src, a.dest or cfg.shipped_weights, curve=a.curve or [], n_images=a.images, command=made
+    )
+    print(
+        f"{card['file']}: {card['steps']} steps, sha256 {card['sha256'][:12]}…, FID/KID "
+        + ", ".join(f"{r['step']}: {r['fid']:.1f}/{r['kid']:.4f}" for r in card["fid_curve"])
+    )
+    return 0
+
+
 def _cmd_bench(a) -> int:
     from diffusegen import bench
 
@@ -458,6 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a profile setting, e.g. compile=true or inpaint_batch=32 (repeatable)",
     )
     b.set_defaults(func=_cmd_bench)
+    sh = sub.add_parser(
+        "ship",
+        help="write a trained full model's EMA weights as the demo's shipped weights, with their card and FID/KID curve",
+        description="Measure FID and KID of RePaint samples over the given checkpoints (and SRC), then write "
+        "<dest>.safetensors (fp16 EMA weights), <dest>.json and <dest>.md (the model card) and <dest>-curve.png.",
+    )
+    sh.add_argument("src", help="a checkpoint folder (state.json, unet_ema/) or a finished model folder (final/)")
+    sh.add_argument("--profile", default="demo-weights", help="the profile that trained it (default demo-weights)")
+    sh.add_argument("--curve", nargs="*", help="earlier checkpoint folders for the curve")
+    sh.add_argument("--images", type=int, default=48, help="inpainted images per checkpoint (default 48)")
+    sh.add_argument("--dest", help="base name of the files (default: the profile's shipped_weights)")
+    sh.add_argument("--out", help="folder for figures/ and runs/ (where the profile's data stage ran)")
+    sh.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
+    sh.set_defaults(func=_cmd_ship)
 
     sa = sub.add_parser(
         "stats",

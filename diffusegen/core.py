@@ -289,6 +289,12 @@ class Config:
         "inception = layers of the FID Inception stand in (labelled); random = the "
         "real DINO/VGG architectures with seeded random weights (dry runs: cost, shapes and memory only)",
     )
+    cls_substitute_size: int = _f(
+        299,
+        "styling",
+        "input size of the FID Inception standing in for DINO's [CLS] (299 = its own; smaller is cheaper)",
+        ge=75,
+    )
     # run
     dry_run: bool = _f(
         False, "run", "set by `--dry-run`: the [dry-run] section's counts on top of a profile; every output says so"
@@ -304,7 +310,7 @@ class Config:
         "mixed_precision": ("no", "bf16", "fp16"),
         "sample_weights": ("raw", "ema"),
         "clusters_from": ("kmeans", "paper"),
-        "inpaint_variant": ("paper-code", "paper-text"),
+        "inpaint_variant": ("paper-code", "paper-text", "auto"),
         "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"),
         "table3_mode": ("add", "replace"),
         "executor": ("local", "slurm", "debug"),
@@ -369,11 +375,11 @@ class Config:
                 "jump_length",
                 f"< timestep_respacing={self.timestep_respacing} (resample={self.resample} jumps back jump_length steps)",
             )
-        if self.inpaint_variant == "paper-text":
+        if self.inpaint_variant in ("paper-text", "auto"):  # auto may resolve to paper-text
             need(
                 self.skip_timesteps < self.timestep_respacing,
                 "skip_timesteps",
-                f"< timestep_respacing={self.timestep_respacing} (inpaint_variant=paper-text starts after the skipped steps)",
+                f"< timestep_respacing={self.timestep_respacing} (inpaint_variant={self.inpaint_variant}: paper-text starts after the skipped steps)",
             )
         need(
             self.style_start < self.style_respacing,

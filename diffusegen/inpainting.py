@@ -51,9 +51,9 @@ from diffusegen.sets import (
 )
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts', 'variant_start', 'refine_mask', 'to_uint8',
-           'inpaint_inputs', 'repaint', 'inpaint_diffusion', 'inpaint_params', 'settings_key', 'plan_samples',
-           'generate_type', 'fig5', 'run_inpainting']
+__all__ = ['SAMPLERS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts', 'resolve_variant', 'variant_start',
+           'refine_mask', 'to_uint8', 'inpaint_inputs', 'repaint', 'inpaint_diffusion', 'inpaint_params',
+           'settings_key', 'plan_samples', 'generate_type', 'fig5', 'run_inpainting']
 
 # %% ../nbs/04_inpainting.ipynb #e39ca771
 def jump_schedule(T: int, jump_length: int = 10, resample: int = 5, start: int | None = None) -> list[int]:
@@ -88,9 +88,27 @@ def schedule_counts(T: int, jump_length: int = 10, resample: int = 5, start: int
     }
 
 
+def resolve_variant(cfg: Config) -> tuple[str, str]:
+    """(variant, why) of this run: `inpaint_variant`, or for `auto` paper-code when the full-data model is the shipped one
+    (trained long enough to draw a polyp from pure noise, as the paper's code starts) and paper-text otherwise (a model
+    trained here for minutes draws none from pure noise, so the sample starts from the noised source)."""
+    if cfg.inpaint_variant != "auto":
+        return cfg.inpaint_variant, ""
+    rec = cfg.run_dir / "training" / "full" / "final" / "model.json"
+    shipped = rec.exists() and bool(json.loads(rec.read_text()).get("shipped"))
+    return (
+        ("paper-code", "inpaint_variant = auto: the full model is the shipped one")
+        if shipped
+        else (
+            "paper-text",
+            "inpaint_variant = auto: the full model was trained in this run (no shipped weights fit), so samples start from the noised source",
+        )
+    )
+
+
 def variant_start(cfg: Config) -> int | None:
     "The first respaced index: None (pure noise at T−1) for `paper-code`, T − skip − 1 for `paper-text`."
-    if cfg.inpaint_variant == "paper-text":
+    if resolve_variant(cfg)[0] == "paper-text":
         s = cfg.timestep_respacing - cfg.skip_timesteps - 1
         if s < 0:
             raise DiffusegenError(
@@ -449,7 +467,10 @@ def run_inpainting(
     cl = load_clusters(cfg)
     clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))
     recs, arts, notes, weights = [], [], [], {}
+    variant, why = resolve_variant(cfg)
+    cfg = cfg.replace(inpaint_variant=variant)  # every sample, table and figure names the variant used
     start = variant_start(cfg)
+    notes += [why] if why else []
     notes.append(
         f"variant {cfg.inpaint_variant}: T={cfg.timestep_respacing} respaced steps, j={cfg.jump_length}, r={cfg.resample}, "
         + (

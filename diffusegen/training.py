@@ -1034,11 +1034,12 @@ def _downsample(losses: list, n: int = 400) -> list:
     return [[int(b[-1, 0])] + [round(float(v), 6) for v in b[:, 1:].mean(0)] for b in np.array_split(a, min(n, len(a)))]
 
 
-def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None) -> dict:
+def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None, floor: dict | None = None) -> dict:
     """Write shipped weights from a full model trained under `cfg`: `src` is its model folder (the final EMA weights) or
     a checkpoint folder; `dest` the base name (e.g. `weights/demo-full-64`). Writes `<dest>.safetensors` (the EMA weights
     in fp16), `<dest>.json` (the card) and `<dest>.md` (the card for people), each atomically; returns the card.
-    `curve`: rows {step, fid, kid, images} measured on the way (`sampler_fid_curve`)."""
+    `curve`: rows {step, fid, kid, images} measured on the way (`bench.checkpoint_curve`); `floor`: {fid, kid, images}
+    of the source images themselves against the same reference (what a perfect inpainting would score)."""
     from safetensors.torch import save_file
     from diffusegen.core import atomic_path, versions
     from diffusegen.datasets import DATASETS
@@ -1095,6 +1096,7 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
         "fixed_loss_fp16": loss16,
         "check_draws": cfg.check_draws,
         "fid_curve": curve or [],
+        "fid_floor": floor,
         "loss_curve": _downsample(losses),
         "versions": versions(),
         "made": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -1139,6 +1141,14 @@ def card_markdown(card: dict) -> str:
             "|---:|---:|---:|---:|",
         ]
         L += [f"| {r['step']} | {r['images']} | {r['fid']:.2f} | {r['kid']:.4f} |" for r in card["fid_curve"]]
+        f = card.get("fid_floor")
+        if f:
+            L += [
+                f"| floor: the {f['images']} source images themselves | {f['images']} | {f['fid']:.2f} | {f['kid']:.4f} |",
+                "",
+                "The known region is pasted back into every sample, so most of each FID is the floor's (the same images "
+                "against the same reference); KID is unbiased at small n, so it reads directly.",
+            ]
     L += [
         "",
         "## Data: terms and attribution",

@@ -509,16 +509,28 @@ def _to_inception_range(x: torch.Tensor) -> torch.Tensor:
 
 
 class InceptionCLS(nn.Module):
-    "SUBSTITUTE for `DinoCLS`: FID Inception pool3 of x NCHW float in [-1, 1] (resized to 299×299) → (N, 2048)."
+    """SUBSTITUTE for `DinoCLS`: FID Inception pool3 of x NCHW float in [-1, 1], resized (bilinear) to `size`×`size` →
+    (N, 2048). At 299 (its own size) it is the FID network exactly. Any `size` ≥ 75 runs: the file's last stage is an
+    8×8 average pool, which only fits 299, so the features are the mean over the last stage's map (the same numbers at
+    299). A smaller size costs (size/299)² of the FLOPs, the substitute's share of a guided step on the CPU."""
 
     substitute = True
 
-    def __init__(self, inception: FIDInception):
+    def __init__(self, inception: FIDInception, size: int = 299):
         super().__init__()
-        self.inception, self.dim = inception, FIDInception.dim
+        if size < 75:
+            raise ValueError(f"InceptionCLS size {size}: Inception-v3 needs at least 75×75 inputs")
+        self.inception, self.dim, self.size = inception, FIDInception.dim, int(size)
+        self.body = nn.Sequential(*[m for _, m in inception.stages()[:-1]])  # every stage but the 8×8 pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inception(fid_input(_to_inception_range(x)))
+        if self.size == 299:
+            return self.inception(fid_input(_to_inception_range(x)))
+        h = F.interpolate(
+            _to_inception_range(x).float(), size=(self.size, self.size), mode="bilinear", align_corners=False
+        )
+        with torch.jit.optimized_execution(False):
+            return self.body((h - 128) / 128).mean((2, 3))
 
 
 def _is_pool(name: str, m) -> bool:
@@ -635,9 +647,13 @@ def resolve_weights(name: str, cfg: Config) -> tuple[nn.Module, dict]:
         raise WeightsNotFound(
             f"{spec.title} weights not found and its substitute needs the FID Inception: {e}"
         ) from None
-    net = InceptionCLS(inc) if name == "dino_vitb8" else InceptionLowLevel(inc)
+    size = cfg.cls_substitute_size
+    net = InceptionCLS(inc, size) if name == "dino_vitb8" else InceptionLowLevel(inc)
+    label = _SUB_LABELS[name] + (
+        f" (its input resized to {size}×{size}, not 299)" if name == "dino_vitb8" and size != 299 else ""
+    )
     return net, _provenance(
-        name, Path(iprov["source"]), _SUB_LABELS[name], iprov["origin"], True, replaces=spec.title, reason=reason
+        name, Path(iprov["source"]), label, iprov["origin"], True, replaces=spec.title, reason=reason
     )
 
 
