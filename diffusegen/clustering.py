@@ -47,11 +47,11 @@ def _resize(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def feature_inputs(
-    image, mask, size: int = 256, mask_mode: str = "grey", threshold: int = 128
+    image, mask, size: int = 256, mask_mode: str = "raw", threshold: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
     """The two Inception inputs of one pair: (image, mask as RGB), each `size`×`size`×3 `uint8`.
-    mask_mode: 'grey' = the mask's L grey levels replicated to RGB (default); 'raw' = the file decoded as RGB
-    (the paper's `Image.open(mask).convert("RGB")`); 'binary' = thresholded at `threshold`, {0, 255}."""
+    mask_mode: 'raw' = the file decoded as RGB (the paper's `Image.open(mask).convert("RGB")`, the default); 'grey' =
+    the mask's L grey levels replicated to RGB; 'binary' = thresholded at `threshold`, {0, 255}."""
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     img = read_image(image)
@@ -84,7 +84,7 @@ def pair_features(
     model,
     size: int = 256,
     batch_size: int = 16,
-    mask_mode: str = "grey",
+    mask_mode: str = "raw",
     threshold: int = 128,
     progress: bool = True,
     workers: int | None = None,
@@ -120,9 +120,7 @@ def _file_sig(p) -> list:
     return [str(p), st.st_size, st.st_mtime_ns]
 
 
-def feature_cache_key(
-    pairs: list, weights_sha256: str, size: int, mask_mode: str = "grey", threshold: int = 128
-) -> str:
+def feature_cache_key(pairs: list, weights_sha256: str, size: int, mask_mode: str = "raw", threshold: int = 128) -> str:
     "Hash of what the features depend on: the weights, `size`, the mask mode and each file's path, size and mtime."
     try:
         files = [[_file_sig(i), _file_sig(m)] for i, m in pairs]
@@ -149,7 +147,7 @@ def cached_pair_features(
     weights_sha256: str,
     cache_dir,
     size: int = 256,
-    mask_mode: str = "grey",
+    mask_mode: str = "raw",
     threshold: int = 128,
     batch_size: int = 16,
     progress: bool = True,
@@ -513,7 +511,7 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
     dev = resolve_device(cfg)
     if dev.type != "cpu":
         model = model.to(dev)
-    pairs, mask_mode = list(zip(train.image, train["mask"])), "grey"  # the paper's read (see `feature_inputs`)
+    pairs, mask_mode = list(zip(train.image, train["mask"])), cfg.cluster_mask_read  # raw: the paper's read
     t1 = time.time()
     feats, cache, hit = cached_pair_features(
         pairs,
@@ -546,7 +544,7 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
     with atomic_write(clusters_path(cfg)) as f:
         pd.DataFrame({"id": train.id, "cluster": used}).to_csv(f, index=False)
     notes = [
-        f"features: FID Inception-v3 pool3 of the image and of its mask (grey levels as RGB, mask_mode={mask_mode}), "
+        f"features: FID Inception-v3 pool3 of the image and of its mask (read as {dict(raw='RGB, as the paper', grey='grey levels as RGB', binary='thresholded')[mask_mode]}: cluster_mask_read={mask_mode}), "
         f"each LANCZOS-resized to {cfg.feature_size}×{cfg.feature_size}: {feats.shape[1]}-d; "
         + (f"read from the cache {cache}" if hit else f"computed in {t_feat:.0f} s, cached as {cache}"),
         f"KMeans(n_clusters={cfg.n_clusters}, random_state={cfg.kmeans_seed}, n_init={cfg.kmeans_n_init}) on {len(train)} training images",

@@ -163,6 +163,7 @@ class Config:
     demo_seed: int = _f(0, "data", ge=0)
     # clustering (§2.3)
     n_clusters: int = _f(20, "clustering", ge=1)
+    cluster_mask_read: str = _f("raw", "clustering")
     kmeans_seed: int = _f(0, "clustering", ge=0)
     kmeans_n_init: int = _f(10, "clustering", ge=1)
     feature_size: int = _f(256, "clustering", ge=8)
@@ -265,6 +266,7 @@ class Config:
     table3_r: str = _f("1 2 3", "segmentation")
     table3_alpha: float = _f(0.5, "segmentation", ge=0, le=1)
     table3_mode: str = _f("add", "segmentation")
+    table3_coins: str = _f("shared", "segmentation")
     table3_types: str = _f("styled-diff gan", "segmentation")
     # statistics (§2.8)
     significance: float = _f(0.05, "statistics", gt=0, lt=1)
@@ -311,8 +313,10 @@ class Config:
         "sample_weights": ("raw", "ema"),
         "clusters_from": ("kmeans", "paper"),
         "inpaint_variant": ("paper-code", "paper-text", "auto"),
+        "cluster_mask_read": ("raw", "grey", "binary"),
         "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"),
         "table3_mode": ("add", "replace"),
+        "table3_coins": ("shared", "per-r"),
         "executor": ("local", "slurm", "debug"),
         "inpaint_sampler": ("ddpm", "ddim"),
         "init_from": ("none", "full", "shipped"),

@@ -510,7 +510,9 @@ def cell_data(cfg: Config, sets: Sets, cell: dict) -> dict:
         r,
         cfg.table3_alpha,
         cfg.table3_mode,
-        step_seed(cfg.seed, f"segment/table3/coins/n{n}/r{r}/rep{k}", 0),
+        step_seed(
+            cfg.seed, f"segment/table3/coins/n{n}" + ("" if cfg.table3_coins == "shared" else f"/r{r}") + f"/rep{k}", 0
+        ),
         step_seed(cfg.seed, f"segment/table3/pick/{kind}/n{n}/r{r}/rep{k}", 0),
     )
     lookup = {} if df is None else dict(zip(df.key, zip(df["image"], df["mask"])))
