@@ -267,6 +267,7 @@ class Config:
     table3_alpha: float = _f(0.5, "segmentation", ge=0, le=1)
     table3_mode: str = _f("add", "segmentation")
     table3_coins: str = _f("shared", "segmentation")
+    test_sets: str = _f("", "segmentation")
     table3_types: str = _f("styled-diff gan", "segmentation")
     # statistics (§2.8)
     significance: float = _f(0.05, "statistics", gt=0, lt=1)

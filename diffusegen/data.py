@@ -30,14 +30,16 @@ from diffusegen.core import (
     stage_dirs,
     resolve_path,
     load_config,
+    content_key,
 )
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'PAPER_DATA', 'Pair', 'Problem', 'find_pairs',
-           'read_image', 'read_mask_grey', 'read_mask', 'PairStats', 'CheckReport', 'check_dataset', 'resize_pair',
-           'to_tensor4', 'from_tensor4', 'load_pair', 'ellipse', 'dilate_mask', 'PairedDataset', 'safe_unpickle',
-           'read_id_list', 'make_splits', 'resolve_data_root', 'fetch_dataset', 'dataset_fingerprint', 'data_inputs',
-           'preprocess_pairs', 'save_pairs', 'load_pairs', 'pairs_path', 'load_split', 'sample_figure', 'run_data']
+__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'IN_DOMAIN', 'PAPER_DATA', 'Pair', 'Problem',
+           'find_pairs', 'read_image', 'read_mask_grey', 'read_mask', 'PairStats', 'CheckReport', 'check_dataset',
+           'resize_pair', 'to_tensor4', 'from_tensor4', 'load_pair', 'ellipse', 'dilate_mask', 'PairedDataset',
+           'safe_unpickle', 'read_id_list', 'make_splits', 'resolve_data_root', 'fetch_dataset', 'dataset_fingerprint',
+           'data_inputs', 'preprocess_pairs', 'save_pairs', 'load_pairs', 'pairs_path', 'load_split', 'test_set_specs',
+           'check_test_sets', 'load_test_set', 'sample_figure', 'run_data']
 
 # %% ../nbs/01_data.ipynb #0748cfb9
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -696,6 +698,70 @@ def load_split(cfg: Config) -> pd.DataFrame:
     if not p.exists():
         raise DataError(f"{p}: no split yet; run the data stage first (diffusegen reproduce --only data)")
     return pd.read_csv(p, dtype={"id": str})
+
+# %% ../nbs/01_data.ipynb #7f7430ad
+IN_DOMAIN = "in-domain"  # the test_set name of the held-out images of the training data set
+
+
+def test_set_specs(cfg: Config) -> list[tuple[str, Path]]:
+    "[(name, folder)] of the `test_sets` setting (`name=folder` entries, whitespace-separated); ConfigError on a bad entry."
+    out, seen = [], set()
+    for entry in str(cfg.test_sets).split():
+        name, eq, folder = entry.partition("=")
+        if not eq or not folder:
+            raise ConfigError(f"setting test_sets: {entry!r} is not name=folder")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name == IN_DOMAIN or name in seen:
+            raise ConfigError(
+                f"setting test_sets: name {name!r} must be letters, digits, '.', '_' or '-', unique, and not {IN_DOMAIN!r}"
+            )
+        seen.add(name)
+        out.append((name, resolve_path(folder)))
+    return out
+
+
+def check_test_sets(cfg: Config) -> list[dict]:
+    """Every external test set's folder and pairs, found without decoding (fast): one DataError line for the first bad
+    one (no folder, no pairs, or problem files when `on_bad_pairs = error`); [{name, folder, pairs}] otherwise."""
+    out = []
+    for name, root in test_set_specs(cfg):
+        if not (root / "images").is_dir() or not (root / "masks").is_dir():
+            raise DataError(f"{root}: test set {name!r} needs images/ and masks/ folders (setting test_sets)")
+        pairs, problems = find_pairs(root)
+        if problems and cfg.on_bad_pairs != "skip":
+            _raise_problems(root, problems, f"test set {name!r}")
+        if not pairs:
+            raise DataError(f"{root}: test set {name!r} has no image/mask pairs (setting test_sets)")
+        out.append({"name": name, "folder": str(root), "pairs": len(pairs)})
+    return out
+
+
+def load_test_set(cfg: Config, name: str, root) -> dict:
+    """One external test set, checked (every file decoded) and resized as the in-domain test set: {'images': N×S×S×3
+    uint8, 'masks': N×S×S uint8 0/1, 'ids', 'fingerprint' (of the folder and the resizing), 'notes'}; cached under
+    runs/<profile>/data/test_sets/."""
+    root = Path(root)
+    fp = content_key([dataset_fingerprint(root), cfg.image_size, cfg.resize_mode, cfg.mask_threshold], 16)
+    cache = cfg.run_dir / "data" / "test_sets" / f"{name}_{cfg.image_size}_{fp}.safetensors"
+    notes = []
+    if not cache.exists():
+        rep = check_dataset(root, cfg.mask_threshold, cfg.mask_grey_tolerance, max_pixels=cfg.max_image_pixels)
+        if rep.problems and cfg.on_bad_pairs != "skip":
+            _raise_problems(root, rep.problems, f"test set {name!r}")
+        if not rep.valid:
+            raise DataError(f"{root}: test set {name!r} has no valid pairs")
+        t = preprocess_pairs(rep.valid, cfg, progress=False)
+        save_pairs(
+            t, [p.id for p in rep.valid], cache, {"dataset": str(root), "skipped": [str(p) for p in rep.problems]}
+        )
+    t, ids, meta = load_pairs(cache)
+    notes += [f"skipped: {p}" for p in meta.get("skipped", [])]
+    return {
+        "images": t["images"].permute(0, 2, 3, 1).numpy(),
+        "masks": t["masks"].numpy().astype(np.uint8),
+        "ids": [str(i) for i in ids],
+        "fingerprint": fp,
+        "notes": notes,
+    }
 
 # %% ../nbs/01_data.ipynb #4ceb9cf2
 # Numbers the paper (and, where the paper is silent, the dataset's documentation) gives for this stage.
