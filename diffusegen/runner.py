@@ -274,6 +274,9 @@ def reproduce(
     only = set(only or [])
     for name in only:
         get_stage(name)
+    from diffusegen.data import check_test_sets
+
+    check_test_sets(cfg)  # a bad external test set stops the run here, before any stage trains
     state, runs, keys, failure = _read_state(cfg), [], {}, None
     bar = tqdm(STAGES, desc=f"reproduce [{profile}]", unit="stage", disable=not progress)
     for stage in bar:

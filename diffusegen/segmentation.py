@@ -37,13 +37,15 @@ from diffusegen.core import (
 )
 from .core import read_ledger as read_ledger_file
 from .sets import TYPES, read_set, type_label
+from .data import IN_DOMAIN, test_set_specs, load_test_set
 
 # %% auto #0
-__all__ = ['MEAN', 'STD', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'STALE', 'SCORE_COLUMNS', 'polyp_channel',
-           'confusion', 'iou_score', 'dice_score', 'soft_dice_loss', 'encoder_weights_file', 'encoder_provenance',
-           'build_model', 'train_augmentation', 'to_tensors', 'hash_rank', 'grouped_split', 'augment_small_set',
-           'evaluate', 'train_cell', 'cell_seed', 'grid', 'Sets', 'cell_data', 'data_hash', 'cell_hash',
-           'results_paths', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables',
+__all__ = ['MEAN', 'STD', 'CELL_COLUMNS', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'EXTERNAL_COLUMNS', 'STALE',
+           'SCORE_COLUMNS', 'polyp_channel', 'confusion', 'iou_score', 'dice_score', 'soft_dice_loss',
+           'encoder_weights_file', 'encoder_provenance', 'build_model', 'train_augmentation', 'to_tensors', 'hash_rank',
+           'grouped_split', 'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'grid', 'Sets', 'cell_data',
+           'data_hash', 'cell_hash', 'results_paths', 'checkpoint_path', 'save_cell_checkpoint', 'load_cell_model',
+           'evaluate_external', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables',
            'run_segmentation']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
@@ -275,7 +277,7 @@ def evaluate(
 def train_cell(
     cfg: Config, train: tuple, val: tuple, test: tuple, seed: int, progress: bool = False, desc: str = ""
 ) -> dict:
-    "Train one model on `train` (images, masks), keep the best state by validation IoU, test it. Returns scores."
+    "Train one model on `train` (images, masks), keep the best state by validation IoU, test it. Returns scores and that state."
     device = resolve_device(cfg)
     seed_everything(seed % 2**32)
     model = build_model(cfg).to(device)
@@ -313,10 +315,17 @@ def train_cell(
     if best is not None:
         model.load_state_dict(best)
     res = evaluate(model, *test, threshold=cfg.seg_threshold, device=device)
-    return {**res, "val_iou": best_iou, "best_epoch": best_epoch, "epochs": cfg.seg_epochs, "train_loss": losses}
+    return {
+        **res,
+        "val_iou": best_iou,
+        "best_epoch": best_epoch,
+        "epochs": cfg.seg_epochs,
+        "train_loss": losses,
+        "state": model.state_dict(),  # the best checkpoint by validation IoU (kept: external test sets use it)
+    }
 
 # %% ../nbs/07_segmentation.ipynb #b0bc28e9
-RESULT_COLUMNS = [
+CELL_COLUMNS = [
     "table",
     "type",
     "n",
@@ -338,7 +347,8 @@ RESULT_COLUMNS = [
     "n_syn",
     "short_of_r",
 ]
-LEDGER_COLUMNS = RESULT_COLUMNS + ["settings_hash", "seconds"]
+RESULT_COLUMNS = CELL_COLUMNS + ["test_set"]  # results.csv: one row per cell and test set (in-domain first)
+LEDGER_COLUMNS = CELL_COLUMNS + ["settings_hash", "seconds"]
 KEY_COLUMNS = ["table", "type", "n", "r", "mode", "repeat"]
 
 
@@ -529,7 +539,11 @@ def data_hash(cfg: Config, cell: dict, data: dict, test: tuple) -> str:
     "sha256 (16 hex) of the training settings and the pixels of the cell's training, validation and test sets."
     h = hashlib.sha256()
     keys = {
-        k: v for k, v in cfg.keys_for("segmentation").items() if not k.startswith(("table2_", "table3_", "seg_repeats"))
+        k: v
+        for k, v in cfg.keys_for("segmentation").items()
+        if not k.startswith(
+            ("table2_", "table3_", "seg_repeats", "test_sets")
+        )  # the grid and the test sets train nothing
     }
     keys.update(
         image_size=cfg.image_size,
@@ -554,6 +568,116 @@ def results_paths(cfg: Config) -> tuple[Path, Path, Path]:
     "(cells ledger, results.csv, figures copy of results.csv)."
     run_d, fig_d = stage_dirs(cfg, "segmentation")
     return run_d / "cells.csv", run_d / "results.csv", fig_d / "results.csv"
+
+
+def checkpoint_path(cfg: Config, cell: dict) -> Path:
+    "Where a cell's best checkpoint (by in-domain validation IoU) is kept: safetensors with its settings hash."
+    c = cell
+    name = f"table{c['table']}_{c['type']}_n{c['n']}_r{c['r']}_{c['mode'] or 'none'}_rep{c['repeat']}"
+    return stage_dirs(cfg, "segmentation")[0] / "checkpoints" / f"{name}.safetensors"
+
+
+def save_cell_checkpoint(cfg: Config, cell: dict, state: dict, settings_hash: str) -> Path:
+    "Write a cell's best weights atomically; a rerun under the same hash overwrites the same weights."
+    from safetensors.torch import save_file
+    from diffusegen.core import atomic_path
+
+    p = checkpoint_path(cfg, cell)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            str(tmp),
+            metadata={"settings_hash": settings_hash, "cell": json.dumps(cell)},
+        )
+    return p
+
+
+def load_cell_model(cfg: Config, cell: dict, settings_hash: str, device="cpu"):
+    "The cell's best model, or None when no checkpoint of this settings hash was kept (a cell trained by an older version)."
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = checkpoint_path(cfg, cell)
+    if not p.exists():
+        return None
+    with safe_open(str(p), "pt") as f:
+        if (f.metadata() or {}).get("settings_hash") != settings_hash:
+            return None
+    model = build_model(cfg, weights=False)
+    model.load_state_dict(load_file(str(p)))
+    return model.to(device).eval()
+
+
+EXTERNAL_COLUMNS = KEY_COLUMNS + [
+    "test_set",
+    "set_hash",
+    "settings_hash",
+    "dice_loss",
+    "dice",
+    "iou",
+    "n_test",
+    "status",
+]
+
+
+def evaluate_external(cfg: Config, ledger: pd.DataFrame, cells: list[dict], current: dict, progress: bool = False):
+    """Every trained cell, with its best in-domain checkpoint (never chosen on a test set), on every external test set
+    of `test_sets`; resumable per (cell, set) in external.csv, whose rows for other sets stay. Returns (results rows of
+    the external sets, evaluated, reused, notes)."""
+    specs = test_set_specs(cfg)
+    p = stage_dirs(cfg, "segmentation")[0] / "external.csv"
+    old = (
+        read_ledger_file(
+            p,
+            EXTERNAL_COLUMNS,
+            strings=("mode", "test_set", "set_hash", "settings_hash", "status"),
+            numbers=SCORE_COLUMNS[:3],
+            what="external test ledger",
+            hint="delete it to test every cell again",
+        )
+        if p.exists()
+        else pd.DataFrame(columns=EXTERNAL_COLUMNS)
+    )
+    if not specs:
+        return pd.DataFrame(columns=RESULT_COLUMNS), 0, 0, []
+    trained = {
+        _key(r): r
+        for _, r in ledger.iterrows()
+        if r["status"] == "ok" and str(r["settings_hash"]) == current.get(_key(r))
+    }
+    prev = {(_key(r), str(r["test_set"])): r for _, r in old.iterrows()}
+    device, rows, new, evaluated, reused, notes = resolve_device(cfg), [], [], 0, 0, []
+    for name, root in specs:
+        ts = load_test_set(cfg, name, root)
+        notes += [f"test set {name} ({root}, {len(ts['ids'])} images): {n}" for n in ts["notes"]]
+        for cell in cells:
+            k = _key(cell)
+            if k not in trained:
+                continue
+            h, r0 = current[k], prev.get((k, name))
+            if r0 is not None and str(r0["settings_hash"]) == h and str(r0["set_hash"]) == ts["fingerprint"]:
+                e, reused = r0.to_dict(), reused + 1
+            else:
+                model = load_cell_model(cfg, cell, h, device)
+                sc = (
+                    evaluate(model, ts["images"], ts["masks"], cfg.seg_threshold, device=device)
+                    if model is not None
+                    else {m: float("nan") for m in ("dice_loss", "dice", "iou")}
+                )
+                status = "ok" if model is not None else "skipped: no kept checkpoint (cell trained by an older version)"
+                e = {**cell, "test_set": name, "set_hash": ts["fingerprint"], "settings_hash": h, **sc}
+                e.update(n_test=len(ts["ids"]), status=status)
+                evaluated += model is not None
+                new.append(e)
+            row = {**trained[k].to_dict(), **{c: e[c] for c in ("dice_loss", "dice", "iou", "n_test", "status")}}
+            rows.append({**row, "test_set": name})
+    if new:
+        keep = old[
+            [(_key(r), str(r["test_set"])) not in {(_key(e), e["test_set"]) for e in new} for _, r in old.iterrows()]
+        ]
+        write_ledger(pd.concat([keep, pd.DataFrame(new)[EXTERNAL_COLUMNS]], ignore_index=True), p, EXTERNAL_COLUMNS)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS), evaluated, reused, notes
 
 
 def _key(row) -> tuple:
@@ -593,9 +717,12 @@ def read_ledger(cfg: Config) -> pd.DataFrame:
     return df[LEDGER_COLUMNS]
 
 
-def write_results(cfg: Config, ledger: pd.DataFrame, cells: list[dict], current: dict):
-    """Rewrite the ledger and results.csv (the current grid's cells that have a row, in grid order), atomically. A row
-    whose settings hash is not the cell's `current[key]` enters results.csv as `stale: settings changed`, without scores."""
+def write_results(
+    cfg: Config, ledger: pd.DataFrame, cells: list[dict], current: dict, external: pd.DataFrame | None = None
+):
+    """Rewrite the ledger and results.csv (the current grid's cells that have a row, in grid order, on the in-domain
+    test set; then `external`'s rows, the same cells on each external test set), atomically. A row whose settings hash
+    is not the cell's `current[key]` enters results.csv as `stale: settings changed`, without scores."""
     ledger_p, res_p, fig_p = results_paths(cfg)
     write_ledger(ledger, ledger_p, LEDGER_COLUMNS)
     order = {tuple(str(c[k]) for k in KEY_COLUMNS): j for j, c in enumerate(cells)}
@@ -607,7 +734,9 @@ def write_results(cfg: Config, ledger: pd.DataFrame, cells: list[dict], current:
         cur.loc[stale, SCORE_COLUMNS] = float("nan")
         cur["status"] = cur["status"].astype(object)
         cur.loc[stale, "status"] = STALE
-    res = cur.sort_values("_o")[RESULT_COLUMNS]
+    res = cur.sort_values("_o").assign(test_set=IN_DOMAIN)[RESULT_COLUMNS]
+    if external is not None and len(external):
+        res = pd.concat([res, external[RESULT_COLUMNS]], ignore_index=True)
     for p in (res_p, fig_p):
         with atomic_write(p) as f:
             res.to_csv(f, index=False)
@@ -741,6 +870,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
             t0 = time.time()
             label = f"table {cell['table']} {cell['type']} n={cell['n']} r={cell['r']}"
             res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress=progress, desc=label)
+            save_cell_checkpoint(cfg, cell, res.pop("state"), h)  # for external test sets, now or added later
             trained += 1
             row = {
                 **base,
@@ -759,8 +889,9 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
             else pd.DataFrame([row])[LEDGER_COLUMNS]
         )
         write_results(cfg, ledger, cells, current)
-    res = write_results(cfg, ledger, cells, current)
-    t2, t3 = quick_tables(res)
+    ext, n_ext, n_ext_reused, ext_notes = evaluate_external(cfg, ledger, cells, current, progress)
+    res = write_results(cfg, ledger, cells, current, ext)
+    dom = res[res.test_set == IN_DOMAIN]  # the cells on the in-domain test set
     arts = [
         Artifact(
             str(results_paths(cfg)[2]),
@@ -768,37 +899,45 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
             "Per-cell segmentation results (one row per table cell and repeat)",
             "§2.7",
             "",
-            f"{(res.status == 'ok').sum()} trained cells of {len(res)}",
+            f"{(dom.status == 'ok').sum()} trained cells of {len(dom)}"
+            + (f", each also on {len(test_set_specs(cfg))} external test set(s)" if test_set_specs(cfg) else ""),
         )
     ]
-    if len(t2):
-        arts.append(
-            Artifact(
-                str(write_table(t2, fig_d / "table2")[0]),
-                "table",
-                "Table 2: trained on synthetic data only, tested on real images",
-                "Table 2",
-                paper_seg_text(2),
-                "; ".join(
-                    f"{r['data type']} {r['Dice loss']} / {r['IoU']}" for _, r in t2.iterrows() if r["status"] == "ok"
-                ),
+    for ts_name in [IN_DOMAIN] + [n for n, _ in test_set_specs(cfg)]:
+        t2, t3 = quick_tables(res[res.test_set == ts_name])
+        ext_set = ts_name != IN_DOMAIN
+        sfx, on = (f"-{ts_name}", f", tested on {ts_name}") if ext_set else ("", "")
+        no_paper = "the paper gives no values for this test set" if ext_set else ""
+        if len(t2):
+            arts.append(
+                Artifact(
+                    str(write_table(t2, fig_d / f"table2{sfx}")[0]),
+                    "table",
+                    f"Table 2: trained on synthetic data only{on or ', tested on real images'}",
+                    "Table 2",
+                    no_paper or paper_seg_text(2),
+                    "; ".join(
+                        f"{r['data type']} {r['Dice loss']} / {r['IoU']}"
+                        for _, r in t2.iterrows()
+                        if r["status"] == "ok"
+                    ),
+                )
             )
-        )
-    if len(t3):
-        arts.append(
-            Artifact(
-                str(write_table(t3, fig_d / "table3")[0]),
-                "table",
-                f"Table 3: small real sets augmented with synthetic siblings (mode {cfg.table3_mode}, α = {cfg.table3_alpha})",
-                "Table 3",
-                paper_seg_text(3),
-                "; ".join(
-                    f"N={r['N']} {r['data type']} r={r['r']} {r['Dice loss']} / {r['IoU']}"
-                    for _, r in t3.iterrows()
-                    if r["status"] == "ok"
-                ),
+        if len(t3):
+            arts.append(
+                Artifact(
+                    str(write_table(t3, fig_d / f"table3{sfx}")[0]),
+                    "table",
+                    f"Table 3: small real sets augmented with synthetic siblings (mode {cfg.table3_mode}, α = {cfg.table3_alpha}){on}",
+                    "Table 3",
+                    no_paper or paper_seg_text(3),
+                    "; ".join(
+                        f"N={r['N']} {r['data type']} r={r['r']} {r['Dice loss']} / {r['IoU']}"
+                        for _, r in t3.iterrows()
+                        if r["status"] == "ok"
+                    ),
+                )
             )
-        )
     seconds = round(time.time() - t_stage, 2)
     notes = [
         f"model: {cfg.seg_arch} with {cfg.seg_encoder} (paper: UnetPlusPlus with se_resnext50_32x4d), encoder weights "
@@ -809,29 +948,36 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         f"Table 3 mode: {cfg.table3_mode} ({'r siblings added with probability α, the text' if cfg.table3_mode == 'add' else 'each real image replaced by r siblings with probability α, the caption'})",
     ]
     notes += [f"{k}: {v}" for k, v in sets.notes.items()]
-    skipped = sorted(set(s for s in res.status if s != "ok"))
+    if test_set_specs(cfg):
+        notes.append(
+            "external test sets (test_sets): every trained cell is tested on each with its best checkpoint, chosen on the "
+            f"in-domain validation split only; {n_ext} evaluated now, {n_ext_reused} reused"
+        )
+    notes += ext_notes
+    skipped = sorted(set(s for s in dom.status if s != "ok"))
     notes += [f"cells not trained: {s}" for s in skipped]
-    short = res[pd.to_numeric(res.short_of_r, errors="coerce").fillna(0) > 0]
+    short = dom[pd.to_numeric(dom.short_of_r, errors="coerce").fillna(0) > 0]
     if len(short):
         notes.append(
             "cells with picked images short of r siblings (fewer than r samples of their source): "
             + "; ".join(f"{r.type} N={r.n} r={r.r} repeat {r.repeat}: {r.short_of_r}" for r in short.itertuples())
         )
     summary = {
-        "cells": len(res),
+        "cells": len(dom),
         "trained": trained,
         "reused": reused,
-        "ok": int((res.status == "ok").sum()),
+        "ok": int((dom.status == "ok").sum()),
         "seconds": seconds,
         "device": str(resolve_device(cfg)),
         "encoder": cfg.seg_encoder,
         "arch": cfg.seg_arch,
+        "test_sets": [IN_DOMAIN] + [n for n, _ in test_set_specs(cfg)],
     }
     write_manifest(cfg, "segmentation", arts, [encoder_provenance(cfg)], summary, notes)
     return {
         **summary,
         "status": "done",
-        "table2": t2.to_dict("records"),
-        "table3": t3.to_dict("records"),
+        "table2": quick_tables(dom)[0].to_dict("records"),
+        "table3": quick_tables(dom)[1].to_dict("records"),
         "results": res.to_dict("records"),
     }

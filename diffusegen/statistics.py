@@ -180,6 +180,7 @@ SEG_COLUMNS = [
     "status",
     "n_syn",
     "short_of_r",
+    "test_set",
 ]  # = segmentation.RESULT_COLUMNS
 
 
@@ -208,9 +209,10 @@ def _int_keys(df: pd.DataFrame, cols, where) -> pd.DataFrame:
 def normalize_seg(df: pd.DataFrame, where="results") -> pd.DataFrame:
     "Segmentation results in the results.csv schema: types lower case, mode '' for none, status 'ok' by default."
     df = _need(df.copy(), ["table", "type", "n", "dice_loss", "iou"], where)
-    for c, d in (("r", 0), ("repeat", 0), ("mode", ""), ("status", "ok")):
-        if c not in df.columns:
+    for c, d in (("r", 0), ("repeat", 0), ("mode", ""), ("status", "ok"), ("test_set", "in-domain")):
+        if c not in df.columns:  # results written before test sets existed: in-domain
             df[c] = d
+    df["test_set"] = df["test_set"].replace("", "in-domain").fillna("in-domain").astype(str)
     df["type"] = df["type"].astype(str).str.strip().str.lower()
     df["mode"] = df["mode"].fillna("").astype(str)
     df["status"] = df["status"].fillna("ok").astype(str).str.strip()
@@ -1064,28 +1066,72 @@ def run_statistics(cfg: Config, progress: bool = True) -> dict:
         )
     arts, tests = [], []
     tabs = {}
-    for name, fn, src, ref, title in (
-        ("table1", table1_stats, t1v, "Table 1", "FID and MS-SSIM, mean ± std over repeats, tests against Styled-Diff"),
-        (
-            "table2",
-            table2_stats,
-            seg,
-            "Table 2",
-            "Full synthetic training: DL and IoU mean ± std across N, paired tests against Styled-Diff",
-        ),
-        (
-            "table3",
-            table3_stats,
-            seg,
-            "Table 3",
-            "Small-data augmentation: mean ± std across r per N, tests against Real and GAN",
-        ),
-    ):
-        df, tt = fn(cfg, src, paper)
-        tabs[name] = df
-        tests += tt
-        write_tables(df, fig_d / name, f"{ref} ({title})")
-        arts.append(Artifact(str(fig_d / f"{name}.csv"), "table", title, ref))
+    df, tt = table1_stats(cfg, t1v, paper)
+    tabs["table1"], tests = df, tt
+    write_tables(df, fig_d / "table1", "Table 1 (FID and MS-SSIM, mean ± std over repeats, tests against Styled-Diff)")
+    arts.append(
+        Artifact(
+            str(fig_d / "table1.csv"),
+            "table",
+            "FID and MS-SSIM, mean ± std over repeats, tests against Styled-Diff",
+            "Table 1",
+        )
+    )
+    figs = [("table1", figure_table1(t1v, paper), "Table 1: FID and MS-SSIM with error bars", "Table 1")]
+    sets_ = ["in-domain"] + sorted(set(seg.test_set) - {"in-domain"}) if seg is not None else ["in-domain"]
+    no_paper = {
+        **paper,
+        "seg": paper["seg"].iloc[0:0],
+    }  # the paper gives Tables 2 and 3 for HyperKvasir's test set only
+    for ts in sets_:
+        sub = seg[seg.test_set == ts] if seg is not None else None
+        sfx, on = ("", "") if ts == "in-domain" else (f"-{ts}", f" (tested on {ts}; the paper gives no values for it)")
+        P = paper if ts == "in-domain" else no_paper
+        for name, fn, ref, title in (
+            (
+                "table2",
+                table2_stats,
+                "Table 2",
+                "Full synthetic training: DL and IoU mean ± std across N, paired tests against Styled-Diff",
+            ),
+            (
+                "table3",
+                table3_stats,
+                "Table 3",
+                "Small-data augmentation: mean ± std across r per N, tests against Real and GAN",
+            ),
+        ):
+            df, tt = fn(cfg, sub, P)
+            tabs[name + sfx] = df
+            tests += [{**t, "test_set": ts} for t in tt]
+            write_tables(df, fig_d / f"{name}{sfx}", f"{ref} ({title}){on}")
+            arts.append(Artifact(str(fig_d / f"{name}{sfx}.csv"), "table", title + on, ref))
+        figs.append(
+            (
+                f"table2{sfx}",
+                figure_table2(sub[sub.table == 2] if sub is not None else None, P, str(cfg.table2_types).split()),
+                "Table 2: DL and IoU per type (mean ± std across N)" + on,
+                "Table 2",
+            )
+        )
+        modes = sorted(set(sub[sub.table == 3]["mode"]) - {""}) if sub is not None else []
+        for mode in modes or [cfg.table3_mode]:
+            figs.append(
+                (
+                    f"table3_{mode}{sfx}",
+                    figure_table3(
+                        sub[sub.table == 3] if sub is not None else None,
+                        P,
+                        ["real"] + [t for t in str(cfg.table3_types).split() if t != "real"],
+                        sorted(
+                            set(int(v) for v in str(cfg.table3_n).split()) | set(paper["seg"].query("table == 3").n)
+                        ),
+                        mode,
+                    ),
+                    f"Table 3 ({mode}): IoU and DL against N (mean ± std across r)" + on,
+                    "Table 3",
+                )
+            )
     tdf = pd.DataFrame(tests)
     write_table(tdf, fig_d / "tests")
     arts.append(
@@ -1093,31 +1139,6 @@ def run_statistics(cfg: Config, progress: bool = True) -> dict:
             str(fig_d / "tests.csv"), "data", "Every t-test (kind, k, t, p, mean difference) with the paper's p", "§2.8"
         )
     )
-    figs = [
-        ("table1", figure_table1(t1v, paper), "Table 1: FID and MS-SSIM with error bars", "Table 1"),
-        (
-            "table2",
-            figure_table2(seg[seg.table == 2] if seg is not None else None, paper, str(cfg.table2_types).split()),
-            "Table 2: DL and IoU per type (mean ± std across N)",
-            "Table 2",
-        ),
-    ]
-    modes = sorted(set(seg[seg.table == 3]["mode"]) - {""}) if seg is not None else []
-    for mode in modes or [cfg.table3_mode]:
-        figs.append(
-            (
-                f"table3_{mode}",
-                figure_table3(
-                    seg[seg.table == 3] if seg is not None else None,
-                    paper,
-                    ["real"] + [t for t in str(cfg.table3_types).split() if t != "real"],
-                    sorted(set(int(v) for v in str(cfg.table3_n).split()) | set(paper["seg"].query("table == 3").n)),
-                    mode,
-                ),
-                f"Table 3 ({mode}): IoU and DL against N (mean ± std across r)",
-                "Table 3",
-            )
-        )
     for name, fig, title, ref in figs:
         p = save_figure(fig, fig_d / f"{name}.png", dpi=110)
         plt.close(fig)

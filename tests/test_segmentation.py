@@ -295,7 +295,7 @@ def test_stage_end_to_end_resume_and_settings(stage, monkeypatch, kvasir_root):
     assert (ok.iou.astype(float) <= ok.dice.astype(float) + 1e-9).all()
     assert (ok.best_epoch.between(1, 2)).all() and (ok.epochs == 2).all() and (ok.n_test == 8).all()
     assert (ok.encoder == cfg.seg_encoder).all()
-    assert list(res.columns[-2:]) == ["n_syn", "short_of_r"] and (ok[ok.type == "real"].n_syn == 0).all()
+    assert list(res.columns[-3:]) == ["n_syn", "short_of_r", "test_set"] and (ok[ok.type == "real"].n_syn == 0).all()
     # Table 2: N samples per source, 80/20 by source (10 sources: 8 train, 2 validation)
     row = lambda t, ty, n, r=0: ok[(ok.table == t) & (ok.type == ty) & (ok.n == n) & (ok.r == r)].iloc[0]
     assert (row(2, "diff", 1).n_train, row(2, "diff", 1).n_val) == (8, 2)
@@ -520,7 +520,7 @@ def test_read_ledger_schema(tmp_path):
 def test_results_schema_is_the_statistics_schema():
     from diffusegen import statistics as ST
 
-    assert S.RESULT_COLUMNS == ST.SEG_COLUMNS and S.RESULT_COLUMNS[-2:] == ["n_syn", "short_of_r"]
+    assert S.RESULT_COLUMNS == ST.SEG_COLUMNS and S.RESULT_COLUMNS[-3:] == ["n_syn", "short_of_r", "test_set"]
 
 
 def test_ledger_of_an_earlier_version_resumes_without_training(tmp_path, monkeypatch):
@@ -574,7 +574,7 @@ def test_ledger_of_an_earlier_version_resumes_without_training(tmp_path, monkeyp
         "train_cell",
         lambda *a, **k: (
             trained.append(1)
-            or {"dice_loss": 0.2, "dice": 0.8, "iou": 0.7, "val_iou": 0.7, "best_epoch": 1, "epochs": 1}
+            or {"dice_loss": 0.2, "dice": 0.8, "iou": 0.7, "val_iou": 0.7, "best_epoch": 1, "epochs": 1, "state": {}}
         ),
     )
     s = S.run_segmentation(cfg, progress=False)

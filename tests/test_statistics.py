@@ -245,7 +245,7 @@ def upstream(tmp_path):
                 status="not provided",
             )
         )
-    res = pd.DataFrame(rows)[S.SEG_COLUMNS]
+    res = pd.DataFrame(rows).assign(test_set="in-domain")[S.SEG_COLUMNS]
     S.results_path(cfg).parent.mkdir(parents=True)
     res.to_csv(S.results_path(cfg), index=False)
     t1 = pd.DataFrame(

@@ -1,0 +1,137 @@
+"External test sets (§2.7) and the paper code's segmentation choices, on procedural data (no real data needed)."
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffusegen import segmentation as S
+from diffusegen import statistics as ST
+from diffusegen.core import load_config, ConfigError
+from diffusegen.data import run_data, IN_DOMAIN
+from diffusegen.datasets import make_demo_dataset
+
+from test_segmentation import _fake_synthetic
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GRID = {
+    "table2_types": "real styled-diff",
+    "table2_n": "1",
+    "table3_n": "4",
+    "table3_r": "1 2",
+    "table3_types": "styled-diff",
+    "seg_epochs": 1,
+    "seg_repeats": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def ext(tmp_path_factory):
+    "A smoke run on the procedural set with fake synthetic sets, and three 'external' sets in other styles and sizes."
+    root = tmp_path_factory.mktemp("ext")
+    data = make_demo_dataset(root / "data", n=30, size=64, seed=0)
+    sets = {
+        k: make_demo_dataset(root / k, n=n, size=s, seed=sd)
+        for k, n, s, sd in (("a", 5, 80, 7), ("b", 4, 48, 8), ("c", 3, 96, 9))
+    }
+    cfg = load_config("smoke", {"out": str(root / "out"), **GRID})
+    run_data(cfg, data, progress=False)
+    _fake_synthetic(cfg, kinds=("styled-diff",), n_src=10, m=2)
+    return cfg, sets
+
+
+def _specs(sets, names):
+    return " ".join(f"{k}={sets[k]}" for k in names)
+
+
+def test_every_cell_is_tested_on_every_set_and_a_new_set_trains_nothing(ext, monkeypatch):
+    cfg, sets = ext
+    c2 = cfg.replace(test_sets=_specs(sets, "ab"))
+    s = S.run_segmentation(c2, progress=False)
+    res = pd.read_csv(S.results_paths(c2)[1], keep_default_na=False)
+    assert list(res.columns) == S.RESULT_COLUMNS and s["trained"] == s["ok"] > 0
+    dom = res[res.test_set == IN_DOMAIN]
+    assert list(res.test_set.unique()) == [IN_DOMAIN, "a", "b"]
+    for name, n_img in (("a", 5), ("b", 4)):
+        sub = res[(res.test_set == name) & (res.status == "ok")]
+        assert len(sub) == (dom.status == "ok").sum() and (sub.n_test == n_img).all()
+        assert sub[["dice_loss", "dice", "iou"]].astype(float).apply(lambda c: c.between(0, 1)).all().all()
+        # the external rows carry the in-domain cell's training record (same model: seed, best epoch, n_train)
+        m = sub.merge(dom, on=S.KEY_COLUMNS, suffixes=("", "_d"))
+        assert (
+            (m.seed == m.seed_d).all() and (m.best_epoch == m.best_epoch_d).all() and (m.n_train == m.n_train_d).all()
+        )
+    fig_d = S.stage_dirs(c2, "segmentation")[1]
+    assert (fig_d / "table2-a.md").exists() and (fig_d / "table3-b.md").exists() and (fig_d / "table2.md").exists()
+
+    # a third set added later: nothing trains, a and b are reused, c is evaluated from the kept checkpoints
+    monkeypatch.setattr(S, "train_cell", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    calls = []
+    real_eval = S.evaluate
+    monkeypatch.setattr(S, "evaluate", lambda *a, **k: calls.append(len(a[1])) or real_eval(*a, **k))
+    c3 = cfg.replace(test_sets=_specs(sets, "abc"))
+    s3 = S.run_segmentation(c3, progress=False)
+    assert s3["trained"] == 0 and calls and set(calls) == {3}  # only set c's 3 images were tested
+    res3 = pd.read_csv(S.results_paths(c3)[1], keep_default_na=False)
+    assert list(res3.test_set.unique()) == [IN_DOMAIN, "a", "b", "c"]
+    pd.testing.assert_frame_equal(
+        res3[res3.test_set.isin([IN_DOMAIN, "a", "b"])].reset_index(drop=True), res.reset_index(drop=True)
+    )
+
+    # the statistics: one block per test set, the t-tests of each set named, no paper values for an external set
+    monkeypatch.setattr(ST, "read_table1_values", lambda cfg: None)
+    out = ST.run_statistics(c3, progress=False)
+    assert {"table2", "table2-a", "table3-c"} <= set(out["tables"])
+    tests = pd.read_csv(ST.stage_dirs(c3, "statistics")[1] / "tests.csv", keep_default_na=False)
+    assert {"a", "b", "c", IN_DOMAIN} <= set(tests.test_set)
+    assert pd.DataFrame(out["tables"]["table2-a"])["paper IoU"].str.startswith("n/a").all()
+    assert not pd.DataFrame(out["tables"]["table2"])["paper IoU"].str.startswith("n/a").any()
+
+
+def test_results_without_a_test_set_column_read_as_in_domain():
+    df = pd.DataFrame({"table": [2], "type": ["Real"], "n": [1], "dice_loss": [0.3], "iou": [0.6]})
+    assert ST.normalize_seg(df).test_set.tolist() == [IN_DOMAIN]
+
+
+def test_a_bad_test_set_is_one_line_before_anything_runs(tmp_path):
+    from diffusegen.runner import reproduce
+
+    with pytest.raises(Exception, match="needs images/ and masks/") as e:
+        reproduce("smoke", out=tmp_path, overrides={"test_sets": f"x={tmp_path / 'nothing'}"}, progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match="not name=folder"):
+        reproduce("smoke", out=tmp_path, overrides={"test_sets": "oops"}, progress=False)
+
+
+def test_table3_coins_are_shared_across_r_and_types_as_the_paper_code(ext):
+    "table3_coins = shared: the same real images get siblings at r = 1 and r = 2 (per-r: fresh coins for each r)."
+    cfg, _ = ext
+    sets = S.Sets(cfg)
+
+    df = sets.synthetic("styled-diff")
+    owner = dict(zip(df.key, df.source_id))
+
+    def picked(c, r):
+        cell = dict(table=3, type="styled-diff", n=8, r=r, mode="add", repeat=0)
+        items = S.cell_data(c, sets, cell)["keys"][0]
+        return sorted({owner[k] for k in items if k in owner})  # the real images that got siblings
+
+    assert load_config("paper").table3_coins == "shared"
+    assert picked(cfg, 1) == picked(cfg, 2) and picked(cfg, 1)
+    per_r = cfg.replace(table3_coins="per-r")
+    assert any(picked(per_r.replace(seed=s), 1) != picked(per_r.replace(seed=s), 2) for s in range(5))
+
+
+def test_cluster_masks_are_read_as_rgb_as_the_paper_code(tmp_path):
+    "cluster_mask_read = raw (the default): a coloured mask keeps its colours; grey gives its L levels in 3 channels."
+    from PIL import Image
+    from diffusegen.clustering import feature_inputs
+
+    assert load_config("paper").cluster_mask_read == "raw"
+    Image.fromarray(np.full((20, 20, 3), 9, np.uint8)).save(tmp_path / "i.png")
+    m = np.zeros((20, 20, 3), np.uint8)
+    m[5:15, 5:15] = (255, 0, 0)
+    Image.fromarray(m).save(tmp_path / "m.png")
+    raw = feature_inputs(tmp_path / "i.png", tmp_path / "m.png", 16)[1]
+    grey = feature_inputs(tmp_path / "i.png", tmp_path / "m.png", 16, "grey")[1]
+    assert raw[8, 8].tolist() == [255, 0, 0] and grey[8, 8, 0] == grey[8, 8, 1] == grey[8, 8, 2] == 76
