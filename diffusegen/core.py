@@ -233,6 +233,7 @@ class Config:
     zecon_tau: float = _f(0.07, "styling", gt=0)
     noise_aug: bool = _f(True, "styling")
     color_match: bool = _f(True, "styling")
+    styled_mask: str = _f("inpainted", "styling")
     style_images: int = _f(0, "styling", ge=0)
     style_batch: int = _f(0, "run", ge=0)  # 0 = auto: as many as the free memory holds
     # intrinsic evaluation (§2.6, Table 1, Appendix B.1)
@@ -318,6 +319,7 @@ class Config:
         "fid_mode": ("clean", "legacy_pytorch", "legacy_tensorflow"),
         "table3_mode": ("add", "replace"),
         "table3_coins": ("shared", "per-r"),
+        "styled_mask": ("inpainted", "regenerated"),
         "executor": ("local", "slurm", "debug"),
         "inpaint_sampler": ("ddpm", "ddim"),
         "init_from": ("none", "full", "shipped"),

@@ -6,6 +6,7 @@ and content losses; then MKL colour matching onto the real image. Writes Styled-
 
 # %% ../nbs/05_styling.ipynb #9b559ff5
 from __future__ import annotations
+import dataclasses
 import json
 import math
 import shutil
@@ -44,6 +45,7 @@ from diffusegen.diffusion import (
     release_memory,
 )
 from .training import make_diffusion, load_unet, weights_file
+from .inpainting import refine_mask
 from diffusegen.sets import (
     UNPLANNED,
     get_type,
@@ -409,13 +411,20 @@ def _settings_record(cfg: Config, kind: str, labels: dict, device="cpu") -> dict
     return rec
 
 
+_DEFAULTS = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Config)}))
+
+
 def _same_settings(old: dict, rec: dict) -> bool:
     "Whether style.json's record `old` describes the styling of `rec`, the plan keys aside (records written before that rule kept them)."
     strip = lambda d: {
         **{k: v for k, v in d.items() if k != "hash"},
         "settings": {k: v for k, v in d.get("settings", {}).items() if k not in PLAN_KEYS},
     }
-    return strip(old) == strip(json.loads(json.dumps(rec)))
+    new = json.loads(json.dumps(rec))
+    # a setting added to diffusegen after `old` was written counts as unchanged while it has its default value
+    added = {k for k in new.get("settings", {}) if k not in old.get("settings", {})}
+    new["settings"] = {k: v for k, v in new.get("settings", {}).items() if k not in added or v != _DEFAULTS.get(k)}
+    return strip(old) == strip(new)
 
 
 def _check_settings(tdir: Path, rec: dict, has_rows: bool):
@@ -549,8 +558,11 @@ def style_type(
                 name = names[j]
                 save_png(raw, tdir / "raw" / f"{name}.png")
                 save_png(out, tdir / "images" / f"{name}.png")
-                with atomic_path(tdir / "masks" / f"{name}.png") as tmp:
-                    shutil.copyfile(set_dir(cfg, up_kind) / r.mask_file, tmp)
+                if cfg.styled_mask == "regenerated":  # the styled 4th channel, > 127 and opened (paper-code-facts b.5)
+                    save_png(refine_mask(_to_u8(x0[j, 3:4])[..., 0], cfg.mask_open), tdir / "masks" / f"{name}.png")
+                else:  # the inpainted sample's mask, byte for byte (the paper's Fig. 6 caption)
+                    with atomic_path(tdir / "masks" / f"{name}.png") as tmp:
+                        shutil.copyfile(set_dir(cfg, up_kind) / r.mask_file, tmp)
                 first, last = log[0], log[-1]
                 params = {
                     "style_respacing": cfg.style_respacing,
@@ -559,6 +571,7 @@ def style_type(
                     "diff_iter": cfg.diff_iter,
                     "noise_aug": cfg.noise_aug,
                     "color_match": cfg.color_match,
+                    "styled_mask": cfg.styled_mask,
                     "lambdas": nets.lambdas,
                     "zecon_patches": cfg.zecon_patches,
                     "zecon_tau": cfg.zecon_tau,
@@ -746,6 +759,12 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
         f"{cfg.style_start + 1} guided steps from index {cfg.style_start} of {cfg.style_respacing} respaced steps "
         f"(paper: 120 of 200); ℓ_sem while t > {cfg.diff_iter}",
         f"weights: {tag}",
+        "masks: "
+        + (
+            "the styled sample's own 4th channel, > 127 and opened (styled_mask = regenerated, the paper's code)"
+            if cfg.styled_mask == "regenerated"
+            else "the inpainted sample's mask, unchanged (styled_mask = inpainted, the paper's Fig. 6 caption)"
+        ),
     ] + [f"SUBSTITUTE in use: {p['label']}" for p in subs]
     write_manifest(cfg, "styling", arts, prov, {"types": results, "device": str(device)}, notes)
     return {"types": results, "table": table.to_dict("records"), "status": "done", "notes": notes}

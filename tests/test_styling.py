@@ -279,6 +279,30 @@ def test_shrunk_rerun_keeps_every_file_and_prune_removes_only_what_it_lists(base
         assert len(pd.read_csv(d / S.UNPLANNED)) == 0
 
 
+def test_styled_mask_regenerated_is_the_styled_channel_opened_and_named(base, tmp_path):
+    "styled_mask = regenerated (the paper's code): a 0/255 mask of the styled sample, named in its row and the notes."
+    cfg = _copy_inputs(base, tmp_path, style_images=1).replace(styled_mask="regenerated")
+    S.run_styling(cfg, progress=False)
+    df = read_set(cfg, "styled-diff")
+    m = np.asarray(Image.open(set_dir(cfg, "styled-diff") / df.mask_file.iloc[0]))
+    assert set(np.unique(m)) <= {0, 255} and json.loads(df.params.iloc[0])["styled_mask"] == "regenerated"
+    notes = json.loads((cfg.fig_dir / "styling" / "manifest.json").read_text())["notes"]
+    assert any("styled_mask = regenerated" in n for n in notes)
+    assert (
+        load_config("paper-revision").styled_mask == "regenerated" and load_config("paper").styled_mask == "inpainted"
+    )
+
+
+def test_a_setting_added_later_at_its_default_is_no_settings_change():
+    "A style.json written before a setting existed still matches while the new setting keeps its default."
+    cfg = load_config("smoke")
+    rec = S._settings_record(cfg, "styled-diff", {})
+    old = json.loads(json.dumps(rec))
+    del old["settings"]["styled_mask"], old["settings"]["cls_substitute_size"]
+    assert S._same_settings(old, rec)
+    assert not S._same_settings(old, S._settings_record(cfg.replace(styled_mask="regenerated"), "styled-diff", {}))
+
+
 def test_other_settings_are_an_error(base, tmp_path):
     cfg = _copy_inputs(base, tmp_path, style_images=1)
     S.run_styling(cfg, progress=False, stop_after=1)
