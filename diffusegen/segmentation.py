@@ -903,17 +903,19 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
             + (f", each also on {len(test_set_specs(cfg))} external test set(s)" if test_set_specs(cfg) else ""),
         )
     ]
+    init = "ImageNet weights" if str(cfg.seg_encoder_weights).lower() != "none" else "random initialisation"
     for ts_name in [IN_DOMAIN] + [n for n, _ in test_set_specs(cfg)]:
         t2, t3 = quick_tables(res[res.test_set == ts_name])
         ext_set = ts_name != IN_DOMAIN
         sfx, on = (f"-{ts_name}", f", tested on {ts_name}") if ext_set else ("", "")
+        on += f" (encoder: {init})"
         no_paper = "the paper gives no values for this test set" if ext_set else ""
         if len(t2):
             arts.append(
                 Artifact(
                     str(write_table(t2, fig_d / f"table2{sfx}")[0]),
                     "table",
-                    f"Table 2: trained on synthetic data only{on or ', tested on real images'}",
+                    f"Table 2: trained on synthetic data only{on if ext_set else ', tested on real images' + on}",
                     "Table 2",
                     no_paper or paper_seg_text(2),
                     "; ".join(

@@ -1050,7 +1050,10 @@ def run_statistics(cfg: Config, progress: bool = True) -> dict:
         f"Mean ± population std (ddof = 0, as the paper); two-sided t-tests at significance {cfg.significance} (* marks p below it): "
         "paired (scipy ttest_rel) on matching repeats/N/r, one-sample (ttest_1samp) against a single value (Real); "
         "against Real with one value per repeat, the other set's means over N (or r) per repeat paired with Real on the repeat; "
-        "'paper …' columns are the same statistics computed from the paper's tables (data/paper/)."
+        "'paper …' columns are the same statistics computed from the paper's tables (data/paper/).",
+        f"segmentation encoder {cfg.seg_encoder}: "
+        + ("ImageNet weights" if str(cfg.seg_encoder_weights).lower() != "none" else "random initialisation")
+        + " (paper's code: ImageNet weights; Appendix B.2: zero-initialized)",
     ]
     if t1v is None:
         notes.append(

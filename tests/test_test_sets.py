@@ -135,3 +135,18 @@ def test_cluster_masks_are_read_as_rgb_as_the_paper_code(tmp_path):
     raw = feature_inputs(tmp_path / "i.png", tmp_path / "m.png", 16)[1]
     grey = feature_inputs(tmp_path / "i.png", tmp_path / "m.png", 16, "grey")[1]
     assert raw[8, 8].tolist() == [255, 0, 0] and grey[8, 8, 0] == grey[8, 8, 1] == grey[8, 8, 2] == 76
+
+
+def test_paper_trains_unetpp_from_imagenet_weights_and_says_so(tmp_path):
+    "paper: the encoder's ImageNet weights (the paper's code); offline and absent they are one clear line; a dry run says random."
+    from diffusegen.core import dry_run_overrides, WeightsNotFound
+
+    cfg = load_config("paper", {"out": str(tmp_path)})
+    assert cfg.seg_encoder_weights == "imagenet" and load_config("demo").seg_encoder_weights == "none"
+    assert load_config("paper", dry_run_overrides()).seg_encoder_weights == "none"
+    try:
+        p = S.encoder_weights_file(cfg, download=False)
+    except WeightsNotFound as e:
+        assert "\n" not in str(e) and "se_resnext50_32x4d" in str(e)
+    else:
+        assert p.is_file()
