@@ -147,6 +147,7 @@ class Config:
     )
     image_size: int = _f(256, "data", ge=8)
     resize_mode: str = _f("stretch", "data")
+    train_crop: str = _f("none", "training")
     mask_threshold: int = _f(128, "data", ge=0, le=255)
     mask_grey_tolerance: float = _f(0.05, "data", ge=0, le=1)
     max_image_pixels: int = _f(
@@ -309,6 +310,7 @@ class Config:
 
     _choices = {
         "resize_mode": ("stretch", "center_crop"),
+        "train_crop": ("none", "center"),
         "on_bad_pairs": ("error", "skip"),
         "noise_schedule": ("linear",),
         "mixed_precision": ("no", "bf16", "fp16"),

@@ -163,6 +163,8 @@ def spec_hash(cfg: Config, spec: ModelSpec) -> str:
         settings.pop(k, None)  # what they change is `spec.init` (the initial weights' sha256)
     if sp.get("init") is None:
         sp.pop("init")  # from scratch: the same hash as before `init_from` existed
+    if settings.get("train_crop") == "none":
+        settings.pop("train_crop")  # uncropped: the same hash as before `train_crop` existed (finished models stay valid)
     d = {"settings": settings, "image_size": cfg.image_size, "spec": sp}
     return content_key(d)
 
@@ -698,8 +700,11 @@ def train_model(
     return {**rec, "status": "trained"}
 
 # %% ../nbs/03_training.ipynb #81fd71eb
-def training_images(cfg: Config) -> tuple[torch.Tensor, list[str]]:
-    "The training images as N×4×S×S tensors in [−1, 1] (mask channel ±1), from the data stage."
+def training_images(cfg: Config, crop: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """The training images as N×4×S×S tensors in [−1, 1] (mask channel ±1), from the data stage. `crop=True`: as the
+    diffusion training loader sees them: with `train_crop = center` each is read from its file, resized on its short
+    side and center-cropped (paper-code-facts b.2), cached beside the data stage's pairs; everything else (inpainting
+    sources, FID references, colour matching, segmentation) keeps the data stage's `resize_mode`."""
     from diffusegen.data import load_pairs, pairs_path
 
     p = pairs_path(cfg)
@@ -707,9 +712,27 @@ def training_images(cfg: Config) -> tuple[torch.Tensor, list[str]]:
         raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
     t, ids, meta = load_pairs(p)
     keep = [i for i, s in enumerate(meta["split"]) if s == "train"]
-    imgs = t["images"][keep].float() / 127.5 - 1
-    masks = t["masks"][keep].float()[:, None] * 2 - 1
+    if crop and cfg.train_crop == "center" and meta.get("resize_mode") != "center_crop":
+        t = _center_cropped(cfg, p, [ids[i] for i in keep])
+        imgs, masks = t["images"].float() / 127.5 - 1, t["masks"].float()[:, None] * 2 - 1
+    else:
+        imgs = t["images"][keep].float() / 127.5 - 1
+        masks = t["masks"][keep].float()[:, None] * 2 - 1
     return torch.cat([imgs, masks], 1), [ids[i] for i in keep]
+
+
+def _center_cropped(cfg: Config, pairs_file: Path, ids: list[str]) -> dict:
+    "The training pairs `ids` center-cropped at `image_size` from their files (`train_crop = center`), cached per pairs file."
+    from diffusegen.data import Pair, load_split, preprocess_pairs, save_pairs, load_pairs
+
+    cache = pairs_file.with_name(
+        f"{pairs_file.stem}_train_center_crop_{content_key([sha256_file(pairs_file), ids], 12)}.safetensors"
+    )
+    if not cache.exists():
+        sp = load_split(cfg).set_index("id")
+        pairs = [Pair(i, Path(sp.loc[i, "image"]), Path(sp.loc[i, "mask"])) for i in ids]
+        save_pairs(preprocess_pairs(pairs, cfg.replace(resize_mode="center_crop"), progress=False), ids, cache)
+    return load_pairs(cache)[0]
 
 
 def full_init(cfg: Config) -> dict:
@@ -757,7 +780,7 @@ def run_training(
     acc = accelerator if accelerator is not None else get_accelerator(cfg)
     main = acc is None or acc.is_main_process
     run_d, fig_d = stage_dirs(cfg, "training")
-    images, ids = training_images(cfg)
+    images, ids = training_images(cfg, crop=True)
     cl = load_clusters(cfg)
     missing = set(cl.id) - set(ids)
     if missing:
@@ -1058,7 +1081,7 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
         raise DiffusegenError(
             f"{src}: neither a finished model folder (final/model.json) nor a checkpoint (state.json)"
         )
-    images, ids = training_images(cfg)
+    images, ids = training_images(cfg, crop=True)
     unet = build_unet(cfg, True)
     try:
         unet.load_state_dict(load_unet(ema).state_dict())

@@ -150,3 +150,33 @@ def test_paper_trains_unetpp_from_imagenet_weights_and_says_so(tmp_path):
         assert "\n" not in str(e) and "se_resnext50_32x4d" in str(e)
     else:
         assert p.is_file()
+
+
+def test_paper_revision_crops_in_diffusion_training_only(tmp_path):
+    "train_crop = center: the diffusion models see center crops of wide images; the data stage's pairs stay stretched."
+    from PIL import Image
+    from diffusegen.data import Pair, load_pair, load_split
+    from diffusegen.training import training_images
+
+    rev = load_config("paper-revision")
+    assert (rev.train_crop, rev.resize_mode, load_config("paper").train_crop) == ("center", "stretch", "none")
+    rng = np.random.default_rng(0)
+    for d in ("images", "masks"):
+        (tmp_path / "wide" / d).mkdir(parents=True)
+    for k in range(12):
+        im = (rng.random((40, 80, 3)) * 255).astype(np.uint8)
+        m = np.zeros((40, 80), np.uint8)
+        m[10:30, 5 + 4 * k : 25 + 4 * k] = 255
+        Image.fromarray(im).save(tmp_path / "wide" / "images" / f"w{k}.png")
+        Image.fromarray(m).save(tmp_path / "wide" / "masks" / f"w{k}.png")
+    cfg = load_config("smoke", {"out": str(tmp_path / "out"), "n_test": 4})
+    run_data(cfg, tmp_path / "wide", progress=False)
+    plain, ids = training_images(cfg)
+    assert training_images(cfg, crop=True)[0].equal(plain)  # train_crop = none: the same tensors
+    c = cfg.replace(train_crop="center")
+    crop, ids2 = training_images(c, crop=True)
+    assert ids2 == ids and not crop.equal(plain) and training_images(c)[0].equal(plain)
+    sp = load_split(cfg).set_index("id")
+    im, mk = load_pair(Pair(ids[0], sp.loc[ids[0], "image"], sp.loc[ids[0], "mask"]), cfg.image_size, "center_crop")
+    assert np.array_equal(((crop[0, :3] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), im)
+    assert np.array_equal((crop[0, 3] > 0).numpy(), mk)
