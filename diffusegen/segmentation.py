@@ -538,13 +538,8 @@ def cell_data(cfg: Config, sets: Sets, cell: dict) -> dict:
 def data_hash(cfg: Config, cell: dict, data: dict, test: tuple) -> str:
     "sha256 (16 hex) of the training settings and the pixels of the cell's training, validation and test sets."
     h = hashlib.sha256()
-    keys = {
-        k: v
-        for k, v in cfg.keys_for("segmentation").items()
-        if not k.startswith(
-            ("table2_", "table3_", "seg_repeats", "test_sets")
-        )  # the grid and the test sets train nothing
-    }
+    grid_only = ("table2_", "table3_", "seg_repeats", "test_sets")  # which cells exist, and where they are tested
+    keys = {k: v for k, v in cfg.keys_for("segmentation").items() if not k.startswith(grid_only)}
     keys.update(
         image_size=cfg.image_size,
         cell=cell,

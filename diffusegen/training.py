@@ -164,7 +164,9 @@ def spec_hash(cfg: Config, spec: ModelSpec) -> str:
     if sp.get("init") is None:
         sp.pop("init")  # from scratch: the same hash as before `init_from` existed
     if settings.get("train_crop") == "none":
-        settings.pop("train_crop")  # uncropped: the same hash as before `train_crop` existed (finished models stay valid)
+        settings.pop(
+            "train_crop"
+        )  # uncropped: the same hash as before `train_crop` existed (finished models stay valid)
     d = {"settings": settings, "image_size": cfg.image_size, "spec": sp}
     return content_key(d)
 
