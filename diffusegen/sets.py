@@ -206,7 +206,8 @@ def write_filtered_set(cfg: Config, key: str, label_iou: dict, min_iou: float, p
     kept = full[iou >= min_iou].assign(**{LABEL_IOU: iou[iou >= min_iou]})
     d = set_dir(cfg, fk)
     d.mkdir(parents=True, exist_ok=True)
-    write_manifest_csv(kept, d / "manifest.csv", manifest_columns(fk))
+    cols = manifest_columns(fk)
+    write_manifest_csv(kept.reindex(columns=cols), d / "manifest.csv", cols)  # a column the full set lacks: empty
     counts = {
         "type": fk,
         "from": key,
