@@ -155,7 +155,8 @@ def test_grid_and_seeds():
     g = S.grid(cfg)
     t2 = [c for c in g if c["table"] == 2]
     t3 = [c for c in g if c["table"] == 3]
-    assert len(t2) == 16 and len(t3) == 28 and {c["mode"] for c in t3 if c["type"] != "real"} == {"add"}
+    # Table 2: Real + 5 paper types and Copy-Paste × N = 1, 2, 3; Table 3: 4 N × (Real + 3 types × r = 1, 2, 3)
+    assert len(t2) == 19 and len(t3) == 40 and {c["mode"] for c in t3 if c["type"] != "real"} == {"add"}
     assert {c["mode"] for c in t3 if c["type"] == "real"} == {""}  # Real baselines: no mode
     assert len(S.grid(cfg.replace(seg_repeats=3))) == 3 * len(g)
     seeds = [S.cell_seed(cfg, c) for c in g]
