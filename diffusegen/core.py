@@ -262,7 +262,7 @@ class Config:
     seg_train_aug: bool = _f(True, "segmentation")
     seg_threshold: float = _f(0.5, "segmentation", gt=0, lt=1)
     seg_repeats: int = _f(1, "segmentation", ge=1)
-    table2_types: str = _f("real gan diff styled-diff full-diff full-styled-diff", "segmentation")
+    table2_types: str = _f("real gan diff styled-diff full-diff full-styled-diff copy-paste", "segmentation")
     table2_n: str = _f("1 2 3", "segmentation")
     table3_n: str = _f("16 32 64 128", "segmentation")
     table3_r: str = _f("1 2 3", "segmentation")
@@ -270,7 +270,7 @@ class Config:
     table3_mode: str = _f("add", "segmentation")
     table3_coins: str = _f("shared", "segmentation")
     test_sets: str = _f("", "segmentation")
-    table3_types: str = _f("styled-diff gan", "segmentation")
+    table3_types: str = _f("styled-diff gan copy-paste", "segmentation")
     # statistics (§2.8)
     significance: float = _f(0.05, "statistics", gt=0, lt=1)
     # speed and scale: never change results
@@ -283,6 +283,12 @@ class Config:
     # fast sampler: these two change the inpainting results
     inpaint_sampler: str = _f("ddpm", "inpainting")
     ddim_eta: float = _f(0.0, "inpainting", ge=0)
+    # the copy-paste baseline (not the paper): made by the inpainting stage without a network
+    copy_paste_scale_min: float = _f(0.75, "inpainting", gt=0, le=4)
+    copy_paste_scale_max: float = _f(1.25, "inpainting", gt=0, le=4)
+    # label agreement and the label filter (not the paper)
+    label_min_iou: float = _f(0.5, "segmentation", ge=0, le=1)
+    filtered_types: str = _f("none", "segmentation")
     # pretrained weights (§2.3, §2.5)
     inception_weights: str = _f("auto", "weights")
     dino_weights: str = _f("auto", "weights")
@@ -399,6 +405,11 @@ class Config:
             self.diff_iter < self.style_respacing,
             "diff_iter",
             f"< style_respacing={self.style_respacing} (an index of the respaced steps)",
+        )
+        need(
+            self.copy_paste_scale_min <= self.copy_paste_scale_max,
+            "copy_paste_scale_min",
+            f"≤ copy_paste_scale_max={self.copy_paste_scale_max}",
         )
         need(self.msssim_win % 2 == 1, "msssim_win", "odd (the Gaussian window has a centre pixel)")
         down = 2 ** (len(_int_list(self.block_out_channels)) - 1)

@@ -36,8 +36,11 @@ from diffusegen.diffusion import (
 )
 from .data import ellipse, dilate_mask
 from .training import weights_file
+from .copypaste import known_mad, make_copy_paste, copy_paste_figure
 from diffusegen.sets import (
     MANIFEST_COLUMNS,
+    KNOWN,
+    manifest_columns,
     UNPLANNED,
     set_dir,
     type_label,
@@ -53,7 +56,7 @@ from diffusegen.sets import (
 # %% auto #0
 __all__ = ['SAMPLERS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts', 'resolve_variant', 'variant_start',
            'refine_mask', 'to_uint8', 'inpaint_inputs', 'repaint', 'inpaint_diffusion', 'inpaint_params',
-           'settings_key', 'plan_samples', 'generate_type', 'fig5', 'run_inpainting']
+           'settings_key', 'plan_samples', 'generate_type', 'fig5', 'known_region_figure', 'run_inpainting']
 
 # %% ../nbs/04_inpainting.ipynb #e39ca771
 def jump_schedule(T: int, jump_length: int = 10, resample: int = 5, start: int | None = None) -> list[int]:
@@ -288,6 +291,7 @@ def generate_type(
     (sdir / "images").mkdir(parents=True, exist_ok=True)
     (sdir / "masks").mkdir(parents=True, exist_ok=True)
     mpath = sdir / "manifest.csv"
+    cols = manifest_columns(kind)
     device = torch.device(device) if device is not None else resolve_device(cfg)
     params = json.dumps(inpaint_params(cfg, device), sort_keys=True)
     start, diff = variant_start(cfg), device_diffusion(inpaint_diffusion(cfg))
@@ -324,15 +328,23 @@ def generate_type(
         keep=lambda r: move_aside(sdir, r),
     )  # made under other settings: kept, not overwritten
     done = {key(r) for r in done_rows}
+    pos = {s: i for i, s in enumerate(ids)}
+    for r in done_rows:  # rows of an earlier version: measure their known region from their files
+        if str(r.get(KNOWN, "")).strip() in ("", "nan"):
+            src = x4[pos[r["source_id"]]][None]
+            r[KNOWN] = known_mad(
+                np.array(Image.open(sdir / str(r["file"])).convert("RGB")),
+                to_uint8(src[0, :3]),
+                inpaint_inputs(src, cfg.dilation)[2][0],
+            )
     pruned = prune_rows(sdir, aside) if prune else []
     if prune:
         aside = []
-    rows = pd.DataFrame(done_rows, columns=MANIFEST_COLUMNS)
-    write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)  # first the plan's record, then the kept rows
-    write_unplanned(aside, upath, MANIFEST_COLUMNS)
+    rows = pd.DataFrame(done_rows, columns=cols)
+    write_manifest_csv(rows, mpath, cols)  # first the plan's record, then the kept rows
+    write_unplanned(aside, upath, cols)
     todo = [r for r in plan if key(r) not in done]
     # 2. batches of one model each, across images and seeds
-    pos = {s: i for i, s in enumerate(ids)}
     made, secs, n_batches, stopped, batch_sizes = 0, 0.0, 0, False, []
     S = cfg.image_size
     for model in sorted({r["model"] for r in todo}):
@@ -360,7 +372,7 @@ def generate_type(
                 break
             batch = mt[b : b + bs]
             src = x4[[pos[r["source_id"]] for r in batch]]
-            init4, known, _ = inpaint_inputs(src, cfg.dilation)
+            init4, known, dil = inpaint_inputs(src, cfg.dilation)
             t0 = time.perf_counter()
             out = repaint(
                 fn,
@@ -376,22 +388,23 @@ def generate_type(
                 eta=cfg.ddim_eta,
             )
             secs += time.perf_counter() - t0
-            u8 = to_uint8(out)
-            for r, a in zip(batch, u8):
+            u8, src8 = to_uint8(out), to_uint8(src[:, :3])
+            for r, a, s8, dl in zip(batch, u8, src8, dil):
+                r[KNOWN] = known_mad(a[..., :3], s8, dl)  # outside the dilated mask, after the paste: 0
                 save_png(np.ascontiguousarray(a[..., :3]), sdir / r["file"])
                 save_png(refine_mask(a[..., 3], cfg.mask_open).astype(np.uint8), sdir / r["mask_file"])
             rows = (
-                pd.concat([rows, pd.DataFrame(batch)[MANIFEST_COLUMNS]], ignore_index=True)
+                pd.concat([rows, pd.DataFrame(batch)[cols]], ignore_index=True)
                 if len(rows)
-                else pd.DataFrame(batch)[MANIFEST_COLUMNS]
+                else pd.DataFrame(batch)[cols]
             )
-            write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)
+            write_manifest_csv(rows, mpath, cols)
             made += len(batch)
             n_batches += 1
     if not stopped:  # final order: the plan's
         order = {r["file"]: i for i, r in enumerate(plan)}
         rows = rows.assign(_o=rows.file.map(order)).sort_values("_o").drop(columns="_o").reset_index(drop=True)
-        write_manifest_csv(rows, mpath, MANIFEST_COLUMNS)
+        write_manifest_csv(rows, mpath, cols)
     return {
         "type": kind,
         "label": type_label(kind),
@@ -450,11 +463,56 @@ def fig5(cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], n_sources: in
     fig.tight_layout()
     return fig
 
+# %% ../nbs/04_inpainting.ipynb #232ff2bb
+def known_region_figure(cfg: Config, keys) -> tuple:
+    """A histogram per type of `known_mad` (the mean |sample − source| outside the dilated mask; for styled types
+    against the inpainted sample) and a table of its median and maximum; types without the column or set are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vals = {}
+    for k in keys:
+        df = read_set(cfg, k)
+        if df is not None and KNOWN in df.columns:
+            v = pd.to_numeric(df[KNOWN], errors="coerce").dropna()
+            if len(v):
+                vals[k] = v.to_numpy(float)
+    fig, ax = plt.subplots(1, max(1, len(vals)), figsize=(2.6 * max(1, len(vals)), 2.4), squeeze=False)
+    for a, (k, v) in zip(ax[0], vals.items()):
+        a.hist(v, bins=20, range=(0, max(1.0, float(v.max()))), color="tab:blue")
+        a.set_title(f"{type_label(k)}\nmedian {np.median(v):.2f}, max {v.max():.2f}", fontsize=8)
+        a.set_xlabel("mean |Δ| outside the dilated mask (0–255)", fontsize=7)
+        a.tick_params(labelsize=7)
+    fig.suptitle("The known region: what should not change (0 = untouched)", fontsize=9)
+    fig.tight_layout()
+    table = pd.DataFrame(
+        [
+            {
+                "type": type_label(k),
+                "samples": len(v),
+                "median": round(float(np.median(v)), 4),
+                "max": round(float(v.max()), 4),
+            }
+            for k, v in vals.items()
+        ],
+        columns=["type", "samples", "median", "max"],
+    )
+    return fig, table
+
 # %% ../nbs/04_inpainting.ipynb #ee70f94d
 def run_inpainting(
-    cfg: Config, types=("diff", "full-diff"), progress: bool = True, stop_after: int | None = None, prune: bool = False
+    cfg: Config,
+    types=("diff", "full-diff"),
+    progress: bool = True,
+    stop_after: int | None = None,
+    prune: bool = False,
+    copy_paste: bool = True,
 ) -> dict:
-    """The inpainting stage: samples of each type under runs/<profile>/synthetic/<type>/, Fig. 5, table and manifest.
+    """The inpainting stage: samples of each type under runs/<profile>/synthetic/<type>/, Fig. 5, table and manifest;
+    with `copy_paste` also the Copy-Paste baseline (`diffusegen.copypaste`, no network, seconds), and the known-region
+    figure of every type it made.
     Finished samples outside the plan (a smaller `inpaint_images` or `samples_per_image`) are kept and listed in
     manifest_unplanned.csv; `prune=True` removes them, printing each file."""
     import matplotlib.pyplot as plt
@@ -481,7 +539,32 @@ def run_inpainting(
         + f"; dilation {cfg.dilation} px, mask opening {cfg.mask_open} px at {cfg.image_size} px"
         + (f"; DDIM steps (eta {cfg.ddim_eta}) instead of the ancestral step" if cfg.inpaint_sampler == "ddim" else "")
     )
-    for ty in types:
+    for ty in [*types, *(["copy-paste"] if copy_paste and "copy-paste" not in types else [])]:
+        if ty == "copy-paste":
+            rec = make_copy_paste(cfg, x4, ids, clusters)
+            fig = copy_paste_figure(cfg, x4, ids)
+            save_figure(fig, fig_d / "copy-paste.png")
+            plt.close(fig)
+            arts.append(
+                Artifact(
+                    str(fig_d / "copy-paste.png"),
+                    "figure",
+                    "Copy-Paste baseline: background, polyp source, result (no network; not in the paper)",
+                    "not the paper",
+                )
+            )
+            arts.append(
+                Artifact(
+                    str(set_dir(cfg, ty) / "manifest.csv"),
+                    "data",
+                    "Copy-Paste samples",
+                    "not the paper",
+                    "",
+                    f"{rec['total']} samples in {rec['seconds']} s",
+                )
+            )
+            recs.append(rec)
+            continue
         rec = generate_type(cfg, ty, x4, ids, clusters, progress=progress, stop_after=stop_after, prune=prune)
         recs.append(rec)
         if rec["planned"] == 0:
@@ -526,6 +609,21 @@ def run_inpainting(
                 "§2.5",
                 "348 × 3 samples per type",
                 f"{rec['total']} samples",
+            )
+        )
+    made = [r["type"] for r in recs if r["total"] and not r["stopped"]]
+    if made:
+        fig, kt = known_region_figure(cfg, made)
+        save_figure(fig, fig_d / "known_region.png")
+        plt.close(fig)
+        arts.append(
+            Artifact(
+                str(fig_d / "known_region.png"),
+                "figure",
+                "The known region: mean |sample − source| outside the dilated mask, per type",
+                "§2.5",
+                "RePaint keeps the known region (0 after the paste)",
+                "; ".join(f"{r['type']} max {r['max']}" for _, r in kt.iterrows()),
             )
         )
     cols = [

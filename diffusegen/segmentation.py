@@ -23,6 +23,9 @@ from diffusegen.core import (
     WeightsNotFound,
     Artifact,
     atomic_write,
+    atomic_path,
+    write_json,
+    save_figure,
     write_table,
     write_manifest,
     stage_dirs,
@@ -38,15 +41,18 @@ from diffusegen.core import (
 from .core import read_ledger as read_ledger_file
 from .sets import TYPES, read_set, type_label
 from .data import IN_DOMAIN, test_set_specs, load_test_set
+from .sets import TYPES, read_set, type_label, filtered_key, filtered_types
 
 # %% auto #0
 __all__ = ['MEAN', 'STD', 'CELL_COLUMNS', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'EXTERNAL_COLUMNS', 'STALE',
-           'SCORE_COLUMNS', 'polyp_channel', 'confusion', 'iou_score', 'dice_score', 'soft_dice_loss',
-           'encoder_weights_file', 'encoder_provenance', 'build_model', 'train_augmentation', 'to_tensors', 'hash_rank',
-           'grouped_split', 'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'grid', 'Sets', 'cell_data',
-           'data_hash', 'cell_hash', 'results_paths', 'checkpoint_path', 'save_cell_checkpoint', 'load_cell_model',
-           'evaluate_external', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables',
-           'run_segmentation']
+           'SCORE_COLUMNS', 'AGREEMENT_CELL', 'AGREEMENT_COLUMNS', 'polyp_channel', 'confusion', 'iou_score',
+           'dice_score', 'soft_dice_loss', 'encoder_weights_file', 'encoder_provenance', 'build_model',
+           'train_augmentation', 'to_tensors', 'hash_rank', 'grouped_split', 'augment_small_set', 'evaluate',
+           'train_cell', 'cell_seed', 'filtered_rows', 'grid', 'Sets', 'cell_data', 'data_hash', 'cell_hash',
+           'results_paths', 'checkpoint_path', 'save_cell_checkpoint', 'load_cell_model', 'evaluate_external',
+           'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables', 'agreement_paths',
+           'save_segmenter', 'load_segmenter', 'mask_stats', 'touches_region', 'predict', 'label_agreement',
+           'agreement_table', 'agreement_figure', 'run_label_agreement', 'run_segmentation']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
 def polyp_channel(prob: torch.Tensor) -> torch.Tensor:
@@ -275,9 +281,19 @@ def evaluate(
 
 
 def train_cell(
-    cfg: Config, train: tuple, val: tuple, test: tuple, seed: int, progress: bool = False, desc: str = ""
+    cfg: Config,
+    train: tuple,
+    val: tuple,
+    test: tuple,
+    seed: int,
+    progress: bool = False,
+    desc: str = "",
+    save_to: Path | None = None,
+    record: dict | None = None,
 ) -> dict:
-    "Train one model on `train` (images, masks), keep the best state by validation IoU, test it. Returns scores and that state."
+    """Train one model on `train` (images, masks), keep the best state by validation IoU, test it. Returns scores and
+    that state (`state`). `save_to`: also save the best state there (safetensors) with `record` and the scores (the
+    label-agreement segmenter)."""
     device = resolve_device(cfg)
     seed_everything(seed % 2**32)
     model = build_model(cfg).to(device)
@@ -315,6 +331,8 @@ def train_cell(
     if best is not None:
         model.load_state_dict(best)
     res = evaluate(model, *test, threshold=cfg.seg_threshold, device=device)
+    if save_to is not None:
+        save_segmenter(model, Path(save_to), {**(record or {}), **res, "val_iou": best_iou, "best_epoch": best_epoch})
     return {
         **res,
         "val_iou": best_iou,
@@ -368,19 +386,38 @@ def cell_seed(cfg: Config, cell: dict) -> int:
     )
 
 
+def filtered_rows(cfg: Config) -> list[str]:
+    "The generated types named by `filtered_types` (none: []), whose filtered subsets train rows of their own."
+    from diffusegen.sets import synthetic_types
+
+    if str(cfg.filtered_types).strip() in ("", "none"):
+        return []
+    out = _words(cfg.filtered_types)
+    bad = [t for t in out if t not in synthetic_types()]
+    if bad:
+        raise ConfigError(
+            f"setting filtered_types={cfg.filtered_types!r}: {bad[0]!r} must be none or generated types ({', '.join(synthetic_types())})"
+        )
+    return out
+
+
 def grid(cfg: Config) -> list[dict]:
     "Every cell of Tables 2 and 3 for these settings, in run order."
     for t in _words(cfg.table2_types) + _words(cfg.table3_types):
         if t not in TYPES:
             raise ConfigError(f"table type {t!r}: must be one of {', '.join(TYPES)}")
+    filt = filtered_rows(cfg)
     cells = []
     for k in range(max(1, cfg.seg_repeats)):
         for t in _words(cfg.table2_types):
             for n in [1] if t == "real" else _ints(cfg.table2_n):
                 cells.append(dict(table=2, type=t, n=n, r=0, mode="", repeat=k))
+        for t in filt:  # the filtered subsets' own rows
+            for n in _ints(cfg.table2_n):
+                cells.append(dict(table=2, type=filtered_key(t), n=n, r=0, mode="", repeat=k))
         for n in _ints(cfg.table3_n):
             cells.append(dict(table=3, type="real", n=n, r=0, mode="", repeat=k))  # shared by add and replace
-            for t in _words(cfg.table3_types):
+            for t in _words(cfg.table3_types) + [filtered_key(t) for t in filt if t in _words(cfg.table3_types)]:
                 if t == "real":
                     continue
                 for r in _ints(cfg.table3_r):
@@ -418,6 +455,7 @@ class Sets:
         if not self.train_ids or not test_ids:
             raise DiffusegenError(f"{p}: needs train and test images (has {len(self.train_ids)} and {len(test_ids)})")
         self.test = (np.stack([self.real[i][0] for i in test_ids]), np.stack([self.real[i][1] for i in test_ids]))
+        self.test_ids = test_ids
         self._syn, self.notes = {}, {}
 
     def synthetic(self, kind: str) -> pd.DataFrame | None:
@@ -538,7 +576,8 @@ def cell_data(cfg: Config, sets: Sets, cell: dict) -> dict:
 def data_hash(cfg: Config, cell: dict, data: dict, test: tuple) -> str:
     "sha256 (16 hex) of the training settings and the pixels of the cell's training, validation and test sets."
     h = hashlib.sha256()
-    grid_only = ("table2_", "table3_", "seg_repeats", "test_sets")  # which cells exist, and where they are tested
+    grid_only = ("table2_", "table3_", "seg_repeats", "test_sets", "label_min_iou", "filtered_types")
+    # which cells exist, where they are tested and which filtered rows train: they change no cell's training
     keys = {k: v for k, v in cfg.keys_for("segmentation").items() if not k.startswith(grid_only)}
     keys.update(
         image_size=cfg.image_size,
@@ -811,10 +850,283 @@ def quick_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
     return pd.DataFrame(rows2), pd.DataFrame(rows3)
 
+# %% ../nbs/07_segmentation.ipynb #7bce79be
+AGREEMENT_CELL = dict(table=2, type="real", n=1, r=0, mode="", repeat=0)  # whose model measures label agreement
+AGREEMENT_COLUMNS = [
+    "type",
+    "key",
+    "file",
+    "source_id",
+    "sample",
+    "iou",
+    "dice",
+    "area_share",
+    "components",
+    "touches_region",
+]
+
+
+def agreement_paths(cfg: Config) -> tuple[Path, Path, Path]:
+    "(the real-only segmenter's weights, its record, the per-sample agreement CSV) under runs/<profile>/segmentation/agreement/."
+    d = stage_dirs(cfg, "segmentation")[0] / "agreement"
+    return d / "segmenter.safetensors", d / "segmenter.json", d / "label_agreement.csv"
+
+
+def save_segmenter(model, path: Path, record: dict):
+    "A trained segmenter's weights as safetensors (atomically) and its record (settings hash, scores) beside it as JSON."
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(path.with_suffix(".json"), record)
+
+
+def load_segmenter(cfg: Config, path: Path):
+    "The segmenter saved by `save_segmenter` (safetensors, never a pickle), on the run's device, in eval mode."
+    from safetensors.torch import load_file
+
+    model = build_model(cfg, weights=False)
+    model.load_state_dict(load_file(str(path)))
+    return model.to(resolve_device(cfg)).eval()
+
+
+def mask_stats(mask: np.ndarray) -> tuple[float, int]:
+    "(area share, number of 8-connected components) of a 0/1 mask."
+    from scipy import ndimage
+
+    m = np.asarray(mask) > 0
+    return float(m.mean()), int(ndimage.label(m, structure=np.ones((3, 3)))[1])
+
+
+def touches_region(mask: np.ndarray, region: np.ndarray) -> bool:
+    "Whether a 0/1 mask reaches the inner border of `region` (0/1): a polyp cut off by the edge of the inpainted region."
+    from scipy import ndimage
+
+    r = np.asarray(region) > 0
+    border = r & ~ndimage.binary_erosion(r, structure=np.ones((3, 3)), border_value=1)
+    return bool((np.asarray(mask)[border] > 0).any())
+
+
+@torch.no_grad()
+def predict(model, images: np.ndarray, batch: int = 32) -> torch.Tensor:
+    "The polyp channel's probabilities (N×H×W, CPU float) of uint8 images."
+    dev = next(model.parameters()).device
+    model.eval()
+    out = [
+        polyp_channel(model(to_tensors(images[b : b + batch], np.zeros(images[b : b + batch].shape[:3]))[0].to(dev)))
+        .float()
+        .cpu()
+        for b in range(0, len(images), batch)
+    ]
+    return torch.cat(out) if out else torch.zeros(0)
+
+# %% ../nbs/07_segmentation.ipynb #0aee7774
+def label_agreement(cfg: Config, sets: Sets, model, types: list[str] | None = None) -> pd.DataFrame:
+    """Per sample (AGREEMENT_COLUMNS): the real-only segmenter's IoU and Dice against the sample's own mask, the mask's
+    area share and components, and whether it touches the inpainted region's border (RePaint types; NaN otherwise). Type
+    'real': the held-out test images (the reference). `types`: default every generated type and GAN, where present."""
+    from diffusegen.data import dilate_mask
+    from diffusegen.sets import synthetic_types
+
+    rows = []
+
+    def add(kind, keys, files, sids, samples, images, masks, regions):
+        p = predict(model, images)
+        t = torch.from_numpy(masks.astype(np.float32))
+        iou, dice = iou_score(p, t, cfg.seg_threshold), dice_score(p, t, cfg.seg_threshold)
+        for j in range(len(images)):
+            a, c = mask_stats(masks[j])
+            rows.append(
+                dict(
+                    type=kind,
+                    key=keys[j],
+                    file=files[j],
+                    source_id=sids[j],
+                    sample=samples[j],
+                    iou=float(iou[j]),
+                    dice=float(dice[j]),
+                    area_share=a,
+                    components=c,
+                    touches_region=float("nan") if regions is None else float(touches_region(masks[j], regions[j])),
+                )
+            )
+
+    ti, tm = sets.test
+    tids = getattr(sets, "test_ids", [str(k) for k in range(len(ti))])
+    add("real", [f"real/test/{i}" for i in tids], [""] * len(ti), list(tids), [0] * len(ti), ti, tm, None)
+    for kind in types if types is not None else ["gan", *synthetic_types()]:
+        df = sets.synthetic(kind)
+        if df is None:
+            continue
+        t = TYPES[kind]
+        repaint = t.made_by in ("inpainting", "styling") and kind != "copy-paste"
+        regions = [dilate_mask(sets.real[s][1] > 0, cfg.dilation) for s in df.source_id] if repaint else None
+        add(
+            kind,
+            list(df.key),
+            [k.split("/", 1)[1] for k in df.key],
+            list(df.source_id),
+            list(df.file_sample),
+            np.stack(list(df["image"])),
+            np.stack(list(df["mask"])),
+            regions,
+        )
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
+
+
+def agreement_table(cfg: Config, per: pd.DataFrame, sets: Sets, record: dict | None = None) -> pd.DataFrame:
+    "Per type: the IoU's median and quartiles, the share below `label_min_iou`, Dice, and mask statistics against the real training masks."
+    from scipy.stats import wasserstein_distance
+
+    real = [mask_stats(sets.real[i][1]) for i in sets.train_ids]
+    ra, rc = np.array([a for a, _ in real]), np.array([c for _, c in real], float)
+    rows = []
+    for kind, g in per.groupby("type", sort=False):
+        iou = g.iou.to_numpy(float)
+        q25, med, q75 = np.quantile(iou, [0.25, 0.5, 0.75])
+        tr = pd.to_numeric(g.touches_region, errors="coerce").dropna()
+        rows.append(
+            {
+                "type": type_label(kind),
+                "samples": len(g),
+                "label IoU median": round(float(med), 4),
+                "IoU q25": round(float(q25), 4),
+                "IoU q75": round(float(q75), 4),
+                "label Dice median": round(float(g.dice.median()), 4),
+                f"share IoU < {cfg.label_min_iou:g}": round(float((iou < cfg.label_min_iou).mean()), 4),
+                "mask area share median": round(float(g.area_share.median()), 4),
+                "components mean": round(float(g.components.mean()), 3),
+                "W1 area share vs real": round(float(wasserstein_distance(g.area_share, ra)), 4),
+                "W1 components vs real": round(float(wasserstein_distance(g.components.astype(float), rc)), 4),
+                "touches region border": round(float(tr.mean()), 4) if len(tr) else "",
+                "reference": "held-out real test images" if kind == "real" else "",
+            }
+        )
+    return pd.DataFrame(rows)
+
+# %% ../nbs/07_segmentation.ipynb #f572c83d
+def agreement_figure(cfg: Config, per: pd.DataFrame, sets: Sets, model, k: int = 2):
+    """Left: the label IoU's histogram per type, side by side, with `label_min_iou` marked. Right: per type the `k`
+    worst and `k` best samples with the sample's mask (green) and the real-only segmenter's prediction (red)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(per.type))
+    n = max(1, len(kinds))
+    fig = plt.figure(figsize=(2.1 * max(n, 2 * k), 2.2 + 1.9 * n))
+    gs = fig.add_gridspec(1 + n, max(n, 2 * k), height_ratios=[1.2] + [1] * n)
+    tid = {f"real/test/{i}": j for j, i in enumerate(getattr(sets, "test_ids", []))}
+    for c, kind in enumerate(kinds):
+        a = fig.add_subplot(gs[0, c])
+        v = per[per.type == kind].iou.to_numpy(float)
+        a.hist(v, bins=20, range=(0, 1), color="tab:green" if kind == "real" else "tab:blue")
+        a.axvline(cfg.label_min_iou, color="red", lw=0.8)
+        a.set_title(f"{type_label(kind)}\nmedian {np.median(v):.2f} (n={len(v)})", fontsize=7)
+        a.tick_params(labelsize=6)
+        a.set_xlabel("label IoU", fontsize=6)
+    for r, kind in enumerate(kinds):
+        g = per[per.type == kind].sort_values("iou", kind="stable")
+        pick = [*g.head(k).itertuples(), *g.tail(k).itertuples()][: 2 * k] if len(g) > k else list(g.itertuples())
+        if kind == "real":
+            ims = [sets.test[0][tid[p.key]] for p in pick] if tid else []
+            mks = [sets.test[1][tid[p.key]] for p in pick] if tid else []
+        else:
+            df = sets.synthetic(kind).set_index("key")
+            ims, mks = [df.loc[p.key, "image"] for p in pick], [df.loc[p.key, "mask"] for p in pick]
+        if not ims:
+            continue
+        pr = (predict(model, np.stack(ims)) > cfg.seg_threshold).numpy()
+        for c, (p, im, mk, q) in enumerate(zip(pick, ims, mks, pr)):
+            a = fig.add_subplot(gs[1 + r, c])
+            a.imshow(im)
+            for m, col in ((mk, "lime"), (q, "red")):
+                if np.asarray(m).any():
+                    a.contour(np.asarray(m).astype(float), levels=[0.5], colors=col, linewidths=0.8)
+            a.set_title(f"{type_label(kind)} {'worst' if c < k else 'best'}: IoU {p.iou:.2f}", fontsize=6)
+            a.axis("off")
+    fig.suptitle(
+        "Label agreement: a real-only segmenter's prediction (red) against each sample's own mask (green); "
+        f"red line: label_min_iou = {cfg.label_min_iou:g}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def run_label_agreement(cfg: Config, sets: Sets, record: dict, progress: bool = False) -> dict:
+    """Label agreement with the saved real-only segmenter (`record`: its segmenter.json): the per-sample CSV, the
+    per-type table, the figure, and the filtered subsets (`label_min_iou`) of every generated type present, written
+    through the data-set contract beside the full sets. Returns artifacts, notes and the filter counts."""
+    import matplotlib.pyplot as plt
+    from diffusegen.sets import synthetic_types, write_filtered_set
+
+    _, fig_d = stage_dirs(cfg, "segmentation")
+    wpath, _, ppath = agreement_paths(cfg)
+    model = load_segmenter(cfg, wpath)
+    per = label_agreement(cfg, sets, model)
+    with atomic_write(ppath) as f:
+        per.to_csv(f, index=False)
+    table = agreement_table(cfg, per, sets, record)
+    test_iou = float(record.get("iou", float("nan")))
+    table["real-only segmenter test IoU"] = round(test_iou, 4)
+    fig = agreement_figure(cfg, per, sets, model)
+    save_figure(fig, fig_d / "label_agreement.png", dpi=110)
+    plt.close(fig)
+    prov = {
+        "segmenter": str(wpath.relative_to(cfg.root)) if wpath.is_relative_to(cfg.root) else str(wpath),
+        "sha256": sha256_file(wpath),
+        "cell": AGREEMENT_CELL,
+        "settings_hash": record.get("settings_hash"),
+        "test_iou": test_iou,
+        "seg_threshold": cfg.seg_threshold,
+    }
+    filt = []
+    for kind in synthetic_types():
+        g = per[per.type == kind]
+        if len(g):
+            filt.append(write_filtered_set(cfg, kind, dict(zip(g.file, g.iou)), cfg.label_min_iou, prov))
+    ftab = pd.DataFrame(filt, columns=["type", "from", "label_min_iou", "samples", "measured", "kept", "dropped"])
+    arts = [
+        Artifact(
+            str(write_table(table, fig_d / "label_agreement")[0]),
+            "table",
+            f"Label agreement: a real-only segmenter (test IoU {test_iou:.4f}) against each sample's own mask, per type",
+            "not in the paper",
+            "",
+            "; ".join(f"{r['type']} {r['label IoU median']}" for _, r in table.iterrows()),
+        ),
+        Artifact(
+            str(fig_d / "label_agreement.png"),
+            "figure",
+            "Label agreement: IoU histograms per type, worst and best samples with both masks",
+            "not in the paper",
+        ),
+        Artifact(
+            str(write_table(ftab, fig_d / "label_filter")[0]),
+            "table",
+            f"Label filter: samples kept with label IoU ≥ {cfg.label_min_iou:g} (filtered sets beside the full ones)",
+            "not in the paper",
+            "",
+            "; ".join(f"{r['type']} {r['kept']}/{r['samples']}" for _, r in ftab.iterrows()),
+        ),
+        Artifact(str(ppath), "data", "Label agreement per sample", "not in the paper"),
+    ]
+    notes = [
+        f"label agreement: the Real cell's segmenter (table 2, repeat 0; test IoU {test_iou:.4f}) predicts every "
+        f"synthetic sample; a weak segmenter disagrees with good labels too, so read each type against the Real row",
+        "label filter (label_min_iou = {:g}): ".format(cfg.label_min_iou)
+        + "; ".join(f"{r['from']} drops {r['dropped']} of {r['samples']}" for r in filt),
+    ]
+    return {"artifacts": arts, "notes": notes, "table": table, "filter": filt, "per_sample": per}
+
 # %% ../nbs/07_segmentation.ipynb #e9f7d6b2
 def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None = None) -> dict:
     """The segmentation stage: every cell of Tables 2 and 3 (or the cells in `only`), resumable; writes results.csv
-    (runs/ and figures/), the quick tables and the manifest."""
+    (runs/ and figures/), the quick tables and the manifest. The Real cell (table 2, repeat 0) trains first and keeps its
+    model, which measures the label agreement of every synthetic set and writes the filtered sets; then the rest."""
     run_d, fig_d = stage_dirs(cfg, "segmentation")
     run_d.mkdir(parents=True, exist_ok=True)
     fig_d.mkdir(parents=True, exist_ok=True)
@@ -823,16 +1135,44 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     todo = cells if only is None else [c for c in cells if any(all(str(c[k]) == str(o[k]) for k in o) for o in only)]
     ledger = read_ledger(cfg)
     current = {_key(c): cell_hash(cfg, sets, c) for c in cells}  # every grid cell's hash: older rows are marked stale
-    done = {
+    done_rows = lambda: {
         k: r
         for k, r in resumable(ledger.to_dict("records"), _key, lambda r: str(r["settings_hash"]), current).items()
         if r["status"] == "ok"
     }  # trained under the current hash: reused
+    done = done_rows()
     from tqdm.auto import tqdm
+
+    akey, (wpath, rpath, _) = _key(AGREEMENT_CELL), agreement_paths(cfg)
+    todo = sorted(todo, key=lambda c: _key(c) != akey)  # the Real cell first: its model measures label agreement
+    agreement, anotes = None, []
+
+    def agree():
+        "Label agreement with the Real cell's saved model, the filtered sets, then the filtered cells' hashes anew."
+        nonlocal agreement, done
+        rec = json.loads(rpath.read_text()) if rpath.exists() and wpath.exists() else {}
+        if akey not in current:
+            anotes.append("label agreement not measured: Table 2 has no Real row (table2_types)")
+        elif rec.get("settings_hash") != current[akey]:
+            anotes.append(
+                f"label agreement not measured: no saved model of the Real cell under the current settings ({wpath}); "
+                "its cells.csv row came from an earlier version: delete that row to train it again"
+            )
+        else:
+            agreement = run_label_agreement(cfg, sets, rec, progress)
+            for c in cells:
+                if c["type"] in filtered_types():
+                    sets._syn.pop(c["type"], None)
+                    current[_key(c)] = cell_hash(cfg, sets, c)
+            done = done_rows()
 
     t_stage, trained, reused = time.time(), 0, 0
     n_test = len(sets.test[0])
+    if akey not in {_key(c) for c in todo}:
+        agree()
     for cell in tqdm(todo, desc="segmentation cells", disable=not progress):
+        if agreement is None and not anotes and _key(cell) != akey:
+            agree()  # after the Real cell
         seed = cell_seed(cfg, cell)
         data = cell_data(cfg, sets, cell)
         h = current[_key(cell)]
@@ -864,7 +1204,12 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                 continue
             t0 = time.time()
             label = f"table {cell['table']} {cell['type']} n={cell['n']} r={cell['r']}"
-            res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress=progress, desc=label)
+            keep = (
+                {"save_to": wpath, "record": {"settings_hash": h, "cell": cell, "seed": seed}}
+                if _key(cell) == akey
+                else {}
+            )
+            res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress=progress, desc=label, **keep)
             save_cell_checkpoint(cfg, cell, res.pop("state"), h)  # for external test sets, now or added later
             trained += 1
             row = {
@@ -884,6 +1229,8 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
             else pd.DataFrame([row])[LEDGER_COLUMNS]
         )
         write_results(cfg, ledger, cells, current)
+    if agreement is None and not anotes:
+        agree()
     ext, n_ext, n_ext_reused, ext_notes = evaluate_external(cfg, ledger, cells, current, progress)
     res = write_results(cfg, ledger, cells, current, ext)
     dom = res[res.test_set == IN_DOMAIN]  # the cells on the in-domain test set
@@ -935,6 +1282,8 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                     ),
                 )
             )
+    if agreement is not None:
+        arts += agreement["artifacts"]
     seconds = round(time.time() - t_stage, 2)
     notes = [
         f"model: {cfg.seg_arch} with {cfg.seg_encoder} (paper: UnetPlusPlus with se_resnext50_32x4d), encoder weights "
@@ -944,7 +1293,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         "train/validation split grouped by source image (the paper code's split is not; paper-code-facts b.7.12)",
         f"Table 3 mode: {cfg.table3_mode} ({'r siblings added with probability α, the text' if cfg.table3_mode == 'add' else 'each real image replaced by r siblings with probability α, the caption'})",
     ]
-    notes += [f"{k}: {v}" for k, v in sets.notes.items()]
+    notes += [f"{k}: {v}" for k, v in sets.notes.items()] + (agreement["notes"] if agreement else anotes)
     if test_set_specs(cfg):
         notes.append(
             "external test sets (test_sets): every trained cell is tested on each with its best checkpoint, chosen on the "
@@ -969,6 +1318,12 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         "encoder": cfg.seg_encoder,
         "arch": cfg.seg_arch,
         "test_sets": [IN_DOMAIN] + [n for n, _ in test_set_specs(cfg)],
+        "label_agreement": None
+        if agreement is None
+        else {
+            "median_iou": dict(zip(agreement["table"].type, agreement["table"]["label IoU median"])),
+            "filter": agreement["filter"],
+        },
     }
     write_manifest(cfg, "segmentation", arts, [encoder_provenance(cfg)], summary, notes)
     return {

@@ -11,16 +11,18 @@ import pandas as pd
 from .core import Config, DiffusegenError, content_key, read_ledger, write_ledger
 
 # %% auto #0
-__all__ = ['TYPES', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType', 'register_type', 'get_type', 'type_label',
-           'type_key', 'types_made_by', 'synthetic_types', 'manifest_columns', 'set_dir', 'read_manifest_csv',
-           'write_manifest_csv', 'read_set', 'split_ledger', 'move_aside', 'prune_rows', 'write_unplanned']
+__all__ = ['TYPES', 'KNOWN', 'LABEL_IOU', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType', 'register_type',
+           'get_type', 'type_label', 'type_key', 'types_made_by', 'synthetic_types', 'filtered_key',
+           'register_filtered', 'filtered_types', 'manifest_columns', 'set_dir', 'read_manifest_csv',
+           'write_manifest_csv', 'read_set', 'write_filtered_set', 'split_ledger', 'move_aside', 'prune_rows',
+           'write_unplanned']
 
 # %% ../nbs/01b_sets.ipynb #a1a9ecfe
 @dataclass(frozen=True)
 class DataType:
     key: str  # folder and `type` value: "styled-diff"
     label: str  # the paper's name: "Styled-Diff"
-    made_by: str  # "data", "external", or the generator stage that writes it ("inpainting", "styling", …)
+    made_by: str  # "data", "external", "filter", or the generator stage that writes it ("inpainting", "styling", …)
     made_from: tuple = ()  # the types it is made from (("diff",) for Styled-Diff)
     extra_columns: tuple = ()  # manifest columns beyond MANIFEST_COLUMNS
 
@@ -37,13 +39,17 @@ def register_type(t: DataType) -> DataType:
     return t
 
 
+KNOWN = "known_mad"  # mean |synthetic − source| (0–255) outside the dilated mask: what RePaint must leave as it was
 for _t in (
     DataType("real", "Real", "data"),
     DataType("gan", "GAN", "external"),
-    DataType("diff", "Diff", "inpainting"),
-    DataType("styled-diff", "Styled-Diff", "styling", ("diff",), ("inpainted_file",)),
-    DataType("full-diff", "Full-Diff", "inpainting"),
-    DataType("full-styled-diff", "Full-Styled-Diff", "styling", ("full-diff",), ("inpainted_file",)),
+    DataType("diff", "Diff", "inpainting", (), (KNOWN,)),
+    DataType("styled-diff", "Styled-Diff", "styling", ("diff",), ("inpainted_file", KNOWN)),
+    DataType("full-diff", "Full-Diff", "inpainting", (), (KNOWN,)),
+    DataType("full-styled-diff", "Full-Styled-Diff", "styling", ("full-diff",), ("inpainted_file", KNOWN)),
+    # made without a network by the inpainting stage (diffusegen.copypaste); registered here, in the contract, so
+    # that the evaluation stages, which never import a generator, see it
+    DataType("copy-paste", "Copy-Paste", "inpainting", (), ("polyp_source_id", "scale", KNOWN)),
 ):
     register_type(_t)
 
@@ -71,8 +77,36 @@ def types_made_by(stage: str) -> list[str]:
 
 
 def synthetic_types() -> list[str]:
-    "The keys of the types diffusegen generates (not Real, not external sets), in table order."
-    return [k for k, t in TYPES.items() if t.made_by not in ("data", "external")]
+    "The keys of the types diffusegen generates (not Real, not external sets, not filtered subsets), in table order."
+    return [k for k, t in TYPES.items() if t.made_by not in ("data", "external", "filter")]
+
+# %% ../nbs/01b_sets.ipynb #d56f2d92
+LABEL_IOU = "label_iou"  # IoU of a real-only segmenter's prediction against the sample's own mask
+
+
+def filtered_key(key: str) -> str:
+    "The key of set `key`'s filtered subset: 'styled-diff' → 'styled-diff-filtered'."
+    return f"{key}-filtered"
+
+
+def register_filtered(key: str) -> DataType:
+    """Register the filtered subset of synthetic type `key` ("Styled-Diff (filtered)"): made by the label filter from
+    `key`, its manifest lists the kept rows of `key`'s manifest (its files stay in `key`'s folder) plus `label_iou`."""
+    t = get_type(key)
+    if t.made_by in ("data", "external", "filter"):
+        raise DiffusegenError(f"data type {key!r}: only a generated set has a filtered subset (made by: {t.made_by})")
+    return register_type(
+        DataType(filtered_key(key), f"{t.label} (filtered)", "filter", (key,), (*t.extra_columns, LABEL_IOU))
+    )
+
+
+def filtered_types() -> list[str]:
+    "The keys of the registered filtered subsets, in table order."
+    return [k for k, t in TYPES.items() if t.made_by == "filter"]
+
+
+for _k in synthetic_types():
+    register_filtered(_k)
 
 # %% ../nbs/01b_sets.ipynb #0b1f9605
 MANIFEST_COLUMNS = [
@@ -100,6 +134,7 @@ STRING_COLUMNS = {
     "params",
     "weights",
     "inpainted_file",
+    "polyp_source_id",
 }
 
 
@@ -144,6 +179,8 @@ def read_set(cfg: Config, key: str, required: bool = False) -> pd.DataFrame | No
     else:
         d = set_dir(cfg, key)
         df = read_manifest_csv(d / "manifest.csv") if (d / "manifest.csv").exists() else None
+        if t.made_by == "filter":  # a filtered subset: its rows' files lie in the full set's folder
+            d = set_dir(cfg, t.made_from[0])
         if df is not None:
             df["image_path"] = [str(d / f) for f in df.file]
             df["mask_path"] = [str(d / f) for f in df.mask_file]
@@ -155,6 +192,33 @@ def read_set(cfg: Config, key: str, required: bool = False) -> pd.DataFrame | No
             )
         return None
     return df
+
+# %% ../nbs/01b_sets.ipynb #fd6e3f59
+def write_filtered_set(cfg: Config, key: str, label_iou: dict, min_iou: float, provenance: dict | None = None) -> dict:
+    """Write the filtered subset of set `key` beside it: the rows of `key`'s manifest whose `label_iou` (`{file: IoU}`)
+    is at least `min_iou`, with that IoU, in `<key>-filtered/manifest.csv`, and `filter.json` (threshold, counts,
+    `provenance`: which segmenter measured it). The full set is left as it is. Returns the counts."""
+    from diffusegen.core import write_json
+
+    full = read_set(cfg, key, required=True)
+    fk = register_filtered(key).key
+    iou = full.file.map(lambda f: label_iou.get(str(f), float("nan"))).astype(float)
+    kept = full[iou >= min_iou].assign(**{LABEL_IOU: iou[iou >= min_iou]})
+    d = set_dir(cfg, fk)
+    d.mkdir(parents=True, exist_ok=True)
+    cols = manifest_columns(fk)
+    write_manifest_csv(kept.reindex(columns=cols), d / "manifest.csv", cols)  # a column the full set lacks: empty
+    counts = {
+        "type": fk,
+        "from": key,
+        "label_min_iou": float(min_iou),
+        "samples": len(full),
+        "measured": int(iou.notna().sum()),
+        "kept": len(kept),
+        "dropped": len(full) - len(kept),
+    }
+    write_json(d / "filter.json", {**counts, "provenance": provenance or {}})
+    return counts
 
 # %% ../nbs/01b_sets.ipynb #3631611b
 UNPLANNED = "manifest_unplanned.csv"  # beside manifest.csv: finished samples outside the current plan, kept

@@ -33,9 +33,10 @@ from diffusegen.core import (
 __all__ = ['METRICS', 'LOWER_IS_BETTER', 'SEG_COLUMNS', 'OPS', 'CLAIM_COLUMNS', 'type_names', 'type_name', 'mean_std', 'fmt_num',
            'fmt_pm', 'TTest', 'repeat_means', 'ttest', 'normalize_seg', 'normalize_t1', 'load_paper_tables', 'values',
            'Derived', 'paired_diff', 'b1_counts', 'derive', 'check', 'load_claims', 'audit_paper', 'audit_lines',
-           'audit_markdown', 'write_paper_audit', 'results_path', 'table1_values_path', 'read_results',
-           'table1_from_wide', 'read_table1_values', 'table1_stats', 'table2_stats', 'table3_stats', 'tex_escape',
-           'latex_table', 'write_tables', 'figure_table2', 'figure_table3', 'figure_table1', 'run_statistics']
+           'audit_markdown', 'write_paper_audit', 'table1_types', 'agreement_path', 'join_label_agreement',
+           'results_path', 'table1_values_path', 'read_results', 'table1_from_wide', 'read_table1_values',
+           'table1_stats', 'table2_stats', 'table3_stats', 'tex_escape', 'latex_table', 'write_tables', 'figure_table2',
+           'figure_table3', 'figure_table1', 'run_statistics']
 
 # %% ../nbs/08_statistics.ipynb #3e883a45
 def type_names() -> dict:
@@ -594,6 +595,41 @@ def write_paper_audit(cfg: Config, df: pd.DataFrame | None = None) -> list[Path]
         df.to_csv(f, index=False)
     return [d / "paper_audit.md", d / "paper_audit.csv"]
 
+# %% ../nbs/08_statistics.ipynb #c40017a5
+def table1_types() -> list[str]:
+    "Table 1's types: every type in the registry except the filtered subsets (they are rows of Tables 2 and 3 only)."
+    from diffusegen.sets import filtered_types
+
+    return [k for k in type_names() if k not in filtered_types()]
+
+
+def agreement_path(cfg: Config) -> Path:
+    "The segmentation stage's per-type label agreement table (figures/<profile>/segmentation/label_agreement.csv)."
+    return stage_dirs(cfg, "segmentation")[1] / "label_agreement.csv"
+
+
+def join_label_agreement(cfg: Config, t1: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 with the label agreement beside FID and MS-SSIM (not in the paper): per type the median label
+    IoU [quartiles] of a real-only segmenter against each sample's mask, and the share below `label_min_iou`; the Real
+    row is the segmenter on the held-out real images (its own test IoU). Empty where the segmentation stage has not
+    measured it."""
+    p, out = agreement_path(cfg), t1.copy()
+    cols = ["label IoU median [q25, q75]", f"share label IoU < {cfg.label_min_iou:g}"]
+    for c in cols:
+        out[c] = ""
+    if not p.exists():
+        return out
+    a = pd.read_csv(p, keep_default_na=False).set_index("type")
+    share = [c for c in a.columns if c.startswith("share IoU < ")]
+    for i, r in out.iterrows():
+        if r["type"] in a.index:
+            g = a.loc[r["type"]]
+            out.at[i, cols[0]] = (
+                f"{float(g['label IoU median']):.3f} [{float(g['IoU q25']):.3f}, {float(g['IoU q75']):.3f}]"
+            )
+            out.at[i, cols[1]] = f"{float(g[share[0]]):.3f}" if share else ""
+    return out[[c for c in out.columns if c != "status"] + ["status"]]
+
 # %% ../nbs/08_statistics.ipynb #38375cb3
 def results_path(cfg: Config) -> Path:
     return stage_dirs(cfg, "segmentation")[0] / "results.csv"
@@ -671,7 +707,7 @@ def table1_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
     "Table 1 with mean ± std, the tests against Styled-Diff, and the paper's values."
     alpha, tests, rows = cfg.significance, [], []
     T = {"t1": ours if ours is not None else normalize_t1(pd.DataFrame(columns=["type", "repeat", "fid", "msssim"]))}
-    for t in _types(" ".join(type_names()), [] if ours is None else ours.type.unique()):
+    for t in _types(" ".join(table1_types()), [] if ours is None else ours.type.unique()):
         row = {"type": type_name(t)}
         for m in ("fid", "msssim"):
             v, pv = values(T, 1, m, t), values(paper, 1, m, t)
@@ -1070,6 +1106,7 @@ def run_statistics(cfg: Config, progress: bool = True) -> dict:
     arts, tests = [], []
     tabs = {}
     df, tt = table1_stats(cfg, t1v, paper)
+    df = join_label_agreement(cfg, df)  # the label agreement beside FID and MS-SSIM
     tabs["table1"], tests = df, tt
     write_tables(df, fig_d / "table1", "Table 1 (FID and MS-SSIM, mean ± std over repeats, tests against Styled-Diff)")
     arts.append(
@@ -1112,7 +1149,11 @@ def run_statistics(cfg: Config, progress: bool = True) -> dict:
         figs.append(
             (
                 f"table2{sfx}",
-                figure_table2(sub[sub.table == 2] if sub is not None else None, P, str(cfg.table2_types).split()),
+                figure_table2(
+                    sub[sub.table == 2] if sub is not None else None,
+                    P,
+                    _types(cfg.table2_types, [] if sub is None else sub[sub.table == 2].type.unique()),
+                ),
                 "Table 2: DL and IoU per type (mean ± std across N)" + on,
                 "Table 2",
             )

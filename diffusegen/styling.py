@@ -46,10 +46,14 @@ from diffusegen.diffusion import (
 )
 from .training import make_diffusion, load_unet, weights_file
 from .inpainting import refine_mask
+from .data import dilate_mask
+from .copypaste import known_mad
 from diffusegen.sets import (
+    KNOWN,
     UNPLANNED,
     get_type,
     types_made_by,
+    synthetic_types,
     manifest_columns,
     set_dir,
     read_set,
@@ -479,8 +483,11 @@ def style_type(
     progress: bool = True,
     stop_after: int | None = None,
     prune: bool = False,
+    real_masks: dict | None = None,
 ) -> dict:
     """Style the upstream set of `kind` ('styled-diff' or 'full-styled-diff'); resumable. Returns a summary dict.
+    With `real_masks` ({id: 0/1 mask}) each row records `known_mad`: the mean |styled − inpainted| outside the source's
+    dilated mask.
     Styled samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them, printing each file."""
     up_kind = STYLED_TYPES[kind]
     up = read_set(cfg, up_kind)
@@ -556,6 +563,15 @@ def style_type(
                 raw = _to_u8(x0[j, :3])
                 out = colour_match(raw, real[r.source_id]) if cfg.color_match else raw
                 name = names[j]
+                kmad = (
+                    known_mad(
+                        out,
+                        _read_rgb(set_dir(cfg, up_kind) / r.file),
+                        dilate_mask(real_masks[r.source_id], cfg.dilation),
+                    )
+                    if real_masks is not None and r.source_id in real_masks
+                    else float("nan")
+                )
                 save_png(raw, tdir / "raw" / f"{name}.png")
                 save_png(out, tdir / "images" / f"{name}.png")
                 if cfg.styled_mask == "regenerated":  # the styled 4th channel, > 127 and opened (paper-code-facts b.5)
@@ -598,6 +614,7 @@ def style_type(
                         "params": json.dumps(params),
                         "weights": wjson,
                         "inpainted_file": f"{up_kind}/{r.file}",
+                        KNOWN: kmad,
                     }
                 )
             rows += new_rows
@@ -693,7 +710,7 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
         if read_set(cfg, up_kind) is None:
             notes.append(f"{kind}: skipped, no {up_kind} set")
             continue
-        res = style_type(cfg, kind, nets_cache, networks, real, progress, stop_after, prune)
+        res = style_type(cfg, kind, nets_cache, networks, real, progress, stop_after, prune, real_masks)
         results.append(res)
         if res["unplanned"]:
             notes.append(
@@ -743,6 +760,20 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
                 str(set_dir(cfg, kind) / "manifest.csv"), "data", f"{kind} samples", "§2.7", "", f"{len(df)} samples"
             )
         )
+    from diffusegen.inpainting import known_region_figure
+
+    fig, _ = known_region_figure(cfg, synthetic_types())
+    save_figure(fig, fig_d / "known_region.png")
+    plt.close(fig)
+    arts.append(
+        Artifact(
+            str(fig_d / "known_region.png"),
+            "figure",
+            "The known region, every type: mean |sample − source| outside the dilated mask (styled: against the inpainted sample)",
+            "§2.5",
+            "RePaint keeps it (0); styling may change it",
+        )
+    )
     table = pd.DataFrame(rows)
     arts.insert(
         0,

@@ -210,9 +210,14 @@ def test_stage_outputs_batching_and_resume(prepared, tmp_path):
 
     cfg = prepared.replace(inpaint_images=1, samples_per_image=2, inpaint_batch=4)
     s = run_inpainting(cfg, progress=False)
-    for rec in s["types"]:
+    assert [r["type"] for r in s["types"]] == ["diff", "full-diff", "copy-paste"]
+    for rec in s["types"][:2]:
         ty = rec["type"]
         df = read_set(cfg, ty, required=True)
+        # the known region after the final paste: exactly 0, no tolerance. `repaint` returns known·init4 + (1−known)·x
+        # with known exactly 1 outside the dilated mask, i.e. the source's own float values there, and `to_uint8`
+        # rounds equal floats to equal bytes; a broken paste (NaN, wrong mask, resizing) gives a mean error ≥ 1/N px.
+        assert (df.known_mad.astype(float) == 0.0).all(), df.known_mad.tolist()
         assert list(df.columns[: len(MANIFEST_COLUMNS)]) == MANIFEST_COLUMNS
         assert len(df) == rec["planned"] == 2 and df.file.is_unique and df.seed.is_unique
         assert (df.nfe == schedule_counts(cfg.timestep_respacing, cfg.jump_length, cfg.resample)["nfe"]).all()
@@ -232,6 +237,10 @@ def test_stage_outputs_batching_and_resume(prepared, tmp_path):
     assert (cfg.fig_dir / "inpainting" / "fig5_full-diff.png").exists() and (
         cfg.fig_dir / "inpainting" / "manifest.json"
     ).exists()
+    cp = read_set(cfg, "copy-paste", required=True)  # the copy-paste baseline comes with the stage, Diff's plan sizes
+    assert len(cp) == 2 and set(cp.source_id) == set(read_set(cfg, "diff").source_id)
+    assert (cp.known_mad.astype(float) == 0.0).all() and (cp.polyp_source_id != cp.source_id).all()
+    assert (cfg.fig_dir / "inpainting" / "known_region.png").exists()
     ref = {ty: _pixels(cfg, ty) for ty in ("diff", "full-diff")}
     # the same seeds at batch 1 give the same pixels (another output folder)
     c1 = cfg.replace(inpaint_batch=1, out=str(tmp_path / "b1"))
@@ -266,7 +275,8 @@ def test_missing_models_are_skipped_with_notes(prepared, tmp_path):
     cfg = prepared.replace(out=str(tmp_path / "one"), inpaint_images=0, samples_per_image=1, inpaint_batch=8)
     shutil.copytree(prepared.run_dir, cfg.run_dir, ignore=shutil.ignore_patterns("synthetic", "cluster_1", "full"))
     s = run_inpainting(cfg, progress=False)
-    diff, full = s["types"]
+    diff, full, cp = s["types"]
+    assert cp["type"] == "copy-paste" and cp["planned"] > 0  # needs no model
     assert diff["planned"] == diff["images"] > 0 and len(diff["skipped_images"]) > 0
     assert full["planned"] == 0 and any("full-diff: no trained model" in n for n in s["notes"])
     assert any("skipped, their cluster has no trained model" in n for n in s["notes"])

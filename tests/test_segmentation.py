@@ -155,7 +155,8 @@ def test_grid_and_seeds():
     g = S.grid(cfg)
     t2 = [c for c in g if c["table"] == 2]
     t3 = [c for c in g if c["table"] == 3]
-    assert len(t2) == 16 and len(t3) == 28 and {c["mode"] for c in t3 if c["type"] != "real"} == {"add"}
+    # Table 2: Real + 5 paper types and Copy-Paste × N = 1, 2, 3; Table 3: 4 N × (Real + 3 types × r = 1, 2, 3)
+    assert len(t2) == 19 and len(t3) == 40 and {c["mode"] for c in t3 if c["type"] != "real"} == {"add"}
     assert {c["mode"] for c in t3 if c["type"] == "real"} == {""}  # Real baselines: no mode
     assert len(S.grid(cfg.replace(seg_repeats=3))) == 3 * len(g)
     seeds = [S.cell_seed(cfg, c) for c in g]
@@ -579,3 +580,70 @@ def test_ledger_of_an_earlier_version_resumes_without_training(tmp_path, monkeyp
     )
     s = S.run_segmentation(cfg, progress=False)
     assert (s["trained"], s["reused"]) == (1, len(cells) - 1) and len(trained) == 1
+
+
+# --- label agreement and the label filter ---
+
+
+def test_label_agreement_drops_for_shifted_masks_and_the_filter_removes_them(tmp_path):
+    """Procedural polyps: a Diff set whose sample 0 is the real pair (a right label) and sample 1 the same image with its
+    mask moved by half the image (a wrong label). The Real cell's segmenter (real training images only) agrees with the
+    right labels and not with the moved ones; the filter keeps the right ones, leaves the full set as it was, and the
+    filtered subset trains its own Table 2 row."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import numeric_dataset
+    from diffusegen.data import load_split
+    from diffusegen.sets import read_set, set_dir
+    from diffusegen.styling import real_images
+
+    cfg = load_config(
+        "smoke",
+        {
+            "out": str(tmp_path),
+            "table2_types": "real diff",
+            "table2_n": "1",
+            "table3_n": "4",
+            "table3_types": "",
+            "seg_epochs": 15,  # enough for a real-only segmenter that finds the procedural polyps
+            "seg_lr": 3e-3,
+            "filtered_types": "diff",
+            "label_min_iou": 0.2,
+        },
+    )
+    run_data(cfg, numeric_dataset(tmp_path / "data", n=24), progress=False)
+    real, masks = real_images(cfg)
+    ids = sorted(load_split(cfg).query("split == 'train'").id)[:10]
+    d, rows, S_ = set_dir(cfg, "diff"), [], cfg.image_size
+    (d / "images").mkdir(parents=True)
+    (d / "masks").mkdir()
+    for sid in ids:
+        for j, m in enumerate((masks[sid], np.roll(masks[sid], (S_ // 2, S_ // 2), axis=(0, 1)))):
+            Image.fromarray(real[sid]).save(d / "images" / f"{sid}_{j}.png")
+            Image.fromarray(m.astype(np.uint8) * 255).save(d / "masks" / f"{sid}_{j}.png")
+            rows.append(dict(file=f"images/{sid}_{j}.png", mask_file=f"masks/{sid}_{j}.png", source_id=sid, sample=j))
+    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
+    s = S.run_segmentation(cfg, progress=False)
+    per = pd.read_csv(S.agreement_paths(cfg)[2], dtype={"source_id": str})
+    diff = per[per.type == "diff"]
+    right, moved = diff[diff["sample"] == 0].iou, diff[diff["sample"] == 1].iou
+    assert len(right) == len(moved) == 10
+    real_iou = per[per.type == "real"].iou.median()
+    assert right.median() > moved.median() + 0.3, (right.tolist(), moved.tolist(), real_iou)  # the agreement drops
+    assert (moved < cfg.label_min_iou).mean() >= 0.9  # nearly every moved mask falls below the bar …
+    kept = read_set(cfg, "diff-filtered")
+    n_kept = lambda j: int((kept["sample"].astype(int) == j).sum())
+    assert n_kept(1) <= 1 and n_kept(0) >= 5, (n_kept(0), n_kept(1))  # … and is filtered out; most right ones stay
+    assert (kept.label_iou >= cfg.label_min_iou).all() and len(read_set(cfg, "diff")) == 20  # the full set stays
+    f = {r["from"]: r for r in s["label_agreement"]["filter"]}["diff"]
+    assert f["dropped"] == 20 - len(kept) and f["samples"] == 20
+    res = pd.read_csv(S.results_paths(cfg)[1], keep_default_na=False)
+    row = res[(res.type == "diff-filtered") & (res.table == 2)].iloc[0]
+    assert row.status == "ok" and row.n_train + row.n_val == (kept["sample"].astype(int) == 0).sum()
+    assert (cfg.fig_dir / "segmentation" / "label_agreement.png").exists()
+    t = pd.read_csv(cfg.fig_dir / "segmentation" / "label_agreement.csv").set_index("type")
+    assert t.loc["Diff", "IoU q25"] < t.loc["Real", "label IoU median"]  # half the Diff labels are wrong
+    # a rerun trains nothing and measures the same
+    assert S.run_segmentation(cfg, progress=False)["trained"] == 0
+    assert pd.read_csv(S.agreement_paths(cfg)[2], dtype={"source_id": str}).iou.tolist() == per.iou.tolist()

@@ -9,7 +9,7 @@ from diffusegen.sets import DataType, TYPES, MANIFEST_COLUMNS, register_type, se
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATION = ("intrinsic", "segmentation", "memorization", "statistics", "survey")
-GENERATORS = ("training", "inpainting", "styling", "gan")
+GENERATORS = ("training", "inpainting", "styling", "gan", "copypaste")
 
 
 def _imported_modules(path: Path) -> set:
@@ -100,8 +100,8 @@ def test_unknown_type_in_settings_is_one_line(tmp_path):
     from diffusegen import segmentation
     from diffusegen.core import ConfigError
 
-    with pytest.raises(ConfigError, match="table type 'copy-paste': must be one of real, gan, diff"):
-        segmentation.grid(load_config("smoke", {"out": str(tmp_path), "table2_types": "real copy-paste"}))
+    with pytest.raises(ConfigError, match="table type 'cut-mix': must be one of real, gan, diff"):
+        segmentation.grid(load_config("smoke", {"out": str(tmp_path), "table2_types": "real cut-mix"}))
 
 
 def test_real_set_is_the_training_split_with_string_ids(tmp_path):
@@ -160,3 +160,17 @@ def test_manifest_of_an_earlier_version_resumes(tmp_path):
     )
     assert [r["file"] for r in done] == ["images/003_0.png", "images/7_0.png"]  # resumed: not made again
     assert [r["file"] for r in aside] == ["images/8_0.png"]  # outside the plan: kept
+
+
+def test_copy_paste_and_filtered_types_reach_the_evaluations(tmp_path):
+    "Copy-Paste is in the registry (Table 1, Tables 2 and 3); a filtered subset is a Table 2 row but not a Table 1 row."
+    from diffusegen import intrinsic, segmentation, statistics
+    from diffusegen.sets import synthetic_types
+
+    assert "copy-paste" in synthetic_types() and "Copy-Paste" in intrinsic.table1_rows()
+    assert "Styled-Diff (filtered)" not in intrinsic.table1_rows()
+    assert "styled-diff-filtered" not in statistics.table1_types() and "copy-paste" in statistics.table1_types()
+    cfg = load_config("smoke", {"out": str(tmp_path), "filtered_types": "styled-diff"})
+    t2 = {c["type"] for c in segmentation.grid(cfg) if c["table"] == 2}
+    assert {"copy-paste", "styled-diff-filtered"} <= t2
+    assert statistics.type_name("styled-diff-filtered") == "Styled-Diff (filtered)"

@@ -202,6 +202,12 @@ def test_stage_outputs_mask_unchanged_and_substitute_labels(base, tmp_path):
             styled = np.asarray(Image.open(d / r.file))
             inp = np.asarray(Image.open(set_dir(cfg, up) / up_file))
             assert styled.shape == inp.shape == (32, 32, 3) and not np.array_equal(styled, inp)
+            # the known region against the inpainted sample, outside the source's dilated mask: styling changes it
+            from diffusegen.copypaste import known_mad
+            from diffusegen.data import dilate_mask
+
+            region = dilate_mask(S.real_images(cfg)[1][r.source_id] > 0, cfg.dilation)
+            assert float(r.known_mad) == pytest.approx(known_mad(styled, inp, region)) and float(r.known_mad) > 0
             w = json.loads(r.weights)
             assert {x["name"] for x in w} == {"dino_vitb8", "vgg19"}
             assert all(x["substitute"] and x["label"].startswith("SUBSTITUTE") for x in w)  # DINO/VGG are absent here
@@ -213,6 +219,7 @@ def test_stage_outputs_mask_unchanged_and_substitute_labels(base, tmp_path):
     m = json.loads((cfg.fig_dir / "styling" / "manifest.json").read_text())
     assert {w["name"] for w in m["weights"]} == {"dino_vitb8", "vgg19"} and all(w["substitute"] for w in m["weights"])
     assert any("SUBSTITUTE" in n for n in m["notes"])
+    assert (cfg.fig_dir / "styling" / "known_region.png").exists()
     assert (cfg.fig_dir / "styling" / "fig6_styled-diff.png").exists() and (
         cfg.fig_dir / "styling" / "styling.md"
     ).exists()
