@@ -274,6 +274,10 @@ def reproduce(
     only = set(only or [])
     for name in only:
         get_stage(name)
+    if not cfg.dry_run and not cfg.allow_substitute_weights:  # the paper profiles: every file first, in one line
+        from diffusegen.weights import check_weights
+
+        check_weights(cfg, [s.name for s in STAGES if not only or s.name in only])
     state, runs, keys, failure = _read_state(cfg), [], {}, None
     bar = tqdm(STAGES, desc=f"reproduce [{profile}]", unit="stage", disable=not progress)
     for stage in bar:

@@ -109,6 +109,12 @@ def encoder_weights_file(cfg: Config, download: bool = True) -> Path | None:
     if settings is None:
         raise ConfigError(f"seg_encoder_weights=imagenet: smp has no ImageNet weights for {enc}")
     repo = settings["repo_id"]
+    from diffusegen.weights import WEIGHTS, locate_weights
+
+    if enc in WEIGHTS:  # where `diffusegen weights download <encoder>` puts it (or its settings key / variable names)
+        loc = locate_weights(enc, cfg)
+        if loc.path is not None:
+            return loc.path
     try:
         return Path(
             hf_hub_download(repo, "model.safetensors", revision=settings.get("revision"), local_files_only=True)
@@ -125,7 +131,8 @@ def encoder_weights_file(cfg: Config, download: bool = True) -> Path | None:
         except Exception:
             pass
     raise WeightsNotFound(
-        f"{enc} ImageNet weights not found: put {repo}'s model.safetensors in the Hugging Face cache "
+        f"{enc} ImageNet weights not found: {'run diffusegen weights download ' + enc + ', or ' if enc in WEIGHTS else ''}"
+        f"put {repo}'s model.safetensors in the Hugging Face cache "
         f"(huggingface-cli download {repo}) or {enc}-*.pth in {ck}, or set seg_encoder_weights to a file path"
     )
 
