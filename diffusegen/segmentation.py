@@ -711,7 +711,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     }  # trained under the current hash: reused
     from tqdm.auto import tqdm
 
-    t_stage, trained, reused = time.time(), 0, 0
+    t_stage, trained, reused, work = time.time(), 0, 0, [0.0, 0]  # work: seconds and image-epochs of the cells trained
     n_test = len(sets.test[0])
     for cell in tqdm(todo, desc="segmentation cells", disable=not progress):
         seed = cell_seed(cfg, cell)
@@ -747,6 +747,8 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
             label = f"table {cell['table']} {cell['type']} n={cell['n']} r={cell['r']}"
             res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress=progress, desc=label)
             trained += 1
+            work[0] += time.time() - t0
+            work[1] += res["epochs"] * (len(data["train"][0]) + len(data["val"][0]))
             row = {
                 **base,
                 **{k: res[k] for k in ("dice_loss", "dice", "iou", "val_iou", "best_epoch", "epochs")},
@@ -828,6 +830,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         "reused": reused,
         "ok": int((res.status == "ok").sum()),
         "seconds": seconds,
+        "seconds_per_image_epoch": round(work[0] / work[1], 5) if work[1] else None,  # training + validation
         "device": str(resolve_device(cfg)),
         "encoder": cfg.seg_encoder,
         "arch": cfg.seg_arch,
