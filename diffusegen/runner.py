@@ -257,10 +257,10 @@ def project_full_run(cfg: Config, stage_seconds: dict | None = None) -> dict:
         b_cl, b_fu = _batch_of(full.batch_size, per_cluster), _batch_of(full.full_batch_size, n_real)
         row(
             "training: cluster models",
-            f"image-step (batch {b_cl:g})",
+            f"image-step (batch {'the cluster, ' if str(full.batch_size).strip() == 'cluster' else ''}{b_cl:.3g})",
             cl,
             nm * full.train_steps * b_cl,
-            f"{nm} models × {full.train_steps} steps × {b_cl:g}",
+            f"{nm} models × {full.train_steps} steps × {b_cl:.3g} images",
         )
         if full.train_full:
             row(
@@ -268,7 +268,7 @@ def project_full_run(cfg: Config, stage_seconds: dict | None = None) -> dict:
                 f"image-step (batch {b_fu:g})",
                 fu if fu is not None else cl,
                 full.full_train_steps * b_fu,
-                f"{full.full_train_steps} steps × {b_fu:g}",
+                f"{full.full_train_steps} steps × {b_fu:.3g} images",
             )
         one = [r["hours"] for r in rows if r["stage"].startswith("training")]
         if all(h is not None for h in one) and one:
@@ -277,7 +277,7 @@ def project_full_run(cfg: Config, stage_seconds: dict | None = None) -> dict:
             slurm = (
                 f"With `executor = slurm` every model is a job of its own ({nm + full.train_full} jobs, {full.slurm_gpus} "
                 f"GPU{'s' if full.slurm_gpus != 1 else ''} each, as the paper's one V100 per model): training then takes "
-                f"about {both:.1f} h of wall time instead of {sum(one):.1f} h"
+                f"about {both:,.1f} h of wall time at this device's speed instead of {sum(one):,.1f} h"
                 + (
                     " (the cluster models after the full model: init_from = " + full.init_from + ")"
                     if full.init_from != "none"

@@ -205,7 +205,7 @@ def test_projection_of_a_fake_dry_run(tmp_path):
     assert rows["data"]["hours"] == pytest.approx(0.01)
     assert p["total_h"] == pytest.approx(sum(r["hours"] for r in p["rows"]))
     # the SLURM fan-out: every model its own job, the longest (the full model) sets the wall time
-    assert f"{200_000 * 4.0 / 3600:.1f} h of wall time instead of" in p["slurm"]
+    assert f"{200_000 * 4.0 / 3600:,.1f} h of wall time at this device's speed instead of" in p["slurm"]
     stages = {s.name: s for s in STAGES}
     txt = write_report(cfg, [StageRun(stages["data"], "ran", 36.0)]).read_text()
     assert "## Projected full run" in txt and f"**About {p['total_h']:,.0f} hours" in txt and "CPU" in txt
