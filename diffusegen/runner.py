@@ -247,9 +247,11 @@ def project_full_run(cfg: Config, stage_seconds: dict | None = None) -> dict:
         device = next((m.get("device") for m in models if m.get("device")), device)
 
         def per_image_step(m):
-            s = _num(m.get("seconds_per_step")) or (
-                1 / m["steps_per_second"] if _num(m.get("steps_per_second")) else None
-            )
+            s = _num(m.get("seconds_per_step"))  # older manifests: the run's time per step (checkpoints included)
+            if s is None and _num(m.get("seconds_this_run")) and _num(m.get("steps")):
+                s = m["seconds_this_run"] / max(1, m["steps"] - int(m.get("resumed_from") or 0))
+            if s is None and _num(m.get("steps_per_second")):
+                s = 1 / m["steps_per_second"]
             return s / max(1.0, float(_num(m.get("batch")) or 1)) if s else None
 
         cl, fu = (_mean(per_image_step(m) for m in models if bool(m.get("full")) is f) for f in (False, True))
