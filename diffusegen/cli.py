@@ -309,11 +309,45 @@ def _cmd_survey_score(a) -> int:
 
 
 def _cmd_weights(a) -> int:
-    from diffusegen.weights import weights_report
+    from diffusegen.weights import (
+        WEIGHTS,
+        check_file,
+        download_weights,
+        get_spec,
+        torch_hub_checkpoints,
+        weights_report,
+    )
 
-    cfg = load_config(a.profile, _overrides(a.set))
-    for r in weights_report(cfg):
-        print("  ".join(f"{k}={v}" for k, v in r.items()))
+    if a.action == "download":
+        if not a.name:
+            raise ConfigError(f"weights download: name a network ({', '.join(WEIGHTS)}) or all")
+        for n in list(WEIGHTS) if a.name == "all" else [get_spec(a.name).name]:
+            p = download_weights(n, a.dir, timeout=a.timeout, progress=sys.stderr.isatty())
+            print(f"{n}: {p} ({check_file(n, p)[1]})")
+        return 0
+    if a.name:
+        raise ConfigError(
+            f"weights list takes no NAME (got {a.name!r}); to fetch one: diffusegen weights download {a.name}"
+        )
+    for prof in [a.profile] if a.profile else profiles():
+        cfg = load_config(prof, _overrides(a.set))
+        subs = f"substitutes allowed ({cfg.substitute_weights})" if cfg.allow_substitute_weights else "no substitutes"
+        print(f"profile {prof} ({subs}):")
+        for r in weights_report(cfg):
+            st = r["status"]
+            if st == "found":
+                chk = {True: "ok: ", False: "WRONG FILE: ", None: ""}[r["check"]]
+                line = f"found     {r['source']} ({chk}{r['check_note']})"
+            elif st == "substitute":
+                line = f"absent: {r['label'].split(':')[0]} stand-in ({r['source'] or 'FID Inception'}); to get it: {r['get']}"
+            elif st == "not needed":
+                line = "not needed by this profile"
+            elif st == "missing":
+                f = torch_hub_checkpoints() / WEIGHTS[r["name"]].filename
+                line = f"MISSING   needed for {r['needed']}: {r['get']} (offline: fetch {r['url']} elsewhere and put it at {f})"
+            else:
+                line = f"{st.upper():<9} {r['message']}"
+            print(f"  {r['name']:<19} {line}")
     return 0
 
 
@@ -536,8 +570,22 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--out", help="folder for figures/ and runs/")
     ss.set_defaults(func=_cmd_survey_score)
 
-    w = sub.add_parser("weights", help="show where each pretrained network's weights are found (or where to put them)")
-    common(w)
+    w = sub.add_parser(
+        "weights",
+        help="list what each profile needs and where it is found, or download a network's official weights",
+        description="`diffusegen weights [list] [--profile P]`: per profile (default: every profile) what it needs, "
+        "what is found (path, sha256 check) and what is missing, with how to get it. `diffusegen weights download NAME` "
+        "(inception, dino_vitb8, vgg19, se_resnext50_32x4d or all): the official file, resumable, sha256-checked, into "
+        "the folder the resolver searches.",
+    )
+    w.add_argument("action", nargs="?", choices=["list", "download"], default="list", help="list (default) or download")
+    w.add_argument("name", nargs="?", help="download: the network (or all)")
+    w.add_argument("--profile", help="list: only this profile (default: every profile)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
+    w.add_argument(
+        "--dir", help="download: target folder (default: $TORCH_HOME/hub/checkpoints, where the resolver looks)"
+    )
+    w.add_argument("--timeout", type=float, default=10.0, help="download: seconds to wait for the server (default 10)")
     w.set_defaults(func=_cmd_weights)
     cf = sub.add_parser("config", help="print a profile's resolved settings as JSON")
     common(cf)

@@ -417,6 +417,7 @@ def generate_type(
         "nfe_per_sample": nfe,
         "seconds": round(secs, 2),
         "samples_per_second": round(made / secs, 4) if secs else None,
+        "seconds_per_evaluation": round(secs / (made * nfe), 6) if made and nfe else None,  # per sample
         "models": shas,
         "stopped": stopped,
         "batch_sizes": batch_sizes,

@@ -27,10 +27,12 @@ from diffusegen.core import (
     DRY_RUN_BANNER,
     content_key,
     sha256_file,
+    stage_dirs,
 )
 
 # %% auto #0
-__all__ = ['StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'write_report', 'reproduce']
+__all__ = ['PAPER_TRAIN_IMAGES', 'StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'device_description',
+           'project_full_run', 'projection_markdown', 'write_report', 'reproduce']
 
 # %% ../nbs/90_runner.ipynb #709a40f2
 class StageFailed(DiffusegenError):
@@ -128,6 +130,249 @@ def _execute(nb: Path, cfg: Config, data, overrides: dict, nbs_dir: Path, progre
     failed.unlink(missing_ok=True)
     return final
 
+# %% ../nbs/90_runner.ipynb #40ed8758
+PAPER_TRAIN_IMAGES = 348  # §2.1: the paper's training images
+
+
+def _num(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if x == x and x > 0 else None
+
+
+def _mean(xs) -> float | None:
+    xs = [v for v in (_num(x) for x in xs) if v is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _n_real(full: Config) -> int:
+    "Training images of the full run: `subset`, else `n_train`, else the paper's 348 (§2.1)."
+    return int(full.subset or full.n_train or PAPER_TRAIN_IMAGES)
+
+
+def _n_models(full: Config) -> int:
+    "Cluster models the full run trains (`train_clusters`: all, largest:N or a list of ids)."
+    tc = str(full.train_clusters).strip()
+    if tc == "all":
+        return full.n_clusters
+    if tc.startswith("largest:"):
+        return min(int(tc.split(":")[1]), full.n_clusters)
+    return len(tc.replace(",", " ").split())
+
+
+def _batch_of(spec: str, n: float) -> float:
+    "A batch setting (`cluster` or a number) for a model of `n` images, as the training stage's loader."
+    return n if str(spec).strip() == "cluster" else min(float(spec), n)
+
+
+def _seg_images(full: Config, cell: dict, n_real: int) -> float:
+    "Images one epoch of a full-run Table 2/3 cell passes through (training and validation; expected counts)."
+    val = full.seg_val_fraction * n_real
+    if cell["table"] == 2:
+        if cell["type"] == "real":
+            return n_real
+        return cell["n"] * n_real if cell["n"] <= full.samples_per_image else 0.0  # N × 348 synthetic pairs
+    n, r, a = cell["n"], cell["r"], full.table3_alpha
+    if cell["type"] == "real":
+        return n + val
+    return n + (a * r * n if full.table3_mode == "add" else a * (r - 1) * n) + val
+
+
+def device_description(device: str) -> str:
+    "A device string ('cpu', 'cuda', 'cuda:0') as a person names it: the GPU's or CPU's model, with the CPU cores used."
+    import os
+
+    if str(device).startswith("cuda"):
+        try:
+            import torch
+
+            return torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else "GPU"
+        except Exception:
+            return "GPU"
+    model = "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} CPU, {n} core{'s' if n != 1 else ''}"
+
+
+def _seg_unit(cfg: Config, summary: dict) -> float | None:
+    "Seconds per image-epoch of the segmentation stage: its manifest's, else from its results (older manifests)."
+    if _num(summary.get("seconds_per_image_epoch")):
+        return float(summary["seconds_per_image_epoch"])
+    p = stage_dirs(cfg, "segmentation")[1] / "results.csv"
+    if not p.exists():
+        return None
+    import pandas as pd
+
+    r = pd.read_csv(p)
+    r = r[r.status == "ok"]
+    work = (r.epochs * (r.n_train + r.n_val)).sum()
+    return float(r.seconds.sum() / work) if work else None
+
+
+def project_full_run(cfg: Config, stage_seconds: dict | None = None) -> dict:
+    """The full (non-dry) run of `cfg.profile` projected from the dry run whose manifests `cfg` points at: {'rows':
+    [{stage, unit, seconds_per_unit, units, hours}], 'total_h', 'device', 'slurm'}. `stage_seconds`: the dry run's
+    stage times, kept for the small stages."""
+    full, rows, stage_seconds, device = load_config(cfg.profile), [], dict(stage_seconds or {}), None
+    n_real = _n_real(full)
+
+    def row(stage, unit, per, units, note=""):
+        rows.append(
+            {
+                "stage": stage,
+                "unit": unit,
+                "seconds_per_unit": per,
+                "units": units,
+                "hours": per * units / 3600 if per is not None else None,
+                "note": note,
+            }
+        )
+
+    for name in ("data", "clustering"):
+        if name in stage_seconds:
+            row(name, "the stage (small; dry-run time, not scaled)", stage_seconds[name], 1)
+    slurm = ""
+    tm = read_manifest(cfg, "training")
+    if tm:
+        models = tm["summary"]["models"]
+        device = next((m.get("device") for m in models if m.get("device")), device)
+
+        def per_image_step(m):
+            s = _num(m.get("seconds_per_step"))  # older manifests: the run's time per step (checkpoints included)
+            if s is None and _num(m.get("seconds_this_run")) and _num(m.get("steps")):
+                s = m["seconds_this_run"] / max(1, m["steps"] - int(m.get("resumed_from") or 0))
+            if s is None and _num(m.get("steps_per_second")):
+                s = 1 / m["steps_per_second"]
+            return s / max(1.0, float(_num(m.get("batch")) or 1)) if s else None
+
+        cl, fu = (_mean(per_image_step(m) for m in models if bool(m.get("full")) is f) for f in (False, True))
+        per_cluster, nm = n_real / full.n_clusters, _n_models(full)
+        b_cl, b_fu = _batch_of(full.batch_size, per_cluster), _batch_of(full.full_batch_size, n_real)
+        row(
+            "training: cluster models",
+            f"image-step (batch {'the cluster, ' if str(full.batch_size).strip() == 'cluster' else ''}{b_cl:.3g})",
+            cl,
+            nm * full.train_steps * b_cl,
+            f"{nm} models × {full.train_steps} steps × {b_cl:.3g} images",
+        )
+        if full.train_full:
+            row(
+                "training: full-data model",
+                f"image-step (batch {b_fu:g})",
+                fu if fu is not None else cl,
+                full.full_train_steps * b_fu,
+                f"{full.full_train_steps} steps × {b_fu:.3g} images",
+            )
+        one = [r["hours"] for r in rows if r["stage"].startswith("training")]
+        if all(h is not None for h in one) and one:
+            per_model = one[0] / max(1, nm)
+            both = per_model + one[1] if len(one) > 1 and full.init_from != "none" else max([per_model, *one[1:]])
+            slurm = (
+                f"With `executor = slurm` every model is a job of its own ({nm + full.train_full} jobs, {full.slurm_gpus} "
+                f"GPU{'s' if full.slurm_gpus != 1 else ''} each, as the paper's one V100 per model): training then takes "
+                f"about {both:,.1f} h of wall time at this device's speed instead of {sum(one):,.1f} h"
+                + (
+                    " (the cluster models after the full model: init_from = " + full.init_from + ")"
+                    if full.init_from != "none"
+                    else ""
+                )
+                + "; the generation shards divide inpainting and styling the same way."
+            )
+    im = read_manifest(cfg, "inpainting")
+    if im:
+        from diffusegen.inpainting import schedule_counts, variant_start
+
+        types = im["summary"]["types"]
+        device = device or next((t.get("device") for t in types if t.get("device")), None)
+        per = _mean(
+            t.get("seconds_per_evaluation")
+            or (t["seconds"] / (t["made"] * t["nfe_per_sample"]) if t.get("made") and t.get("nfe_per_sample") else None)
+            for t in types
+        )
+        nfe = schedule_counts(full.timestep_respacing, full.jump_length, full.resample, variant_start(full))["nfe"]
+        imgs = full.inpaint_images or n_real
+        row(
+            "inpainting",
+            "network evaluation (per sample)",
+            per,
+            len(types) * imgs * full.samples_per_image * nfe,
+            f"{len(types)} types × {imgs} images × {full.samples_per_image} samples × {nfe} evaluations",
+        )
+    sm = read_manifest(cfg, "styling")
+    if sm:
+        types = sm["summary"]["types"]
+        per = _mean(
+            t.get("seconds_per_step")
+            or (t["seconds_per_sample"] / t["steps"] if _num(t.get("seconds_per_sample")) and t.get("steps") else None)
+            for t in types
+        )
+        n = full.style_images or (full.inpaint_images or n_real) * full.samples_per_image
+        row(
+            "styling",
+            "guided step (per sample)",
+            per,
+            len(types) * n * (full.style_start + 1),
+            f"{len(types)} types × {n} samples × {full.style_start + 1} guided steps",
+        )
+    if "intrinsic" in stage_seconds:
+        row("intrinsic", "the stage (FID on few images here; not scaled: a lower bound)", stage_seconds["intrinsic"], 1)
+    gm = read_manifest(cfg, "segmentation")
+    if gm:
+        from diffusegen.segmentation import grid
+
+        cells = [c for c in grid(full) if c["type"] != "gan"]  # GAN data is the user's (not provided here)
+        work = sum(full.seg_epochs * _seg_images(full, c, n_real) for c in cells)
+        row(
+            "segmentation",
+            "image-epoch (training + validation)",
+            _seg_unit(cfg, gm["summary"]),
+            work,
+            f"{len(cells)} cells (GAN cells not counted) × {full.seg_epochs} epochs",
+        )
+    if "statistics" in stage_seconds:
+        row("statistics", "the stage (small; dry-run time, not scaled)", stage_seconds["statistics"], 1)
+    total = sum(r["hours"] for r in rows if r["hours"] is not None)
+    return {
+        "rows": rows,
+        "total_h": total,
+        "device": device_description(device or "cpu"),
+        "slurm": slurm,
+    }
+
+
+def projection_markdown(p: dict, profile: str) -> list[str]:
+    "The report's 'Projected full run' section from `project_full_run`'s result."
+    fmt = lambda s: "" if s is None else (f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s")
+    L = [
+        "## Projected full run",
+        "",
+        f"The full `{profile}` run (its own settings, none of the dry run's cuts) on this device ({p['device']}), from "
+        "the unit times this dry run measured (at its batch sizes, first calls included: an upper bound here):",
+        "",
+        "| stage | unit | measured per unit | units in the full run | projected hours |",
+        "|---|---|---|---|---|",
+    ]
+    for r in p["rows"]:
+        units = f"{r['units']:,.0f}" + (f" ({r['note']})" if r["note"] else "")
+        h = "" if r["hours"] is None else f"{r['hours']:,.1f}"
+        L.append(f"| {r['stage']} | {r['unit']} | {fmt(r['seconds_per_unit'])} | {units} | {h} |")
+    L += [f"| **total** | | | | **{p['total_h']:,.0f}** |", ""]
+    days = f" ({p['total_h'] / 24:,.0f} days)" if p["total_h"] >= 48 else ""
+    L += [
+        f"**About {p['total_h']:,.0f} hours{days} on this {p['device']}.**" + (f" {p['slurm']}" if p["slurm"] else ""),
+        "",
+    ]
+    return L
+
 # %% ../nbs/90_runner.ipynb #33ff5d9b
 def _rel(p, base: Path) -> str:
     try:
@@ -187,6 +432,12 @@ def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
         L.append(
             f"| {r.stage.section} | {r.stage.title} | `{r.stage.notebook}` | {r.status} | {t} | {r.detail.replace('|', '/')} | {mem} |"
         )
+    if cfg.dry_run:  # time to paper: the full run projected from this dry run's unit times
+        secs = {r.stage.name: r.seconds for r in runs if r.status in ("ran", "cached")}
+        try:
+            L += [""] + projection_markdown(project_full_run(cfg, secs), cfg.profile)
+        except Exception as e:  # a report is still written; the line says why the projection is not in it
+            L += ["", "## Projected full run", "", f"Not projected: {type(e).__name__}: {str(e)[:300]}", ""]
     weights = {}
 
     def section(m, title, stage_name):
@@ -277,6 +528,10 @@ def reproduce(
     from diffusegen.data import check_test_sets
 
     check_test_sets(cfg)  # a bad external test set stops the run here, before any stage trains
+    if not cfg.dry_run and not cfg.allow_substitute_weights:  # the paper profiles: every file first, in one line
+        from diffusegen.weights import check_weights
+
+        check_weights(cfg, [s.name for s in STAGES if not only or s.name in only])
     state, runs, keys, failure = _read_state(cfg), [], {}, None
     bar = tqdm(STAGES, desc=f"reproduce [{profile}]", unit="stage", disable=not progress)
     for stage in bar:

@@ -117,6 +117,12 @@ def encoder_weights_file(cfg: Config, download: bool = True) -> Path | None:
     if settings is None:
         raise ConfigError(f"seg_encoder_weights=imagenet: smp has no ImageNet weights for {enc}")
     repo = settings["repo_id"]
+    from diffusegen.weights import WEIGHTS, locate_weights
+
+    if enc in WEIGHTS:  # where `diffusegen weights download <encoder>` puts it (or its settings key / variable names)
+        loc = locate_weights(enc, cfg)
+        if loc.path is not None:
+            return loc.path
     try:
         return Path(
             hf_hub_download(repo, "model.safetensors", revision=settings.get("revision"), local_files_only=True)
@@ -133,7 +139,8 @@ def encoder_weights_file(cfg: Config, download: bool = True) -> Path | None:
         except Exception:
             pass
     raise WeightsNotFound(
-        f"{enc} ImageNet weights not found: put {repo}'s model.safetensors in the Hugging Face cache "
+        f"{enc} ImageNet weights not found: {'run diffusegen weights download ' + enc + ', or ' if enc in WEIGHTS else ''}"
+        f"put {repo}'s model.safetensors in the Hugging Face cache "
         f"(huggingface-cli download {repo}) or {enc}-*.pth in {ck}, or set seg_encoder_weights to a file path"
     )
 
@@ -1166,7 +1173,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                     current[_key(c)] = cell_hash(cfg, sets, c)
             done = done_rows()
 
-    t_stage, trained, reused = time.time(), 0, 0
+    t_stage, trained, reused, work = time.time(), 0, 0, [0.0, 0]  # work: seconds and image-epochs of the cells trained
     n_test = len(sets.test[0])
     if akey not in {_key(c) for c in todo}:
         agree()
@@ -1212,6 +1219,8 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
             res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress=progress, desc=label, **keep)
             save_cell_checkpoint(cfg, cell, res.pop("state"), h)  # for external test sets, now or added later
             trained += 1
+            work[0] += time.time() - t0
+            work[1] += res["epochs"] * (len(data["train"][0]) + len(data["val"][0]))
             row = {
                 **base,
                 **{k: res[k] for k in ("dice_loss", "dice", "iou", "val_iou", "best_epoch", "epochs")},
@@ -1314,6 +1323,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         "reused": reused,
         "ok": int((dom.status == "ok").sum()),
         "seconds": seconds,
+        "seconds_per_image_epoch": round(work[0] / work[1], 5) if work[1] else None,  # training + validation
         "device": str(resolve_device(cfg)),
         "encoder": cfg.seg_encoder,
         "arch": cfg.seg_arch,

@@ -643,6 +643,7 @@ def style_type(
         "new": n_new,
         "seconds": round(secs, 2),
         "seconds_per_sample": round(secs / n_new, 3) if n_new else None,
+        "seconds_per_step": round(secs / (n_new * n_steps), 4) if n_new else None,  # one guided step of one sample
         "steps": n_steps,
         "unplanned": len(aside),
         "pruned": [str(q) for q in pruned],

@@ -591,7 +591,7 @@ def train_model(
     lo, hi = rank * spec.batch // world, (rank + 1) * spec.batch // world  # this process's share of every batch
     unet.train()
     t0 = time.time()
-    done_here = 0
+    done_here, step_secs = 0, 0.0  # step_secs: the steps alone (no checkpoint saving): the dry run's unit time
     bar = tqdm(
         range(start, spec.steps),
         initial=start,
@@ -601,6 +601,7 @@ def train_model(
         disable=not (progress and main),
     )
     for step in bar:
+        t_step = time.time()
         x0, t, noise = draw_batch(images, spec, step, cfg.seed, diffusion.num_timesteps, cfg.random_flip)
         rec = train_step(
             net,
@@ -617,6 +618,7 @@ def train_model(
             world=world,
         )
         ema.update(unet)
+        step_secs += time.time() - t_step
         losses.append([step + 1, rec["loss"], rec["mse"], rec["vb"]])
         done_here += 1
         bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
@@ -681,6 +683,7 @@ def train_model(
         "resumed_from": start,
         "seconds_this_run": round(secs, 1),
         "steps_per_second": round(done_here / secs, 3) if secs else None,
+        "seconds_per_step": round(step_secs / done_here, 4) if done_here else None,
         "parameters": n_params,
         "sample_weights": cfg.sample_weights,
         "device": str(device),

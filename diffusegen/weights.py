@@ -6,10 +6,13 @@ the file locally, loads it once, and returns the network with a provenance recor
 # %% ../nbs/00_weights.ipynb #9d049bdf
 from __future__ import annotations
 import functools
+import http.client
+import json
 import importlib.util
 import os
-import socket
 import tempfile
+import time
+import urllib.request
 import urllib.error
 import warnings
 from dataclasses import dataclass
@@ -25,15 +28,17 @@ from diffusegen.core import (
     resolve_path,
     sha256_file,
     clear_sha256_cache,
+    write_json,
 )
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'DINO_TIMM_NAME', 'DINO_HF_REPO', 'IMAGENET_MEAN', 'IMAGENET_STD', 'VGG_LAYERS', 'BadWeights',
-           'WeightsSpec', 'get_spec', 'torch_hub_checkpoints', 'hf_hub_cache', 'fid_helper_file',
-           'clean_fid_cache_dirs', 'auto_candidates', 'Located', 'locate_weights', 'missing_message', 'FIDInception',
-           'fid_input', 'inception_features', 'CleanFIDExtractor', 'resize_short', 'DinoCLS', 'dino_state_dict',
-           'VGGFeatures', 'read_state_dict', 'build_dino', 'build_vgg19_features', 'InceptionCLS', 'InceptionLowLevel',
-           'random_network', 'resolve_weights', 'clear_weights_cache', 'download_weights', 'weights_report']
+__all__ = ['SMP_SERESNEXT_REPO', 'SMP_SERESNEXT_REVISION', 'WEIGHTS', 'DINO_TIMM_NAME', 'DINO_HF_REPO', 'IMAGENET_MEAN',
+           'IMAGENET_STD', 'VGG_LAYERS', 'NEEDED_BY', 'BadWeights', 'WeightsSpec', 'get_spec', 'torch_hub_checkpoints',
+           'hf_hub_cache', 'fid_helper_file', 'clean_fid_cache_dirs', 'auto_candidates', 'Located', 'locate_weights',
+           'missing_message', 'FIDInception', 'fid_input', 'inception_features', 'CleanFIDExtractor', 'resize_short',
+           'DinoCLS', 'dino_state_dict', 'VGGFeatures', 'read_state_dict', 'build_dino', 'build_vgg19_features',
+           'InceptionCLS', 'InceptionLowLevel', 'random_network', 'resolve_weights', 'clear_weights_cache',
+           'provenance_path', 'check_file', 'download_weights', 'needed_weights', 'weights_report', 'check_weights']
 
 # %% ../nbs/00_weights.ipynb #88edc056
 class BadWeights(DiffusegenError):
@@ -53,8 +58,14 @@ class WeightsSpec:
     aliases: tuple  # other accepted file names inside a configured folder
     paper: str  # where the paper uses it
     hash_prefix: str | None = None  # sha256 prefix the official file name carries (torchvision's convention)
+    sha256: str | None = None  # the full sha256 where it is known; else `download_weights` records it at first download
 
 
+# segmentation_models_pytorch 0.6 (encoders/senet.py): the ImageNet weights of its se_resnext50_32x4d, pinned revision
+SMP_SERESNEXT_REPO, SMP_SERESNEXT_REVISION = (
+    "smp-hub/se_resnext50_32x4d.imagenet",
+    "73246406d879a2b0e3fdfe6fddd56347d38f38ae",
+)
 WEIGHTS = {
     "inception": WeightsSpec(
         "inception",
@@ -86,6 +97,16 @@ WEIGHTS = {
         ("model.safetensors",),
         "§2.5 VGG content loss (conv1_1, conv2_1)",
         "dcbb9e9d",
+    ),
+    "se_resnext50_32x4d": WeightsSpec(
+        "se_resnext50_32x4d",
+        "SE-ResNeXt50 32x4d, ImageNet (UNet++ encoder, segmentation_models_pytorch)",
+        "seg_encoder_weights",
+        "DIFFUSEGEN_SEG_ENCODER_WEIGHTS",
+        f"https://huggingface.co/{SMP_SERESNEXT_REPO}/resolve/{SMP_SERESNEXT_REVISION}/model.safetensors",
+        "se_resnext50_32x4d.imagenet.safetensors",
+        ("model.safetensors",),
+        "Appendix B.2 UNet++ encoder (only with seg_encoder_weights = imagenet; paper-code-facts b.6)",
     ),
 }
 DINO_TIMM_NAME = "vit_base_patch8_224.dino"
@@ -188,6 +209,19 @@ def auto_candidates(name: str) -> list[tuple[Path | None, str, str]]:
         ]
     if name == "vgg19":
         return [(hub / "vgg19-dcbb9e9d.pth", str(hub / "vgg19-dcbb9e9d.pth"), "torch hub cache vgg19-dcbb9e9d.pth")]
+    if name == "se_resnext50_32x4d":
+        f = hub / WEIGHTS[name].filename
+        hf, pattern = _hf_snapshot_file(SMP_SERESNEXT_REPO, ("model.safetensors",))
+        cadene = sorted(hub.glob("se_resnext50_32x4d-*.pth")) if hub.is_dir() else []  # pretrainedmodels' file
+        return [
+            (f, str(f), f"torch hub cache {f.name}"),
+            (hf, pattern, f"Hugging Face cache {SMP_SERESNEXT_REPO}"),
+            (
+                cadene[0] if cadene else None,
+                str(hub / "se_resnext50_32x4d-*.pth"),
+                "torch hub cache (pretrainedmodels)",
+            ),
+        ]
     get_spec(name)
     return []
 
@@ -206,9 +240,9 @@ def locate_weights(name: str, cfg: Config) -> Located:
     "Apply the lookup order (settings key, environment variable, caches) for `name`; load nothing."
     spec = get_spec(name)
     value, origin = getattr(cfg, spec.setting), f"settings key {spec.setting}"
-    if not value or value == "auto":
+    if not value or str(value).lower() in ("auto", "imagenet", "none"):  # seg_encoder_weights: imagenet/none
         value, origin = os.environ.get(spec.env, ""), f"environment variable {spec.env}"
-    if value and value != "auto":
+    if value and str(value).lower() not in ("auto", "imagenet", "none"):
         p = resolve_path(value) if origin.startswith("settings") else Path(value).expanduser().resolve()
         if p.is_dir():
             hits = [p / n for n in (spec.filename, *spec.aliases) if (p / n).is_file()]
@@ -238,11 +272,11 @@ def missing_message(name: str, searched=()) -> str:
     where = f"put {spec.filename} in {torch_hub_checkpoints()}/"
     if name == "dino_vitb8":
         where += f" (or timm's model.safetensors in {hf_hub_cache()}/models--timm--vit_base_patch8_224.dino/snapshots/<rev>/)"
-    sub = "; or allow_substitute_weights = true for a labelled substitute" if name != "inception" else ""
+    sub = "; or allow_substitute_weights = true for a labelled substitute" if name in ("dino_vitb8", "vgg19") else ""
     return (
         f"{spec.title} weights not found (searched: {', '.join(searched) or 'nothing'}): {where}, or set "
         f"{spec.setting} = /path/to/file in settings.ini (or --set {spec.setting}=...) or the environment variable "
-        f"{spec.env}; official download: {spec.url}{sub}"
+        f"{spec.env}; on a machine with a network: diffusegen weights download {name} (official download: {spec.url}){sub}"
     )
 
 # %% ../nbs/00_weights.ipynb #ed2d7f02
@@ -619,6 +653,8 @@ def random_network(name: str, seed: int = 0) -> nn.Module:
 def resolve_weights(name: str, cfg: Config) -> tuple[nn.Module, dict]:
     "The pretrained network `name` ('inception', 'dino_vitb8', 'vgg19') and its provenance; `WeightsNotFound` when absent."
     spec = get_spec(name)
+    if name not in ("inception", "dino_vitb8", "vgg19"):
+        raise ConfigError(f"{name}: loaded by its stage (segmentation.build_model), not by resolve_weights")
     loc = locate_weights(name, cfg)
     if loc.path is not None:
         key = _file_key(loc.path)
@@ -664,49 +700,185 @@ def clear_weights_cache() -> None:
     clear_sha256_cache()
 
 # %% ../nbs/00_weights.ipynb #c44e4aa8
+def provenance_path(path) -> Path:
+    "The JSON record `download_weights` writes next to a downloaded file: `<file>.provenance.json`."
+    path = Path(path)
+    return path.with_name(path.name + ".provenance.json")
+
+
+def check_file(name: str, path) -> tuple[bool | None, str]:
+    """Compare `path`'s sha256 with what is known for `name`: the registry's full sha256, the hash prefix in the official
+    file name (only for a file of that name), or the sha256 recorded at its download. (None, why) when nothing is known."""
+    spec, path = get_spec(name), Path(path)
+    h = sha256_file(path)
+    if spec.sha256:
+        return (
+            h == spec.sha256,
+            f"sha256 {h[:12]}… {'=' if h == spec.sha256 else '≠'} the registry's {spec.sha256[:12]}…",
+        )
+    if spec.hash_prefix and path.name == spec.filename:
+        ok = h.startswith(spec.hash_prefix)
+        return (
+            ok,
+            f"sha256 {h[:12]}… {'starts' if ok else 'does not start'} with {spec.hash_prefix} (the official file name's)",
+        )
+    rec = provenance_path(path)
+    if rec.is_file():
+        try:
+            want = json.loads(rec.read_text()).get("sha256", "")
+        except (json.JSONDecodeError, OSError):
+            want = ""
+        if want:
+            ok = h == want
+            return ok, f"sha256 {h[:12]}… {'=' if ok else '≠'} {want[:12]}… recorded at its download ({rec.name})"
+    return None, f"sha256 {h[:12]}… (no published hash to check it against)"
+
+
+def _expect(spec: WeightsSpec, h: str) -> tuple[bool, str]:
+    "Whether a freshly downloaded file's sha256 `h` is the official one, and how that was decided."
+    if spec.sha256:
+        return h == spec.sha256, f"full sha256 from the registry ({spec.sha256})"
+    if spec.hash_prefix:
+        return h.startswith(spec.hash_prefix), f"sha256 prefix {spec.hash_prefix} of the official file name"
+    return True, "none published upstream: the sha256 is recorded at this first download (trust on first use)"
+
+
+def _offline_line(spec: WeightsSpec, url: str, dest: Path, reason: str) -> str:
+    return (
+        f"download of {spec.title} from {url} failed ({reason}); on a machine with a network download {url} and put "
+        f"it at {dest} (or set {spec.setting} in settings.ini or {spec.env} to its path)"
+    )
+
+
 def download_weights(
-    name: str, dest_dir=None, url: str | None = None, timeout: float = 60.0, progress: bool = True
+    name: str, dest_dir=None, url: str | None = None, timeout: float = 10.0, progress: bool = True
 ) -> Path:
-    "Download the official file of `name` into `dest_dir` (default: the torch hub checkpoints folder); return its path."
+    """Download the official file of `name` into `dest_dir` (default: the torch hub checkpoints folder, where the resolver
+    looks); return its path. Resumable: bytes go to `<file>.part`, a rerun asks the server for the rest (HTTP Range),
+    and only a file whose sha256 checks out is renamed into place, with its record `<file>.provenance.json`."""
     spec = get_spec(name)
     dest_dir = Path(dest_dir).expanduser() if dest_dir else torch_hub_checkpoints()
     dest, url = dest_dir / spec.filename, url or spec.url
     if dest.is_file():
         return dest
-    old = socket.getdefaulttimeout()
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": "diffusegen", **({"Range": f"bytes={have}-"} if have else {})}
     try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        socket.setdefaulttimeout(timeout)
-        torch.hub.download_url_to_file(
-            url, str(dest), hash_prefix=spec.hash_prefix if url == spec.url else None, progress=progress
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if not (e.code == 416 and have):  # 416 with a .part: it is complete already
+            raise WeightsNotFound(_offline_line(spec, url, dest, f"HTTP {e.code} {e.reason}")) from None
+        resp = None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise WeightsNotFound(_offline_line(spec, url, dest, _one_line(getattr(e, "reason", None) or e))) from None
+    if resp is not None:
+        with resp:
+            resumed = have > 0 and resp.status == 206
+            if resumed and not str(resp.headers.get("Content-Range", "")).startswith(f"bytes {have}-"):
+                resumed = False  # a range we did not ask for: start over
+            if not resumed:
+                have = 0
+            size = resp.headers.get("Content-Length")
+            total = have + int(size) if size and size.isdigit() else None
+            from tqdm.auto import tqdm
+
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                with (
+                    open(part, "ab" if resumed else "wb") as f,
+                    tqdm(
+                        total=total,
+                        initial=have,
+                        unit="B",
+                        unit_scale=True,
+                        desc=spec.filename,
+                        disable=not progress,
+                    ) as bar,
+                ):
+                    while chunk := resp.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
+                raise WeightsNotFound(
+                    f"download of {spec.title} from {url} broke off ({_one_line(e)}) after {part.stat().st_size} bytes, "
+                    f"kept in {part}: rerun the same command to resume"
+                ) from None
+            if total is not None and part.stat().st_size != total:
+                raise WeightsNotFound(
+                    f"download of {spec.title} from {url} ended at {part.stat().st_size} of {total} bytes, kept in "
+                    f"{part}: rerun the same command to resume"
+                )
+    h = sha256_file(part)
+    ok, how = _expect(spec, h)
+    if not ok:
+        part.unlink()
+        raise BadWeights(
+            f"{url}: the downloaded file's sha256 {h} does not match ({how}); it was deleted, nothing was installed "
+            f"at {dest}: retry, or download it elsewhere and check it"
         )
-    except (urllib.error.URLError, OSError, ValueError, RuntimeError) as e:
-        reason = _one_line(getattr(e, "reason", None) or e)
-        raise WeightsNotFound(
-            f"download of {spec.title} from {url} failed ({reason}); on a machine with a network download it "
-            f"and put {spec.filename} in {dest_dir}/ (or set {spec.setting} in settings.ini or {spec.env})"
-        ) from None
-    finally:
-        socket.setdefaulttimeout(old)
+    os.replace(part, dest)
+    write_json(
+        provenance_path(dest),
+        {
+            "name": name,
+            "title": spec.title,
+            "url": url,
+            "file": str(dest),
+            "bytes": dest.stat().st_size,
+            "sha256": h,
+            "check": how,
+            "downloaded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "paper": spec.paper,
+        },
+    )
     return dest
 
 # %% ../nbs/00_weights.ipynb #4ac8adf4
-def weights_report(cfg: Config, with_hash: bool = True) -> list[dict]:
-    "One dict per network: name, title, status, source, origin, label, sha256, message, setting, env, url, searched."
-    rows = []
+NEEDED_BY = {"clustering": ("inception",), "styling": ("dino_vitb8", "vgg19"), "intrinsic": ("inception",)}
+
+
+def needed_weights(cfg: Config, stages=None) -> dict:
+    "The pretrained networks a run of `cfg` (of `stages`, default all) needs, each with what for: {name: use}."
+    stages = set(stages) if stages is not None else {"clustering", "styling", "intrinsic", "segmentation"}
+    use = {
+        "inception": "§2.3 clustering features, §2.6 FID",
+        "dino_vitb8": "§2.5 styling: style loss, semantic divergence",
+        "vgg19": "§2.5 styling: VGG content loss",
+    }
+    need = {n: use[n] for s in sorted(stages) for n in NEEDED_BY.get(s, ())}
+    imagenet = str(cfg.seg_encoder_weights).lower() == "imagenet" and cfg.seg_encoder in WEIGHTS
+    if "segmentation" in stages and imagenet:
+        need[cfg.seg_encoder] = (
+            "§2.7 segmentation: the UNet++ encoder's ImageNet weights (seg_encoder_weights = imagenet)"
+        )
+    return need
+
+
+def weights_report(cfg: Config, with_hash: bool = True, stages=None) -> list[dict]:
+    """One dict per network: name, title, needed (what for, or ''), status (found, substitute, missing, error, not
+    needed), source, origin, label, sha256, check (True/False/None: the hash matches / does not / nothing to compare),
+    check_note, message, setting, env, url, get (how to obtain it), searched."""
+    need, rows = needed_weights(cfg, stages), []
     for name, spec in WEIGHTS.items():
         row = {
             "name": name,
             "title": spec.title,
+            "needed": need.get(name, ""),
             "status": "",
             "source": "",
             "origin": "",
             "label": "",
             "sha256": "",
+            "check": None,
+            "check_note": "",
             "message": "",
             "setting": spec.setting,
             "env": spec.env,
             "url": spec.url,
+            "get": f"diffusegen weights download {name}",
             "searched": [],
         }
         try:
@@ -715,6 +887,7 @@ def weights_report(cfg: Config, with_hash: bool = True) -> list[dict]:
             rows.append({**row, "status": "error", "message": str(e)})
             continue
         row["searched"] = list(loc.searched)
+        substitutes = name in ("dino_vitb8", "vgg19") and cfg.allow_substitute_weights
         if loc.path is not None:
             row.update(
                 status="found",
@@ -723,14 +896,23 @@ def weights_report(cfg: Config, with_hash: bool = True) -> list[dict]:
                 label=f"{spec.title} ({loc.origin})",
                 sha256=sha256_file(loc.path) if with_hash else "",
             )
-        elif name != "inception" and cfg.allow_substitute_weights:
-            row.update(status="substitute", label=_SUB_LABELS[name], message=missing_message(name, loc.searched))
+            if with_hash:
+                row["check"], row["check_note"] = check_file(name, loc.path)
+        elif name not in need:
+            row.update(status="not needed", message=missing_message(name, loc.searched))
+        elif substitutes:
+            label = _RANDOM_LABELS[name] if cfg.substitute_weights == "random" else _SUB_LABELS[name]
+            row.update(status="substitute", label=label, message=missing_message(name, loc.searched))
+            if cfg.substitute_weights == "random":
+                row.update(source=f"random init (seed {cfg.seed})", origin="random")
         else:
             row.update(status="missing", message=missing_message(name, loc.searched))
         rows.append(row)
-    inc = rows[0]  # the substitutes are built from the FID Inception: they need it, and their file is its file
+    inc = rows[
+        0
+    ]  # the Inception substitutes are built from the FID Inception: they need it, and their file is its file
     for row in rows[1:]:
-        if row["status"] != "substitute":
+        if row["status"] != "substitute" or row["origin"] == "random":
             continue
         if inc["status"] == "found":
             row.update(source=inc["source"], origin=inc["origin"], sha256=inc["sha256"])
@@ -738,4 +920,22 @@ def weights_report(cfg: Config, with_hash: bool = True) -> list[dict]:
             row.update(
                 status="missing", message=f"{row['message']}; the substitute needs the FID Inception: {inc['message']}"
             )
+    return rows
+
+
+def check_weights(cfg: Config, stages=None) -> list[dict]:
+    """Before a run (of `stages`, default all): every network `cfg` needs is found with a hash that is not known to be wrong, or has an allowed
+    substitute; else `WeightsNotFound` in one line naming each missing file and `diffusegen weights download`."""
+    rows = weights_report(cfg, stages=stages)
+    bad = [r for r in rows if r["needed"] and (r["status"] in ("missing", "error") or r["check"] is False)]
+    if bad:
+        parts = [
+            f"{r['title']}: {r['check_note']} in {r['source']}" if r["check"] is False else f"{r['title']} is missing"
+            for r in bad
+        ]
+        raise WeightsNotFound(
+            f"profile {cfg.profile}: {'; '.join(parts)}; get them with "
+            f"{' and '.join(repr(r['get']) for r in bad)} (offline: put the files where `diffusegen weights --profile "
+            f"{cfg.profile}` says) before the run"
+        )
     return rows

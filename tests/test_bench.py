@@ -157,6 +157,12 @@ def test_bench_smoke_writes_json_and_markdown(tmp_path):
     assert summ[1]["inpaint_nfe"] == bench.fast_sampler_nfe("smoke", settings=over) < summ[0]["inpaint_nfe"]
     per_eval = [r["inpaint_seconds_per_image"] / r["inpaint_nfe"] for r in summ]  # one measured cost per evaluation
     assert per_eval[1] == pytest.approx(per_eval[0], rel=0.05) and all(r["seconds_per_styled_pair"] > 0 for r in summ)
+    # batching on the CPU: the share of the measured peak at the best batch (target ≥ 50 %), not a batch speed-up
+    assert all(0 < r["inpaint_share_of_peak"] and 0 < r["style_share_of_peak"] for r in summ)
+    assert all(
+        r["cpu_peak_share_ok"] == (min(r["inpaint_share_of_peak"], r["style_share_of_peak"]) >= 0.5) for r in summ
+    )
+    assert "≥ 50 % of the measured CPU peak" in json.loads((tmp_path / "summary.json").read_text())["batching"]
 
 
 def test_segment_part_failing_encoder_is_an_error_row_not_a_crash(monkeypatch):

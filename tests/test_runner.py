@@ -173,3 +173,40 @@ def test_cli_reproduce_bad_data_is_one_line(tmp_path):
     assert r.returncode == 2
     err = [l for l in r.stderr.splitlines() if l.startswith("diffusegen: error:")]
     assert len(err) == 1 and "Traceback" not in r.stderr and "01_data.ipynb" in err[0] and "nowhere" in err[0]
+
+
+def test_projection_of_a_fake_dry_run(tmp_path):
+    "The dry run's report projects the full run from the unit times in its manifests (fake manifests, the paper profile)."
+    from diffusegen.core import write_manifest
+    from diffusegen.runner import StageRun, project_full_run, write_report
+
+    cfg = load_config("paper", {"out": str(tmp_path), "dry_run": True, "allow_substitute_weights": True})
+    models = [
+        {"name": f"cluster_{k}", "full": False, "batch": 1, "seconds_per_step": 1.5, "device": "cpu"} for k in (0, 1)
+    ]
+    models.append(
+        {"name": "full", "full": True, "batch": 1, "steps_per_second": 0.25, "device": "cpu"}
+    )  # older manifest
+    write_manifest(cfg, "training", [], summary={"models": models})
+    write_manifest(
+        cfg,
+        "inpainting",
+        [],
+        summary={"types": [{"type": t, "seconds_per_evaluation": 0.2} for t in ("diff", "full-diff")]},
+    )
+    write_manifest(cfg, "styling", [], summary={"types": [{"type": "styled-diff", "seconds_per_step": 1.0}]})
+    write_manifest(cfg, "segmentation", [], summary={"seconds_per_image_epoch": 0.1})
+    p = project_full_run(cfg, {"data": 36.0})
+    rows = {r["stage"]: r for r in p["rows"]}
+    assert rows["training: cluster models"]["hours"] == pytest.approx(20 * 110_000 * 1.5 / 3600)
+    assert rows["training: full-data model"]["hours"] == pytest.approx(200_000 * 4.0 / 3600)  # 1 / steps_per_second
+    assert rows["inpainting"]["hours"] == pytest.approx(2 * 348 * 3 * 960 * 0.2 / 3600)
+    assert rows["styling"]["units"] == 1 * 348 * 3 * 120  # the styled types the dry run made
+    assert rows["data"]["hours"] == pytest.approx(0.01)
+    assert p["total_h"] == pytest.approx(sum(r["hours"] for r in p["rows"]))
+    # the SLURM fan-out: every model its own job, the longest (the full model) sets the wall time
+    assert f"{200_000 * 4.0 / 3600:,.1f} h of wall time at this device's speed instead of" in p["slurm"]
+    stages = {s.name: s for s in STAGES}
+    txt = write_report(cfg, [StageRun(stages["data"], "ran", 36.0)]).read_text()
+    assert "## Projected full run" in txt and f"**About {p['total_h']:,.0f} hours" in txt and "CPU" in txt
+    assert "| inpainting | network evaluation (per sample) | 200.0 ms | 2,004,480" in txt

@@ -236,10 +236,152 @@ def test_download_offline_one_line(tmp_path):
 
 def test_weights_report(empty_home):
     rows = {r["name"]: r for r in W.weights_report(load_config("smoke"))}
-    assert set(rows) == {"inception", "dino_vitb8", "vgg19"}
+    assert set(rows) == {"inception", "dino_vitb8", "vgg19", "se_resnext50_32x4d"}
     assert rows["dino_vitb8"]["status"] == "substitute" and rows["dino_vitb8"]["label"].startswith("SUBSTITUTE:")
     if W.fid_helper_file() is not None and W.fid_helper_file().is_file():
         assert rows["inception"]["status"] == "found" and len(rows["inception"]["sha256"]) == 64
         assert rows["vgg19"]["source"] == rows["inception"]["source"]  # the substitute's file is the Inception's
     rows = {r["name"]: r for r in W.weights_report(load_config("paper"), with_hash=False)}
     assert rows["vgg19"]["status"] == "missing" and "vgg19-dcbb9e9d.pth" in rows["vgg19"]["message"]
+
+
+class _Served:
+    "A local HTTP server in a thread serving `data` at /<name>, with HTTP Range support and an optional cut-off."
+
+    def __init__(self, data: bytes):
+        import http.server
+        import threading
+
+        self.data, self.cut_after, self.ranges = data, None, []
+        served = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                served.ranges.append(rng)
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                body = served.data[start:]
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(served.data) - 1}/{len(served.data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if served.cut_after is not None:  # the connection breaks off after this many bytes
+                    body, served.cut_after = body[: served.cut_after], None
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def served():
+    import os
+
+    s = _Served(os.urandom(3 << 20) + b"fake weights")  # 3 MiB: several read chunks
+    yield s
+    s.close()
+
+
+def _registry_url(monkeypatch, name, url, **changes):
+    "Point the registry's entry for `name` at `url` (the real download code path, a local server)."
+    import dataclasses
+
+    monkeypatch.setitem(W.WEIGHTS, name, dataclasses.replace(W.WEIGHTS[name], url=url, **changes))
+
+
+def test_download_from_local_server(tmp_path, served, monkeypatch, empty_home):
+    import hashlib
+    import json
+
+    _registry_url(monkeypatch, "dino_vitb8", f"{served.url}/dino_vitbase8_pretrain.pth")
+    hub = W.torch_hub_checkpoints()
+    p = W.download_weights("dino_vitb8", progress=False)  # default folder: where the resolver looks
+    assert p == hub / "dino_vitbase8_pretrain.pth" and p.read_bytes() == served.data
+    rec = json.loads(W.provenance_path(p).read_text())
+    assert rec["sha256"] == hashlib.sha256(served.data).hexdigest() and "first download" in rec["check"]
+    assert rec["url"] == f"{served.url}/dino_vitbase8_pretrain.pth" and not list(hub.glob("*.part"))
+    assert W.locate_weights("dino_vitb8", load_config("paper")).path == p  # the resolver finds it there
+    row = {r["name"]: r for r in W.weights_report(load_config("paper"))}["dino_vitb8"]
+    assert row["status"] == "found" and row["check"] is True
+    p.write_bytes(served.data[:-1] + b"X")  # the file changed after its download: the record catches it
+    W.clear_weights_cache()
+    assert W.check_file("dino_vitb8", p)[0] is False
+    with pytest.raises(WeightsNotFound, match="DINO ViT-B/8: sha256"):
+        W.check_weights(load_config("paper"), stages=["styling"])
+    # a registry entry with the full sha256: the same bytes pass
+    _registry_url(
+        monkeypatch,
+        "vgg19",
+        f"{served.url}/vgg19-x.pth",
+        hash_prefix=None,
+        sha256=hashlib.sha256(served.data).hexdigest(),
+    )
+    q = W.download_weights("vgg19", tmp_path / "v", progress=False)
+    assert q.read_bytes() == served.data and "registry" in json.loads(W.provenance_path(q).read_text())["check"]
+
+
+def test_download_sha256_mismatch_leaves_nothing(tmp_path, served, monkeypatch):
+    _registry_url(monkeypatch, "vgg19", f"{served.url}/vgg19-dcbb9e9d.pth")  # the official name's prefix dcbb9e9d
+    with pytest.raises(W.BadWeights) as e:
+        W.download_weights("vgg19", tmp_path, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "dcbb9e9d" in msg and "does not match" in msg
+    assert list(tmp_path.iterdir()) == []  # no final file, no .part, no record
+
+
+def test_download_resumes_interrupted_part(tmp_path, served, monkeypatch):
+    _registry_url(monkeypatch, "inception", f"{served.url}/inception-2015-12-05.pt")
+    served.cut_after = 1 << 20  # the first transfer breaks off after 1 MiB
+    with pytest.raises(WeightsNotFound) as e:
+        W.download_weights("inception", tmp_path, progress=False)
+    part = tmp_path / "inception-2015-12-05.pt.part"
+    assert "\n" not in str(e.value) and "resume" in str(e.value) and str(part) in str(e.value)
+    assert part.stat().st_size == 1 << 20 and not (tmp_path / "inception-2015-12-05.pt").exists()
+    p = W.download_weights("inception", tmp_path, progress=False)  # the same call again: only the rest is sent
+    assert served.ranges == [None, f"bytes={1 << 20}-"]
+    assert p.read_bytes() == served.data and not part.exists()
+
+
+def test_download_offline_one_line_unreachable(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _registry_url(monkeypatch, "se_resnext50_32x4d", f"http://127.0.0.1:{port}/model.safetensors")
+    t0 = time.time()
+    with pytest.raises(WeightsNotFound) as e:
+        W.download_weights("se_resnext50_32x4d", tmp_path, progress=False)
+    msg, dest = str(e.value), tmp_path / "se_resnext50_32x4d.imagenet.safetensors"
+    assert "\n" not in msg and f"127.0.0.1:{port}/model.safetensors" in msg and f"put it at {dest}" in msg
+    assert time.time() - t0 < 30 and list(tmp_path.iterdir()) == []
+
+
+def test_cli_weights_list_and_reproduce_check(tmp_path, empty_home, capsys):
+    from diffusegen.cli import main
+    from diffusegen.runner import reproduce
+
+    assert main(["weights", "--profile", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "profile paper (no substitutes)" in out and "diffusegen weights download vgg19" in out
+    assert "se_resnext50_32x4d  not needed" in out
+    with pytest.raises(WeightsNotFound) as e:  # before any stage: nothing is written
+        reproduce("paper", out=tmp_path / "o", progress=False)
+    assert "\n" not in str(e.value) and "diffusegen weights download dino_vitb8" in str(e.value)
+    assert not (tmp_path / "o").exists()
+    assert main(["weights", "download", "clip"]) == 2 and "unknown pretrained network" in capsys.readouterr().err
