@@ -1151,6 +1151,14 @@ def card_markdown(card: dict) -> str:
         f"```\n{card['command']}\n```",
         "",
         f"- profile `{card['profile']}` of `settings.ini` ({card['steps']} steps); every training setting is in `{card['name']}.json` (`settings`)",
+        *(
+            [
+                f"- stopped at step {card['steps']} of the profile's {card['settings']['full_train_steps']} (the CPU time "
+                "there was); the curve below was still falling: continue with a longer run (on a GPU: minutes)"
+            ]
+            if card["steps"] < card["settings"].get("full_train_steps", 0)
+            else []
+        ),
         f"- training images: {card['n_images']} ids from {card['ids_source']}, listed in the card (`ids`)",
         "- package versions: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items()),
         "",
@@ -1163,7 +1171,8 @@ def card_markdown(card: dict) -> str:
     if card["fid_curve"]:
         L += [
             "",
-            "FID and KID of RePaint-inpainted samples against the real training images, at 64 px, over the training steps:",
+            "FID and KID of RePaint-inpainted samples (from pure noise, the demo's sampler; `diffusegen ship`) against the "
+            f"real training images, at {card['fits']['image_size']} px, over the training steps (`{card['name']}-curve.png`):",
             "",
             "| step | images | FID | KID |",
             "|---:|---:|---:|---:|",
