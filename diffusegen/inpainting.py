@@ -527,7 +527,7 @@ def run_inpainting(
     clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))
     recs, arts, notes, weights = [], [], [], {}
     variant, why = resolve_variant(cfg)
-    cfg = cfg.replace(inpaint_variant=variant)  # every sample, table and figure names the variant used
+    stage_cfg, cfg = cfg, cfg.replace(inpaint_variant=variant)  # every sample, table and figure names the variant used
     start = variant_start(cfg)
     notes += [why] if why else []
     notes.append(
@@ -652,7 +652,7 @@ def run_inpainting(
     )
     if not any(r["stopped"] for r in recs):
         write_manifest(
-            cfg,
+            stage_cfg,  # the stage's settings as the runner hashes them (`auto`, not what it chose)
             "inpainting",
             arts,
             list(weights.values()),
