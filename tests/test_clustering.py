@@ -76,7 +76,7 @@ def test_cache_returns_the_same_features_without_recomputing(kvasir_root, incept
                 key,
                 feature_cache_key(pairs, "0" * 64, 256),
                 feature_cache_key(pairs, prov["sha256"], 128),
-                feature_cache_key(pairs, prov["sha256"], 256, "raw"),
+                feature_cache_key(pairs, prov["sha256"], 256, "grey"),
                 feature_cache_key(pairs[:1], prov["sha256"], 256),
             }
         )

@@ -379,7 +379,7 @@ def test_cli_weights_list_and_reproduce_check(tmp_path, empty_home, capsys):
     assert main(["weights", "--profile", "paper"]) == 0
     out = capsys.readouterr().out
     assert "profile paper (no substitutes)" in out and "diffusegen weights download vgg19" in out
-    assert "se_resnext50_32x4d  not needed" in out
+    assert "se_resnext50_32x4d  MISSING   needed for §2.7 segmentation" in out  # paper: the ImageNet encoder
     with pytest.raises(WeightsNotFound) as e:  # before any stage: nothing is written
         reproduce("paper", out=tmp_path / "o", progress=False)
     assert "\n" not in str(e.value) and "diffusegen weights download dino_vitb8" in str(e.value)
