@@ -205,17 +205,17 @@ def _cmd_bench(a) -> int:
 
 
 def _cmd_stats(a) -> int:
-    from diffusegen import statistics as S
+    from diffusegen import audit as A, statistics as S
 
     cfg = _stage_cfg(a)
     if a.paper:  # the paper audit: needs only data/paper/, no pipeline run
-        df = S.audit_paper()
-        for line in S.audit_lines(df):
+        df = A.audit_paper()
+        for line in A.audit_lines(df):
             print(line)
         n = df.verdict.value_counts()
         print(
             f"{n.get('✓', 0)} agree, {n.get('⚠', 0)} differ in the last digit, {n.get('✗', 0)} not supported by the tables; "
-            f"written to {S.write_paper_audit(cfg, df)[0]}"
+            f"written to {A.write_paper_audit(cfg, df)[0]}"
         )
         return 0
     S.run_statistics(cfg)

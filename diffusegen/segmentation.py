@@ -39,20 +39,27 @@ from diffusegen.core import (
     resumable,
 )
 from .core import read_ledger as read_ledger_file
-from .sets import TYPES, read_set, type_label
 from .data import IN_DOMAIN, test_set_specs, load_test_set
-from .sets import TYPES, read_set, type_label, filtered_key, filtered_types
+from diffusegen.sets import (
+    TYPES,
+    KEY_COLUMNS,
+    CELL_COLUMNS,
+    RESULT_COLUMNS,
+    read_set,
+    type_label,
+    filtered_key,
+    filtered_types,
+)
 
 # %% auto #0
-__all__ = ['MEAN', 'STD', 'CELL_COLUMNS', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'EXTERNAL_COLUMNS', 'STALE',
-           'SCORE_COLUMNS', 'AGREEMENT_CELL', 'AGREEMENT_COLUMNS', 'polyp_channel', 'confusion', 'iou_score',
-           'dice_score', 'soft_dice_loss', 'encoder_weights_file', 'encoder_provenance', 'build_model',
-           'train_augmentation', 'to_tensors', 'hash_rank', 'grouped_split', 'augment_small_set', 'evaluate',
-           'train_cell', 'cell_seed', 'filtered_rows', 'grid', 'Sets', 'cell_data', 'data_hash', 'cell_hash',
-           'results_paths', 'checkpoint_path', 'save_cell_checkpoint', 'load_cell_model', 'evaluate_external',
-           'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables', 'agreement_paths',
-           'save_segmenter', 'load_segmenter', 'mask_stats', 'touches_region', 'predict', 'label_agreement',
-           'agreement_table', 'agreement_figure', 'run_label_agreement', 'run_segmentation']
+__all__ = ['MEAN', 'STD', 'LEDGER_COLUMNS', 'EXTERNAL_COLUMNS', 'STALE', 'SCORE_COLUMNS', 'AGREEMENT_CELL', 'AGREEMENT_COLUMNS',
+           'polyp_channel', 'confusion', 'iou_score', 'dice_score', 'soft_dice_loss', 'encoder_weights_file',
+           'encoder_provenance', 'build_model', 'train_augmentation', 'to_tensors', 'hash_rank', 'grouped_split',
+           'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'filtered_rows', 'grid', 'Sets', 'cell_data',
+           'data_hash', 'cell_hash', 'results_paths', 'checkpoint_path', 'save_cell_checkpoint', 'load_cell_model',
+           'evaluate_external', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables',
+           'agreement_paths', 'save_segmenter', 'load_segmenter', 'mask_stats', 'touches_region', 'predict',
+           'label_agreement', 'agreement_table', 'agreement_figure', 'run_label_agreement', 'run_segmentation']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
 def polyp_channel(prob: torch.Tensor) -> torch.Tensor:
@@ -350,31 +357,7 @@ def train_cell(
     }
 
 # %% ../nbs/07_segmentation.ipynb #b0bc28e9
-CELL_COLUMNS = [
-    "table",
-    "type",
-    "n",
-    "r",
-    "mode",
-    "repeat",
-    "seed",
-    "dice_loss",
-    "dice",
-    "iou",
-    "val_iou",
-    "best_epoch",
-    "epochs",
-    "n_train",
-    "n_val",
-    "n_test",
-    "encoder",
-    "status",
-    "n_syn",
-    "short_of_r",
-]
-RESULT_COLUMNS = CELL_COLUMNS + ["test_set"]  # results.csv: one row per cell and test set (in-domain first)
 LEDGER_COLUMNS = CELL_COLUMNS + ["settings_hash", "seconds"]
-KEY_COLUMNS = ["table", "type", "n", "r", "mode", "repeat"]
 
 
 def _ints(s: str) -> list[int]:

@@ -11,11 +11,11 @@ import pandas as pd
 from .core import Config, DiffusegenError, content_key, read_ledger, write_ledger
 
 # %% auto #0
-__all__ = ['TYPES', 'KNOWN', 'LABEL_IOU', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'DataType', 'register_type',
-           'get_type', 'type_label', 'type_key', 'types_made_by', 'synthetic_types', 'filtered_key',
-           'register_filtered', 'filtered_types', 'manifest_columns', 'set_dir', 'read_manifest_csv',
-           'write_manifest_csv', 'read_set', 'write_filtered_set', 'split_ledger', 'move_aside', 'prune_rows',
-           'write_unplanned']
+__all__ = ['TYPES', 'KNOWN', 'LABEL_IOU', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'KEY_COLUMNS', 'CELL_COLUMNS',
+           'RESULT_COLUMNS', 'DataType', 'register_type', 'get_type', 'type_label', 'type_labels', 'type_key',
+           'types_made_by', 'synthetic_types', 'filtered_key', 'register_filtered', 'filtered_types',
+           'manifest_columns', 'set_dir', 'read_manifest_csv', 'write_manifest_csv', 'read_set', 'write_filtered_set',
+           'split_ledger', 'move_aside', 'prune_rows', 'write_unplanned']
 
 # %% ../nbs/01b_sets.ipynb #a1a9ecfe
 @dataclass(frozen=True)
@@ -61,7 +61,13 @@ def get_type(key: str) -> DataType:
 
 
 def type_label(key: str) -> str:
-    return get_type(key).label
+    "A type's label; a key outside the registry (e.g. a results row of a type since removed) as it is."
+    return TYPES[key].label if key in TYPES else key
+
+
+def type_labels() -> dict:
+    "{key: label} of every registered type, in table order."
+    return {k: t.label for k, t in TYPES.items()}
 
 
 def type_key(label: str) -> str:
@@ -278,3 +284,23 @@ def write_unplanned(rows: list[dict], path: Path, columns: list[str]):
     "Write manifest_unplanned.csv (`rows` outside the plan): when there are any, or to empty an earlier one."
     if rows or path.exists():
         write_ledger(rows, path, columns)
+
+# %% ../nbs/01b_sets.ipynb #3d647e73
+KEY_COLUMNS = ["table", "type", "n", "r", "mode", "repeat"]
+CELL_COLUMNS = KEY_COLUMNS + [
+    "seed",
+    "dice_loss",
+    "dice",
+    "iou",
+    "val_iou",
+    "best_epoch",
+    "epochs",
+    "n_train",
+    "n_val",
+    "n_test",
+    "encoder",
+    "status",
+    "n_syn",
+    "short_of_r",
+]
+RESULT_COLUMNS = CELL_COLUMNS + ["test_set"]  # results.csv: one row per cell and test set (in-domain first)

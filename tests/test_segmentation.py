@@ -332,15 +332,14 @@ def test_stage_end_to_end_resume_and_settings(stage, monkeypatch, kvasir_root):
     ).all().all()
     assert after[~old_ok & ~k].status.tolist() == before[~old_ok & ~k].status.tolist()
     # … and the statistics stage uses none of them
-    from diffusegen import statistics as ST
+    from diffusegen import audit as A, statistics as ST
 
     seg = ST.read_results(cfg2)
-    assert ST.values({"seg": seg}, 2, "iou", "diff").index.tolist() == [(1, 0)]
+    assert A.values({"seg": seg}, 2, "iou", "diff").index.tolist() == [(1, 0)]
     assert (
-        len(ST.values({"seg": seg}, 2, "iou", "styled-diff")) == 0
-        and len(ST.values({"seg": seg}, 3, "iou", "real")) == 0
+        len(A.values({"seg": seg}, 2, "iou", "styled-diff")) == 0 and len(A.values({"seg": seg}, 3, "iou", "real")) == 0
     )
-    t2, _ = ST.table2_stats(cfg2, seg, ST.load_paper_tables())
+    t2, _ = ST.table2_stats(cfg2, seg, A.load_paper_tables())
     assert (
         S.STALE in t2.set_index("type").loc["Styled-Diff", "status"]
         and t2.set_index("type").loc["Styled-Diff", "DL"] == ""
@@ -516,12 +515,6 @@ def test_read_ledger_schema(tmp_path):
     led.assign(n="x").to_csv(p, index=False)
     with pytest.raises(S.DataError, match=r"cells\.csv: non-numeric n"):
         S.read_ledger(cfg)
-
-
-def test_results_schema_is_the_statistics_schema():
-    from diffusegen import statistics as ST
-
-    assert S.RESULT_COLUMNS == ST.SEG_COLUMNS and S.RESULT_COLUMNS[-3:] == ["n_syn", "short_of_r", "test_set"]
 
 
 def test_ledger_of_an_earlier_version_resumes_without_training(tmp_path, monkeypatch):

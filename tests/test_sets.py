@@ -8,7 +8,7 @@ from diffusegen.core import load_config, save_png
 from diffusegen.sets import DataType, TYPES, MANIFEST_COLUMNS, register_type, set_dir, write_manifest_csv, read_set
 
 ROOT = Path(__file__).resolve().parents[1]
-EVALUATION = ("intrinsic", "segmentation", "memorization", "statistics", "survey")
+EVALUATION = ("intrinsic", "segmentation", "memorization", "stats", "audit", "statistics", "survey")
 GENERATORS = ("training", "inpainting", "styling", "gan", "copypaste")
 
 
@@ -93,7 +93,7 @@ def test_a_new_type_reaches_every_evaluation(tmp_path, test_type):
         "real",
         "test-paste",
     }  # Table 2 accepts it
-    assert statistics.type_name("test-paste") == "Test-Paste"
+    assert statistics.type_label("test-paste") == "Test-Paste"
 
 
 def test_unknown_type_in_settings_is_one_line(tmp_path):
@@ -173,4 +173,4 @@ def test_copy_paste_and_filtered_types_reach_the_evaluations(tmp_path):
     cfg = load_config("smoke", {"out": str(tmp_path), "filtered_types": "styled-diff"})
     t2 = {c["type"] for c in segmentation.grid(cfg) if c["table"] == 2}
     assert {"copy-paste", "styled-diff-filtered"} <= t2
-    assert statistics.type_name("styled-diff-filtered") == "Styled-Diff (filtered)"
+    assert statistics.type_label("styled-diff-filtered") == "Styled-Diff (filtered)"

@@ -11,6 +11,8 @@ import pytest
 from scipy import stats as sps
 from diffusegen.core import load_config, read_manifest, DataError
 from diffusegen import statistics as S
+from diffusegen import audit as A
+from diffusegen.sets import RESULT_COLUMNS, type_label, type_labels
 from diffusegen.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +22,7 @@ PAPER_MD = Path(os.environ.get("DIFFUSEGEN_PAPER_MD", ROOT / "data" / "paper" / 
 
 @pytest.fixture(scope="module")
 def audit():
-    return S.audit_paper().set_index("claim")
+    return A.audit_paper().set_index("claim")
 
 
 # --- the paper's tables as data ---------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ def _paper_tables():
     return block("**Table 1:**"), block("**Table 2:**"), block("**Table 3:**"), block("**Table B1:**")
 
 
-NAME = {v: k for k, v in S.type_names().items()}
+NAME = {v: k for k, v in type_labels().items()}
 
 
 def test_paper_csvs_transcribe_the_papers_tables():
@@ -51,7 +53,7 @@ def test_paper_csvs_transcribe_the_papers_tables():
             v = [float(x) for x in c[1:]]
             for s in range(3):
                 got[(NAME[c[0]], s)] = (v[s], v[3 + s])
-    ours = S.load_paper_tables()["t1"].query("type != 'real'")
+    ours = A.load_paper_tables()["t1"].query("type != 'real'")
     assert {(r.type, r.repeat): (r.fid, r.msssim) for r in ours.itertuples()} == got and len(got) == 15
     got = {}
     for l in t2:  # Type-N<TAB>DL<TAB>IoU
@@ -59,7 +61,7 @@ def test_paper_csvs_transcribe_the_papers_tables():
         m = re.fullmatch(r"(.+?)(?:-(\d))?:?", c[0].strip())
         if len(c) == 3 and m and m[1] in NAME:
             got[(NAME[m[1]], int(m[2] or 1))] = (float(c[1]), float(c[2]))
-    seg = S.load_paper_tables()["seg"]
+    seg = A.load_paper_tables()["seg"]
     assert {(r.type, r.n): (r.dice_loss, r.iou) for r in seg.query("table == 2").itertuples()} == got and len(got) == 16
     got, n = {}, None
     for l in t3:  # N<TAB>Type<TAB>(DL<TAB>IoU) per r; Real has one pair
@@ -79,19 +81,19 @@ def test_paper_csvs_transcribe_the_papers_tables():
         c = l.split("\t")
         if c[0] in NAME:
             got[NAME[c[0]]] = [int(x) for x in c[1:]]
-    b = S.load_paper_tables()["b1"].set_index("type").drop(columns="ref")
+    b = A.load_paper_tables()["b1"].set_index("type").drop(columns="ref")
     assert {t: list(map(int, r)) for t, r in b.iterrows()} == got
 
 
 def test_every_claim_is_derivable_and_quoted_from_the_text():
-    claims = S.load_claims()
+    claims = A.load_claims()
     assert claims.claim.is_unique and len(claims) > 50
     if PAPER_MD.exists():
         norm = lambda s: re.sub(r"[−\-±_\s{}$\\\"*]", "", s.replace("\\pm", "±"))  # ignore maths markup and spacing
         text = norm(PAPER_MD.read_text())
         for q in set(claims.quote):
             assert norm(q) in text, q[:60]
-    df = S.audit_paper()
+    df = A.audit_paper()
     assert set(df.verdict) <= {"✓", "⚠", "✗"} and len(df) == len(claims)
 
 
@@ -245,7 +247,7 @@ def upstream(tmp_path):
                 status="not provided",
             )
         )
-    res = pd.DataFrame(rows).assign(test_set="in-domain")[S.SEG_COLUMNS]
+    res = pd.DataFrame(rows).assign(test_set="in-domain")[RESULT_COLUMNS]
     S.results_path(cfg).parent.mkdir(parents=True)
     res.to_csv(S.results_path(cfg), index=False)
     t1 = pd.DataFrame(
@@ -421,7 +423,7 @@ def _results_with_repeats(repeats: int) -> pd.DataFrame:
                         iou=rng.uniform(0.55, 0.65),
                     )
                 )
-    return S.normalize_seg(pd.DataFrame(rows))
+    return A.normalize_seg(pd.DataFrame(rows))
 
 
 @pytest.mark.parametrize("repeats", [1, 3])
@@ -438,7 +440,7 @@ def test_tests_against_real_across_n_and_r(repeats):
             "seg_repeats": repeats,
         },
     )
-    seg, P = _results_with_repeats(repeats), S.load_paper_tables()
+    seg, P = _results_with_repeats(repeats), A.load_paper_tables()
     t2, tests2 = S.table2_stats(cfg, seg, P)
     t3, tests3 = S.table3_stats(cfg, seg, P)
     assert "Welch" not in {t["kind"] for t in tests2 + tests3}
@@ -462,7 +464,7 @@ def test_tests_against_real_across_n_and_r(repeats):
         got = next(x for x in tests3 if x["a"] == t and x["b"] == "real" and x["metric"] == "iou")
         kind, k, p = expect(seg.query(f"table == 3 and type == '{t}'"), seg.query("table == 3 and type == 'real'"))
         assert (got["kind"], got["k"]) == (kind, k) and got["p"] == pytest.approx(p, rel=1e-9)
-        assert f"({kind}, k={k})" in t3.set_index("type").loc[S.type_name(t), "p IoU vs Real"]
+        assert f"({kind}, k={k})" in t3.set_index("type").loc[type_label(t), "p IoU vs Real"]
     got = next(x for x in tests3 if x["a"] == "styled-diff" and x["b"] == "gan" and x["metric"] == "iou")
     assert (got["kind"], got["k"]) == ("paired", 3 * repeats)
 

@@ -6,6 +6,7 @@ import pytest
 
 from diffusegen import segmentation as S
 from diffusegen import statistics as ST
+from diffusegen import audit as A
 from diffusegen.core import load_config, ConfigError
 from diffusegen.data import run_data, IN_DOMAIN
 from diffusegen.datasets import make_demo_dataset
@@ -90,7 +91,7 @@ def test_every_cell_is_tested_on_every_set_and_a_new_set_trains_nothing(ext, mon
 
 def test_results_without_a_test_set_column_read_as_in_domain():
     df = pd.DataFrame({"table": [2], "type": ["Real"], "n": [1], "dice_loss": [0.3], "iou": [0.6]})
-    assert ST.normalize_seg(df).test_set.tolist() == [IN_DOMAIN]
+    assert A.normalize_seg(df).test_set.tolist() == [IN_DOMAIN]
 
 
 def test_a_bad_test_set_is_one_line_before_anything_runs(tmp_path):
