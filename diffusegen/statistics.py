@@ -137,7 +137,7 @@ def _status(rows: pd.DataFrame, metric_cols) -> str:
 def _ptext(r: TTest, alpha: float) -> str:
     return r.text(alpha)
 
-
+# %% ../nbs/08_statistics.ipynb #9ec8bf02
 def table1_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[pd.DataFrame, list[dict]]:
     "Table 1 with mean ± std, the tests against Styled-Diff, and the paper's values."
     alpha, tests, rows = cfg.significance, [], []
@@ -196,7 +196,7 @@ def table1_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
     ]
     return pd.DataFrame(rows)[cols], tests
 
-
+# %% ../nbs/08_statistics.ipynb #bf2e3bac
 def table2_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[pd.DataFrame, list[dict]]:
     "Table 2: DL and IoU mean ± std across N (and repeats), each type against Styled-Diff paired on N, the paper's values."
     alpha, tests, rows = cfg.significance, [], []
@@ -262,7 +262,7 @@ def table2_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
     ]
     return pd.DataFrame(rows)[cols], tests
 
-
+# %% ../nbs/08_statistics.ipynb #9ea0e26c
 def table3_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[pd.DataFrame, list[dict]]:
     "Table 3: per N, mean ± std across r; against Real (one-sample, or by repeat) and Styled-Diff against GAN (paired on r)."
     alpha, tests, rows = cfg.significance, [], []
