@@ -355,7 +355,7 @@ def fig3_clusters(
     )
     return fig
 
-
+# %% ../nbs/02_clustering.ipynb #2f548f68
 def projection_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     "2-D embedding of `features`: t-SNE (init='pca', random_state=`seed`) from 30 points on, PCA below; and its name."
     n = len(features)
@@ -375,7 +375,7 @@ def projection_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]
         emb = np.pad(emb, ((0, 0), (0, 2 - emb.shape[1])))
     return emb, f"PCA (only {n} points: too few for t-SNE)"
 
-
+# %% ../nbs/02_clustering.ipynb #024914bb
 def _colours(k: int):
     import matplotlib.pyplot as plt
 

@@ -339,7 +339,7 @@ def gan_at_size(cfg: Config, g: pd.DataFrame) -> pd.DataFrame:
         mps.append(str(mp))
     return g.assign(image_path=ips, mask_path=mps)
 
-
+# %% ../nbs/06_intrinsic.ipynb #52c362a6
 def synthetic_sets(cfg: Config, train_ids=None) -> dict:
     "{label: DataFrame(source_id, image_path, mask_path) or None} for GAN and every generated type (the data-set contract)."
     out = {}
@@ -404,7 +404,7 @@ def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = 
         out[label] = {"fid": fid, "kid": kid, "msssim": ms, "n": m}
     return out
 
-
+# %% ../nbs/06_intrinsic.ipynb #41d78caa
 def table1_long(values: dict) -> pd.DataFrame:
     "Table 1's values in long form (type, repeat, fid, kid, msssim, status) for the statistics stage (table1_values.csv)."
     rows = []
@@ -540,7 +540,7 @@ def run_memorization(
     counts.insert(2, "real images searched", len(search))
     return a, ctrl, counts
 
-
+# %% ../nbs/06_intrinsic.ipynb #a9a5fbac
 def table1_figure(t: pd.DataFrame, values: dict):
     "Table 1 as bars: ours (mean ± std over the repeats) beside the paper's, for FID and MS-SSIM."
     import matplotlib
@@ -567,7 +567,7 @@ def table1_figure(t: pd.DataFrame, values: dict):
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/06_intrinsic.ipynb #9e0c646d
 def run_intrinsic(cfg: Config, progress: bool = True, write_filtered: bool = False) -> dict:
     "The intrinsic-evaluation stage (§2.6): Table 1, the survey page, the memorization audit; tables, figures, manifest."
     import matplotlib.pyplot as plt

@@ -254,7 +254,7 @@ def guidance(
     grad = -torch.autograd.grad(loss, x)[0]
     return grad, model_out.detach(), x0.detach(), cls_x.detach(), {k: v.detach() for k, v in terms.items()}
 
-
+# %% ../nbs/05_styling.ipynb #30c41e81
 def guided_step(
     nets: StyleNets,
     x_t: torch.Tensor,
@@ -449,7 +449,7 @@ def _write_rows(path: Path, rows: list, kind: str):
     with atomic_write(path) as f:
         df.to_csv(f, index=False)
 
-
+# %% ../nbs/05_styling.ipynb #c3579cdc
 CPU_STYLE_BATCH = 4  # style_batch = 0 on the CPU (on CUDA: `auto_batch` from one guided step's memory)
 
 
@@ -473,7 +473,7 @@ def style_auto_batch(nets: StyleNets, cap: int = 64) -> int:
 
     return auto_batch(probe, dev, default=CPU_STYLE_BATCH, cap=cap)
 
-
+# %% ../nbs/05_styling.ipynb #2f95fb14
 def style_type(
     cfg: Config,
     kind: str,
