@@ -56,7 +56,26 @@ def _cmd_data_check(a) -> int:
         print(p)
     for line in rep.summary_lines():
         print(line)
-    return 1 if rep.problems else 0  # 1: problems found; an error (bad option, crash) is 2, from `main`
+    line, short = _known_count(a.path, len(rep.valid))
+    if line:
+        print(line)
+    return 1 if rep.problems or short else 0  # 1: problems found; an error (bad option, crash) is 2, from `main`
+
+
+def _known_count(path, n: int) -> tuple[str, bool]:
+    """For a set `diffusegen data download` made (its dataset.json names the pairs it should hold): a line with the count
+    against it, and whether it falls short; ('', False) for any other folder."""
+    try:
+        meta = json.loads((Path(path) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return "", False
+    want = meta.get("expected") if isinstance(meta, dict) else None
+    if not isinstance(want, int):
+        return "", False
+    title = meta.get("title") or meta.get("name") or "this set"
+    if want == n:
+        return f"{title}: {n} of its {want} pairs", False
+    return f"{path}: {n} valid pairs, but {title} has {want}", True
 
 
 def _cmd_data_prepare(a) -> int:
