@@ -56,7 +56,26 @@ def _cmd_data_check(a) -> int:
         print(p)
     for line in rep.summary_lines():
         print(line)
-    return 1 if rep.problems else 0  # 1: problems found; an error (bad option, crash) is 2, from `main`
+    line, short = _known_count(a.path, len(rep.valid))
+    if line:
+        print(line)
+    return 1 if rep.problems or short else 0  # 1: problems found; an error (bad option, crash) is 2, from `main`
+
+
+def _known_count(path, n: int) -> tuple[str, bool]:
+    """For a set `diffusegen data download` made (its dataset.json names the pairs it should hold): a line with the count
+    against it, and whether it falls short; ('', False) for any other folder."""
+    try:
+        meta = json.loads((Path(path) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return "", False
+    want = meta.get("expected") if isinstance(meta, dict) else None
+    if not isinstance(want, int):
+        return "", False
+    title = meta.get("title") or meta.get("name") or "this set"
+    if want == n:
+        return f"{title}: {n} of its {want} pairs", False
+    return f"{path}: {n} valid pairs, but {title} has {want}", True
 
 
 def _cmd_data_prepare(a) -> int:
@@ -78,9 +97,26 @@ def _cmd_data_demo(a) -> int:
 
 
 def _cmd_data_download(a) -> int:
-    from diffusegen.datasets import download_dataset
+    from diffusegen.datasets import DATASETS, EXTERNAL_SETS, download_dataset, download_external
 
-    print(download_dataset(a.name, a.dest))
+    if a.name in DATASETS:
+        if not a.dest or a.src or a.to or a.expected is not None:
+            raise ConfigError(
+                f"data download {a.name}: give the destination folder only (diffusegen data download {a.name} data/)"
+            )
+        print(f"Terms: {DATASETS[a.name].terms} ({DATASETS[a.name].homepage})")
+        print(download_dataset(a.name, a.dest, timeout=a.timeout, progress=sys.stderr.isatty()))
+        return 0
+    spec = EXTERNAL_SETS[a.name]
+    print(f"Terms: {spec.terms} ({spec.homepage})")  # terms and attribution, before anything is fetched
+    exp = "known" if a.expected is None else (a.expected or None)
+    root = download_external(
+        a.name, a.dest, to=a.to, src=a.src, timeout=a.timeout, expected=exp, progress=sys.stderr.isatty()
+    )
+    meta = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").is_file() else {}
+    sha = f", archive sha256 {meta['sha256'][:12]}…" if meta.get("sha256") else ""
+    print(f"{meta.get('pairs', '?')} {spec.title} pairs in {root} (provenance: dataset.json{sha})")
+    print(f"test every segmentation model on it: --set test_sets={a.name}={root}")
     return 0
 
 
@@ -409,9 +445,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", help="dataset folder")
     pr.add_argument("--out", help="folder for figures/ and runs/")
     pr.set_defaults(func=_cmd_data_prepare)
-    dl = dsub.add_parser("download", help="download Kvasir-SEG or HyperKvasir's segmented images (needs network)")
-    dl.add_argument("name", choices=["kvasir-seg", "hyperkvasir"])
-    dl.add_argument("dest", help="destination folder")
+    from diffusegen.datasets import DATASETS, EXTERNAL_SETS
+
+    dl = dsub.add_parser(
+        "download",
+        help="download a public dataset: Kvasir-SEG / HyperKvasir (training data) or an external test set",
+        description="Kvasir-SEG / HyperKvasir go to DEST/<name>. The external test sets (cvc-clinicdb, cvc-colondb, "
+        "etis-laribpolypdb, polypgen) go to data/external/<name> under the project (DEST/<name>, or --to), converted "
+        "to images/ + masks/ with a dataset.json (URL, sha256, date, counts). Resumable; offline: one line naming the URL "
+        "and where to put the archive. polypgen needs a login: download it by hand and convert it with --from.",
+    )
+    dl.add_argument("name", choices=[*DATASETS, *EXTERNAL_SETS])
+    dl.add_argument("dest", nargs="?", help="destination folder (required for kvasir-seg, hyperkvasir)")
+    dl.add_argument("--to", help="external sets: the set's own folder (default: data/external/NAME)")
+    dl.add_argument(
+        "--from",
+        dest="src",
+        metavar="FOLDER",
+        help="external sets: convert this folder (an archive extracted by hand, PolypGen's download) instead",
+    )
+    dl.add_argument(
+        "--expected", type=int, help="external sets: the pairs the set must hold (default: its known count; 0: any)"
+    )
+    dl.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
     dl.set_defaults(func=_cmd_data_download)
     dm = dsub.add_parser("demo", help="write the procedural demo dataset (endoscopy-like images with polyp masks)")
     dm.add_argument("dest", help="destination folder")

@@ -874,7 +874,14 @@ STAGES = (
     Stage("inpainting", "04_inpainting.ipynb", "§2.5", "RePaint inpainting", ("training",)),
     Stage("styling", "05_styling.ipynb", "§2.5", "Styling", ("inpainting",)),
     Stage("intrinsic", "06_intrinsic.ipynb", "§2.6", "Intrinsic metrics and expert review", ("styling",)),
-    Stage("segmentation", "07_segmentation.ipynb", "§2.7", "Segmentation experiments", ("styling",)),
+    Stage(
+        "segmentation",
+        "07_segmentation.ipynb",
+        "§2.7",
+        "Segmentation experiments",
+        ("styling",),
+        inputs="diffusegen.data:external_sets_inputs",  # the external test sets' files (test_sets)
+    ),
     Stage("statistics", "08_statistics.ipynb", "§2.8", "Statistics", ("intrinsic", "segmentation")),
 )
 
@@ -990,7 +997,7 @@ def stage_finished(cfg: Config, stage: Stage, data=None, fingerprint: str | None
     if not stage.inputs:
         return True
     fp = inputs_fingerprint(cfg, stage, data) if fingerprint is None else fingerprint
-    return (m.get("summary") or {}).get("fingerprint") == fp
+    return (m.get("summary") or {}).get("fingerprint", "") == fp  # none recorded: made from no outside files
 
 
 def upstream(name: str, stages=STAGES) -> list[Stage]:

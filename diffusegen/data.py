@@ -39,7 +39,7 @@ __all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'IN_D
            'resize_pair', 'to_tensor4', 'from_tensor4', 'load_pair', 'ellipse', 'dilate_mask', 'PairedDataset',
            'safe_unpickle', 'read_id_list', 'make_splits', 'resolve_data_root', 'fetch_dataset', 'dataset_fingerprint',
            'data_inputs', 'preprocess_pairs', 'save_pairs', 'load_pairs', 'pairs_path', 'load_split', 'test_set_specs',
-           'check_test_sets', 'load_test_set', 'sample_figure', 'run_data']
+           'check_test_sets', 'load_test_set', 'external_sets_inputs', 'sample_figure', 'run_data']
 
 # %% ../nbs/01_data.ipynb #0748cfb9
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -762,6 +762,14 @@ def load_test_set(cfg: Config, name: str, root) -> dict:
         "fingerprint": fp,
         "notes": notes,
     }
+
+# %% ../nbs/01_data.ipynb #547e3312
+def external_sets_inputs(cfg: Config, data=None) -> str:
+    """The segmentation stage's `Stage.inputs`: the fingerprints (`dataset_fingerprint`) of the `test_sets` folders, so
+    that the runner's cache sees their files: a changed set reruns the stage, which then tests only that set again
+    (from the kept best checkpoints; nothing trains). '' without external test sets."""
+    specs = test_set_specs(cfg)
+    return content_key([(name, dataset_fingerprint(root)) for name, root in specs]) if specs else ""
 
 # %% ../nbs/01_data.ipynb #4ceb9cf2
 # Numbers the paper (and, where the paper is silent, the dataset's documentation) gives for this stage.

@@ -22,8 +22,9 @@ from PIL import Image, ImageFilter
 from .core import DataError, fsync_path, fsync_tree, write_json
 
 # %% auto #0
-__all__ = ['DEMO_VERSION', 'DEMO_AREA_RANGE', 'DATASETS', 'IMAGE_EXTS', 'demo_pair', 'make_demo_dataset', 'RemoteDataset',
-           'safe_extract', 'check_layout', 'download_dataset']
+__all__ = ['DEMO_VERSION', 'DEMO_AREA_RANGE', 'DATASETS', 'IMAGE_EXTS', 'EXTERNAL_DIR', 'EXTERNAL_SETS', 'EXTERNAL_VERSION',
+           'demo_pair', 'make_demo_dataset', 'RemoteDataset', 'safe_extract', 'check_layout', 'download_dataset',
+           'ExternalSet', 'convert_external', 'extract_archive', 'external_dir', 'download_external']
 
 # %% ../nbs/01a_datasets.ipynb #7efd420a
 DEMO_VERSION = "demo-v1"  # bump when the generator's output changes
@@ -368,8 +369,10 @@ def _content_range(h) -> tuple[int | None, int | None]:
     return (int(m.group(1)) if m.group(1) else None), (int(m.group(2)) if m.group(2) != "*" else None)
 
 
-def _http_download(url: str, zip_path: Path, timeout: float, progress: bool, _retry: bool = True) -> Path:
-    "Download `url` to `zip_path` through `zip_path`.part, resuming it with a Range request."
+def _http_download(
+    url: str, zip_path: Path, timeout: float, progress: bool, _retry: bool = True, accept=zipfile.is_zipfile
+) -> Path:
+    "Download `url` to `zip_path` through `zip_path`.part, resuming it with a Range request; `accept(part)`: an archive?"
     from tqdm.auto import tqdm
 
     part = zip_path.with_name(zip_path.name + ".part")
@@ -386,10 +389,10 @@ def _http_download(url: str, zip_path: Path, timeout: float, progress: bool, _re
             total = _content_range(e.headers.get("Content-Range"))[1]
             e.close()
             if total == have:
-                return _finish(part, zip_path, url, total)
+                return _finish(part, zip_path, url, total, accept)
             if _retry:
                 part.unlink()
-                return _http_download(url, zip_path, timeout, progress, False)
+                return _http_download(url, zip_path, timeout, progress, False, accept)
         raise
     with resp:
         total = None
@@ -400,7 +403,7 @@ def _http_download(url: str, zip_path: Path, timeout: float, progress: bool, _re
                 if not _retry:
                     raise DataError(f"{url}: the server answered range {start} for a resume at byte {have}")
                 part.unlink()
-                return _http_download(url, zip_path, timeout, progress, False)
+                return _http_download(url, zip_path, timeout, progress, False, accept)
             mode = "ab"
         else:  # 200: the whole file (a server that ignores Range too)
             have, mode = 0, "wb"
@@ -422,16 +425,17 @@ def _http_download(url: str, zip_path: Path, timeout: float, progress: bool, _re
             while chunk := resp.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
-    return _finish(part, zip_path, url, total)
+    return _finish(part, zip_path, url, total, accept)
 
 
-def _finish(part: Path, zip_path: Path, url: str, total: int | None) -> Path:
+def _finish(part: Path, zip_path: Path, url: str, total: int | None, accept=zipfile.is_zipfile) -> Path:
     size = part.stat().st_size
     if total is not None and size != total:
         raise DataError(f"{url}: download stopped at {size} of {total} bytes; run again to resume from {part}")
-    if not zipfile.is_zipfile(part):
+    if not accept(part):
         part.unlink()
-        raise DataError(f"{url}: the downloaded file is not a zip (deleted {part}); check the URL")
+        what = "a zip" if accept is zipfile.is_zipfile else "an archive of a known format"
+        raise DataError(f"{url}: the downloaded file is not {what} (deleted {part}); check the URL")
     fsync_path(part)
     os.replace(part, zip_path)
     fsync_path(zip_path.parent)
@@ -498,3 +502,410 @@ def download_dataset(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+# %% ../nbs/01a_datasets.ipynb #ed5e5076
+import time
+
+
+@dataclass(frozen=True)
+class ExternalSet:
+    """A public external polyp test set: where its archive lives, which folders inside hold the set, and how many
+    pairs it has. `url = ''`: no automatic download (a login is needed); `--from FOLDER` converts a copy got by hand."""
+
+    name: str
+    title: str
+    url: str
+    archive: str  # the archive's file name, kept in the folder above the set's (one bundle can hold several sets)
+    n_pairs: int
+    homepage: str
+    terms: str
+    folder: str  # the folder inside the archive holding the set ('' : the one holding `images` and `masks`)
+    images: str  # its image folder (a glob: `images_C*`)
+    masks: str  # its mask folder
+    sha256: str = ""  # the archive's, where published; else recorded at the first download (trust on first use)
+    source: str = ""  # where the URL comes from, and what could not be verified offline
+
+
+EXTERNAL_DIR = Path("data") / "external"  # under the project root: data/external/<name>/
+# PraNet's test-set bundle (Fan et al., MICCAI 2020; github.com/DengPingFan/PraNet, also Polyp-PVT's README): Google Drive
+# file 1Y2z7FD5p5y31vkZwQQomXFRB0HutHyao, TestDataset/{CVC-300,CVC-ClinicDB,CVC-ColonDB,ETIS-LaribPolypDB,Kvasir}/{images,masks}
+_PRANET_TEST = (
+    "https://drive.usercontent.google.com/download?id=1Y2z7FD5p5y31vkZwQQomXFRB0HutHyao&export=download&confirm=t"
+)
+_PRANET_SOURCE = (
+    "PraNet's TestDataset.zip (327 MB), the test bundle of PraNet and Polyp-PVT; not verified offline: the Drive "
+    "link's direct form, and its sha256 (recorded at the first download)"
+)
+EXTERNAL_SETS = {
+    "cvc-clinicdb": ExternalSet(
+        "cvc-clinicdb",
+        "CVC-ClinicDB",
+        "https://www.dropbox.com/s/p5qe9eotetjnbmq/CVC-ClinicDB.rar?dl=1",
+        "CVC-ClinicDB.rar",
+        612,
+        "https://polyp.grand-challenge.org/CVCClinicDB/",
+        "CVC-ClinicDB (Bernal et al., Computerized Medical Imaging and Graphics 43, 2015): research use; cite its "
+        "paper. Images: Hospital Clinic, Barcelona; ground truth: Computer Vision Center, Barcelona",
+        "",
+        "Original",
+        "Ground Truth",
+        source="the Dropbox file linked from the challenge page and used by the polyp literature (DoubleU-Net, "
+        "PPSN, ...); not verified offline: that the link still serves it, and its sha256 (recorded at the first download)",
+    ),
+    "cvc-colondb": ExternalSet(
+        "cvc-colondb",
+        "CVC-ColonDB",
+        _PRANET_TEST,
+        "TestDataset.zip",
+        380,
+        "http://mv.cvc.uab.es/projects/colon-qa/cvccolondb",
+        "CVC-ColonDB (Bernal et al., Pattern Recognition 45(9), 2012): research use; cite its paper",
+        "CVC-ColonDB",
+        "images",
+        "masks",
+        source=_PRANET_SOURCE,
+    ),
+    "etis-laribpolypdb": ExternalSet(
+        "etis-laribpolypdb",
+        "ETIS-LaribPolypDB",
+        _PRANET_TEST,
+        "TestDataset.zip",
+        196,
+        "https://polyp.grand-challenge.org/EtisLarib/",
+        "ETIS-LaribPolypDB (Silva et al., Int. J. Computer Assisted Radiology and Surgery 9(2), 2014): research use; "
+        "cite its paper. Images: Lariboisière Hospital-APHP and ETIS laboratory, ENSEA, Cergy-Pontoise",
+        "ETIS-LaribPolypDB",
+        "images",
+        "masks",
+        source=_PRANET_SOURCE,
+    ),
+    "polypgen": ExternalSet(
+        "polypgen",
+        "PolypGen",
+        "",
+        "",
+        1537,
+        "https://www.synapse.org/#!Synapse:syn26376615/wiki/613312",
+        "PolypGen (Ali et al., Scientific Data 10, 75, 2023): CC BY 4.0; cite its paper. Downloading needs a free "
+        "Synapse account",
+        "data_C[1-6]",
+        "images_*",
+        "masks_*",
+        source="the 1537 single frames of PolypGen2021_MultiCenterData_v3/data_C1 ... data_C6 (the dataset's README); "
+        "the video sequences are not used",
+    ),
+}
+
+# %% ../nbs/01a_datasets.ipynb #dad1841b
+EXTERNAL_VERSION = "external-v1"  # bump when the converter's output changes
+_MASK_NAMES = (
+    "{}",
+    "{}_mask",
+    "{}_gt",
+    "{}_seg",
+    "p{}",
+)  # the mask of image `x` (ETIS's own archive: p1.tif for 1.tif)
+
+
+def _is_rar(p) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(6) == b"Rar!\x1a\x07"  # RAR 4 and RAR 5
+    except OSError:
+        return False
+
+
+def _is_archive(p) -> bool:
+    "A zip or a RAR file (by its first bytes: a Dropbox folder link gives a zip, a Drive page HTML)."
+    return zipfile.is_zipfile(p) or _is_rar(p)
+
+
+def _stem_of(pattern: str) -> str:
+    "The literal start of a glob pattern (`images_*` → `images_`)."
+    return re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+
+
+def _set_dirs(top: Path, spec: ExternalSet) -> list[tuple[str, Path, Path]]:
+    """[(id prefix, image folder, mask folder)] of `spec` under `top`, at any depth (the shallowest; `__MACOSX` copies
+    ignored). A set spread over several folders (PolypGen's six centres) prefixes its ids with the folder's tag (`C1_`)."""
+    import fnmatch
+
+    dirs = [p for p in [top, *sorted(top.rglob("*"))] if p.is_dir() and "__MACOSX" not in p.parts]
+    if spec.folder:
+        dirs = [p for p in dirs if fnmatch.fnmatch(p.name.lower(), spec.folder.lower())]
+    found = []
+    for d in dirs:
+        for im in sorted(x for x in d.glob(spec.images) if x.is_dir()):
+            tag = im.name[len(_stem_of(spec.images)) :]
+            mk = d / (_stem_of(spec.masks) + tag if tag else spec.masks)
+            if mk.is_dir():
+                found.append((len(d.parts), tag, im, mk))
+    if not found:
+        return []
+    depth = min(f[0] for f in found)
+    found = [f for f in found if f[0] == depth]
+    if not any(c in spec.images for c in "*?["):
+        found = found[:1]  # one literal layout (a copy in PNG/ and TIF/: the first)
+    return [(f"{tag}_" if tag else "", im, mk) for _, tag, im, mk in found]
+
+
+def _external_pairs(top: Path, spec: ExternalSet) -> list[tuple[str, Path, Path]]:
+    "[(id, image, mask)] of `spec` under `top`, each image with the mask of its stem; one DataError line otherwise."
+    dirs = _set_dirs(top, spec)
+    if not dirs:
+        where = f"{spec.folder}/" if spec.folder else ""
+        raise DataError(
+            f"{top}: holds no {spec.title} folders ({where}{spec.images}/ beside {where}{spec.masks}/); "
+            f"is it the {spec.title} archive ({spec.homepage})?"
+        )
+    out, seen = [], set()
+    for prefix, im_dir, mk_dir in dirs:
+        ims, mks = _files(im_dir), _files(mk_dir)
+        lone = []
+        for stem, ip in ims.items():
+            mp = next((mks[f.format(stem)] for f in _MASK_NAMES if f.format(stem) in mks), None)
+            if mp is None:
+                lone.append(ip)
+                continue
+            sid = f"{prefix}{stem}"
+            if sid in seen:
+                raise DataError(f"{im_dir}: two images with the id {sid!r}")
+            seen.add(sid)
+            out.append((sid, ip, mp))
+        if lone:
+            raise DataError(f"{im_dir}: {len(lone)} images have no mask in {mk_dir} (e.g. {lone[0].name})")
+    return out
+
+# %% ../nbs/01a_datasets.ipynb #fe0d21d3
+def convert_external(name: str, src, out, expected: int | None | str = "known", record: dict | None = None) -> Path:
+    """Convert the set `name` found under `src` (an extracted archive, at any depth) to `out/images` + `out/masks`:
+    images as PNG (JPEG and PNG copied as they are), masks as L PNG 0/255 (threshold 128), the source's stems as ids;
+    the pair count checked (`expected`, 'known': the set's); `out/dataset.json` records `record` (URL, sha256, ...),
+    the counts and the terms. Written into a temporary folder and renamed into place."""
+    spec, src, out = EXTERNAL_SETS[name], Path(src), Path(out)
+    pairs = _external_pairs(src, spec)
+    n_exp = spec.n_pairs if expected == "known" else expected
+    if n_exp and len(pairs) != n_exp:
+        raise DataError(
+            f"{src}: {len(pairs)} {spec.title} image/mask pairs, expected {n_exp} (an incomplete copy or another "
+            f"version: `--expected {len(pairs)}` accepts it)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    shares = []
+    try:
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
+        for sid, ip, mp in pairs:
+            try:
+                if ip.suffix.lower() in (".png", ".jpg", ".jpeg"):
+                    with Image.open(ip) as im:
+                        im.verify()
+                    shutil.copyfile(ip, tmp / "images" / f"{sid}{ip.suffix.lower()}")
+                else:
+                    with Image.open(ip) as im:
+                        im.convert("RGB").save(tmp / "images" / f"{sid}.png")
+                with Image.open(mp) as m:
+                    fg = np.asarray(m.convert("L")) >= 128
+            except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError is an OSError
+                raise DataError(f"{src}: cannot read the pair {sid!r} ({_one_line(e)})") from None
+            Image.fromarray(fg.astype(np.uint8) * 255, "L").save(tmp / "masks" / f"{sid}.png")
+            shares.append(round(float(fg.mean()), 6))
+        write_json(
+            tmp / "dataset.json",
+            {
+                "name": name,
+                "title": spec.title,
+                "real_data": True,
+                "pairs": len(pairs),
+                "expected": n_exp or None,
+                "converter": f"diffusegen.datasets.convert_external ({EXTERNAL_VERSION})",
+                "converted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "source_folders": sorted({str(p.parent.relative_to(src)) for _, p, _ in pairs}),
+                "image_format": "PNG (JPEG and PNG sources copied unchanged)",
+                "mask_format": "PNG, 0 = background, 255 = polyp (source thresholded at 128)",
+                "homepage": spec.homepage,
+                "terms": spec.terms,
+                "polyp_share": shares,
+                **(record or {}),
+            },
+        )
+        fsync_tree(tmp)
+        os.rename(tmp, out)
+        fsync_path(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+# %% ../nbs/01a_datasets.ipynb #fedc02b0
+def _archive_record(spec: ExternalSet, arch: Path, url: str, fresh: bool) -> dict:
+    """The archive's provenance: its sha256 checked against the published one, else against the one recorded at its
+    first sighting in `<archive>.provenance.json` (written now when there is none: trust on first use)."""
+    from diffusegen.core import sha256_file
+
+    h, rec_p = sha256_file(arch), arch.with_name(arch.name + ".provenance.json")
+    want, how = spec.sha256, "the published sha256"
+    if not want and rec_p.is_file():
+        try:
+            want, how = json.loads(rec_p.read_text()).get("sha256", ""), f"the sha256 recorded in {rec_p.name}"
+        except (ValueError, OSError):
+            want = ""
+    if want and h != want:
+        if fresh:
+            arch.unlink()
+        raise DataError(
+            f"{arch}: sha256 {h[:12]}… is not {how} ({want[:12]}…){'; the download was deleted' if fresh else ''}: "
+            f"download {url} again (delete {arch}{' and ' + rec_p.name if not spec.sha256 else ''} for another version)"
+        )
+    rec = {
+        "url": url,
+        "archive": arch.name,
+        "sha256": h,
+        "bytes": arch.stat().st_size,
+        "check": how if want else "none published: recorded at the first download (trust on first use)",
+        "downloaded": fresh,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if not rec_p.is_file():
+        write_json(rec_p, rec)
+    return rec
+
+
+def _inside(out: Path) -> None:
+    root = out.resolve()
+    for p in out.rglob("*"):
+        if not p.resolve().is_relative_to(root):
+            raise DataError(f"{p}: points outside the extraction folder; refusing the archive")
+
+
+def extract_archive(arch, out, how: str = "") -> Path:
+    """Extract a zip (`safe_extract`) or a RAR archive (the `rarfile` package, else an `unrar`, `7z` or `bsdtar`
+    program) into `out`; without a RAR reader one DataError line that says how to go on (`how`)."""
+    import subprocess
+
+    arch, out = Path(arch), Path(out)
+    if zipfile.is_zipfile(arch):
+        return safe_extract(arch, out)
+    if not _is_rar(arch):
+        raise DataError(f"{arch}: neither a zip nor a RAR archive; delete it and download again")
+    how = how or "extract it with any unarchiver"
+    try:
+        import rarfile
+
+        with rarfile.RarFile(arch) as rf:
+            bad = [n for n in rf.namelist() if _unsafe(n)]
+            if bad:
+                raise DataError(f"{arch}: unsafe member {bad[0]!r} (absolute path or '..'); refusing to extract")
+            out.mkdir(parents=True, exist_ok=True)
+            rf.extractall(out)
+        _inside(out)
+        return out
+    except ImportError:
+        pass
+    except DataError:
+        raise
+    except Exception as e:  # rarfile without a backend program (RarCannotExec), or a damaged archive
+        if type(e).__name__ != "RarCannotExec":
+            raise DataError(f"{arch}: cannot extract it ({_one_line(e)}); {how}") from None
+    for tool, args in (
+        ("unrar", ["x", "-o+", "-idq", str(arch), f"{out}/"]),
+        ("7z", ["x", "-y", f"-o{out}", str(arch)]),
+        ("7za", ["x", "-y", f"-o{out}", str(arch)]),
+        ("bsdtar", ["-xf", str(arch), "-C", str(out)]),
+    ):
+        exe = shutil.which(tool)
+        if exe:
+            out.mkdir(parents=True, exist_ok=True)
+            r = subprocess.run([exe, *args], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise DataError(f"{arch}: {tool} failed ({_one_line(r.stderr or r.stdout)[-300:]}); {how}")
+            _inside(out)
+            return out
+    raise DataError(
+        f"{arch} is a RAR archive and this machine has no RAR reader (pip install rarfile, with unrar, 7z or bsdtar "
+        f"installed): {how}"
+    )
+
+# %% ../nbs/01a_datasets.ipynb #63ea7185
+def external_dir(name: str, dest=None, to=None) -> Path:
+    "Where the external set `name` goes: `to`, else `dest/<name>`, else `data/external/<name>` under the project."
+    from diffusegen.core import project_root
+
+    if to:
+        return Path(to)
+    return (Path(dest) if dest else project_root() / EXTERNAL_DIR) / name
+
+
+def download_external(
+    name: str,
+    dest=None,
+    *,
+    to=None,
+    src=None,
+    url: str | None = None,
+    timeout: float = 30,
+    expected: int | None | str = "known",
+    progress: bool = True,
+) -> Path:
+    """Get the external test set `name` (`EXTERNAL_SETS`) as `images/` + `masks/` in `external_dir(name, dest, to)`:
+    the folder when it is already there; else convert `src` (a folder extracted by hand); else the archive in the
+    folder above (downloaded there when absent: resumable, its sha256 checked or recorded), extracted and converted.
+    Every failure is one DataError line; offline it names the URL and where to put the archive."""
+    if name not in EXTERNAL_SETS:
+        raise DataError(f"unknown external test set {name!r} (known: {', '.join(EXTERNAL_SETS)})")
+    spec = EXTERNAL_SETS[name]
+    final = external_dir(name, dest, to)
+    n_exp = spec.n_pairs if expected == "known" else expected
+    if final.exists():  # made before: complete as its dataset.json says (a count accepted with --expected stays)
+        try:
+            done = json.loads((final / "dataset.json").read_text()).get("pairs")
+        except (OSError, ValueError, AttributeError):
+            done = None
+        try:
+            check_layout(final, done if isinstance(done, int) and expected == "known" else n_exp or None)
+            return final
+        except DataError as e:
+            raise DataError(
+                f"{final}: exists but is not the complete {spec.title} ({e}); remove it to convert again"
+            ) from None
+    cmd = f"diffusegen data download {name} --from FOLDER" + (f" --to {final}" if to or dest else "")
+    if src is not None:
+        if not Path(src).is_dir():
+            raise DataError(f"{src}: no such folder (--from names the folder {spec.title} was extracted into)")
+        return convert_external(name, src, final, n_exp, {"source": str(Path(src).resolve()), "url": spec.url})
+    url = url or spec.url
+    if not url:
+        raise DataError(
+            f"{spec.title} cannot be downloaded automatically (it needs a login): get it from {spec.homepage}, "
+            f"unpack it (e.g. into {final.parent / spec.title}), then run: {cmd}"
+        )
+    arch = final.parent / spec.archive
+    hint = f"fetch {url} on a machine with internet and put it at {arch}, then run again"
+    fresh = not arch.is_file()
+    if fresh:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _http_download(url, arch, timeout, progress, accept=_is_archive)
+        except urllib.error.HTTPError as e:
+            raise DataError(
+                f"could not download {spec.title}: {url} answered HTTP {e.code} {_one_line(e.reason)}; {hint}"
+            ) from None
+        except DataError as e:
+            raise DataError(f"{e}; or {hint}") from None
+        except _NET_ERRORS as e:
+            why = _one_line(getattr(e, "reason", None) or e) or type(e).__name__
+            part = arch.with_name(arch.name + ".part")
+            got = (
+                f", {part.stat().st_size} bytes kept in {part.name} for resuming"
+                if part.exists() and part.stat().st_size
+                else ""
+            )
+            raise DataError(f"could not download {spec.title} from {url} ({why}{got}); {hint}") from None
+    record = _archive_record(spec, arch, url, fresh)
+    tmp = final.parent / f".{name}.extract-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        extract_archive(arch, tmp, how=f"extract {arch} by hand and run: {cmd}")
+        return convert_external(name, tmp, final, n_exp, record)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -696,11 +696,13 @@ def evaluate_external(cfg: Config, ledger: pd.DataFrame, cells: list[dict], curr
                 new.append(e)
             row = {**trained[k].to_dict(), **{c: e[c] for c in ("dice_loss", "dice", "iou", "n_test", "status")}}
             rows.append({**row, "test_set": name})
-    if new:
-        keep = old[
-            [(_key(r), str(r["test_set"])) not in {(_key(e), e["test_set"]) for e in new} for _, r in old.iterrows()]
-        ]
-        write_ledger(pd.concat([keep, pd.DataFrame(new)[EXTERNAL_COLUMNS]], ignore_index=True), p, EXTERNAL_COLUMNS)
+    if new:  # the re-tested rows replaced where they stand, new ones appended; every other row kept as its text
+        fresh = {(_key(e), str(e["test_set"])): e for e in new}
+        text = (
+            pd.read_csv(p, dtype=str, keep_default_na=False) if p.exists() else pd.DataFrame(columns=EXTERNAL_COLUMNS)
+        )
+        out = [fresh.pop((_key(r), str(r["test_set"])), None) or r.to_dict() for _, r in text.iterrows()]
+        write_ledger(pd.DataFrame(out + list(fresh.values()), columns=EXTERNAL_COLUMNS), p, EXTERNAL_COLUMNS)
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), evaluated, reused, notes
 
 
@@ -1113,10 +1115,15 @@ def run_label_agreement(cfg: Config, sets: Sets, record: dict, progress: bool = 
     return {"artifacts": arts, "notes": notes, "table": table, "filter": filt, "per_sample": per}
 
 # %% ../nbs/07_segmentation.ipynb #e9f7d6b2
-def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None = None) -> dict:
+def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None = None, data=None) -> dict:
     """The segmentation stage: every cell of Tables 2 and 3 (or the cells in `only`), resumable; writes results.csv
     (runs/ and figures/), the quick tables and the manifest. The Real cell (table 2, repeat 0) trains first and keeps its
-    model, which measures the label agreement of every synthetic set and writes the filtered sets; then the rest."""
+    model, which measures the label agreement of every synthetic set and writes the filtered sets; then the rest.
+    `data` is not read (the data stage's folder; `ensure` passes it to every stage with outside inputs): the manifest
+    records the external test sets' fingerprint (`Stage.inputs`), so that a changed set's files rerun the stage."""
+    from diffusegen.data import external_sets_inputs
+
+    fingerprint = external_sets_inputs(cfg)  # before reading them: a set changed meanwhile reruns the stage next time
     run_d, fig_d = stage_dirs(cfg, "segmentation")
     run_d.mkdir(parents=True, exist_ok=True)
     fig_d.mkdir(parents=True, exist_ok=True)
@@ -1311,6 +1318,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         "encoder": cfg.seg_encoder,
         "arch": cfg.seg_arch,
         "test_sets": [IN_DOMAIN] + [n for n, _ in test_set_specs(cfg)],
+        "fingerprint": fingerprint,  # of the external test sets' files: the runner's cache key sees them
         "label_agreement": None
         if agreement is None
         else {

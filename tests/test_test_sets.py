@@ -1,8 +1,13 @@
 "External test sets (§2.7) and the paper code's segmentation choices, on procedural data (no real data needed)."
 
+import csv
+import shutil
+
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from diffusegen import segmentation as S
 from diffusegen import statistics as ST
@@ -87,6 +92,82 @@ def test_every_cell_is_tested_on_every_set_and_a_new_set_trains_nothing(ext, mon
     assert {"a", "b", "c", IN_DOMAIN} <= set(tests.test_set)
     assert pd.DataFrame(out["tables"]["table2-a"])["paper IoU"].str.startswith("n/a").all()
     assert not pd.DataFrame(out["tables"]["table2"])["paper IoU"].str.startswith("n/a").any()
+
+
+def test_a_changed_test_set_reruns_segmentation_which_tests_only_that_set_again(ext, monkeypatch):
+    "The stage's inputs are the sets' files: one changed mask of set b, and the rerun trains nothing and rewrites b's rows only."
+    from diffusegen.core import get_stage, inputs_fingerprint, stage_finished
+
+    cfg, sets = ext
+    c3 = cfg.replace(test_sets=_specs(sets, "abc"))
+    S.run_segmentation(c3, progress=False)  # (reuses what the test above trained)
+    seg = get_stage("segmentation")
+    fp = inputs_fingerprint(c3, seg)
+    assert fp and stage_finished(c3, seg)
+    ext_p = S.stage_dirs(c3, "segmentation")[0] / "external.csv"
+    before = ext_p.read_text().splitlines()
+    res0 = pd.read_csv(S.results_paths(c3)[1], keep_default_na=False)
+
+    mk = sorted((sets["b"] / "masks").iterdir())[0]
+    m = np.asarray(Image.open(mk)).copy()
+    m[:] = 0
+    m[4:20, 4:20] = 255
+    Image.fromarray(m).save(mk)
+    assert inputs_fingerprint(c3, seg) != fp and not stage_finished(c3, seg)  # the runner's cache sees it
+
+    monkeypatch.setattr(S, "train_cell", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    calls, real_eval = [], S.evaluate
+    monkeypatch.setattr(S, "evaluate", lambda *a, **k: calls.append(len(a[1])) or real_eval(*a, **k))
+    s = S.run_segmentation(c3, progress=False)
+    assert s["trained"] == 0 and calls and set(calls) == {4}  # only set b's 4 images, from the kept checkpoints
+    assert stage_finished(c3, seg) and s["fingerprint"] == inputs_fingerprint(c3, seg)
+
+    after = ext_p.read_text().splitlines()
+    rows = list(csv.DictReader(after))
+    b_lines = [i + 1 for i, r in enumerate(rows) if r["test_set"] == "b"]
+    assert len(after) == len(before) and b_lines and after[0] == before[0]
+    assert [i for i, (x, y) in enumerate(zip(before, after)) if x != y] == b_lines  # every other row byte for byte
+    res = pd.read_csv(S.results_paths(c3)[1], keep_default_na=False)
+    keep = lambda df: df[df.test_set != "b"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(keep(res), keep(res0), check_exact=True)
+
+
+def _stage_notebook(path, name):
+    "A stand-in section notebook: writes its stage's manifest with the fingerprint of the outside files it reads."
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell('profile = "smoke"\ndata = None\nout = None\noverrides = "{}"')
+    p.metadata["tags"] = ["parameters"]
+    body = (
+        "import json\nfrom diffusegen.core import get_stage, inputs_fingerprint, load_config, write_manifest\n"
+        "cfg = load_config(profile, {**json.loads(overrides), 'out': out})\n"
+        f"write_manifest(cfg, {name!r}, [], summary={{'fingerprint': inputs_fingerprint(cfg, get_stage({name!r}), data)}})\n"
+    )
+    nb.cells = [p, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_the_runner_reruns_segmentation_when_a_test_set_changes(tmp_path):
+    "`diffusegen reproduce` without --force: a test set's new file reruns segmentation (and statistics), nothing before."
+    from diffusegen.core import STAGES
+    from diffusegen.runner import reproduce
+
+    data = make_demo_dataset(tmp_path / "data", n=6, size=32, seed=1)
+    ts = make_demo_dataset(tmp_path / "ts", n=3, size=40, seed=2)
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for s in STAGES:
+        _stage_notebook(nbs / s.notebook, s.name)
+    kw = dict(data=data, out=tmp_path / "out", overrides={"test_sets": f"x={ts}"}, nbs_dir=nbs, progress=False)
+    status = lambda runs: {r.stage.name: r.status for r in runs}
+    assert set(status(reproduce("smoke", **kw)).values()) == {"ran"}
+    assert set(status(reproduce("smoke", **kw)).values()) == {"cached"}
+    shutil.copy(ts / "images" / "demo_0000.jpg", ts / "images" / "extra.jpg")
+    shutil.copy(ts / "masks" / "demo_0000.png", ts / "masks" / "extra.png")
+    st = status(reproduce("smoke", **kw))
+    assert st["segmentation"] == "ran" and st["statistics"] == "ran", st
+    assert all(st[s.name] == "cached" for s in STAGES[:6]), st
+    assert set(status(reproduce("smoke", **kw)).values()) == {"cached"}
 
 
 def test_results_without_a_test_set_column_read_as_in_domain():
