@@ -40,7 +40,7 @@ from diffusegen.core import (
 from .core import read_ledger as read_ledger_file
 from .sets import TYPES, read_set, type_label
 from .data import IN_DOMAIN, test_set_specs, load_test_set
-from .sets import TYPES, read_set, type_label, filtered_key, filtered_types
+from .sets import TYPES, read_set, type_label, filtered_key, filtered_types, get_type
 
 # %% auto #0
 __all__ = ['MEAN', 'STD', 'CELL_COLUMNS', 'RESULT_COLUMNS', 'LEDGER_COLUMNS', 'KEY_COLUMNS', 'EXTERNAL_COLUMNS', 'STALE',
@@ -1133,8 +1133,9 @@ def run_label_agreement(cfg: Config, sets: Sets, record: dict, progress: bool = 
     for kind in synthetic_types():
         g = per[per.type == kind]
         if len(g):
-            flags = read_memorization_flags(cfg, kind) if memo["used"] else None
-            if memo["used"] and flags is None:  # read between the check and here: say so rather than filter silently
+            exempt = get_type(kind).copies_real  # copy-paste: a copy of real polyps by design, not a memorized one
+            flags = read_memorization_flags(cfg, kind) if memo["used"] and not exempt else None
+            if memo["used"] and not exempt and flags is None:  # vanished since the check: say so, never filter silently
                 memo = {"used": False, "why": "memorization flags vanished during the run"}
             filt.append(
                 write_filtered_set(
@@ -1185,8 +1186,12 @@ def run_label_agreement(cfg: Config, sets: Sets, record: dict, progress: bool = 
         + (
             f"samples flagged by the audit (region SSIM ≥ {cfg.memo_ssim}, feature cosine ≥ {cfg.memo_cosine}) are dropped "
             "too; a sample the audit did not see counts as not flagged ("
-            + "; ".join(f"{r['from']} {r['memo_measured']} of {r['samples']} audited" for r in filt)
-            + ")"
+            + "; ".join(
+                f"{r['from']} {r['memo_measured']} of {r['samples']} audited" for r in filt if r["filter_memorized"]
+            )
+            + "); not applied to "
+            + (", ".join(r["from"] for r in filt if not r["filter_memorized"]) or "none")
+            + " (real pixels by design: the audit flags its kept background polyp as a copy of its source)"
             if memo["used"]
             else f"not applied: {memo['why']}"
         ),

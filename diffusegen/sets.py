@@ -26,6 +26,7 @@ class DataType:
     made_by: str  # "data", "external", "filter", or the generator stage that writes it ("inpainting", "styling", …)
     made_from: tuple = ()  # the types it is made from (("diff",) for Styled-Diff)
     extra_columns: tuple = ()  # manifest columns beyond MANIFEST_COLUMNS
+    copies_real: bool = False  # its samples copy real training pixels by design: the memorization flags do not apply
 
 
 TYPES: dict[str, DataType] = {}
@@ -50,7 +51,7 @@ for _t in (
     DataType("full-styled-diff", "Full-Styled-Diff", "styling", ("full-diff",), ("inpainted_file", KNOWN)),
     # made without a network by the inpainting stage (diffusegen.copypaste); registered here, in the contract, so
     # that the evaluation stages, which never import a generator, see it
-    DataType("copy-paste", "Copy-Paste", "inpainting", (), ("polyp_source_id", "scale", "overlap_share", KNOWN)),
+    DataType("copy-paste", "Copy-Paste", "inpainting", (), ("polyp_source_id", "scale", "overlap_share", KNOWN), True),
 ):
     register_type(_t)
 

@@ -713,12 +713,19 @@ def test_memorized_samples_are_flagged_and_dropped_with_their_reason(tmp_path):
         Image.fromarray(mk * 255).save(d / "masks" / f"{sid}_0.png")
         rows.append(dict(file=f"images/{sid}_0.png", mask_file=f"masks/{sid}_0.png", source_id=sid, sample=0))
     pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
+    import shutil
+
+    shutil.copytree(
+        d, set_dir(cfg, "copy-paste")
+    )  # the same files as a Copy-Paste set, which copies real pixels by design
     # the audit with a cheap feature (centred grey pixels, so cosine is a correlation) in place of FID Inception
     feats = lambda files: np.stack([(g := read_rgb(f, 32).mean(-1).ravel()) - g.mean() for f in files])
     syn = read_set(cfg, "diff").assign(type="Diff")
     a = audit(cfg, syn, real, feats)
     assert a.flagged.tolist() == [f.endswith(f"{ids[0]}_0.png") for f in a.image_path], a[["ssim_nn", "cos_nn"]]
-    write_memorization_flags(cfg, a)
+    cp = read_set(cfg, "copy-paste").assign(type="Copy-Paste")[["type", "image_path", "source_id"]]
+    cp = cp.assign(flagged=True, copy_of_source=True, copy_of_other=False)  # as the audit flags its kept polyp
+    write_memorization_flags(cfg, pd.concat([a, cp], ignore_index=True))
     s = S.run_segmentation(cfg, progress=False)
     copy = f"images/{ids[0]}_0.png"
     kept = read_set(cfg, "diff-filtered")
@@ -727,6 +734,8 @@ def test_memorized_samples_are_flagged_and_dropped_with_their_reason(tmp_path):
     assert dict(zip(dropped.file, dropped.dropped_by)) == {copy: "memorized"}
     f = {r["from"]: r for r in s["label_agreement"]["filter"]}["diff"]
     assert (f["dropped_by_memorized"], f["dropped_by_label"], f["memo_measured"]) == (1, 0, 8)
+    fc = {r["from"]: r for r in s["label_agreement"]["filter"]}["copy-paste"]
+    assert (fc["filter_memorized"], fc["kept"]) == (False, 8)  # the memorization flags do not apply to copy-paste
     fj = json.loads((set_dir(cfg, "diff-filtered") / "filter.json").read_text())
     assert fj["provenance"]["memorization"]["used"] and fj["provenance"]["memorization"]["sha256"]
     t = pd.read_csv(cfg.fig_dir / "segmentation" / "label_filter.csv")
