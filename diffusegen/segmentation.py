@@ -1237,10 +1237,13 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     def agree():
         "Label agreement with the Real cell's kept checkpoint, the filtered sets, then the filtered cells' hashes anew."
         nonlocal agreement, done
-        row = done_rows().get(akey)  # trained under the current settings, in an earlier run or just now
-        model = None if row is None else agreement_segmenter(cfg, current[akey])
         if akey not in current:
             anotes.append("label agreement not measured: Table 2 has no Real row (table2_types)")
+            return
+        row = done_rows().get(akey)  # trained under the current settings, in an earlier run or just now
+        model = None if row is None else agreement_segmenter(cfg, current[akey])
+        if row is None:
+            anotes.append("label agreement not measured: the Real cell did not train under the current settings")
         elif model is None:
             anotes.append(
                 "label agreement not measured: no kept checkpoint of the Real cell under the current settings "
