@@ -14,7 +14,7 @@ from .data import dilate_mask
 from .sets import manifest_columns, set_dir, write_manifest_csv, read_manifest_csv, type_label
 
 # %% auto #0
-__all__ = ['feather_sigma', 'paste_polyp', 'known_mad', 'copy_paste_params', 'plan_copy_paste', 'make_copy_paste',
+__all__ = ['feather_sigma', 'free_places', 'paste_polyp', 'known_mad', 'copy_paste_params', 'plan_copy_paste', 'make_copy_paste',
            'copy_paste_figure']
 
 # %% ../nbs/04a_copypaste.ipynb #a1308c3f
@@ -23,12 +23,30 @@ def feather_sigma(cfg: Config) -> float:
     return max(0.5, cfg.dilation / 4)
 
 
+def free_places(avoid: np.ndarray, cmask: np.ndarray) -> np.ndarray:
+    """The (top, left) places where the 0/1 mask `cmask` (h×w) overlaps the 0/1 mask `avoid` (S×S) least: every place
+    with no overlap, or, when none is free, those with the fewest overlapping pixels."""
+    import cv2
+
+    ov = cv2.matchTemplate((np.asarray(avoid) > 0).astype(np.float32), (cmask > 0).astype(np.float32), cv2.TM_CCORR)
+    ov = np.rint(ov)  # overlapping pixels at each place (a sum of products of 0/1 values: whole numbers)
+    return np.argwhere(ov == ov.min())
+
+
 def paste_polyp(
-    bg: np.ndarray, polyp: np.ndarray, polyp_mask: np.ndarray, scale: float, rng: np.random.Generator, sigma: float
+    bg: np.ndarray,
+    polyp: np.ndarray,
+    polyp_mask: np.ndarray,
+    scale: float,
+    rng: np.random.Generator,
+    sigma: float,
+    avoid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut the polyp (`polyp_mask` > 0, its bounding box) out of `polyp` (uint8 S×S×3), scale it by `scale` (shrunk to
     fit the image if needed), and paste it at a seeded random place in `bg` with a feathered edge: α = the pasted mask
-    blurred by `sigma` px, kept inside the mask. Returns the image (uint8) and the pasted polyp's 0/1 mask."""
+    blurred by `sigma` px, kept inside the mask. With `avoid` (the background's own polyp mask) the place is drawn among
+    those where the pasted mask does not overlap it (`free_places`; the least overlapping when none is free). Returns
+    the image (uint8) and the pasted polyp's 0/1 mask."""
     import cv2
 
     S = bg.shape[0]
@@ -41,7 +59,11 @@ def paste_polyp(
     h, w = max(1, round(crop.shape[0] * s)), max(1, round(crop.shape[1] * s))
     crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
     cmask = cv2.resize(cmask, (w, h), interpolation=cv2.INTER_NEAREST)
-    top, left = int(rng.integers(0, S - h + 1)), int(rng.integers(0, S - w + 1))
+    if avoid is None or not np.asarray(avoid).any():
+        top, left = int(rng.integers(0, S - h + 1)), int(rng.integers(0, S - w + 1))
+    else:
+        places = free_places(avoid, cmask)
+        top, left = (int(v) for v in places[int(rng.integers(len(places)))])
     m = np.zeros((S, S), np.uint8)
     m[top : top + h, left : left + w] = cmask
     src = np.zeros_like(bg)
@@ -64,6 +86,7 @@ def copy_paste_params(cfg: Config) -> dict:
     return {
         "method": "copy-paste (no network)",
         "scale": [cfg.copy_paste_scale_min, cfg.copy_paste_scale_max],
+        "placement": "apart from the background's polyp",
         "feather_sigma": feather_sigma(cfg),
         "dilation": cfg.dilation,
         "image_size": cfg.image_size,
@@ -107,8 +130,9 @@ def _u8(x4: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def make_copy_paste(cfg: Config, x4: torch.Tensor, ids: list[str], clusters: dict | None = None) -> dict:
     """Write the Copy-Paste set: runs/<profile>/synthetic/copy-paste/{images,masks}/ and its manifest. The sample's mask
-    is the background's own polyp and the pasted one together; `known_mad` is measured outside the pasted polyp's
-    dilated mask (0 by construction). Deterministic: a rerun writes the same pixels."""
+    is the background's own polyp and the pasted one together, placed apart (`paste_polyp` with `avoid`; `overlap_share`:
+    the share of the pasted polyp on the background's, 0 unless no free place existed); `known_mad` is measured outside
+    the pasted polyp's dilated mask (0 by construction). Deterministic: a rerun writes the same pixels."""
     import time
 
     t0 = time.perf_counter()
@@ -122,7 +146,7 @@ def make_copy_paste(cfg: Config, x4: torch.Tensor, ids: list[str], clusters: dic
     sigma, rows = feather_sigma(cfg), []
     for r in plan:
         b, p = pos[r["source_id"]], pos[r["polyp_source_id"]]
-        out, pm = paste_polyp(imgs[b], imgs[p], masks[p], r["scale"], r["rng"], sigma)
+        out, pm = paste_polyp(imgs[b], imgs[p], masks[p], r["scale"], r["rng"], sigma, avoid=masks[b])
         label = (pm | masks[b]).astype(np.uint8) * 255
         f, mf = f"images/{r['name']}.png", f"masks/{r['name']}.png"
         save_png(out, d / f)
@@ -143,6 +167,7 @@ def make_copy_paste(cfg: Config, x4: torch.Tensor, ids: list[str], clusters: dic
                 "weights": json.dumps({"source": "none: no network"}),
                 "polyp_source_id": r["polyp_source_id"],
                 "scale": round(r["scale"], 6),
+                "overlap_share": round(float((pm & masks[b]).sum() / max(1, pm.sum())), 6),  # 0 where a free place was
                 "known_mad": known_mad(out, imgs[b], dilate_mask(pm, cfg.dilation)),
             }
         )

@@ -289,6 +289,7 @@ class Config:
     # label agreement and the label filter (not the paper)
     label_min_iou: float = _f(0.5, "segmentation", ge=0, le=1)
     filtered_types: str = _f("none", "segmentation")
+    filter_memorized: bool = _f(True, "segmentation")
     # pretrained weights (§2.3, §2.5)
     inception_weights: str = _f("auto", "weights")
     dino_weights: str = _f("auto", "weights")
@@ -874,12 +875,13 @@ STAGES = (
     Stage("inpainting", "04_inpainting.ipynb", "§2.5", "RePaint inpainting", ("training",)),
     Stage("styling", "05_styling.ipynb", "§2.5", "Styling", ("inpainting",)),
     Stage("intrinsic", "06_intrinsic.ipynb", "§2.6", "Intrinsic metrics and expert review", ("styling",)),
+    # segmentation reads the memorization flags of the intrinsic stage (the label filter, `filter_memorized`)
     Stage(
         "segmentation",
         "07_segmentation.ipynb",
         "§2.7",
         "Segmentation experiments",
-        ("styling",),
+        ("styling", "intrinsic"),
         inputs="diffusegen.data:external_sets_inputs",  # the external test sets' files (test_sets)
     ),
     Stage("statistics", "08_statistics.ipynb", "§2.8", "Statistics", ("intrinsic", "segmentation")),

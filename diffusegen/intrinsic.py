@@ -29,7 +29,7 @@ from diffusegen.core import (
     paper_table,
     content_key,
 )
-from .sets import set_dir, read_set, synthetic_types, type_label
+from .sets import set_dir, read_set, synthetic_types, type_label, write_memorization_flags
 
 # %% auto #0
 __all__ = ['MSSSIM_WEIGHTS', 'fid_extractor', 'file_features', 'fid_from_features', 'seeded_draw', 'fid_between',
@@ -641,6 +641,7 @@ def run_intrinsic(cfg: Config, progress: bool = True, write_filtered: bool = Fal
     with atomic_path(fig_d / "flagged.csv") as tmp:
         a[a.flagged].to_csv(tmp, index=False)
     mc = write_table(counts, fig_d / "memorization")[0]
+    write_memorization_flags(cfg, a)  # the flags per generated sample, for the label filter (the data-set contract)
     fig = closest_pairs_figure(
         cfg,
         a if len(a) else ctrl,

@@ -23,7 +23,6 @@ from diffusegen.core import (
     WeightsNotFound,
     Artifact,
     atomic_write,
-    atomic_path,
     write_json,
     save_figure,
     write_table,
@@ -49,6 +48,7 @@ from diffusegen.sets import (
     type_label,
     filtered_key,
     filtered_types,
+    get_type,
 )
 
 # %% auto #0
@@ -58,8 +58,9 @@ __all__ = ['MEAN', 'STD', 'LEDGER_COLUMNS', 'EXTERNAL_COLUMNS', 'STALE', 'SCORE_
            'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'filtered_rows', 'grid', 'Sets', 'cell_data',
            'data_hash', 'cell_hash', 'results_paths', 'checkpoint_path', 'save_cell_checkpoint', 'load_cell_model',
            'evaluate_external', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables',
-           'agreement_paths', 'save_segmenter', 'load_segmenter', 'mask_stats', 'touches_region', 'predict',
-           'label_agreement', 'agreement_table', 'agreement_figure', 'run_label_agreement', 'run_segmentation']
+           'agreement_paths', 'agreement_segmenter', 'mask_stats', 'touches_region', 'predict', 'label_agreement',
+           'agreement_table', 'agreement_figure', 'memorization_provenance', 'run_label_agreement', 'table_artifact',
+           'run_segmentation']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
 def polyp_channel(prob: torch.Tensor) -> torch.Tensor:
@@ -302,12 +303,9 @@ def train_cell(
     seed: int,
     progress: bool = False,
     desc: str = "",
-    save_to: Path | None = None,
-    record: dict | None = None,
 ) -> dict:
     """Train one model on `train` (images, masks), keep the best state by validation IoU, test it. Returns scores and
-    that state (`state`). `save_to`: also save the best state there (safetensors) with `record` and the scores (the
-    label-agreement segmenter)."""
+    that state (`state`), which the stage keeps as the cell's checkpoint (`save_cell_checkpoint`)."""
     device = resolve_device(cfg)
     seed_everything(seed % 2**32)
     model = build_model(cfg).to(device)
@@ -345,8 +343,6 @@ def train_cell(
     if best is not None:
         model.load_state_dict(best)
     res = evaluate(model, *test, threshold=cfg.seg_threshold, device=device)
-    if save_to is not None:
-        save_segmenter(model, Path(save_to), {**(record or {}), **res, "val_iou": best_iou, "best_epoch": best_epoch})
     return {
         **res,
         "val_iou": best_iou,
@@ -566,7 +562,15 @@ def cell_data(cfg: Config, sets: Sets, cell: dict) -> dict:
 def data_hash(cfg: Config, cell: dict, data: dict, test: tuple) -> str:
     "sha256 (16 hex) of the training settings and the pixels of the cell's training, validation and test sets."
     h = hashlib.sha256()
-    grid_only = ("table2_", "table3_", "seg_repeats", "test_sets", "label_min_iou", "filtered_types")
+    grid_only = (
+        "table2_",
+        "table3_",
+        "seg_repeats",
+        "test_sets",
+        "label_min_iou",
+        "filtered_types",
+        "filter_memorized",
+    )
     # which cells exist, where they are tested and which filtered rows train: they change no cell's training
     keys = {k: v for k, v in cfg.keys_for("segmentation").items() if not k.startswith(grid_only)}
     keys.update(
@@ -594,19 +598,23 @@ def results_paths(cfg: Config) -> tuple[Path, Path, Path]:
     return run_d / "cells.csv", run_d / "results.csv", fig_d / "results.csv"
 
 
-def checkpoint_path(cfg: Config, cell: dict) -> Path:
-    "Where a cell's best checkpoint (by in-domain validation IoU) is kept: safetensors with its settings hash."
+def _cell_name(cell: dict) -> str:
     c = cell
-    name = f"table{c['table']}_{c['type']}_n{c['n']}_r{c['r']}_{c['mode'] or 'none'}_rep{c['repeat']}"
-    return stage_dirs(cfg, "segmentation")[0] / "checkpoints" / f"{name}.safetensors"
+    return f"table{c['table']}_{c['type']}_n{c['n']}_r{c['r']}_{c['mode'] or 'none'}_rep{c['repeat']}"
+
+
+def checkpoint_path(cfg: Config, cell: dict, settings_hash: str) -> Path:
+    """Where a cell's best checkpoint (by in-domain validation IoU) is kept: one safetensors file per cell and settings
+    hash (`<cell>-<hash>.safetensors`), so retraining under other settings never overwrites another's weights."""
+    return stage_dirs(cfg, "segmentation")[0] / "checkpoints" / f"{_cell_name(cell)}-{settings_hash}.safetensors"
 
 
 def save_cell_checkpoint(cfg: Config, cell: dict, state: dict, settings_hash: str) -> Path:
-    "Write a cell's best weights atomically; a rerun under the same hash overwrites the same weights."
+    "Write a cell's best weights atomically under its settings hash; only a rerun under the same hash writes that file again."
     from safetensors.torch import save_file
     from diffusegen.core import atomic_path
 
-    p = checkpoint_path(cfg, cell)
+    p = checkpoint_path(cfg, cell, settings_hash)
     p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(p) as tmp:
         save_file(
@@ -618,11 +626,20 @@ def save_cell_checkpoint(cfg: Config, cell: dict, state: dict, settings_hash: st
 
 
 def load_cell_model(cfg: Config, cell: dict, settings_hash: str, device="cpu"):
-    "The cell's best model, or None when no checkpoint of this settings hash was kept (a cell trained by an older version)."
+    """The cell's best model kept under `settings_hash`, or None when none was (a cell trained by an older version). The
+    one file per cell that versions before wrote (`<cell>.safetensors`) is renamed to its hash's name when it is this
+    hash's: found, never trained again."""
+    import os
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    p = checkpoint_path(cfg, cell)
+    p = checkpoint_path(cfg, cell, settings_hash)
+    old = p.parent / f"{_cell_name(cell)}.safetensors"
+    if not p.exists() and old.exists():
+        with safe_open(str(old), "pt") as f:
+            mine = (f.metadata() or {}).get("settings_hash") == settings_hash
+        if mine:
+            os.replace(old, p)
     if not p.exists():
         return None
     with safe_open(str(p), "pt") as f:
@@ -859,28 +876,26 @@ AGREEMENT_COLUMNS = [
 
 
 def agreement_paths(cfg: Config) -> tuple[Path, Path, Path]:
-    "(the real-only segmenter's weights, its record, the per-sample agreement CSV) under runs/<profile>/segmentation/agreement/."
+    """Under runs/<profile>/segmentation/agreement/: (the real-only segmenter's weights as versions before kept them, a
+    second copy now read once and moved into the Real cell's checkpoint; its record, which points to that checkpoint;
+    the per-sample agreement CSV)."""
     d = stage_dirs(cfg, "segmentation")[0] / "agreement"
     return d / "segmenter.safetensors", d / "segmenter.json", d / "label_agreement.csv"
 
 
-def save_segmenter(model, path: Path, record: dict):
-    "A trained segmenter's weights as safetensors (atomically) and its record (settings hash, scores) beside it as JSON."
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    write_json(path.with_suffix(".json"), record)
-
-
-def load_segmenter(cfg: Config, path: Path):
-    "The segmenter saved by `save_segmenter` (safetensors, never a pickle), on the run's device, in eval mode."
+def agreement_segmenter(cfg: Config, settings_hash: str):
+    """The real-only segmenter: the Real cell's kept checkpoint under `settings_hash` (`load_cell_model`: its one home),
+    on the run's device, or None when none was kept. A run of an earlier version kept a copy as
+    agreement/segmenter.safetensors, its record (segmenter.json) naming the hash: when it is this hash's, it becomes the
+    cell's checkpoint if that is missing (nothing trains again) and the copy is removed; another hash's copy stays."""
     from safetensors.torch import load_file
 
-    model = build_model(cfg, weights=False)
-    model.load_state_dict(load_file(str(path)))
-    return model.to(resolve_device(cfg)).eval()
+    legacy, rpath, _ = agreement_paths(cfg)
+    if legacy.exists() and rpath.exists() and json.loads(rpath.read_text()).get("settings_hash") == settings_hash:
+        if not checkpoint_path(cfg, AGREEMENT_CELL, settings_hash).exists():
+            save_cell_checkpoint(cfg, AGREEMENT_CELL, load_file(str(legacy)), settings_hash)
+        legacy.unlink()  # the same weights as the cell's checkpoint (both the best state of the one training)
+    return load_cell_model(cfg, AGREEMENT_CELL, settings_hash, resolve_device(cfg))
 
 
 def mask_stats(mask: np.ndarray) -> tuple[float, int]:
@@ -1048,16 +1063,41 @@ def agreement_figure(cfg: Config, per: pd.DataFrame, sets: Sets, model, k: int =
     return fig
 
 
-def run_label_agreement(cfg: Config, sets: Sets, record: dict, progress: bool = False) -> dict:
-    """Label agreement with the saved real-only segmenter (`record`: its segmenter.json): the per-sample CSV, the
-    per-type table, the figure, and the filtered subsets (`label_min_iou`) of every generated type present, written
-    through the data-set contract beside the full sets. Returns artifacts, notes and the filter counts."""
+def memorization_provenance(cfg: Config) -> dict:
+    "Which memorization flags the filter uses: the intrinsic stage's ledger (path, sha256, thresholds), or why none."
+    from diffusegen.sets import memorization_flags_path
+
+    p = memorization_flags_path(cfg)
+    if not cfg.filter_memorized:
+        return {"used": False, "why": "filter_memorized = false"}
+    if not p.exists():
+        return {"used": False, "why": f"no memorization flags ({p}): the intrinsic stage has not run"}
+    rel = str(p.relative_to(cfg.root)) if p.is_relative_to(cfg.root) else str(p)
+    return {
+        "used": True,
+        "flags": rel,
+        "sha256": sha256_file(p),
+        "memo_ssim": cfg.memo_ssim,
+        "memo_cosine": cfg.memo_cosine,
+    }
+
+
+def run_label_agreement(cfg: Config, sets: Sets, record: dict, progress: bool = False, model=None) -> dict:
+    """Label agreement with the real-only segmenter (the Real cell's kept checkpoint, `agreement_segmenter`; `record`:
+    its ledger row, written to segmenter.json with the checkpoint it points to): the per-sample CSV, the per-type table,
+    the figure, and the filtered subsets of every generated type present, written through the data-set contract beside
+    the full sets: a sample is dropped when its label IoU is below `label_min_iou` or, with `filter_memorized`, when
+    the memorization audit flagged it (its reason in the subset's dropped.csv). Returns artifacts, notes and the counts."""
     import matplotlib.pyplot as plt
-    from diffusegen.sets import synthetic_types, write_filtered_set
+    from diffusegen.sets import synthetic_types, write_filtered_set, read_memorization_flags
 
     _, fig_d = stage_dirs(cfg, "segmentation")
-    wpath, _, ppath = agreement_paths(cfg)
-    model = load_segmenter(cfg, wpath)
+    _, rpath, ppath = agreement_paths(cfg)
+    model = agreement_segmenter(cfg, record["settings_hash"]) if model is None else model
+    wpath = checkpoint_path(cfg, AGREEMENT_CELL, record["settings_hash"])
+    write_json(
+        rpath, {**record, "checkpoint": str(wpath.relative_to(wpath.parents[1]))}
+    )  # metadata: where the weights are
     per = label_agreement(cfg, sets, model)
     with atomic_write(ppath) as f:
         per.to_csv(f, index=False)
@@ -1075,12 +1115,24 @@ def run_label_agreement(cfg: Config, sets: Sets, record: dict, progress: bool = 
         "test_iou": test_iou,
         "seg_threshold": cfg.seg_threshold,
     }
+    memo = memorization_provenance(cfg)
     filt = []
     for kind in synthetic_types():
         g = per[per.type == kind]
         if len(g):
-            filt.append(write_filtered_set(cfg, kind, dict(zip(g.file, g.iou)), cfg.label_min_iou, prov))
-    ftab = pd.DataFrame(filt, columns=["type", "from", "label_min_iou", "samples", "measured", "kept", "dropped"])
+            exempt = get_type(kind).copies_real  # copy-paste: a copy of real polyps by design, not a memorized one
+            flags = read_memorization_flags(cfg, kind) if memo["used"] and not exempt else None
+            if memo["used"] and not exempt and flags is None:  # vanished since the check: say so, never filter silently
+                memo = {"used": False, "why": "memorization flags vanished during the run"}
+            filt.append(
+                write_filtered_set(
+                    cfg, kind, dict(zip(g.file, g.iou)), cfg.label_min_iou, {**prov, "memorization": memo}, flags
+                )
+            )
+    why = ["dropped_by_label", "dropped_by_memorized", "dropped_by_both"]
+    ftab = pd.DataFrame(
+        filt, columns=["type", "from", "label_min_iou", "samples", "measured", "memo_measured", "kept", "dropped", *why]
+    )
     arts = [
         Artifact(
             str(write_table(table, fig_d / "label_agreement")[0]),
@@ -1099,7 +1151,9 @@ def run_label_agreement(cfg: Config, sets: Sets, record: dict, progress: bool = 
         Artifact(
             str(write_table(ftab, fig_d / "label_filter")[0]),
             "table",
-            f"Label filter: samples kept with label IoU ≥ {cfg.label_min_iou:g} (filtered sets beside the full ones)",
+            f"Label filter: samples kept with label IoU ≥ {cfg.label_min_iou:g}"
+            + (" and not flagged by the memorization audit" if memo["used"] else "")
+            + " (filtered sets beside the full ones; each dropped sample's reason in dropped.csv)",
             "not in the paper",
             "",
             "; ".join(f"{r['type']} {r['kept']}/{r['samples']}" for _, r in ftab.iterrows()),
@@ -1110,11 +1164,39 @@ def run_label_agreement(cfg: Config, sets: Sets, record: dict, progress: bool = 
         f"label agreement: the Real cell's segmenter (table 2, repeat 0; test IoU {test_iou:.4f}) predicts every "
         f"synthetic sample; a weak segmenter disagrees with good labels too, so read each type against the Real row",
         "label filter (label_min_iou = {:g}): ".format(cfg.label_min_iou)
-        + "; ".join(f"{r['from']} drops {r['dropped']} of {r['samples']}" for r in filt),
+        + "; ".join(
+            f"{r['from']} drops {r['dropped']} of {r['samples']} (label {r['dropped_by_label']}, memorized "
+            f"{r['dropped_by_memorized']}, both {r['dropped_by_both']})"
+            for r in filt
+        ),
+        "memorization filter: "
+        + (
+            f"samples flagged by the audit (region SSIM ≥ {cfg.memo_ssim}, feature cosine ≥ {cfg.memo_cosine}) are dropped "
+            "too; a sample the audit did not see counts as not flagged ("
+            + "; ".join(
+                f"{r['from']} {r['memo_measured']} of {r['samples']} audited" for r in filt if r["filter_memorized"]
+            )
+            + "); not applied to "
+            + (", ".join(r["from"] for r in filt if not r["filter_memorized"]) or "none")
+            + " (real pixels by design: the audit flags its kept background polyp as a copy of its source)"
+            if memo["used"]
+            else f"not applied: {memo['why']}"
+        ),
     ]
     return {"artifacts": arts, "notes": notes, "table": table, "filter": filt, "per_sample": per}
 
 # %% ../nbs/07_segmentation.ipynb #e9f7d6b2
+def table_artifact(t: pd.DataFrame, path: Path, title: str, table: int, paper: str) -> Artifact:
+    "Write quick Table 2 or 3 (`quick_tables`) to `path`.csv/.md; its Artifact, whose value line lists the trained rows."
+
+    def line(r):
+        head = f"N={r['N']} {r['data type']} r={r['r']}" if table == 3 else r["data type"]
+        return f"{head} {r['Dice loss']} / {r['IoU']}"
+
+    ok = "; ".join(line(r) for _, r in t.iterrows() if r["status"] == "ok")
+    return Artifact(str(write_table(t, path)[0]), "table", title, f"Table {table}", paper, ok)
+
+
 def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None = None, data=None) -> dict:
     """The segmentation stage: every cell of Tables 2 and 3 (or the cells in `only`), resumable; writes results.csv
     (runs/ and figures/), the quick tables and the manifest. The Real cell (table 2, repeat 0) trains first and keeps its
@@ -1140,23 +1222,30 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     done = done_rows()
     from tqdm.auto import tqdm
 
-    akey, (wpath, rpath, _) = _key(AGREEMENT_CELL), agreement_paths(cfg)
+    akey = _key(AGREEMENT_CELL)
     todo = sorted(todo, key=lambda c: _key(c) != akey)  # the Real cell first: its model measures label agreement
     agreement, anotes = None, []
 
     def agree():
-        "Label agreement with the Real cell's saved model, the filtered sets, then the filtered cells' hashes anew."
+        "Label agreement with the Real cell's kept checkpoint, the filtered sets, then the filtered cells' hashes anew."
         nonlocal agreement, done
-        rec = json.loads(rpath.read_text()) if rpath.exists() and wpath.exists() else {}
         if akey not in current:
             anotes.append("label agreement not measured: Table 2 has no Real row (table2_types)")
-        elif rec.get("settings_hash") != current[akey]:
+            return
+        row = done_rows().get(akey)  # trained under the current settings, in an earlier run or just now
+        model = None if row is None else agreement_segmenter(cfg, current[akey])
+        if row is None:
+            anotes.append("label agreement not measured: the Real cell did not train under the current settings")
+        elif model is None:
             anotes.append(
-                f"label agreement not measured: no saved model of the Real cell under the current settings ({wpath}); "
-                "its cells.csv row came from an earlier version: delete that row to train it again"
+                "label agreement not measured: no kept checkpoint of the Real cell under the current settings "
+                f"({checkpoint_path(cfg, AGREEMENT_CELL, current[akey])}); its cells.csv row came from an earlier "
+                "version: delete that row to train it again"
             )
         else:
-            agreement = run_label_agreement(cfg, sets, rec, progress)
+            rec = {k: row[k] for k in ("settings_hash", "seed", "dice_loss", "dice", "iou", "val_iou", "best_epoch")}
+            rec = {**rec, "settings_hash": str(rec["settings_hash"]), "cell": AGREEMENT_CELL}
+            agreement = run_label_agreement(cfg, sets, rec, progress, model)
             for c in cells:
                 if c["type"] in filtered_types():
                     sets._syn.pop(c["type"], None)
@@ -1201,13 +1290,8 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                 continue
             t0 = time.time()
             label = f"table {cell['table']} {cell['type']} n={cell['n']} r={cell['r']}"
-            keep = (
-                {"save_to": wpath, "record": {"settings_hash": h, "cell": cell, "seed": seed}}
-                if _key(cell) == akey
-                else {}
-            )
-            res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress=progress, desc=label, **keep)
-            save_cell_checkpoint(cfg, cell, res.pop("state"), h)  # for external test sets, now or added later
+            res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress=progress, desc=label)
+            save_cell_checkpoint(cfg, cell, res.pop("state"), h)  # external test sets; the Real cell's: label agreement
             trained += 1
             work[0] += time.time() - t0
             work[1] += res["epochs"] * (len(data["train"][0]) + len(data["val"][0]))
@@ -1251,36 +1335,13 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         sfx, on = (f"-{ts_name}", f", tested on {ts_name}") if ext_set else ("", "")
         on += f" (encoder: {init})"
         no_paper = "the paper gives no values for this test set" if ext_set else ""
-        if len(t2):
-            arts.append(
-                Artifact(
-                    str(write_table(t2, fig_d / f"table2{sfx}")[0]),
-                    "table",
-                    f"Table 2: trained on synthetic data only{on if ext_set else ', tested on real images' + on}",
-                    "Table 2",
-                    no_paper or paper_seg_text(2),
-                    "; ".join(
-                        f"{r['data type']} {r['Dice loss']} / {r['IoU']}"
-                        for _, r in t2.iterrows()
-                        if r["status"] == "ok"
-                    ),
-                )
-            )
-        if len(t3):
-            arts.append(
-                Artifact(
-                    str(write_table(t3, fig_d / f"table3{sfx}")[0]),
-                    "table",
-                    f"Table 3: small real sets augmented with synthetic siblings (mode {cfg.table3_mode}, α = {cfg.table3_alpha}){on}",
-                    "Table 3",
-                    no_paper or paper_seg_text(3),
-                    "; ".join(
-                        f"N={r['N']} {r['data type']} r={r['r']} {r['Dice loss']} / {r['IoU']}"
-                        for _, r in t3.iterrows()
-                        if r["status"] == "ok"
-                    ),
-                )
-            )
+        t2_title = f"Table 2: trained on synthetic data only{on if ext_set else ', tested on real images' + on}"
+        t3_title = f"Table 3: small real sets augmented with synthetic siblings (mode {cfg.table3_mode}, α = {cfg.table3_alpha}){on}"
+        arts += [
+            table_artifact(t, fig_d / f"table{k}{sfx}", title, k, no_paper or paper_seg_text(k))
+            for k, t, title in ((2, t2, t2_title), (3, t3, t3_title))
+            if len(t)
+        ]
     if agreement is not None:
         arts += agreement["artifacts"]
     seconds = round(time.time() - t_stage, 2)

@@ -11,11 +11,13 @@ import pandas as pd
 from .core import Config, DiffusegenError, content_key, read_ledger, write_ledger
 
 # %% auto #0
-__all__ = ['TYPES', 'KNOWN', 'LABEL_IOU', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'UNPLANNED', 'KEY_COLUMNS', 'CELL_COLUMNS',
-           'RESULT_COLUMNS', 'DataType', 'register_type', 'get_type', 'type_label', 'type_labels', 'type_key',
-           'types_made_by', 'synthetic_types', 'filtered_key', 'register_filtered', 'filtered_types',
-           'manifest_columns', 'set_dir', 'read_manifest_csv', 'write_manifest_csv', 'read_set', 'write_filtered_set',
-           'split_ledger', 'move_aside', 'prune_rows', 'write_unplanned']
+__all__ = ['TYPES', 'KNOWN', 'LABEL_IOU', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 'MEMO_FLAGS', 'MEMO_COLUMNS', 'DROPPED',
+           'UNPLANNED', 'KEY_COLUMNS', 'CELL_COLUMNS', 'RESULT_COLUMNS', 'DataType', 'register_type', 'get_type',
+           'type_label', 'type_labels', 'type_key', 'types_made_by', 'synthetic_types', 'filtered_key',
+           'register_filtered', 'filtered_types', 'manifest_columns', 'set_dir', 'read_manifest_csv',
+           'write_manifest_csv', 'read_set', 'memorization_flags_path', 'write_memorization_flags',
+           'read_memorization_flags', 'write_filtered_set', 'split_ledger', 'move_aside', 'prune_rows',
+           'write_unplanned']
 
 # %% ../nbs/01b_sets.ipynb #a1a9ecfe
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class DataType:
     made_by: str  # "data", "external", "filter", or the generator stage that writes it ("inpainting", "styling", …)
     made_from: tuple = ()  # the types it is made from (("diff",) for Styled-Diff)
     extra_columns: tuple = ()  # manifest columns beyond MANIFEST_COLUMNS
+    copies_real: bool = False  # its samples copy real training pixels by design: the memorization flags do not apply
 
 
 TYPES: dict[str, DataType] = {}
@@ -49,7 +52,7 @@ for _t in (
     DataType("full-styled-diff", "Full-Styled-Diff", "styling", ("full-diff",), ("inpainted_file", KNOWN)),
     # made without a network by the inpainting stage (diffusegen.copypaste); registered here, in the contract, so
     # that the evaluation stages, which never import a generator, see it
-    DataType("copy-paste", "Copy-Paste", "inpainting", (), ("polyp_source_id", "scale", KNOWN)),
+    DataType("copy-paste", "Copy-Paste", "inpainting", (), ("polyp_source_id", "scale", "overlap_share", KNOWN), True),
 ):
     register_type(_t)
 
@@ -200,28 +203,108 @@ def read_set(cfg: Config, key: str, required: bool = False) -> pd.DataFrame | No
     return df
 
 # %% ../nbs/01b_sets.ipynb #fd6e3f59
-def write_filtered_set(cfg: Config, key: str, label_iou: dict, min_iou: float, provenance: dict | None = None) -> dict:
+MEMO_FLAGS = "memorization_flags.csv"  # runs/<profile>/intrinsic/: the memorization audit's flag per generated sample
+MEMO_COLUMNS = ["type", "file", "source_id", "flagged", "copy_of_source", "copy_of_other"]
+
+
+def memorization_flags_path(cfg: Config) -> Path:
+    "runs/<profile>/intrinsic/memorization_flags.csv: written by the intrinsic stage (§2.6), read by the label filter."
+    return cfg.run_dir / "intrinsic" / MEMO_FLAGS
+
+
+def write_memorization_flags(cfg: Config, audit: pd.DataFrame) -> Path:
+    """The memorization audit's flags as a ledger of the contract: one row (MEMO_COLUMNS) per audited sample of a
+    generated type, named by its manifest's `file`. `audit`: one row per audited image with `type` (the label),
+    `image_path`, `source_id`, `flagged`, `copy_of_source`, `copy_of_other`; other rows (GAN, the Real control) are
+    left out, they have no filtered subset."""
+    rows = []
+    for key in synthetic_types():
+        df = read_set(cfg, key)
+        a = audit[audit.type == type_label(key)] if len(audit) else audit
+        if df is None or not len(a):
+            continue
+        file_of = {str(Path(p).resolve()): str(f) for p, f in zip(df.image_path, df.file)}
+        for r in a.itertuples():
+            f = file_of.get(str(Path(r.image_path).resolve()))
+            if f is not None:
+                rows.append(
+                    {
+                        "type": key,
+                        "file": f,
+                        "source_id": str(r.source_id),
+                        **{c: bool(getattr(r, c)) for c in ("flagged", "copy_of_source", "copy_of_other")},
+                    }
+                )
+    return write_ledger(rows, memorization_flags_path(cfg), MEMO_COLUMNS)
+
+
+def read_memorization_flags(cfg: Config, key: str) -> dict | None:
+    """{file: flagged} of generated set `key` from the audit's ledger; None when the audit has not run. A sample the
+    audit did not see (made after it ran) is absent: the filter counts it as not flagged, and says how many."""
+    p = memorization_flags_path(cfg)
+    if not p.exists():
+        return None
+    df = read_ledger(p, MEMO_COLUMNS, strings=("type", "file", "source_id", "flagged"), what="memorization flags")
+    g = df[df.type == key]
+    return {str(f): str(v).strip().lower() in ("true", "1") for f, v in zip(g.file, g.flagged)}
+
+
+DROPPED = "dropped.csv"  # beside a filtered subset's manifest: every dropped sample and why
+
+
+def write_filtered_set(
+    cfg: Config,
+    key: str,
+    label_iou: dict,
+    min_iou: float,
+    provenance: dict | None = None,
+    memorized: dict | None = None,
+) -> dict:
     """Write the filtered subset of set `key` beside it: the rows of `key`'s manifest whose `label_iou` (`{file: IoU}`)
-    is at least `min_iou`, with that IoU, in `<key>-filtered/manifest.csv`, and `filter.json` (threshold, counts,
-    `provenance`: which segmenter measured it). The full set is left as it is. Returns the counts."""
+    is at least `min_iou` and that the memorization audit did not flag (`memorized`: `{file: flagged}`; None: no
+    memorization filter; a file it lacks counts as not flagged), with that IoU, in `<key>-filtered/manifest.csv`;
+    `dropped.csv` lists each dropped sample with `dropped_by` (label, memorized or both); `filter.json` keeps the
+    threshold, the counts per reason and `provenance` (which segmenter and which audit measured it). The full set is
+    left as it is. Returns the counts."""
     from diffusegen.core import write_json
 
     full = read_set(cfg, key, required=True)
     fk = register_filtered(key).key
     iou = full.file.map(lambda f: label_iou.get(str(f), float("nan"))).astype(float)
-    kept = full[iou >= min_iou].assign(**{LABEL_IOU: iou[iou >= min_iou]})
+    low = ~(iou >= min_iou)  # not measured (NaN): dropped, as a low IoU
+    memo = full.file.map(lambda f: bool((memorized or {}).get(str(f), False))).astype(bool)
+    kept = full[~low & ~memo].assign(**{LABEL_IOU: iou[~low & ~memo]})
     d = set_dir(cfg, fk)
     d.mkdir(parents=True, exist_ok=True)
     cols = manifest_columns(fk)
     write_manifest_csv(kept.reindex(columns=cols), d / "manifest.csv", cols)  # a column the full set lacks: empty
+    why = pd.Series(["both" if a and b else "label" if a else "memorized" for a, b in zip(low, memo)], index=full.index)
+    gone = full[low | memo]
+    write_ledger(
+        pd.DataFrame(
+            {
+                "file": gone.file,
+                "source_id": gone.source_id,
+                "sample": gone["sample"],
+                LABEL_IOU: iou[low | memo],
+                "memorized": memo[low | memo],
+                "dropped_by": why[low | memo],
+            }
+        ),
+        d / DROPPED,
+        ["file", "source_id", "sample", LABEL_IOU, "memorized", "dropped_by"],
+    )
     counts = {
         "type": fk,
         "from": key,
         "label_min_iou": float(min_iou),
+        "filter_memorized": memorized is not None,
         "samples": len(full),
         "measured": int(iou.notna().sum()),
+        "memo_measured": 0 if memorized is None else int(full.file.astype(str).isin(set(memorized)).sum()),
         "kept": len(kept),
-        "dropped": len(full) - len(kept),
+        "dropped": len(gone),
+        **{f"dropped_by_{w}": int((why[low | memo] == w).sum()) for w in ("label", "memorized", "both")},
     }
     write_json(d / "filter.json", {**counts, "provenance": provenance or {}})
     return counts

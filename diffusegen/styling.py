@@ -761,17 +761,14 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
                 str(set_dir(cfg, kind) / "manifest.csv"), "data", f"{kind} samples", "§2.7", "", f"{len(df)} samples"
             )
         )
-    from diffusegen.inpainting import known_region_figure
+    from diffusegen.inpainting import known_region_artifact
 
-    fig, _ = known_region_figure(cfg, synthetic_types())
-    save_figure(fig, fig_d / "known_region.png")
-    plt.close(fig)
     arts.append(
-        Artifact(
-            str(fig_d / "known_region.png"),
-            "figure",
+        known_region_artifact(
+            cfg,
+            synthetic_types(),
+            fig_d / "known_region.png",
             "The known region, every type: mean |sample − source| outside the dilated mask (styled: against the inpainted sample)",
-            "§2.5",
             "RePaint keeps it (0); styling may change it",
         )
     )

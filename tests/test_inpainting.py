@@ -366,3 +366,37 @@ def test_changed_settings_keep_the_earlier_samples(prepared, tmp_path):
     aside = pd.read_csv(sdir / UNPLANNED, dtype=str)
     assert len(aside) == 2 and all(".was-" in f and (sdir / f).exists() for f in [*aside.file, *aside.mask_file])
     assert len(read_set(other, ty, required=True)) == 2  # readers see the new plan only
+
+
+def test_copy_paste_never_covers_the_background_polyp(tmp_path):
+    """Procedural pairs (the demo set's polyps, 64 px): every pasted polyp is placed where it does not overlap the
+    background's own polyp, so the background's polyp keeps its pixels exactly and the label holds both polyps whole."""
+    import torch
+    from diffusegen.copypaste import make_copy_paste
+    from diffusegen.datasets import demo_pair
+
+    S, n = 64, 6
+    pairs = [demo_pair(0, i, S) for i in range(n)]
+    imgs = np.stack([np.asarray(im.convert("RGB")) for im, _ in pairs])
+    masks = np.stack([(np.asarray(m) > 0) for _, m in pairs])
+    assert masks.reshape(n, -1).any(1).all() and masks.mean() < 0.25  # every image has a polyp, with room beside it
+    x4 = torch.cat(
+        [
+            torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1,
+            torch.from_numpy(masks)[:, None].float() * 2 - 1,
+        ],
+        1,
+    )
+    ids = [f"p{i}" for i in range(n)]
+    cfg = load_config("smoke", {"out": str(tmp_path), "samples_per_image": 3, "inpaint_images": 0})
+    make_copy_paste(cfg, x4, ids)
+    df = read_set(cfg, "copy-paste", required=True)
+    assert len(df) == 3 * n and (df.overlap_share.astype(float) == 0).all()
+    bg_img = {i: ((x4[k, :3].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy() for k, i in enumerate(ids)}
+    for r in df.itertuples():
+        k = ids.index(r.source_id)
+        out, lab = np.array(Image.open(r.image_path)), np.array(Image.open(r.mask_path)) > 0
+        assert (out[masks[k]] == bg_img[r.source_id][masks[k]]).all()  # the background's polyp is not painted over
+        assert (lab >= masks[k]).all() and lab.sum() > masks[k].sum()  # the label: both polyps
+        changed = (out != bg_img[r.source_id]).any(-1)
+        assert changed.any() and not (changed & masks[k]).any()

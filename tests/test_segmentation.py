@@ -640,3 +640,100 @@ def test_label_agreement_drops_for_shifted_masks_and_the_filter_removes_them(tmp
     # a rerun trains nothing and measures the same
     assert S.run_segmentation(cfg, progress=False)["trained"] == 0
     assert pd.read_csv(S.agreement_paths(cfg)[2], dtype={"source_id": str}).iou.tolist() == per.iou.tolist()
+    # one home for the real-only segmenter: the Real cell's kept checkpoint; segmenter.json points to it, no second copy
+    legacy, rpath, _ = S.agreement_paths(cfg)
+    rec = json.loads(rpath.read_text())
+    h = rec["settings_hash"]
+    ck = S.checkpoint_path(cfg, S.AGREEMENT_CELL, h)
+    assert ck.exists() and not legacy.exists() and ck == rpath.parents[1] / rec["checkpoint"]
+    # a run of an earlier version kept the weights only as agreement/segmenter.safetensors: read without training, the
+    # copy becomes the cell's checkpoint, and the agreement is the same
+    ck.rename(legacy)
+    import diffusegen.segmentation as SM
+
+    real_train = SM.train_cell
+    SM.train_cell = lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again"))
+    try:
+        s3 = S.run_segmentation(cfg, progress=False)
+    finally:
+        SM.train_cell = real_train
+    assert s3["trained"] == 0 and s3["label_agreement"] is not None
+    assert ck.exists() and not legacy.exists()
+    assert pd.read_csv(S.agreement_paths(cfg)[2], dtype={"source_id": str}).iou.tolist() == per.iou.tolist()
+
+
+def test_memorized_samples_are_flagged_and_dropped_with_their_reason(tmp_path):
+    """A Diff set of procedural polyps whose samples have their polyp region repainted (noise), except one sample that
+    is an exact copy of another training image. The memorization audit (§2.6) flags that one only; its flags, written
+    through the data-set contract, make the filter drop it from diff-filtered with the reason `memorized` (the label
+    filter is off: label_min_iou = 0); with filter_memorized = false it stays."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import numeric_dataset
+    from diffusegen.data import dilate_mask
+    from diffusegen.intrinsic import real_training_files
+    from diffusegen.memorization import audit, read_rgb
+    from diffusegen.sets import DROPPED, read_set, set_dir, write_memorization_flags
+
+    cfg = load_config(
+        "smoke",
+        {
+            "out": str(tmp_path),
+            "table2_types": "real",
+            "table2_n": "1",
+            "table3_n": "4",
+            "table3_types": "",
+            "seg_epochs": 1,
+            "filtered_types": "diff",
+            "label_min_iou": 0.0,
+        },
+    )
+    run_data(cfg, numeric_dataset(tmp_path / "data", n=24), progress=False)
+    real = real_training_files(cfg)
+    ims = {i: read_rgb(p) for i, p in zip(real.id, real.image_path)}
+    mks = {i: (np.array(Image.open(p)) > 127).astype(np.uint8) for i, p in zip(real.id, real.mask_path)}
+    ids = sorted(real.id)[:8]
+    d, rows, rng = set_dir(cfg, "diff"), [], np.random.default_rng(0)
+    (d / "images").mkdir(parents=True)
+    (d / "masks").mkdir()
+    for sid in ids:
+        im = ims[sid].copy()
+        reg = dilate_mask(mks[sid], cfg.dilation) > 0
+        im[reg] = rng.integers(0, 256, (int(reg.sum()), 3))  # the polyp region repainted: no copy of anything
+        im, mk = (ims[ids[1]], mks[ids[1]]) if sid == ids[0] else (im, mks[sid])  # the copy: ids[1]'s own image
+        Image.fromarray(im).save(d / "images" / f"{sid}_0.png")
+        Image.fromarray(mk * 255).save(d / "masks" / f"{sid}_0.png")
+        rows.append(dict(file=f"images/{sid}_0.png", mask_file=f"masks/{sid}_0.png", source_id=sid, sample=0))
+    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
+    import shutil
+
+    shutil.copytree(
+        d, set_dir(cfg, "copy-paste")
+    )  # the same files as a Copy-Paste set, which copies real pixels by design
+    # the audit with a cheap feature (centred grey pixels, so cosine is a correlation) in place of FID Inception
+    feats = lambda files: np.stack([(g := read_rgb(f, 32).mean(-1).ravel()) - g.mean() for f in files])
+    syn = read_set(cfg, "diff").assign(type="Diff")
+    a = audit(cfg, syn, real, feats)
+    assert a.flagged.tolist() == [f.endswith(f"{ids[0]}_0.png") for f in a.image_path], a[["ssim_nn", "cos_nn"]]
+    cp = read_set(cfg, "copy-paste").assign(type="Copy-Paste")[["type", "image_path", "source_id"]]
+    cp = cp.assign(flagged=True, copy_of_source=True, copy_of_other=False)  # as the audit flags its kept polyp
+    write_memorization_flags(cfg, pd.concat([a, cp], ignore_index=True))
+    s = S.run_segmentation(cfg, progress=False)
+    copy = f"images/{ids[0]}_0.png"
+    kept = read_set(cfg, "diff-filtered")
+    assert copy not in set(kept.file) and len(kept) == 7
+    dropped = pd.read_csv(set_dir(cfg, "diff-filtered") / DROPPED, dtype=str, keep_default_na=False)
+    assert dict(zip(dropped.file, dropped.dropped_by)) == {copy: "memorized"}
+    f = {r["from"]: r for r in s["label_agreement"]["filter"]}["diff"]
+    assert (f["dropped_by_memorized"], f["dropped_by_label"], f["memo_measured"]) == (1, 0, 8)
+    fc = {r["from"]: r for r in s["label_agreement"]["filter"]}["copy-paste"]
+    assert (fc["filter_memorized"], fc["kept"]) == (False, 8)  # the memorization flags do not apply to copy-paste
+    fj = json.loads((set_dir(cfg, "diff-filtered") / "filter.json").read_text())
+    assert fj["provenance"]["memorization"]["used"] and fj["provenance"]["memorization"]["sha256"]
+    t = pd.read_csv(cfg.fig_dir / "segmentation" / "label_filter.csv")
+    assert t.set_index("from").loc["diff", "dropped_by_memorized"] == 1
+    # the switch off: the label filter alone, the copy stays (and the notes say why)
+    s2 = S.run_segmentation(cfg.replace(filter_memorized=False), progress=False)
+    assert copy in set(read_set(cfg, "diff-filtered").file)
+    assert {r["from"]: r for r in s2["label_agreement"]["filter"]}["diff"]["dropped"] == 0

@@ -5,6 +5,7 @@ import shutil
 
 import nbformat
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 from PIL import Image
@@ -262,3 +263,33 @@ def test_paper_revision_crops_in_diffusion_training_only(tmp_path):
     im, mk = load_pair(Pair(ids[0], sp.loc[ids[0], "image"], sp.loc[ids[0], "mask"]), cfg.image_size, "center_crop")
     assert np.array_equal(((crop[0, :3] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), im)
     assert np.array_equal((crop[0, 3] > 0).numpy(), mk)
+
+
+def test_a_retrain_under_other_settings_keeps_both_checkpoints(ext, tmp_path):
+    """A cell trained, then trained again under a setting that changes its hash: both checkpoints stay (one file per
+    cell and settings hash), and each loads by its hash as the model of its own training (its in-domain test scores)."""
+    import shutil
+
+    cfg, _ = ext
+    c1 = cfg.replace(out=str(tmp_path / "o"))
+    for sub in ("data", "synthetic"):
+        shutil.copytree(cfg.run_dir / sub, c1.run_dir / sub)
+    cell, only = dict(table=2, type="real", n=1, r=0, mode="", repeat=0), [{"table": 2, "type": "real"}]
+    c2 = c1.replace(seg_lr=5e-4)
+    scores = {}
+    for c in (c1, c2):
+        res = pd.DataFrame(S.run_segmentation(c, progress=False, only=only)["results"])
+        scores[c.seg_lr] = res[(res.table == 2) & (res.type == "real") & (res.test_set == IN_DOMAIN)].iloc[0]
+    sets = S.Sets(c1)
+    h1, h2 = S.cell_hash(c1, sets, cell), S.cell_hash(c2, sets, cell)
+    assert h1 != h2 and S.checkpoint_path(c1, cell, h1).exists() and S.checkpoint_path(c2, cell, h2).exists()
+    models = {}
+    for c, h in ((c1, h1), (c2, h2)):
+        models[h] = S.load_cell_model(c, cell, h)
+        e = S.evaluate(models[h], *sets.test, threshold=c.seg_threshold)
+        assert (
+            abs(e["iou"] - float(scores[c.seg_lr].iou)) < 1e-6 and abs(e["dice"] - float(scores[c.seg_lr].dice)) < 1e-6
+        )
+    w1, w2 = (models[h].state_dict() for h in (h1, h2))
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # two trainings, two sets of weights
+    assert S.load_cell_model(c1, cell, "not-a-hash") is None
