@@ -42,7 +42,7 @@ def _cmd_reproduce(a) -> int:
 
 
 def _cmd_data_check(a) -> int:
-    from diffusegen.data import check_dataset
+    from diffusegen.data import check_classes
 
     for opt, v, ok, rng in (
         ("--threshold", a.threshold, 0 <= a.threshold <= 255, "a grey level 0..255"),
@@ -51,7 +51,15 @@ def _cmd_data_check(a) -> int:
     ):
         if not ok:
             raise ConfigError(f"data check {opt} {v:g}: must be {rng}")
-    rep = check_dataset(a.path, a.threshold, a.tolerance, progress=sys.stderr.isatty(), max_pixels=a.max_pixels)
+    rep = check_classes(  # any layout (issue 19): the classes found, their pixel shares and images per class
+        a.path,
+        a.classes,
+        a.image_channels,
+        a.threshold,
+        a.tolerance,
+        progress=sys.stderr.isatty(),
+        max_pixels=a.max_pixels,
+    )
     for p in rep.problems:
         print(p)
     for line in rep.summary_lines():
@@ -402,6 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=100_000_000,
         help="largest width × height read; a larger file is a problem (default 100000000, as max_image_pixels)",
+    )
+    c.add_argument(
+        "--classes",
+        default="auto",
+        help="class names, one per mask channel (label 1…K, palette index or masks/<class>/ folder); "
+        "default auto: read from the masks (as the classes setting)",
+    )
+    c.add_argument(
+        "--image-channels",
+        default="auto",
+        choices=("auto", "1", "3"),
+        help="1 = grey, 3 = RGB; default auto: grey when every image has one band (as the image_channels setting)",
     )
     c.set_defaults(func=_cmd_data_check)
     pr = dsub.add_parser("prepare", help="run the data stage: check, split and resize (as the 01_data notebook)")
