@@ -138,9 +138,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
-def inpaint_inputs(
-    x4: torch.Tensor, d: int, image_channels: int = 3
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def inpaint_inputs(x4: torch.Tensor, d: int, image_channels: int = 3) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(init4, known, dilated) from real N×4×S×S pairs in [−1, 1]: init4 = [RGB, dilated mask ±1], known = 1 outside.
     Any channel count (issue 19: N×(C + K)×S×S, C = `image_channels`): each class channel dilated, and the unknown
     region the union of the classes' masks, dilated (= the union of the dilated classes; K = 1: the paper's)."""
@@ -354,7 +352,9 @@ def generate_type(
         if str(r.get(KNOWN, "")).strip() in ("", "nan"):
             src = x4[pos[r["source_id"]]][None]
             r[KNOWN] = known_mad(
-                np.array(Image.open(sdir / str(r["file"])).convert("RGB" if C == 3 else "L")).reshape(src.shape[-2:] + (C,)),
+                np.array(Image.open(sdir / str(r["file"])).convert("RGB" if C == 3 else "L")).reshape(
+                    src.shape[-2:] + (C,)
+                ),
                 to_uint8(src[0, :C]),
                 inpaint_inputs(src, cfg.dilation, C)[2][0],
             )
@@ -561,7 +561,9 @@ def run_inpainting(
     recs, arts, notes, weights = [], [], [], {}
     if copy_paste and not layout.is_default:
         copy_paste = False
-        notes.append(f"copy-paste: made for RGB images with one class only; not made for this data ({layout.channels} channels)")
+        notes.append(
+            f"copy-paste: made for RGB images with one class only; not made for this data ({layout.channels} channels)"
+        )
     types = [t for t in types if t != "copy-paste" or layout.is_default]
     variant, why = resolve_variant(cfg)
     stage_cfg, cfg = cfg, cfg.replace(inpaint_variant=variant)  # every sample, table and figure names the variant used

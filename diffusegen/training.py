@@ -823,7 +823,9 @@ def run_training(
         card, not_shipped = read_shipped(cfg)
         if card is not None:
             not_shipped = shipped_fit(cfg, card, ids) or (
-                "" if layout.is_default else f"they are an RGB + one-mask network; this data has {layout.channels} channels"
+                ""
+                if layout.is_default
+                else f"they are an RGB + one-mask network; this data has {layout.channels} channels"
             )
         if not not_shipped and main:
             shipped = install_shipped(cfg, card, images, run_d / "full")
