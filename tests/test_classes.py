@@ -275,3 +275,41 @@ def test_smoke_multiclass_grey_through_training_and_inpainting(tmp_path):
 
             dil = dilate_mask((src[1:] > 0).any(0).numpy(), cfg.dilation)
             assert not m[dil == 0].any()
+
+
+# ---- the library call and its CLI form ----
+
+
+def test_make_synthetic_is_a_light_top_level_call():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, diffusegen; print('torch' in sys.modules, callable(diffusegen.make_synthetic))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout.split() == ["False", "True"], r.stderr
+
+
+def test_cli_make_synthetic_writes_a_dataset(tmp_path):
+    d = make_multiclass_dataset(tmp_path / "mc", n=10, size=32, seed=4, channels=3)
+    args = ["make-synthetic", "--profile", "smoke", "--data", d, "--n", "3", "--dest", tmp_path / "syn"]
+    args += ["--out", tmp_path / "out", "--classes", "round elongated"]
+    for kv in ("n_test=2", "full_train_steps=2", "save_interval=2", "monitor_samples=1", "monitor_sample_steps=2"):
+        args += ["--set", kv]
+    args += ["--set", "timestep_respacing=6", "--set", "jump_length=2", "--set", "resample=2", "--set", "dilation=3"]
+    r = cli(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("3 synthetic pairs (3 made, 0 reused; classes: round elongated; 3 image channels) in ")
+    imgs = sorted((tmp_path / "syn" / "images").iterdir())
+    assert len(imgs) == 3 and Image.open(imgs[0]).mode == "RGB"
+    prov = json.loads((tmp_path / "syn" / "synthetic.json").read_text())
+    assert prov["classes"] == ["round", "elongated"] and prov["model"]["steps"] == 2
+    r = cli("make-synthetic", "--profile", "smoke", "--data", d, "--n", "0", "--out", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "n=0: must be an integer ≥ 1 (the number of pairs to write)"
+    )
+    assert "Traceback" not in r.stderr
