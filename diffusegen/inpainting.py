@@ -295,12 +295,13 @@ def generate_type(
     progress: bool = True,
     stop_after: int | None = None,
     prune: bool = False,
-    image_channels: int = 3,
+    image_channels: int | None = None,
 ) -> dict:
     """Make (or finish) the samples of type `kind`; returns counts, timings and skipped images. `stop_after`: stop after that
     many batches (tests). Finished samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them.
-    `x4` may have any channel count (issue 19): `image_channels` image channels, then one per class."""
-    C = image_channels
+    `x4` may have any channel count (issue 19): `image_channels` image channels, then one per class (None: 3 for the
+    paper's 4 channels, else the data stage's layout)."""
+    C = image_channels or (3 if x4.shape[1] == 4 else data_layout(cfg).image_channels)
     from diffusegen.training import load_unet
 
     tdir = stage_dirs(cfg, "training")[0]
@@ -451,10 +452,12 @@ def generate_type(
     }
 
 # %% ../nbs/04_inpainting.ipynb #0a991eb2
-def fig5(cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4, image_channels: int = 3):
+def fig5(
+    cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4, image_channels: int | None = None
+):
     """Fig. 5 for type `kind`: rows of (source | samples) images with their masks beneath, the dilated region outlined
     (issue 19: grey images, and label maps shown with one grey level per class)."""
-    C = image_channels
+    C = image_channels or (3 if x4.shape[1] == 4 else data_layout(cfg).image_channels)
     K = x4.shape[1] - C
     scale = 1 if K == 1 else 255 // K  # a label map's classes as grey levels
     import matplotlib

@@ -554,10 +554,10 @@ def train_model(
     progress: bool = True,
     stop_after: int | None = None,
     accelerator=None,
-    image_channels: int = 3,
+    image_channels: int | None = None,
 ) -> dict:
     """Train (or resume, or reuse) one model on `images` (N×4×S×S in [−1, 1]; issue 19: N×(C + K)×S×S, `image_channels`
-    = C); returns its record.
+    = C; None: 3 for the paper's 4 channels, else the data stage's layout); returns its record.
     With an `accelerator` of several processes (DDP), every step's batch is split between them and only the main
     process writes; the checkpoints are the same files, and any number of processes resumes them."""
     from tqdm.auto import tqdm
@@ -567,6 +567,7 @@ def train_model(
     main = rank == 0
     mdir = Path(mdir)
     channels = images.shape[1]
+    image_channels = image_channels or (3 if channels == 4 else data_layout(cfg).image_channels)
     shash = spec_hash(cfg, spec, channels)
     if world > spec.batch:
         raise DiffusegenError(
