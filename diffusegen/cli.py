@@ -42,7 +42,7 @@ def _cmd_reproduce(a) -> int:
 
 
 def _cmd_data_check(a) -> int:
-    from diffusegen.data import check_dataset
+    from diffusegen.data import check_classes
 
     for opt, v, ok, rng in (
         ("--threshold", a.threshold, 0 <= a.threshold <= 255, "a grey level 0..255"),
@@ -51,7 +51,15 @@ def _cmd_data_check(a) -> int:
     ):
         if not ok:
             raise ConfigError(f"data check {opt} {v:g}: must be {rng}")
-    rep = check_dataset(a.path, a.threshold, a.tolerance, progress=sys.stderr.isatty(), max_pixels=a.max_pixels)
+    rep = check_classes(  # any layout (issue 19): the classes found, their pixel shares and images per class
+        a.path,
+        a.classes,
+        a.image_channels,
+        a.threshold,
+        a.tolerance,
+        progress=sys.stderr.isatty(),
+        max_pixels=a.max_pixels,
+    )
     for p in rep.problems:
         print(p)
     for line in rep.summary_lines():
@@ -394,6 +402,28 @@ def _cmd_config(a) -> int:
     print(json.dumps(load_config(a.profile, _overrides(a.set)).to_dict(), indent=2))
     return 0
 
+# %% ../nbs/91_cli.ipynb #acff85d1
+def _cmd_make_synthetic(a) -> int:
+    "`diffusegen make-synthetic`: `diffusegen.make_synthetic` from the shell (issue 19)."
+    from diffusegen.synthetic import make_synthetic
+
+    s = make_synthetic(
+        a.data,
+        a.n,
+        a.profile,
+        dest=a.dest,
+        out=a.out,
+        classes=a.classes,
+        image_channels=a.image_channels,
+        overrides=_overrides(a.set),
+        progress=sys.stderr.isatty(),
+    )
+    print(
+        f"{s['pairs']} synthetic pairs ({s['made']} made, {s['cached']} reused; classes: {' '.join(s['classes'])}; "
+        f"{s['image_channels']} image channel{'s' if s['image_channels'] != 1 else ''}) in {s['dest']}"
+    )
+    return 0
+
 # %% ../nbs/91_cli.ipynb #cbcd7bbc
 def build_parser() -> argparse.ArgumentParser:
     "The `diffusegen` argument parser."
@@ -438,6 +468,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=100_000_000,
         help="largest width × height read; a larger file is a problem (default 100000000, as max_image_pixels)",
+    )
+    c.add_argument(
+        "--classes",
+        default="auto",
+        help="class names, one per mask channel (label 1…K, palette index or masks/<class>/ folder); "
+        "default auto: read from the masks (as the classes setting)",
+    )
+    c.add_argument(
+        "--image-channels",
+        default="auto",
+        choices=("auto", "1", "3"),
+        help="1 = grey, 3 = RGB; default auto: grey when every image has one band (as the image_channels setting)",
     )
     c.set_defaults(func=_cmd_data_check)
     pr = dsub.add_parser("prepare", help="run the data stage: check, split and resize (as the 01_data notebook)")
@@ -643,6 +685,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--timeout", type=float, default=10.0, help="download: seconds to wait for the server (default 10)")
     w.set_defaults(func=_cmd_weights)
+    ms = sub.add_parser(
+        "make-synthetic",
+        help="train (or reuse) a model on your data and write N synthetic image + mask pairs (images/, masks/)",
+        description="The library call diffusegen.make_synthetic: the data stage (any layout: several classes, grey "
+        "images), the full-data diffusion model (§2.4) and RePaint (§2.5), then a folder with images/, masks/, "
+        "manifest.csv and synthetic.json, ready for your segmentation code. Reruns reuse the model and the samples.",
+    )
+    common(ms)
+    ms.add_argument("--data", required=True, help="dataset folder with images/ and masks/")
+    ms.add_argument("--n", type=int, required=True, help="number of synthetic pairs to write")
+    ms.add_argument("--dest", help="output folder (default: <out>/synthetic/<profile>/)")
+    ms.add_argument(
+        "--out", help="folder for runs/ (the model and samples are cached there; default: the project root)"
+    )
+    ms.add_argument("--classes", default="auto", help="class names (default auto: read from the masks)")
+    ms.add_argument("--image-channels", default="auto", choices=("auto", "1", "3"), help="1 grey, 3 RGB (default auto)")
+    ms.set_defaults(func=_cmd_make_synthetic)
     cf = sub.add_parser("config", help="print a profile's resolved settings as JSON")
     common(cf)
     cf.add_argument("--list", action="store_true", help="list the profiles")

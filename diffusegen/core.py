@@ -100,9 +100,19 @@ def content_key(obj, n: int = 16, sort_keys: bool = True) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=sort_keys, default=str).encode()).hexdigest()[:n]
 
 # %% ../nbs/00_core.ipynb #19d3b5f8
-def _f(default, stage, help="", ge=None, gt=None, le=None, lt=None):
-    "A setting: its default, the stages whose results it changes (`keys_for`), and for a number its valid range."
-    return field(default=default, metadata={"stage": stage, "help": help, "range": dict(ge=ge, gt=gt, le=le, lt=lt)})
+def _f(default, stage, help="", ge=None, gt=None, le=None, lt=None, hash_default=True):
+    """A setting: its default, the stages whose results it changes (`keys_for`), and for a number its valid range.
+    `hash_default=False`: a setting added after results were cached, left out of the hashes while at its default (so
+    that results made before it existed stay valid)."""
+    return field(
+        default=default,
+        metadata={
+            "stage": stage,
+            "help": help,
+            "range": dict(ge=ge, gt=gt, le=le, lt=lt),
+            "hash_default": hash_default,
+        },
+    )
 
 
 def _range_text(typ: str, r: dict) -> str:
@@ -154,6 +164,11 @@ class Config:
         100_000_000, "data", "largest width × height read; a larger file is a bad pair (decompression-bomb guard)", ge=1
     )
     on_bad_pairs: str = _f("error", "data")
+    # several classes and grey images (issue 19; §2.1, §4): left out of the hashes at their defaults
+    image_channels: str = _f(
+        "auto", "data training", "1, 3 or auto (grey when every image has one band)", hash_default=False
+    )
+    classes: str = _f("auto", "data training", "class names, or auto (read from the masks)", hash_default=False)
     train_ids: str = _f("data/paper/paper_clusters_k20.csv", "data")
     n_train: int = _f(0, "data", ge=0)
     subset: int = _f(0, "data", ge=0)
@@ -319,6 +334,7 @@ class Config:
         "resize_mode": ("stretch", "center_crop"),
         "train_crop": ("none", "center"),
         "on_bad_pairs": ("error", "skip"),
+        "image_channels": ("auto", "1", "3"),
         "noise_schedule": ("linear",),
         "mixed_precision": ("no", "bf16", "fp16"),
         "sample_weights": ("raw", "ema"),
@@ -413,6 +429,12 @@ class Config:
             f"≤ copy_paste_scale_max={self.copy_paste_scale_max}",
         )
         need(self.msssim_win % 2 == 1, "msssim_win", "odd (the Gaussian window has a centre pixel)")
+        names = self.classes.replace(",", " ").split()
+        need(
+            self.classes.strip() == "auto" or (0 < len(names) == len(set(names)) <= 254 and "auto" not in names),
+            "classes",
+            "auto or 1 to 254 distinct class names separated by spaces (issue 19)",
+        )
         down = 2 ** (len(_int_list(self.block_out_channels)) - 1)
         need(
             self.image_size % down == 0,
@@ -441,15 +463,25 @@ class Config:
     def keys_for(self, stage: str) -> dict:
         "The settings whose values change `stage`'s results (plus those of every stage: `seed`)."
         return {
-            f.name: getattr(self, f.name) for f in fields(self) if {stage, "all"} & set(f.metadata["stage"].split())
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if {stage, "all"} & set(f.metadata["stage"].split()) and not self._at_unhashed_default(f)
         }
+
+    def _at_unhashed_default(self, f) -> bool:
+        "A `hash_default=False` setting at its default: not part of any hash."
+        return not f.metadata.get("hash_default", True) and getattr(self, f.name) == f.default
 
     def hash(self, stage: str | None = None) -> str:
         "Short sha256 of the settings that change `stage` (all result-changing settings when `stage` is None)."
         d = (
             self.keys_for(stage)
             if stage
-            else {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["stage"] != "run"}
+            else {
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if f.metadata["stage"] != "run" and not self._at_unhashed_default(f)
+            }
         )
         return content_key(d)
 

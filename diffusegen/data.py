@@ -34,12 +34,16 @@ from diffusegen.core import (
 )
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'IN_DOMAIN', 'PAPER_DATA', 'Pair', 'Problem',
-           'find_pairs', 'read_image', 'read_mask_grey', 'read_mask', 'PairStats', 'CheckReport', 'check_dataset',
-           'resize_pair', 'to_tensor4', 'from_tensor4', 'load_pair', 'ellipse', 'dilate_mask', 'PairedDataset',
-           'safe_unpickle', 'read_id_list', 'make_splits', 'resolve_data_root', 'fetch_dataset', 'dataset_fingerprint',
-           'data_inputs', 'preprocess_pairs', 'save_pairs', 'load_pairs', 'pairs_path', 'load_split', 'test_set_specs',
-           'check_test_sets', 'load_test_set', 'external_sets_inputs', 'sample_figure', 'run_data']
+__all__ = ['IMAGE_EXTS', 'MASK_SUFFIXES', 'MAX_IMAGE_PIXELS', 'GREY_BAND', 'MASK_FORMATS', 'MAX_AUTO_CLASSES', 'LOSSLESS_EXTS',
+           'IN_DOMAIN', 'PAPER_DATA', 'Pair', 'Problem', 'find_pairs', 'read_image', 'read_mask_grey', 'read_mask',
+           'PairStats', 'CheckReport', 'check_dataset', 'resize_pair', 'to_tensor4', 'from_tensor4', 'load_pair',
+           'ellipse', 'dilate_mask', 'PairedDataset', 'safe_unpickle', 'read_id_list', 'make_splits', 'Layout',
+           'declared_classes', 'find_class_pairs', 'read_image_channels', 'read_labels', 'detect_layout', 'ClassReport',
+           'check_classes', 'resize_labels', 'load_labels', 'labels_to_channels', 'to_tensor', 'channels_to_labels',
+           'open_labels', 'from_tensor', 'resolve_data_root', 'fetch_dataset', 'dataset_fingerprint', 'data_inputs',
+           'preprocess_pairs', 'save_pairs', 'load_pairs', 'pairs_path', 'load_split', 'preprocess_labels',
+           'data_layout', 'test_set_specs', 'check_test_sets', 'load_test_set', 'external_sets_inputs', 'sample_figure',
+           'run_data']
 
 # %% ../nbs/01_data.ipynb #0748cfb9
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -574,6 +578,427 @@ def make_splits(ids: list[str], cfg: Config) -> tuple[pd.DataFrame, list[str]]:
     te = pd.DataFrame({"id": test, "split": "test", "paper_cluster": -1})
     return pd.concat([tr, te], ignore_index=True), notes
 
+# %% ../nbs/01_data.ipynb #6157cb75
+MASK_FORMATS = ("binary", "labels", "palette", "folders")
+MAX_AUTO_CLASSES = 32  # classes = auto reads grey PNG masks as label maps only up to this label (else: two-level masks)
+LOSSLESS_EXTS = (".png", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a dataset's pairs become the model's tensors: `image_channels` (1 grey, 3 RGB), the class names (one ±1
+    channel each) and the mask format. The default is the paper's: RGB and one binary class (the 4-channel model)."""
+
+    image_channels: int = 3
+    classes: tuple = ("polyp",)
+    mask_format: str = "binary"
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        "Channels of the diffusion model's input: image channels + one per class."
+        return self.image_channels + self.n_classes
+
+    @property
+    def is_default(self) -> bool:
+        return self == Layout()
+
+    def to_meta(self) -> dict:
+        return {"image_channels": self.image_channels, "classes": list(self.classes), "mask_format": self.mask_format}
+
+    @classmethod
+    def from_meta(cls, d: dict | None) -> "Layout":
+        if not d:
+            return cls()
+        return cls(int(d["image_channels"]), tuple(d["classes"]), d["mask_format"])
+
+
+def declared_classes(setting: str) -> tuple | None:
+    "The `classes` setting as a tuple of names, or None for `auto`."
+    s = str(setting).strip()
+    if s.lower() == "auto":
+        return None
+    names = tuple(s.replace(",", " ").split())
+    if not names or len(set(names)) != len(names) or len(names) > 254:
+        raise ConfigError(f"setting classes={setting!r}: must be auto or 1 to 254 distinct names separated by spaces")
+    return names
+
+
+def _class_folders(masks: Path) -> list[Path]:
+    "The class sub-folders of `masks` (those holding image files), sorted by name."
+    try:
+        subs = sorted(p for p in masks.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except PermissionError:
+        return []
+    return [d for d in subs if any(q.suffix.lower() in IMAGE_EXTS for q in d.iterdir())]
+
+
+def find_class_pairs(root, classes: tuple | None = None) -> tuple[list[Pair], list[Problem], tuple]:
+    """`masks/<class>/<id>.png` datasets: pair every image with the `masks` folder (its class files are found by id);
+    returns (pairs, problems, class names). A folder not among declared `classes` is a problem; so is an id in no folder."""
+    root = Path(root)
+    masks = root / "masks"
+    folders = _class_folders(masks)
+    names = tuple(d.name for d in folders)
+    problems = []
+    if classes is not None:
+        for d in folders:
+            if d.name not in classes:
+                problems.append(
+                    Problem(d, f"class folder {d.name!r} is not among the declared classes ({' '.join(classes)})")
+                )
+        names = tuple(c for c in classes)
+    imgs = _listing(root / "images", "image", problems) or {}
+    seen = set()
+    for name in names:
+        d = masks / name
+        if d.is_dir():
+            seen |= set((_listing(d, "mask", problems, imgs) or {}).keys())
+    for s in sorted(seen - set(imgs)):
+        problems.append(Problem(masks / s, f"mask without an image (no images/{s}.* file)"))
+    for s in sorted(set(imgs) - seen):
+        problems.append(Problem(imgs[s], f"image without a mask (no masks/<class>/{s}.* file)"))
+    pairs = [Pair(s, imgs[s], masks) for s in sorted(set(imgs) & seen)]
+    return pairs, problems, names
+
+
+def _class_file(masks: Path, name: str, id: str) -> Path | None:
+    d = masks / name
+    for ext in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS):
+        for stem in (id, *(id + s for s in MASK_SUFFIXES)):
+            p = d / f"{stem}{ext}"
+            if p.exists():
+                return p
+    return None
+
+# %% ../nbs/01_data.ipynb #f63f51a5
+def read_image_channels(path, channels: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    "An image file as H×W×`channels` `uint8`: 3 = RGB (as `read_image`), 1 = grey (a colour file through PIL's L)."
+    if channels == 3:
+        return read_image(path, max_pixels)
+    im = _open(path, max_pixels)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = _to_uint8(np.asarray(im))
+    else:
+        a = np.asarray(im if im.mode == "L" else im.convert("L"))
+    return np.ascontiguousarray(a[..., None])
+
+
+def _raw_labels(path, max_pixels: int) -> tuple[np.ndarray, list | None, str]:
+    "(H×W integer array, palette or None, PIL mode) of a mask file, without scaling."
+    im = _open(path, max_pixels)
+    pal = im.getpalette() if im.mode == "P" else None
+    a = np.asarray(im) if im.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L") else None
+    return a, pal, im.mode
+
+
+def read_labels(pair: Pair, layout: Layout, threshold: int = 128, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    "A pair's mask as an H×W `uint8` label map (0 = background, 1…K) under `layout`; a bad file is one `DataError` line."
+    K = layout.n_classes
+    if layout.mask_format == "binary":
+        return read_mask(pair.mask, threshold, max_pixels).astype(np.uint8)
+    if layout.mask_format == "folders":
+        lab, size = None, None
+        for k, name in enumerate(layout.classes, 1):
+            p = _class_file(pair.mask, name, pair.id)
+            if p is None:
+                continue
+            m = read_mask(p, threshold, max_pixels)
+            if lab is None:
+                lab, size = np.zeros(m.shape, np.uint8), (p, m.shape)
+            elif m.shape != lab.shape:
+                raise _BadFile(
+                    p,
+                    f"size {m.shape[1]}×{m.shape[0]} differs from the other class masks' "
+                    f"{lab.shape[1]}×{lab.shape[0]} ({size[0].parent.name}/{size[0].name})",
+                )
+            lab[m] = k  # overlapping classes: the later class wins
+        if lab is None:
+            raise _BadFile(pair.mask / "*" / pair.id, "no class mask for this id")
+        return lab
+    a, pal, mode = _raw_labels(pair.mask, max_pixels)
+    if a is None or (layout.mask_format == "palette") != (mode == "P"):
+        want = "a palette PNG (mode P)" if layout.mask_format == "palette" else "a grey label PNG (mode L)"
+        raise _BadFile(pair.mask, f"mask mode {mode}, expected {want}: the {layout.mask_format} masks of this dataset")
+    top = int(a.max())
+    if top > K:
+        raise _BadFile(
+            pair.mask,
+            f"label {top} outside the declared classes (1…{K}: {' '.join(layout.classes)}); set classes or fix the file",
+        )
+    return a.astype(np.uint8)
+
+
+def detect_layout(
+    root,
+    classes: str = "auto",
+    image_channels: str = "auto",
+    threshold: int = 128,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> tuple[Layout, list[Pair], list[Problem]]:
+    """The dataset's `Layout` (from its files and the `classes` / `image_channels` settings), its pairs and the problems
+    of the layout (a palette that differs between files, mixed mask kinds, a label outside the declared classes)."""
+    root = Path(root)
+    declared = declared_classes(classes)
+    if str(image_channels) not in ("auto", "1", "3"):
+        raise ConfigError(f"setting image_channels={image_channels!r}: must be one of auto, 1, 3")
+    if (root / "masks").is_dir() and _class_folders(root / "masks"):
+        pairs, problems, names = find_class_pairs(root, declared)
+        fmt = "folders"
+    else:
+        pairs, problems = find_pairs(root)
+        names, fmt = declared, "binary"
+        kinds, ref, top, raw = set(), None, 0, {}
+        for p in pairs:
+            if p.mask.suffix.lower() not in LOSSLESS_EXTS:
+                kinds.add("lossy")
+                continue
+            try:
+                a, pal, mode = _raw_labels(p.mask, max_pixels)
+            except _BadFile:
+                continue  # check_dataset reports it
+            if mode == "P":
+                kinds.add("palette")
+                if ref is None:
+                    ref = (p, pal)
+                raw[p.id] = (pal, int(a.max()))
+                top = max(top, int(a.max()))
+            elif a is not None:
+                kinds.add("grey")
+                u = int(a.max())
+                raw[p.id] = (None, u)
+                if u >= 255:  # 0/255 (or 16-bit) masks: two-level, read as today
+                    kinds.add("two-level")
+                else:
+                    top = max(top, u)
+            else:
+                kinds.add("colour")
+        if "palette" in kinds:
+            fmt = "palette"
+            other = [p for p in pairs if raw.get(p.id, (None,))[0] is None]
+            if other:
+                problems.append(Problem(other[0].mask, f"not a palette PNG, while {ref[0].mask.name} is one"))
+            n = 3 * (top + 1)
+            for p in pairs:
+                pal = raw.get(p.id, (None,))[0]
+                if pal is not None and pal[:n] != ref[1][:n]:
+                    problems.append(
+                        Problem(p.mask, f"its palette differs from {ref[0].mask.name}'s (palette masks share one)")
+                    )
+        elif kinds == {"grey"} and (
+            (declared is None and 2 <= top <= MAX_AUTO_CLASSES)
+            or (declared is not None and (len(declared) >= 2 or top >= 2))
+        ):
+            fmt = "labels"
+        if fmt in ("labels", "palette"):
+            K = len(declared) if declared is not None else top
+            if declared is not None:
+                for p in pairs:
+                    if raw.get(p.id, (None, 0))[1] > K:
+                        problems.append(
+                            Problem(
+                                p.mask,
+                                f"label {raw[p.id][1]} outside the declared classes (1…{K}: {' '.join(declared)})",
+                            )
+                        )
+            names = declared if declared is not None else tuple(f"class{k}" for k in range(1, K + 1))
+    if fmt == "binary":
+        if declared is not None and len(declared) != 1:
+            problems.append(
+                Problem(root / "masks", f"two-level masks hold one class, but classes declares {len(declared)}")
+            )
+        names = declared or ("polyp",)
+    if image_channels == "auto":
+        C = 3
+        bands = []
+        for p in pairs:
+            try:
+                with Image.open(p.image) as im:
+                    bands.append(len(im.getbands()) == 1 and im.mode != "P")
+            except Exception:
+                pass  # check_dataset reports it
+        if bands and all(bands):
+            C = 1
+    else:
+        C = int(image_channels)
+    return Layout(C, tuple(names or ("polyp",)), fmt), pairs, problems
+
+# %% ../nbs/01_data.ipynb #0d117b18
+@dataclass
+class ClassReport(CheckReport):
+    "`CheckReport` with the dataset's `Layout` and, per valid pair, the pixel share of each class."
+
+    layout: Layout = field(default_factory=Layout)
+    class_shares: list = field(default_factory=list)  # per valid pair: [share of class 1, …, share of class K]
+
+    def class_lines(self) -> list[str]:
+        "The classes found: pixel share (of all valid pixels) and images holding each class."
+        L = self.layout
+        kind = "grey, 1 channel" if L.image_channels == 1 else "RGB, 3 channels"
+        lines = [f"images: {kind}; masks: {L.mask_format}, {L.n_classes} class{'es' if L.n_classes != 1 else ''}"]
+        if self.class_shares:
+            a = np.array(self.class_shares, dtype=float).reshape(len(self.class_shares), L.n_classes)
+            px = np.array([s.width * s.height for s in self.stats], dtype=float)
+            share = (a * px[:, None]).sum(0) / px.sum()
+            lines += [
+                f"class {k} {name}: {share[k - 1]:.2%} of pixels, in {(a[:, k - 1] > 0).sum()} of {len(a)} images"
+                for k, name in enumerate(L.classes, 1)
+            ]
+        return lines
+
+    def summary_lines(self) -> list[str]:
+        return super().summary_lines() + (self.class_lines() if self.valid else [])
+
+
+def _check_labels(pair: Pair, layout: Layout, threshold: int, max_pixels: int):
+    "(PairStats, class shares, []) for a good pair of a multi-class or grey dataset, (None, None, problems) for a bad one."
+    problems, img, lab = [], None, None
+    try:
+        img = _open(pair.image, max_pixels)
+    except _BadFile as e:
+        problems.append(Problem(pair.image, e.problem))
+    try:
+        lab = read_labels(pair, layout, threshold, max_pixels)
+    except _BadFile as e:
+        problems.append(Problem(e.path, e.problem))
+    if problems:
+        return None, None, problems
+    (w, h), (mh, mw) = img.size, lab.shape
+    if (w, h) != (mw, mh):
+        return None, None, [Problem(pair.mask, f"size {mw}×{mh} differs from its image's {w}×{h} ({pair.image.name})")]
+    shares = [float((lab == k).mean()) for k in range(1, layout.n_classes + 1)]
+    if sum(shares) == 0:
+        return None, None, [Problem(pair.mask, "empty mask (no pixel of any class)")]
+    return PairStats(pair.id, w, h, sum(shares)), shares, []
+
+
+def check_classes(
+    root,
+    classes: str = "auto",
+    image_channels: str = "auto",
+    threshold: int = 128,
+    tolerance: float = 0.05,
+    workers: int | None = None,
+    progress: bool = False,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> ClassReport:
+    """`check_dataset` for any layout: find the `Layout`, decode every pair, and report the classes found, their pixel
+    shares and images per class. Two-level RGB masks are checked by `check_dataset` itself (the paper's case)."""
+    layout, pairs, problems = detect_layout(root, classes, image_channels, threshold, max_pixels)
+    if layout.mask_format == "binary":
+        rep = check_dataset(root, threshold, tolerance, workers, progress, max_pixels)
+        out = ClassReport(
+            rep.root, rep.valid, rep.stats, rep.problems + [q for q in problems if q not in rep.problems], layout
+        )
+        out.class_shares = [[s.polyp_share] for s in rep.stats]
+        return out
+    rep = ClassReport(Path(root), problems=list(problems), layout=layout)
+    bad = {p.path for p in problems}
+    with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as ex:
+        for pair, (st, sh, probs) in zip(
+            pairs, ex.map(lambda p: _check_labels(p, layout, threshold, max_pixels), pairs)
+        ):
+            if st is None or pair.mask in bad:
+                rep.problems.extend(q for q in probs if q.path not in bad)
+            else:
+                rep.valid.append(pair)
+                rep.stats.append(st)
+                rep.class_shares.append(sh)
+    return rep
+
+# %% ../nbs/01_data.ipynb #0adbc237
+def resize_labels(
+    img: np.ndarray, labels: np.ndarray, n_classes: int, size: int, mode: str = "stretch"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize an H×W×C `uint8` image (Lanczos) and an H×W label map to `size`×`size`: each class's area share (box
+    average), the largest class where it covers at least the background's share (K = 1: share ≥ ½, as `resize_pair`)."""
+    h, w = labels.shape
+    box = _crop_box(w, h, mode)
+    a = img[..., 0] if img.shape[-1] == 1 else img
+    im = np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.LANCZOS, box=box))
+    im = im[..., None] if im.ndim == 2 else im
+    f = np.stack(
+        [
+            np.asarray(
+                Image.fromarray((labels == k).astype(np.float32)).resize((size, size), Image.Resampling.BOX, box=box)
+            )
+            for k in range(1, n_classes + 1)
+        ]
+    )
+    best = f.argmax(0)
+    top = np.take_along_axis(f, best[None], 0)[0]
+    out = np.where(top >= 1 - f.sum(0), best + 1, 0).astype(np.uint8)
+    return im, out
+
+
+def load_labels(
+    pair: Pair,
+    layout: Layout,
+    size: int,
+    mode: str = "stretch",
+    threshold: int = 128,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> tuple[np.ndarray, np.ndarray]:
+    "Read and resize one pair under `layout`: (size×size×C `uint8`, size×size `uint8` labels 0…K)."
+    if layout.is_default:
+        img, m = load_pair(pair, size, mode, threshold, max_pixels)
+        return img, m.astype(np.uint8)
+    img = read_image_channels(pair.image, layout.image_channels, max_pixels)
+    lab = read_labels(pair, layout, threshold, max_pixels)
+    if img.shape[:2] != lab.shape:
+        raise DataError(
+            f"{pair.mask}: size {lab.shape[1]}×{lab.shape[0]} differs from its image's {img.shape[1]}×{img.shape[0]}"
+        )
+    return resize_labels(img, lab, layout.n_classes, size, mode)
+
+
+def labels_to_channels(labels, n_classes: int):
+    "N×H×W (or H×W) labels 0…K → N×K×H×W (K×H×W) float32 class channels, +1 where the pixel has the class, else −1."
+    import torch
+
+    lab = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    ks = torch.arange(1, n_classes + 1, device=lab.device).view(-1, 1, 1)
+    return ((lab.unsqueeze(-3) == ks).float() * 2 - 1) if lab.ndim == 3 else ((lab[None] == ks).float() * 2 - 1)
+
+
+def to_tensor(img: np.ndarray, labels: np.ndarray, n_classes: int):
+    "H×W×C `uint8` and H×W labels → (C + K)×H×W float32 in [−1, 1] (K = 1, C = 3: `to_tensor4`)."
+    import torch
+
+    x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.cat([x, labels_to_channels(np.asarray(labels), n_classes)])
+
+
+def channels_to_labels(classes_u8: np.ndarray) -> np.ndarray:
+    """The generated label map from the class channels as `uint8` (…×H×W×K, 0–255; > 127 is a positive channel): the
+    arg-max over the classes where any is positive, else background (K = 1: the binary read-back, > 127)."""
+    a = np.asarray(classes_u8)
+    return np.where(a.max(-1) > 127, a.argmax(-1) + 1, 0).astype(np.uint8)
+
+
+def open_labels(labels: np.ndarray, d: int) -> np.ndarray:
+    """Each class of an H×W label map opened with a d-px ellipse, as the binary mask (`inpainting.refine_mask`): the
+    opening only removes pixels (they become background)."""
+    import cv2
+
+    lab = np.asarray(labels).astype(np.uint8)
+    if d <= 0:
+        return lab
+    out = np.zeros_like(lab)
+    for k in np.unique(lab[lab > 0]):
+        m = (lab == k).astype(np.uint8)
+        out[(cv2.morphologyEx(m, cv2.MORPH_OPEN, ellipse(d)) & m) > 0] = k
+    return out
+
+
+def from_tensor(x, image_channels: int = 3, d: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    "Inverse of `to_tensor`: (H×W×C `uint8`, H×W labels 0…K), the labels read back by `channels_to_labels` and opened (d px)."
+    u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return u8[..., :image_channels], open_labels(channels_to_labels(u8[..., image_channels:]), d)
+
 # %% ../nbs/01_data.ipynb #c6c4aeba
 def resolve_data_root(cfg: Config, data=None) -> tuple[Path, str]:
     "The dataset folder to use and a sentence saying where it came from."
@@ -638,6 +1063,9 @@ def dataset_fingerprint(root) -> str:
         if d.is_dir():
             for p in sorted(d.iterdir()):
                 h.update(f"{sub}/{p.name}:{p.stat().st_size}\n".encode())
+                if sub == "masks" and p.is_dir():  # masks/<class>/<id>.png (issue 19)
+                    for q in sorted(p.iterdir()):
+                        h.update(f"{sub}/{p.name}/{q.name}:{q.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -698,6 +1126,35 @@ def load_split(cfg: Config) -> pd.DataFrame:
     if not p.exists():
         raise DataError(f"{p}: no split yet; run the data stage first (diffusegen reproduce --only data)")
     return pd.read_csv(p, dtype={"id": str})
+
+# %% ../nbs/01_data.ipynb #14737c2b
+def preprocess_labels(pairs: list[Pair], cfg: Config, layout: Layout, progress: bool = True) -> dict:
+    """`preprocess_pairs` under any `layout`: {'images': N×C×S×S uint8, 'masks': N×S×S uint8 labels 0…K}; the paper's
+    layout (RGB, one two-level class) is `preprocess_pairs` itself."""
+    if layout.is_default:
+        return preprocess_pairs(pairs, cfg, progress)
+    import torch
+    from tqdm.auto import tqdm
+
+    f = lambda p: load_labels(p, layout, cfg.image_size, cfg.resize_mode, cfg.mask_threshold, cfg.max_image_pixels)
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as ex:
+        res = list(
+            tqdm(ex.map(f, pairs), total=len(pairs), desc=f"resizing to {cfg.image_size}px", disable=not progress)
+        )
+    imgs = torch.from_numpy(np.stack([r[0] for r in res])).permute(0, 3, 1, 2).contiguous()
+    return {"images": imgs, "masks": torch.from_numpy(np.stack([r[1] for r in res]))}
+
+
+def data_layout(cfg: Config) -> Layout:
+    "The `Layout` the data stage found (kept in its resized pairs' metadata; none there: the paper's)."
+    p = pairs_path(cfg)
+    if not p.exists():
+        raise DataError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
+    from safetensors import safe_open
+
+    with safe_open(str(p), "pt") as f:
+        md = f.metadata() or {}
+    return Layout.from_meta(json.loads(md["layout"]) if "layout" in md else None)
 
 # %% ../nbs/01_data.ipynb #7f7430ad
 IN_DOMAIN = "in-domain"  # the test_set name of the held-out images of the training data set
@@ -794,9 +1251,10 @@ def sample_figure(tensors: dict, ids: list[str], n: int = 8, seed: int = 0):
     idx = np.sort(np.random.default_rng(seed).permutation(len(ids))[:n])
     fig, ax = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
     for j, i in enumerate(idx):
-        ax[0, j].imshow(tensors["images"][i].permute(1, 2, 0).numpy())
+        im = tensors["images"][i].permute(1, 2, 0).numpy()
+        ax[0, j].imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray")  # grey images (issue 19)
         ax[0, j].set_title(ids[i][:10], fontsize=6)
-        ax[1, j].imshow(tensors["masks"][i].numpy(), cmap="gray", vmin=0, vmax=1)
+        ax[1, j].imshow(tensors["masks"][i].numpy(), cmap="gray", vmin=0, vmax=max(1, int(tensors["masks"].max())))
     for a in ax.ravel():
         a.axis("off")
     fig.suptitle("Fig. 1: training images and their masks", fontsize=9)
@@ -809,9 +1267,16 @@ def run_data(cfg: Config, data=None, progress: bool = True) -> dict:
     root, origin = resolve_data_root(cfg, data)
     if progress:
         print(f"dataset: {root} ({origin})")
-    rep = check_dataset(
-        root, cfg.mask_threshold, cfg.mask_grey_tolerance, progress=progress, max_pixels=cfg.max_image_pixels
+    rep = check_classes(
+        root,
+        cfg.classes,
+        cfg.image_channels,
+        cfg.mask_threshold,
+        cfg.mask_grey_tolerance,
+        progress=progress,
+        max_pixels=cfg.max_image_pixels,
     )
+    layout = rep.layout
     if rep.problems and cfg.on_bad_pairs != "skip":
         _raise_problems(root, rep.problems)
     if not rep.valid:
@@ -834,7 +1299,7 @@ def run_data(cfg: Config, data=None, progress: bool = True) -> dict:
             pd.DataFrame({"file": [str(p.path) for p in rep.problems], "problem": [p.message for p in rep.problems]}),
             run_d / "bad_pairs",
         )
-    tensors = preprocess_pairs([by_id[i] for i in split.id], cfg, progress)
+    tensors = preprocess_labels([by_id[i] for i in split.id], cfg, layout, progress)
     save_pairs(
         tensors,
         list(split.id),
@@ -844,6 +1309,7 @@ def run_data(cfg: Config, data=None, progress: bool = True) -> dict:
             "image_size": cfg.image_size,
             "resize_mode": cfg.resize_mode,
             "dataset": str(root),
+            **({} if layout.is_default else {"layout": layout.to_meta()}),  # issue 19: none for the paper's
         },
     )
     share = np.array([s.polyp_share for s in rep.stats]) * 100
@@ -902,6 +1368,8 @@ def run_data(cfg: Config, data=None, progress: bool = True) -> dict:
         "fingerprint": dataset_fingerprint(root),
         **ours,
         "skipped": len(rep.problems),
+        "layout": layout.to_meta(),
+        "classes": rep.class_lines(),
         "table": table.to_dict("records"),
     }
     write_manifest(cfg, "data", arts, [], summary, notes)

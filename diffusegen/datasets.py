@@ -22,8 +22,9 @@ from PIL import Image, ImageFilter
 from .core import DataError, fsync_path, fsync_tree, write_json
 
 # %% auto #0
-__all__ = ['DEMO_VERSION', 'DEMO_AREA_RANGE', 'DATASETS', 'IMAGE_EXTS', 'EXTERNAL_DIR', 'EXTERNAL_SETS', 'EXTERNAL_VERSION',
-           'demo_pair', 'make_demo_dataset', 'RemoteDataset', 'safe_extract', 'check_layout', 'download_dataset',
+__all__ = ['DEMO_VERSION', 'DEMO_AREA_RANGE', 'MULTICLASS_VERSION', 'MULTICLASS_CLASSES', 'DATASETS', 'IMAGE_EXTS',
+           'EXTERNAL_DIR', 'EXTERNAL_SETS', 'EXTERNAL_VERSION', 'demo_pair', 'make_demo_dataset', 'multiclass_pair',
+           'make_multiclass_dataset', 'RemoteDataset', 'safe_extract', 'check_layout', 'download_dataset',
            'ExternalSet', 'convert_external', 'extract_archive', 'external_dir', 'download_external']
 
 # %% ../nbs/01a_datasets.ipynb #7efd420a
@@ -248,6 +249,105 @@ def make_demo_dataset(dest, n: int = 60, size: int = 256, seed: int = 0) -> Path
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        return dest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/01a_datasets.ipynb #49e51a2c
+MULTICLASS_VERSION = "multiclass-v1"  # bump when the generator's output changes
+MULTICLASS_CLASSES = ("round", "elongated")
+
+
+def multiclass_pair(seed: int, index: int, size: int = 64, channels: int = 1) -> tuple[Image.Image, np.ndarray]:
+    """Procedural frame `index` of the multi-class set `seed`: (grey L or RGB image, size×size `uint8` labels: 0
+    background, 1 `round`, 2 `elongated`). Each frame holds a round lesion, an elongated one, or both (seeded)."""
+    rng = np.random.default_rng([int(seed), int(index), 19])
+    S = int(size)
+    c = (np.arange(S) + 0.5) / S * 2 - 1
+    u, v = np.meshgrid(c, c)
+    bg = 0.35 + 0.25 * (_value_noise(rng, S, 3, 2) - 0.5)
+    kinds = [(True, False), (False, True), (True, True)][int(rng.integers(3))]
+    lab = np.zeros((S, S), np.uint8)
+    img = bg.copy()
+    if kinds[0]:  # round: a bright blob, radius 0.15–0.3 of the half-width
+        r0, (cx, cy) = rng.uniform(0.15, 0.3), rng.uniform(-0.55, 0.55, 2)
+        d = np.hypot(u - cx, v - cy) / r0
+        lab[d < 1] = 1
+        img = img + (0.35 + 0.1 * rng.random()) * np.clip((1 - d) * S * r0 / 2, 0, 1) * (1 - 0.3 * d**2)
+    if kinds[1]:  # elongated: a dark thin ellipse (aspect 3–5) at a seeded angle; over a round one where they meet
+        a0, ang, (cx, cy) = rng.uniform(0.35, 0.6), rng.uniform(0, np.pi), rng.uniform(-0.4, 0.4, 2)
+        b0 = a0 / rng.uniform(3, 5)
+        p, q = (u - cx) * np.cos(ang) + (v - cy) * np.sin(ang), -(u - cx) * np.sin(ang) + (v - cy) * np.cos(ang)
+        d = np.hypot(p / a0, q / b0)
+        lab[d < 1] = 2
+        img = img * (1 - 0.7 * np.clip((1 - d) * S * b0 / 2, 0, 1))
+    img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1) * 255
+    if channels == 1:
+        return Image.fromarray(img.round().astype(np.uint8), "L"), lab
+    tint = np.array([1.0, 0.8, 0.7]) + rng.uniform(-0.1, 0.1, 3)
+    rgb = np.clip(img[..., None] * tint, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(rgb, "RGB"), lab
+
+
+def make_multiclass_dataset(
+    dest, n: int = 24, size: int = 64, seed: int = 0, channels: int = 1, mask_format: str = "labels"
+) -> Path:
+    """Write the procedural multi-class set in `dest` (replaced if it is one of another kind): `images/mc_0000.png`,
+    masks as label PNGs (`labels`), palette PNGs (`palette`) or `masks/<class>/mc_0000.png` 0/255 (`folders`, a file
+    only where the frame has the class), and `dataset.json` with its classes. Written in a temp folder, then renamed."""
+    dest = Path(dest)
+    if n < 1 or size < 16 or channels not in (1, 3) or mask_format not in ("labels", "palette", "folders"):
+        raise DataError(
+            f"{dest}: multi-class set needs n >= 1, size >= 16, channels 1 or 3 and mask_format labels, palette or "
+            f"folders (got n={n}, size={size}, channels={channels}, mask_format={mask_format!r})"
+        )
+    spec = {"n": int(n), "size": int(size), "seed": int(seed), "channels": channels, "mask_format": mask_format}
+    m = _demo_meta(dest)
+    if m and m.get("generator_version") == MULTICLASS_VERSION and all(m.get(k) == v for k, v in spec.items()):
+        return dest
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and m is None)):
+        raise DataError(f"{dest}: exists and is not a diffusegen procedural set; choose another folder or remove it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
+        counts = {c: 0 for c in MULTICLASS_CLASSES}
+        for i in range(n):
+            im, lab = multiclass_pair(seed, i, size, channels)
+            name = f"mc_{i:04d}.png"
+            im.save(tmp / "images" / name)
+            if mask_format == "labels":
+                Image.fromarray(lab, "L").save(tmp / "masks" / name)
+            elif mask_format == "palette":
+                pm = Image.new("P", (size, size))
+                pm.putdata(lab.ravel().tolist())
+                pm.putpalette([0, 0, 0, 255, 64, 64, 64, 160, 255])
+                pm.save(tmp / "masks" / name)
+            for k, cname in enumerate(MULTICLASS_CLASSES, 1):
+                if (lab == k).any():
+                    counts[cname] += 1
+                    if mask_format == "folders":
+                        (tmp / "masks" / cname).mkdir(exist_ok=True)
+                        Image.fromarray(((lab == k) * 255).astype(np.uint8), "L").save(tmp / "masks" / cname / name)
+        write_json(
+            tmp / "dataset.json",
+            {
+                "name": "diffusegen-multiclass",
+                "procedural": True,
+                "real_data": False,
+                "generator": "diffusegen.datasets.make_multiclass_dataset",
+                "generator_version": MULTICLASS_VERSION,
+                **spec,
+                "classes": list(MULTICLASS_CLASSES),
+                "images_per_class": counts,
+            },
+        )
+        fsync_tree(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
         return dest
     finally:
         if tmp.exists():

@@ -34,7 +34,7 @@ from diffusegen.diffusion import (
     auto_batch,
     release_memory,
 )
-from .data import ellipse, dilate_mask
+from .data import ellipse, dilate_mask, channels_to_labels, open_labels, data_layout
 from .training import weights_file
 from .copypaste import known_mad, make_copy_paste, copy_paste_figure
 from diffusegen.sets import (
@@ -55,7 +55,7 @@ from diffusegen.sets import (
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'CPU_BATCH', 'DEVICE_KEYS', 'jump_schedule', 'schedule_counts', 'resolve_variant', 'variant_start',
-           'refine_mask', 'to_uint8', 'inpaint_inputs', 'repaint', 'inpaint_diffusion', 'inpaint_params',
+           'refine_mask', 'to_uint8', 'inpaint_inputs', 'read_back', 'repaint', 'inpaint_diffusion', 'inpaint_params',
            'settings_key', 'plan_samples', 'generate_type', 'fig5', 'known_region_figure', 'known_region_artifact',
            'run_inpainting']
 
@@ -139,11 +139,27 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
-def inpaint_inputs(x4: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    "(init4, known, dilated) from real N×4×S×S pairs in [−1, 1]: init4 = [RGB, dilated mask ±1], known = 1 outside."
-    dil = np.stack([dilate_mask((m > 0).numpy(), d) for m in x4[:, 3]])
+def inpaint_inputs(x4: torch.Tensor, d: int, image_channels: int = 3) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(init4, known, dilated) from real N×4×S×S pairs in [−1, 1]: init4 = [RGB, dilated mask ±1], known = 1 outside.
+    Any channel count (issue 19: N×(C + K)×S×S, C = `image_channels`): each class channel dilated, and the unknown
+    region the union of the classes' masks, dilated (= the union of the dilated classes; K = 1: the paper's)."""
+    C = image_channels
+    cls = [[dilate_mask((m > 0).numpy(), d) for m in x[C:]] for x in x4]
+    dil = np.stack([np.maximum.reduce(c) for c in cls])
     dm = torch.from_numpy(dil).to(x4.dtype)[:, None]
-    return torch.cat([x4[:, :3], dm * 2 - 1], 1), 1 - dm, dil
+    dk = torch.from_numpy(np.stack([np.stack(c) for c in cls])).to(x4.dtype)
+    return torch.cat([x4[:, :C], dk * 2 - 1], 1), 1 - dm, dil
+
+
+def read_back(u8: np.ndarray, image_channels: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """A generated sample's files from its H×W×(C + K) `uint8` channels: (the image, H×W×3 RGB or H×W grey; the mask,
+    0/255 for one class as `refine_mask`, else the label map 0…K: arg-max of the positive class channels, each class
+    opened with the d-px ellipse)."""
+    C = image_channels
+    img = np.ascontiguousarray(u8[..., :C] if C == 3 else u8[..., 0])
+    if u8.shape[-1] - C == 1:
+        return img, refine_mask(u8[..., C], d).astype(np.uint8)
+    return img, open_labels(channels_to_labels(u8[..., C:]), d)
 
 # %% ../nbs/04_inpainting.ipynb #9d5c2b08
 SAMPLERS = ("ddpm", "ddim")
@@ -280,9 +296,13 @@ def generate_type(
     progress: bool = True,
     stop_after: int | None = None,
     prune: bool = False,
+    image_channels: int | None = None,
 ) -> dict:
     """Make (or finish) the samples of type `kind`; returns counts, timings and skipped images. `stop_after`: stop after that
-    many batches (tests). Finished samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them."""
+    many batches (tests). Finished samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them.
+    `x4` may have any channel count (issue 19): `image_channels` image channels, then one per class (None: 3 for the
+    paper's 4 channels, else the data stage's layout)."""
+    C = image_channels or (3 if x4.shape[1] == 4 else data_layout(cfg).image_channels)
     from diffusegen.training import load_unet
 
     tdir = stage_dirs(cfg, "training")[0]
@@ -334,9 +354,11 @@ def generate_type(
         if str(r.get(KNOWN, "")).strip() in ("", "nan"):
             src = x4[pos[r["source_id"]]][None]
             r[KNOWN] = known_mad(
-                np.array(Image.open(sdir / str(r["file"])).convert("RGB")),
-                to_uint8(src[0, :3]),
-                inpaint_inputs(src, cfg.dilation)[2][0],
+                np.array(Image.open(sdir / str(r["file"])).convert("RGB" if C == 3 else "L")).reshape(
+                    src.shape[-2:] + (C,)
+                ),
+                to_uint8(src[0, :C]),
+                inpaint_inputs(src, cfg.dilation, C)[2][0],
             )
     pruned = prune_rows(sdir, aside) if prune else []
     if prune:
@@ -360,7 +382,9 @@ def generate_type(
             cfg.inpaint_batch
             if cfg.inpaint_batch > 0
             else auto_batch(
-                lambda b: fn(torch.zeros(b, 4, S, S, device=device), torch.zeros(b, dtype=torch.long, device=device)),
+                lambda b: fn(
+                    torch.zeros(b, x4.shape[1], S, S, device=device), torch.zeros(b, dtype=torch.long, device=device)
+                ),
                 device,
                 default=CPU_BATCH,
                 cap=len(mt),
@@ -373,7 +397,7 @@ def generate_type(
                 break
             batch = mt[b : b + bs]
             src = x4[[pos[r["source_id"]] for r in batch]]
-            init4, known, dil = inpaint_inputs(src, cfg.dilation)
+            init4, known, dil = inpaint_inputs(src, cfg.dilation, C)
             t0 = time.perf_counter()
             out = repaint(
                 fn,
@@ -389,11 +413,12 @@ def generate_type(
                 eta=cfg.ddim_eta,
             )
             secs += time.perf_counter() - t0
-            u8, src8 = to_uint8(out), to_uint8(src[:, :3])
+            u8, src8 = to_uint8(out), to_uint8(src[:, :C])
             for r, a, s8, dl in zip(batch, u8, src8, dil):
-                r[KNOWN] = known_mad(a[..., :3], s8, dl)  # outside the dilated mask, after the paste: 0
-                save_png(np.ascontiguousarray(a[..., :3]), sdir / r["file"])
-                save_png(refine_mask(a[..., 3], cfg.mask_open).astype(np.uint8), sdir / r["mask_file"])
+                r[KNOWN] = known_mad(a[..., :C], s8, dl)  # outside the dilated mask, after the paste: 0
+                img, msk = read_back(a, C, cfg.mask_open)  # C = 3, one class: RGB and refine_mask, as the paper
+                save_png(img, sdir / r["file"])
+                save_png(msk, sdir / r["mask_file"])
             rows = (
                 pd.concat([rows, pd.DataFrame(batch)[cols]], ignore_index=True)
                 if len(rows)
@@ -428,8 +453,14 @@ def generate_type(
     }
 
 # %% ../nbs/04_inpainting.ipynb #0a991eb2
-def fig5(cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4):
-    "Fig. 5 for type `kind`: rows of (source | samples) images with their masks beneath, the dilated region outlined."
+def fig5(
+    cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4, image_channels: int | None = None
+):
+    """Fig. 5 for type `kind`: rows of (source | samples) images with their masks beneath, the dilated region outlined
+    (issue 19: grey images, and label maps shown with one grey level per class)."""
+    C = image_channels or (3 if x4.shape[1] == 4 else data_layout(cfg).image_channels)
+    K = x4.shape[1] - C
+    scale = 1 if K == 1 else 255 // K  # a label map's classes as grey levels
     import matplotlib
 
     matplotlib.use("Agg")
@@ -444,13 +475,16 @@ def fig5(cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], n_sources: in
     pos = {s: i for i, s in enumerate(ids)}
     for r, sid in enumerate(srcs):
         x = x4[pos[sid]]
-        dil = dilate_mask((x[3] > 0).numpy(), cfg.dilation)
-        img, msk = [to_uint8(x[:3])], [((x[3] > 0).numpy() * 255).astype(np.uint8)]
+        lab = (x[C:] > 0).numpy().astype(np.uint8) * np.arange(1, K + 1)[:, None, None].astype(np.uint8)
+        lab = lab.max(0)
+        dil = dilate_mask(lab > 0, cfg.dilation)
+        img = [to_uint8(x[:C]) if C == 3 else to_uint8(x[:C])[..., 0]]
+        msk = [(lab > 0).astype(np.uint8) * 255 if K == 1 else lab * scale]
         for _, s in df[df.source_id == sid].iterrows():
             img.append(np.array(Image.open(s.image_path)))
-            msk.append(np.array(Image.open(s.mask_path)))
+            msk.append(np.array(Image.open(s.mask_path)) * (1 if K == 1 else scale))
         for c in range(k + 1):
-            for a, arr, cm in ((ax[2 * r, c], img, None), (ax[2 * r + 1, c], msk, "gray")):
+            for a, arr, cm in ((ax[2 * r, c], img, None if C == 3 else "gray"), (ax[2 * r + 1, c], msk, "gray")):
                 if c < len(arr):
                     a.imshow(arr[c], cmap=cm, vmin=0, vmax=255 if cm else None)
                     a.contour(dil, levels=[0.5], colors="yellow", linewidths=0.8)
@@ -536,9 +570,17 @@ def run_inpainting(
     fig_d = stage_dirs(cfg, "inpainting")[1]
     fig_d.mkdir(parents=True, exist_ok=True)
     x4, ids = training_images(cfg)
+    layout = data_layout(cfg)  # issue 19: image channels and classes of the data
+    C = layout.image_channels
     cl = load_clusters(cfg)
     clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))
     recs, arts, notes, weights = [], [], [], {}
+    if copy_paste and not layout.is_default:
+        copy_paste = False
+        notes.append(
+            f"copy-paste: made for RGB images with one class only; not made for this data ({layout.channels} channels)"
+        )
+    types = [t for t in types if t != "copy-paste" or layout.is_default]
     variant, why = resolve_variant(cfg)
     stage_cfg, cfg = cfg, cfg.replace(inpaint_variant=variant)  # every sample, table and figure names the variant used
     start = variant_start(cfg)
@@ -579,7 +621,9 @@ def run_inpainting(
             )
             recs.append(rec)
             continue
-        rec = generate_type(cfg, ty, x4, ids, clusters, progress=progress, stop_after=stop_after, prune=prune)
+        rec = generate_type(
+            cfg, ty, x4, ids, clusters, progress=progress, stop_after=stop_after, prune=prune, image_channels=C
+        )
         recs.append(rec)
         if rec["planned"] == 0:
             notes.append(f"{ty}: no trained model for this type; skipped")
@@ -604,7 +648,7 @@ def run_inpainting(
                 "provenance": "trained by diffusegen (training stage)",
             }
         if rec["total"] and not rec["stopped"]:
-            fig = fig5(cfg, ty, x4, ids)
+            fig = fig5(cfg, ty, x4, ids, image_channels=C)
             save_figure(fig, fig_d / f"fig5_{ty}.png")
             plt.close(fig)
             arts.append(

@@ -31,8 +31,8 @@ from diffusegen.core import (
 )
 
 # %% auto #0
-__all__ = ['PAPER_TRAIN_IMAGES', 'StageFailed', 'notebook_hash', 'stage_key', 'StageRun', 'device_description',
-           'project_full_run', 'projection_markdown', 'write_report', 'reproduce']
+__all__ = ['BINARY_ONLY_STAGES', 'PAPER_TRAIN_IMAGES', 'StageFailed', 'notebook_hash', 'stage_key', 'layout_not_supported',
+           'StageRun', 'device_description', 'project_full_run', 'projection_markdown', 'write_report', 'reproduce']
 
 # %% ../nbs/90_runner.ipynb #709a40f2
 class StageFailed(DiffusegenError):
@@ -61,6 +61,32 @@ def stage_key(cfg: Config, stage: Stage, nb_path, upstream: dict, data_fingerpri
         "data": data_fingerprint,
     }
     return content_key(parts)
+
+# %% ../nbs/90_runner.ipynb #2ae4dcfb
+BINARY_ONLY_STAGES = ("styling", "intrinsic", "segmentation", "statistics")  # RGB + one binary mask only (issue 19)
+
+
+def layout_not_supported(cfg: Config, stage: str) -> str:
+    "Why `stage` cannot run on this run's data layout yet ('' when it can): issue 19's stages not yet multi-class."
+    from diffusegen.data import data_layout, pairs_path
+
+    if not pairs_path(cfg).exists():
+        return ""
+    layout = data_layout(cfg)
+    if layout.is_default:
+        return ""
+    what = f"{layout.image_channels} image channel(s), classes {' '.join(layout.classes)} ({layout.mask_format} masks)"
+    if stage in BINARY_ONLY_STAGES:
+        return (
+            f"not yet for this data ({what}): {stage} assumes RGB images with one binary mask (issue 19); "
+            f"`diffusegen make-synthetic` makes the labelled synthetic set"
+        )
+    if stage == "clustering" and layout.mask_format == "folders":
+        return (
+            f"not yet for masks in class folders ({what}): clustering reads one mask file per image (issue 19); "
+            f"`diffusegen make-synthetic` needs no clusters"
+        )
+    return ""
 
 # %% ../nbs/90_runner.ipynb #c13b83e1
 @dataclass
@@ -563,6 +589,10 @@ def reproduce(
         if done and not force:
             keys[stage.name] = key
             runs.append(StageRun(stage, "cached", prev.get("seconds", 0), key))
+            continue
+        not_yet = layout_not_supported(cfg, stage.name)
+        if not_yet:
+            runs.append(StageRun(stage, "blocked", detail=not_yet))
             continue
         bar.set_postfix_str(stage.name)
         t0 = time.time()

@@ -37,6 +37,7 @@ from diffusegen.core import (
     project_root,
 )
 from .diffusion import GaussianDiffusion, linear_betas, space_timesteps, amp_dtype, release_memory
+from .data import channels_to_labels, data_layout
 
 # %% auto #0
 __all__ = ['parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters', 'model_specs',
@@ -51,8 +52,9 @@ def parse_ints(s: str) -> tuple[int, ...]:
     return tuple(int(v) for v in str(s).replace(",", " ").split())
 
 
-def unet_kwargs(cfg: Config, full: bool = False) -> dict:
-    "`UNet2DModel` arguments for the profile's ADM network (`full`: the full-data model's attention)."
+def unet_kwargs(cfg: Config, full: bool = False, channels: int = 4) -> dict:
+    """`UNet2DModel` arguments for the profile's ADM network (`full`: the full-data model's attention); `channels`:
+    image channels + one per class (issue 19; the paper's RGB + mask: 4), twice that out (ε and the variance)."""
     widths = parse_ints(cfg.block_out_channels)
     attn = set(parse_ints(cfg.full_attention_resolutions if full else cfg.attention_resolutions))
     res = [cfg.image_size // 2**i for i in range(len(widths))]
@@ -60,8 +62,8 @@ def unet_kwargs(cfg: Config, full: bool = False) -> dict:
     up = tuple("AttnUpBlock2D" if r in attn else "ResnetUpsampleBlock2D" for r in reversed(res))
     return dict(
         sample_size=cfg.image_size,
-        in_channels=4,
-        out_channels=8,
+        in_channels=channels,
+        out_channels=2 * channels,
         block_out_channels=widths,
         layers_per_block=cfg.layers_per_block,
         down_block_types=down,
@@ -76,13 +78,13 @@ def unet_kwargs(cfg: Config, full: bool = False) -> dict:
     )
 
 
-def build_unet(cfg: Config, full: bool = False, seed: int | None = None):
-    "A freshly initialised 4→8-channel `UNet2DModel` (seeded)."
+def build_unet(cfg: Config, full: bool = False, seed: int | None = None, channels: int = 4):
+    "A freshly initialised `channels`→2×`channels` `UNet2DModel` (seeded; the paper's 4→8)."
     from diffusers import UNet2DModel
 
     if seed is not None:
         torch.manual_seed(seed)
-    return UNet2DModel(**unet_kwargs(cfg, full))
+    return UNet2DModel(**unet_kwargs(cfg, full, channels))
 
 # %% ../nbs/03_training.ipynb #bb5a865e
 def make_diffusion(cfg: Config) -> GaussianDiffusion:
@@ -156,8 +158,9 @@ def model_specs(
     return specs
 
 
-def spec_hash(cfg: Config, spec: ModelSpec) -> str:
-    "What a model's weights depend on: the training settings, its images, its regime and its initial weights."
+def spec_hash(cfg: Config, spec: ModelSpec, channels: int = 4) -> str:
+    """What a model's weights depend on: the training settings, its images, its regime, its initial weights and
+    (other than the paper's 4, issue 19) its channels."""
     settings, sp = cfg.keys_for("training"), asdict(spec)
     for k in ("init_from", "shipped_weights"):
         settings.pop(k, None)  # what they change is `spec.init` (the initial weights' sha256)
@@ -168,6 +171,8 @@ def spec_hash(cfg: Config, spec: ModelSpec) -> str:
             "train_crop"
         )  # uncropped: the same hash as before `train_crop` existed (finished models stay valid)
     d = {"settings": settings, "image_size": cfg.image_size, "spec": sp}
+    if channels != 4:
+        d["channels"] = channels  # 4: the same hash as before issue 19
     return content_key(d)
 
 # %% ../nbs/03_training.ipynb #4aa9b677
@@ -392,8 +397,9 @@ def loss_figure(losses: pd.DataFrame, title: str):
 
 
 @torch.no_grad()
-def sample_grid(unet, cfg: Config, n: int, seed: int, device, title: str):
-    "Draw `n` 4-channel samples (respaced ancestral sampling) and plot images over their generated masks."
+def sample_grid(unet, cfg: Config, n: int, seed: int, device, title: str, image_channels: int = 3):
+    """Draw `n` samples (respaced ancestral sampling) and plot images over their generated masks (label maps: the
+    arg-max of the class channels where one is positive, issue 19)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,13 +410,22 @@ def sample_grid(unet, cfg: Config, n: int, seed: int, device, title: str):
     unet.eval()
     gens = [torch_generator(step_seed(seed, "samples", i)) for i in range(n)]
     x = diff.sample_loop(
-        lambda x, t: unet(x, t).sample, (n, 4, cfg.image_size, cfg.image_size), generator=gens, device=device
+        lambda x, t: unet(x, t).sample,
+        (n, unet.config.in_channels, cfg.image_size, cfg.image_size),
+        generator=gens,
+        device=device,
     )
     x = x.float().cpu()
+    C, K = image_channels, unet.config.in_channels - image_channels
     fig, ax = plt.subplots(2, n, figsize=(1.5 * n, 3.3), squeeze=False)
     for j in range(n):
-        ax[0, j].imshow(((x[j, :3].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())
-        ax[1, j].imshow((x[j, 3] > 0).numpy(), cmap="gray", vmin=0, vmax=1)
+        im = ((x[j, :C].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+        ax[0, j].imshow(im[..., 0] if C == 1 else im, cmap="gray", vmin=0, vmax=1)
+        if K == 1:
+            ax[1, j].imshow((x[j, C] > 0).numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            u8 = ((x[j, C:].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            ax[1, j].imshow(channels_to_labels(u8), cmap="viridis", vmin=0, vmax=K)
     for a in ax.ravel():
         a.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -539,8 +554,10 @@ def train_model(
     progress: bool = True,
     stop_after: int | None = None,
     accelerator=None,
+    image_channels: int | None = None,
 ) -> dict:
-    """Train (or resume, or reuse) one model on `images` (N×4×S×S in [−1, 1]); returns its record.
+    """Train (or resume, or reuse) one model on `images` (N×4×S×S in [−1, 1]; issue 19: N×(C + K)×S×S, `image_channels`
+    = C; None: 3 for the paper's 4 channels, else the data stage's layout); returns its record.
     With an `accelerator` of several processes (DDP), every step's batch is split between them and only the main
     process writes; the checkpoints are the same files, and any number of processes resumes them."""
     from tqdm.auto import tqdm
@@ -549,7 +566,9 @@ def train_model(
     world, rank = (acc.num_processes, acc.process_index) if acc else (1, 0)
     main = rank == 0
     mdir = Path(mdir)
-    shash = spec_hash(cfg, spec)
+    channels = images.shape[1]
+    image_channels = image_channels or (3 if channels == 4 else data_layout(cfg).image_channels)
+    shash = spec_hash(cfg, spec, channels)
     if world > spec.batch:
         raise DiffusegenError(
             f"{mdir.name}: batch {spec.batch} cannot be split between {world} processes (batch_size must be at least the number of processes)"
@@ -559,7 +578,7 @@ def train_model(
         return {**json.loads((mdir / "final" / "model.json").read_text()), "status": "cached"}
     device = acc.device if acc else resolve_device(cfg)
     diffusion = make_diffusion(cfg)
-    unet = build_unet(cfg, spec.full, seed=step_seed(cfg.seed, spec.name, -(10**6))).to(device)
+    unet = build_unet(cfg, spec.full, seed=step_seed(cfg.seed, spec.name, -(10**6)), channels=channels).to(device)
     if spec.init:
         _init_weights(unet, spec.init, cfg.root, device)
     if device.type == "cuda":
@@ -656,6 +675,7 @@ def train_model(
         cfg.seed,
         device,
         f"{spec.name}: samples ({cfg.sample_weights} weights, {cfg.monitor_sample_steps} steps) and their masks",
+        image_channels,
     )
     save_figure(fig, tmp / "samples.png")
     plt.close(fig)
@@ -688,7 +708,7 @@ def train_model(
         "sample_weights": cfg.sample_weights,
         "device": str(device),
         "world_size": world,
-        "unet": unet_kwargs(cfg, spec.full),
+        "unet": unet_kwargs(cfg, spec.full, channels),
         "init": spec.init,
         "provenance": prov,
     }
@@ -710,25 +730,28 @@ def training_images(cfg: Config, crop: bool = False) -> tuple[torch.Tensor, list
     diffusion training loader sees them: with `train_crop = center` each is read from its file, resized on its short
     side and center-cropped (paper-code-facts b.2), cached beside the data stage's pairs; everything else (inpainting
     sources, FID references, colour matching, segmentation) keeps the data stage's `resize_mode`."""
-    from diffusegen.data import load_pairs, pairs_path
+    from diffusegen.data import Layout, labels_to_channels, load_pairs, pairs_path
 
     p = pairs_path(cfg)
     if not p.exists():
         raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
     t, ids, meta = load_pairs(p)
+    layout = Layout.from_meta(meta.get("layout"))  # issue 19: C image channels, one ±1 channel per class
     keep = [i for i, s in enumerate(meta["split"]) if s == "train"]
     if crop and cfg.train_crop == "center" and meta.get("resize_mode") != "center_crop":
-        t = _center_cropped(cfg, p, [ids[i] for i in keep])
-        imgs, masks = t["images"].float() / 127.5 - 1, t["masks"].float()[:, None] * 2 - 1
+        t = _center_cropped(cfg, p, [ids[i] for i in keep], layout)
+        imgs, masks = t["images"].float() / 127.5 - 1, t["masks"]
     else:
-        imgs = t["images"][keep].float() / 127.5 - 1
-        masks = t["masks"][keep].float()[:, None] * 2 - 1
+        imgs, masks = t["images"][keep].float() / 127.5 - 1, t["masks"][keep]
+    masks = (
+        masks.float()[:, None] * 2 - 1 if layout.is_default else labels_to_channels(masks, layout.n_classes)
+    )  # the paper's one 0/1 mask: ±1 exactly as before
     return torch.cat([imgs, masks], 1), [ids[i] for i in keep]
 
 
-def _center_cropped(cfg: Config, pairs_file: Path, ids: list[str]) -> dict:
+def _center_cropped(cfg: Config, pairs_file: Path, ids: list[str], layout=None) -> dict:
     "The training pairs `ids` center-cropped at `image_size` from their files (`train_crop = center`), cached per pairs file."
-    from diffusegen.data import Pair, load_split, preprocess_pairs, save_pairs, load_pairs
+    from diffusegen.data import Layout, Pair, load_split, preprocess_labels, save_pairs, load_pairs
 
     cache = pairs_file.with_name(
         f"{pairs_file.stem}_train_center_crop_{content_key([sha256_file(pairs_file), ids], 12)}.safetensors"
@@ -736,7 +759,8 @@ def _center_cropped(cfg: Config, pairs_file: Path, ids: list[str]) -> dict:
     if not cache.exists():
         sp = load_split(cfg).set_index("id")
         pairs = [Pair(i, Path(sp.loc[i, "image"]), Path(sp.loc[i, "mask"])) for i in ids]
-        save_pairs(preprocess_pairs(pairs, cfg.replace(resize_mode="center_crop"), progress=False), ids, cache)
+        c = cfg.replace(resize_mode="center_crop")
+        save_pairs(preprocess_labels(pairs, c, layout or Layout(), progress=False), ids, cache)
     return load_pairs(cache)[0]
 
 
@@ -786,6 +810,7 @@ def run_training(
     main = acc is None or acc.is_main_process
     run_d, fig_d = stage_dirs(cfg, "training")
     images, ids = training_images(cfg, crop=True)
+    layout = data_layout(cfg)
     cl = load_clusters(cfg)
     missing = set(cl.id) - set(ids)
     if missing:
@@ -798,7 +823,11 @@ def run_training(
     if cfg.init_from == "shipped" and any(s.full for s in first):
         card, not_shipped = read_shipped(cfg)
         if card is not None:
-            not_shipped = shipped_fit(cfg, card, ids)
+            not_shipped = shipped_fit(cfg, card, ids) or (
+                ""
+                if layout.is_default
+                else f"they are an RGB + one-mask network; this data has {layout.channels} channels"
+            )
         if not not_shipped and main:
             shipped = install_shipped(cfg, card, images, run_d / "full")
     for group in (first, rest):
@@ -812,7 +841,16 @@ def run_training(
                 continue
             imgs = images[[pos[i] for i in spec.ids]]
             recs.append(
-                train_model(spec, imgs, cfg, run_d / spec.name, resume=resume, progress=progress, accelerator=acc)
+                train_model(
+                    spec,
+                    imgs,
+                    cfg,
+                    run_d / spec.name,
+                    resume=resume,
+                    progress=progress,
+                    accelerator=acc,
+                    image_channels=layout.image_channels,
+                )
             )
             release_memory()  # this model's weights, gradients, Adam state and EMA, before the next one is built
     summary = {"models": recs, "table": None}
