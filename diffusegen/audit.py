@@ -142,7 +142,7 @@ def paired_diff(T, table, metric, a, b, n=None) -> pd.Series:
             out.append((x - y).dropna())
     return pd.concat(out) if out else pd.Series(dtype=float)
 
-
+# %% ../nbs/08b_audit.ipynb #eb946bbe
 def _op_mean_std(T, table, metric, kind, n=None):
     v = values(T, int(table), metric, kind, None if n is None else int(n))
     m, s, k = mean_std(v)
@@ -227,7 +227,7 @@ def _op_significant_cells(T, table, a, b, alpha=0.05):
     word = ", ".join(cells) or "none"
     return Derived(word, f"{word} ({'; '.join(parts)})")
 
-
+# %% ../nbs/08b_audit.ipynb #b5d4664b
 def b1_counts(b1: pd.DataFrame, positive: str = "real") -> dict:
     "Confusion counts of Table B1's real/fake ratings; Diff and Styled-Diff together are the Fake images."
     b = b1.set_index("type")
@@ -267,7 +267,7 @@ def _op_b1_argmax(T, column):
         f"{', '.join(type_label(t) for t in best)} ({', '.join(f'{type_label(t)} {v}' for t, v in col.items())})",
     )
 
-
+# %% ../nbs/08b_audit.ipynb #5377986e
 OPS = {
     "mean_std": _op_mean_std,
     "diff_mean_std": _op_diff_mean_std,

@@ -90,7 +90,7 @@ def device_peak(device, precision: str = "fp32") -> tuple[float | None, str]:
             ) * 1e12, f"{name}: {'bf16/fp16 dense' if low else 'fp32'} {half if low else fp32} TFLOP/s (data sheet)"
     return None, f"n/a ({name} not in the table)"
 
-
+# %% ../nbs/92_bench.ipynb #3086ec74
 def _device_name(dev) -> str:
     import torch
 
@@ -123,7 +123,7 @@ def _peak_mb(dev) -> float:
 
     return torch.cuda.max_memory_allocated(dev) / 2**20 if torch.device(dev).type == "cuda" else _rss_mb()
 
-
+# %% ../nbs/92_bench.ipynb #b070f0c5
 def forward_flops(fn, *args) -> float:
     "FLOPs of one call `fn(*args)` (forward, and backward when the call runs one), with `torch.utils.flop_counter`'s per-op formulas."
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -276,7 +276,7 @@ def train_worker(
         **_flop_columns(flops, ips, dev, prec, passes=3.0),
     }  # forward + backward ≈ 3 forwards
 
-
+# %% ../nbs/92_bench.ipynb #84273a5f
 def bench_train(
     profiles=("smoke", "demo", "paper"),
     steps: int = 3,
@@ -335,7 +335,7 @@ def _bench_inputs(B: int, S: int, dilation: int):
     init4, known, _ = inpaint_inputs(x4, dilation)
     return init4, known
 
-
+# %% ../nbs/92_bench.ipynb #bc1a3857
 def generate_worker(
     profile: str,
     respacing: int = 50,
@@ -445,7 +445,7 @@ def generate_worker(
         )
     return rows
 
-
+# %% ../nbs/92_bench.ipynb #879158b0
 def bench_generate(
     profiles=("demo",),
     respacing: int = 50,
@@ -519,7 +519,7 @@ def _bench_style_networks(cfg, device, networks: str = "stage") -> tuple:
             "random-init DINO ViT-B/8 and VGG19 (weights absent; same cost)",
         )
 
-
+# %% ../nbs/92_bench.ipynb #8893bcb8
 def style_worker(
     profile: str,
     steps: int = 3,
@@ -641,7 +641,7 @@ def style_worker(
         )
     return rows
 
-
+# %% ../nbs/92_bench.ipynb #eb921118
 def bench_style(
     profiles=("demo",),
     steps: int = 3,
@@ -912,7 +912,7 @@ def _setting_cfg(cfg, s: dict):
         over["skip_timesteps"] = cfg.skip_timesteps * over["timestep_respacing"] // cfg.timestep_respacing
     return cfg.replace(**over)
 
-
+# %% ../nbs/92_bench.ipynb #0db88143
 def _curve_inputs(cfg, n_images: int, run_d: Path) -> dict:
     """What a sampler curve inpaints and compares with: `n_images` seeded training images (their 4-channel tensors, the
     known region, per-image seeds) and every training image as a PNG under `run_d`/real (the FID reference)."""
@@ -975,7 +975,7 @@ def _inpaint_files(fn, c, inp: dict, d: Path, batch: int, dev) -> tuple[list, fl
             files.append(f)
     return files, secs, nfe
 
-
+# %% ../nbs/92_bench.ipynb #606e77e0
 def fast_sampler_curve(
     cfg,
     settings: list[dict] | None = None,
@@ -1048,7 +1048,7 @@ def fast_sampler_curve(
     df.attrs.update(fid_floor=floor, fid_method=how)
     return df
 
-
+# %% ../nbs/92_bench.ipynb #427ac8a0
 def _write_curve(cfg, df: pd.DataFrame, floor: float, how: str, model: str, sha: str):
     "Table, figure and manifest of `fast_sampler_curve` under figures/<profile>/fast_sampler/."
     import matplotlib

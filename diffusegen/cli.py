@@ -40,7 +40,7 @@ def _cmd_reproduce(a) -> int:
     print(f"report: {cfg.fig_dir / 'report.md'}")
     return 0
 
-
+# %% ../nbs/91_cli.ipynb #4b16f005
 def _cmd_data_check(a) -> int:
     from diffusegen.data import check_classes
 
@@ -85,7 +85,7 @@ def _known_count(path, n: int) -> tuple[str, bool]:
         return f"{title}: {n} of its {want} pairs", False
     return f"{path}: {n} valid pairs, but {title} has {want}", True
 
-
+# %% ../nbs/91_cli.ipynb #7a981b77
 def _cmd_data_prepare(a) -> int:
     from diffusegen.data import run_data
 
@@ -127,7 +127,7 @@ def _cmd_data_download(a) -> int:
     print(f"test every segmentation model on it: --set test_sets={a.name}={root}")
     return 0
 
-
+# %% ../nbs/91_cli.ipynb #e2f7a563
 def _stage_cfg(a):
     return load_config(a.profile, {**_overrides(a.set), **({"out": a.out} if getattr(a, "out", None) else {})})
 
@@ -212,7 +212,7 @@ def _cmd_style(a) -> int:
         print(n)
     return 0
 
-
+# %% ../nbs/91_cli.ipynb #6325a258
 def _cmd_ship(a) -> int:
     from diffusegen.bench import ship_checkpoint
 
@@ -275,7 +275,7 @@ def _cmd_segment(a) -> int:
     print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}, default=str))
     return 0
 
-
+# %% ../nbs/91_cli.ipynb #44ffea18
 def _cmd_evaluate(a) -> int:
     from diffusegen.intrinsic import run_intrinsic
 
@@ -348,10 +348,7 @@ def _cmd_survey_score(a) -> int:
     )
     return 0
 
-
-# ---- more subcommand functions above this line ----
-
-
+# %% ../nbs/91_cli.ipynb #6afcfce5
 def _cmd_weights(a) -> int:
     from diffusegen.weights import (
         WEIGHTS,
@@ -708,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf.set_defaults(func=_cmd_config)
     return P
 
-
+# %% ../nbs/91_cli.ipynb #98e4fb68
 def main(argv=None) -> int:
     "Entry point of the `diffusegen` command."
     args = build_parser().parse_args(argv)

@@ -142,7 +142,7 @@ def _int_list(s: str) -> list[int] | None:
     except ValueError:
         return None
 
-
+# %% ../nbs/00_core.ipynb #9861c26c
 @dataclass(frozen=True)
 class Config:
     "Every setting of a pipeline run. Build it with `load_config`."
@@ -600,7 +600,7 @@ def dry_run_overrides(path: Path | None = None) -> dict:
         raise ConfigError(f"{path}: no [{DRY_RUN_SECTION}] section (the counts of --dry-run)")
     return {k: v for k, v in cp[DRY_RUN_SECTION].items() if k != "base"}
 
-
+# %% ../nbs/00_core.ipynb #9e62efde
 def _profile_values(cp, profile: str, path, seen=()) -> dict:
     "`[DEFAULT]`, then the `base` chain, then the profile's own values."
     if profile == "DEFAULT" or profile not in cp.sections():
@@ -744,7 +744,7 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
         raise
 
-
+# %% ../nbs/00_core.ipynb #90a22946
 def _jsonable(o):
     if isinstance(o, Path):
         return str(o)

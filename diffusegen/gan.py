@@ -75,7 +75,7 @@ def read_chk_id_map(path) -> dict:
         cmap[int(c)] = sid
     return cmap
 
-
+# %% ../nbs/06c_gan.ipynb #ce0a636b
 GAN_CHECK_SAMPLES = 64  # GAN samples compared with real masks (a seeded draw)
 GAN_IOU_MIN = 0.5  # a GAN mask "overlaps its source" at this IoU or more
 GAN_SHIFT_MARGIN = 0.1  # a neighbouring id must fit better by this much mean IoU to call the mapping shifted
@@ -145,7 +145,7 @@ def check_gan_mapping(
         )
     return out
 
-
+# %% ../nbs/06c_gan.ipynb #f04077c4
 def load_gan(
     cfg: Config, ids_sorted: list[str] | None = None, base: int = 1, check: bool = True
 ) -> pd.DataFrame | None:

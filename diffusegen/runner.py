@@ -205,7 +205,7 @@ def _seg_images(full: Config, cell: dict, n_real: int) -> float:
         return n + val
     return n + (a * r * n if full.table3_mode == "add" else a * (r - 1) * n) + val
 
-
+# %% ../nbs/90_runner.ipynb #0900be5c
 def device_description(device: str) -> str:
     "A device string ('cpu', 'cuda', 'cuda:0') as a person names it: the GPU's or CPU's model, with the CPU cores used."
     import os
@@ -243,7 +243,7 @@ def _seg_unit(cfg: Config, summary: dict) -> float | None:
     work = (r.epochs * (r.n_train + r.n_val)).sum()
     return float(r.seconds.sum() / work) if work else None
 
-
+# %% ../nbs/90_runner.ipynb #7862614c
 def project_full_run(cfg: Config, stage_seconds: dict | None = None) -> dict:
     """The full (non-dry) run of `cfg.profile` projected from the dry run whose manifests `cfg` points at: {'rows':
     [{stage, unit, seconds_per_unit, units, hours}], 'total_h', 'device', 'slurm'}. `stage_seconds`: the dry run's
@@ -374,7 +374,7 @@ def project_full_run(cfg: Config, stage_seconds: dict | None = None) -> dict:
         "slurm": slurm,
     }
 
-
+# %% ../nbs/90_runner.ipynb #a9844dbb
 def projection_markdown(p: dict, profile: str) -> list[str]:
     "The report's 'Projected full run' section from `project_full_run`'s result."
     fmt = lambda s: "" if s is None else (f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s")
@@ -406,7 +406,7 @@ def _rel(p, base: Path) -> str:
     except ValueError:
         return str(p)
 
-
+# %% ../nbs/90_runner.ipynb #49c56cc9
 def write_report(cfg: Config, runs: list[StageRun], data=None) -> Path:
     "Write `figures/<profile>/report.md` from the stage runs and their manifests."
     base = cfg.fig_dir
@@ -526,7 +526,7 @@ def _failed_cell(executed, index: int) -> str:
     first = next((l for l in cells[index].source.splitlines() if l.strip() and not l.startswith("#|")), "").strip()
     return f"cell {index - injected + 1} ({first[:60]!r})"
 
-
+# %% ../nbs/90_runner.ipynb #315f83f9
 def reproduce(
     profile: str = "demo",
     data=None,

@@ -69,7 +69,7 @@ def _wait(jobs, names) -> list:
             raise DiffusegenError(f"{n}: job {j.job_id} failed: {last[0].strip()} (log: {j.paths.stderr})") from None
     return out
 
-
+# %% ../nbs/03b_scale.ipynb #ade47246
 def local_waves(n: int, gpu_ids: list[str]) -> list[list[tuple[int, str | None]]]:
     "Jobs 0..n−1 in waves for the local executor: one job per GPU at a time, each on its own GPU id; one at a time without GPUs."
     w = max(1, len(gpu_ids))
@@ -242,7 +242,7 @@ def generate_shard(cfg: Config, kind: str, shard: tuple[int, int], device=None, 
     )
     return {**rec, "shard": f"{i}/{k}", "sources": len(sources)}
 
-
+# %% ../nbs/03b_scale.ipynb #b62f1039
 def merge_shards(cfg: Config, kind: str) -> int:
     "Move every shard's samples of type `kind` into the real folder and merge the manifests (run after all shards finished); returns the merged rows (0: no shards)."
     from diffusegen.sets import set_dir, MANIFEST_COLUMNS, read_manifest_csv, write_manifest_csv

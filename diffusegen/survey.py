@@ -140,7 +140,7 @@ them with a button at the end of the page and send the file back.</p>
 </body></html>
 """
 
-
+# %% ../nbs/06a_survey.ipynb #84af55f8
 def key_copy(key_path, survey_id: str) -> Path:
     "Where the answer key of survey `survey_id` is kept beside `key_path`: <stem>_<survey id>.csv."
     key_path = Path(key_path)
@@ -236,7 +236,7 @@ def read_answers(path) -> pd.DataFrame:
         raise DiffusegenError(f"{path}: needs columns item, image, seg, rf")
     return df.replace({"": None})
 
-
+# %% ../nbs/06a_survey.ipynb #185b4f27
 def binary_scores(truth_fake, said_fake, positive: str = "real") -> dict:
     "accuracy, precision, recall (of class `positive`: 'real' or 'fake'), Cohen's κ, and the confusion counts."
     t, s = np.asarray(truth_fake, bool), np.asarray(said_fake, bool)
@@ -258,7 +258,7 @@ def binary_scores(truth_fake, said_fake, positive: str = "real") -> dict:
         "kappa": (po - pe) / (1 - pe) if pe != 1 else float("nan"),
     }
 
-
+# %% ../nbs/06a_survey.ipynb #b752aba9
 def check_answers(ans: pd.DataFrame, where) -> str:
     """The survey id of the answers `ans` (read from `where`), after checking that every item occurs once, every value
     is one of the page's options (or empty) and all rows carry the same survey id; else one DiffusegenError line."""
@@ -295,7 +295,7 @@ def find_key(key_path, survey_id: str) -> Path:
         f"and no {alt.name} is beside it"
     )
 
-
+# %% ../nbs/06a_survey.ipynb #e73f58a2
 def score_survey(answers, key_path) -> tuple[pd.DataFrame, dict]:
     """Table B1 (counts per type × answer) and the real-vs-fake scores, from an answers file (or DataFrame, with a
     `survey` column) and the answer key of their survey id (`key_path` or its kept copy: `find_key`)."""

@@ -148,7 +148,7 @@ def clean_fid_cache_dirs() -> list[Path]:
     dirs = [Path("/tmp"), Path(tempfile.gettempdir())]
     return list(dict.fromkeys(d for d in dirs))
 
-
+# %% ../nbs/00_weights.ipynb #12ece6ef
 def _hf_snapshot_file(repo: str, names=("model.safetensors", "pytorch_model.bin")) -> tuple[Path | None, str]:
     "The newest file of `repo` in the Hugging Face cache (the `refs/main` snapshot first) and the pattern searched."
     base = hf_hub_cache() / f"models--{repo.replace('/', '--')}"
@@ -742,7 +742,7 @@ def _expect(spec: WeightsSpec, h: str) -> tuple[bool, str]:
         return h.startswith(spec.hash_prefix), f"sha256 prefix {spec.hash_prefix} of the official file name"
     return True, "none published upstream: the sha256 is recorded at this first download (trust on first use)"
 
-
+# %% ../nbs/00_weights.ipynb #956002bb
 def _offline_line(spec: WeightsSpec, url: str, dest: Path, reason: str) -> str:
     return (
         f"download of {spec.title} from {url} failed ({reason}); on a machine with a network download {url} and put "
@@ -856,7 +856,7 @@ def needed_weights(cfg: Config, stages=None) -> dict:
         )
     return need
 
-
+# %% ../nbs/00_weights.ipynb #8bca1ebf
 def weights_report(cfg: Config, with_hash: bool = True, stages=None) -> list[dict]:
     """One dict per network: name, title, needed (what for, or ''), status (found, substitute, missing, error, not
     needed), source, origin, label, sha256, check (True/False/None: the hash matches / does not / nothing to compare),
