@@ -51,7 +51,7 @@ def _cmd_data_check(a) -> int:
     ):
         if not ok:
             raise ConfigError(f"data check {opt} {v:g}: must be {rng}")
-    rep = check_classes(  # any layout (issue 19): the classes found, their pixel shares and images per class
+    rep = check_classes(  # any layout: the classes found, their pixel shares and images per class
         a.path,
         a.classes,
         a.image_channels,
@@ -401,7 +401,7 @@ def _cmd_config(a) -> int:
 
 # %% ../nbs/91_cli.ipynb #acff85d1
 def _cmd_make_synthetic(a) -> int:
-    "`diffusegen make-synthetic`: `diffusegen.make_synthetic` from the shell (issue 19)."
+    "`diffusegen make-synthetic`: `diffusegen.make_synthetic` from the shell."
     from diffusegen.synthetic import make_synthetic
 
     s = make_synthetic(

@@ -164,7 +164,7 @@ class Config:
         100_000_000, "data", "largest width × height read; a larger file is a bad pair (decompression-bomb guard)", ge=1
     )
     on_bad_pairs: str = _f("error", "data")
-    # several classes and grey images (issue 19; §2.1, §4): left out of the hashes at their defaults
+    # several classes and grey images (§2.1, §4): left out of the hashes at their defaults
     image_channels: str = _f(
         "auto", "data training", "1, 3 or auto (grey when every image has one band)", hash_default=False
     )
@@ -433,7 +433,7 @@ class Config:
         need(
             self.classes.strip() == "auto" or (0 < len(names) == len(set(names)) <= 254 and "auto" not in names),
             "classes",
-            "auto or 1 to 254 distinct class names separated by spaces (issue 19)",
+            "auto or 1 to 254 distinct class names separated by spaces",
         )
         down = 2 ** (len(_int_list(self.block_out_channels)) - 1)
         need(

@@ -1063,7 +1063,7 @@ def dataset_fingerprint(root) -> str:
         if d.is_dir():
             for p in sorted(d.iterdir()):
                 h.update(f"{sub}/{p.name}:{p.stat().st_size}\n".encode())
-                if sub == "masks" and p.is_dir():  # masks/<class>/<id>.png (issue 19)
+                if sub == "masks" and p.is_dir():  # masks/<class>/<id>.png
                     for q in sorted(p.iterdir()):
                         h.update(f"{sub}/{p.name}/{q.name}:{q.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
@@ -1252,7 +1252,7 @@ def sample_figure(tensors: dict, ids: list[str], n: int = 8, seed: int = 0):
     fig, ax = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
     for j, i in enumerate(idx):
         im = tensors["images"][i].permute(1, 2, 0).numpy()
-        ax[0, j].imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray")  # grey images (issue 19)
+        ax[0, j].imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray")  # grey images
         ax[0, j].set_title(ids[i][:10], fontsize=6)
         ax[1, j].imshow(tensors["masks"][i].numpy(), cmap="gray", vmin=0, vmax=max(1, int(tensors["masks"].max())))
     for a in ax.ravel():
@@ -1309,7 +1309,7 @@ def run_data(cfg: Config, data=None, progress: bool = True) -> dict:
             "image_size": cfg.image_size,
             "resize_mode": cfg.resize_mode,
             "dataset": str(root),
-            **({} if layout.is_default else {"layout": layout.to_meta()}),  # issue 19: none for the paper's
+            **({} if layout.is_default else {"layout": layout.to_meta()}),  # none for the paper's
         },
     )
     share = np.array([s.polyp_share for s in rep.stats]) * 100

@@ -141,7 +141,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def inpaint_inputs(x4: torch.Tensor, d: int, image_channels: int = 3) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(init4, known, dilated) from real N×4×S×S pairs in [−1, 1]: init4 = [RGB, dilated mask ±1], known = 1 outside.
-    Any channel count (issue 19: N×(C + K)×S×S, C = `image_channels`): each class channel dilated, and the unknown
+    Any channel count (N×(C + K)×S×S for C image channels and K classes, C = `image_channels`): each class channel dilated, and the unknown
     region the union of the classes' masks, dilated (= the union of the dilated classes; K = 1: the paper's)."""
     C = image_channels
     cls = [[dilate_mask((m > 0).numpy(), d) for m in x[C:]] for x in x4]
@@ -300,7 +300,7 @@ def generate_type(
 ) -> dict:
     """Make (or finish) the samples of type `kind`; returns counts, timings and skipped images. `stop_after`: stop after that
     many batches (tests). Finished samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them.
-    `x4` may have any channel count (issue 19): `image_channels` image channels, then one per class (None: 3 for the
+    `x4` may have any channel count: `image_channels` image channels, then one per class (None: 3 for the
     paper's 4 channels, else the data stage's layout)."""
     C = image_channels or (3 if x4.shape[1] == 4 else data_layout(cfg).image_channels)
     from diffusegen.training import load_unet
@@ -457,7 +457,7 @@ def fig5(
     cfg: Config, kind: str, x4: torch.Tensor, ids: list[str], n_sources: int = 4, image_channels: int | None = None
 ):
     """Fig. 5 for type `kind`: rows of (source | samples) images with their masks beneath, the dilated region outlined
-    (issue 19: grey images, and label maps shown with one grey level per class)."""
+    (grey images, and label maps shown with one grey level per class)."""
     C = image_channels or (3 if x4.shape[1] == 4 else data_layout(cfg).image_channels)
     K = x4.shape[1] - C
     scale = 1 if K == 1 else 255 // K  # a label map's classes as grey levels
@@ -570,7 +570,7 @@ def run_inpainting(
     fig_d = stage_dirs(cfg, "inpainting")[1]
     fig_d.mkdir(parents=True, exist_ok=True)
     x4, ids = training_images(cfg)
-    layout = data_layout(cfg)  # issue 19: image channels and classes of the data
+    layout = data_layout(cfg)  # image channels and classes of the data
     C = layout.image_channels
     cl = load_clusters(cfg)
     clusters = dict(zip(cl.id.astype(str), cl.cluster.astype(int)))

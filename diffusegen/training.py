@@ -54,7 +54,7 @@ def parse_ints(s: str) -> tuple[int, ...]:
 
 def unet_kwargs(cfg: Config, full: bool = False, channels: int = 4) -> dict:
     """`UNet2DModel` arguments for the profile's ADM network (`full`: the full-data model's attention); `channels`:
-    image channels + one per class (issue 19; the paper's RGB + mask: 4), twice that out (ε and the variance)."""
+    image channels + one per class (the paper's RGB + mask: 4), twice that out (ε and the variance)."""
     widths = parse_ints(cfg.block_out_channels)
     attn = set(parse_ints(cfg.full_attention_resolutions if full else cfg.attention_resolutions))
     res = [cfg.image_size // 2**i for i in range(len(widths))]
@@ -160,7 +160,7 @@ def model_specs(
 
 def spec_hash(cfg: Config, spec: ModelSpec, channels: int = 4) -> str:
     """What a model's weights depend on: the training settings, its images, its regime, its initial weights and
-    (other than the paper's 4, issue 19) its channels."""
+    (other than the paper's 4) its channels."""
     settings, sp = cfg.keys_for("training"), asdict(spec)
     for k in ("init_from", "shipped_weights"):
         settings.pop(k, None)  # what they change is `spec.init` (the initial weights' sha256)
@@ -172,7 +172,7 @@ def spec_hash(cfg: Config, spec: ModelSpec, channels: int = 4) -> str:
         )  # uncropped: the same hash as before `train_crop` existed (finished models stay valid)
     d = {"settings": settings, "image_size": cfg.image_size, "spec": sp}
     if channels != 4:
-        d["channels"] = channels  # 4: the same hash as before issue 19
+        d["channels"] = channels  # 4: the paper's 4-channel model keeps its hash
     return content_key(d)
 
 # %% ../nbs/03_training.ipynb #4aa9b677
@@ -399,7 +399,7 @@ def loss_figure(losses: pd.DataFrame, title: str):
 @torch.no_grad()
 def sample_grid(unet, cfg: Config, n: int, seed: int, device, title: str, image_channels: int = 3):
     """Draw `n` samples (respaced ancestral sampling) and plot images over their generated masks (label maps: the
-    arg-max of the class channels where one is positive, issue 19)."""
+    arg-max of the class channels where one is positive)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -556,7 +556,7 @@ def train_model(
     accelerator=None,
     image_channels: int | None = None,
 ) -> dict:
-    """Train (or resume, or reuse) one model on `images` (N×4×S×S in [−1, 1]; issue 19: N×(C + K)×S×S, `image_channels`
+    """Train (or resume, or reuse) one model on `images` (N×4×S×S in [−1, 1]; N×(C + K)×S×S for C image channels and K classes, `image_channels`
     = C; None: 3 for the paper's 4 channels, else the data stage's layout); returns its record.
     With an `accelerator` of several processes (DDP), every step's batch is split between them and only the main
     process writes; the checkpoints are the same files, and any number of processes resumes them."""
@@ -736,7 +736,7 @@ def training_images(cfg: Config, crop: bool = False) -> tuple[torch.Tensor, list
     if not p.exists():
         raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
     t, ids, meta = load_pairs(p)
-    layout = Layout.from_meta(meta.get("layout"))  # issue 19: C image channels, one ±1 channel per class
+    layout = Layout.from_meta(meta.get("layout"))  # C image channels, one ±1 channel per class
     keep = [i for i, s in enumerate(meta["split"]) if s == "train"]
     if crop and cfg.train_crop == "center" and meta.get("resize_mode") != "center_crop":
         t = _center_cropped(cfg, p, [ids[i] for i in keep], layout)

@@ -189,7 +189,7 @@ def test_control_characters_and_undecodable_bytes_in_names_stay_on_one_line(tmp_
     r = cli("data", "check", d)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     lines = r.stdout.splitlines()
-    assert len(lines) == 3 + 3 + 2, lines  # three problems, three summary lines, then the classes (issue 19)
+    assert len(lines) == 3 + 3 + 2, lines  # three problems, three summary lines, then the classes
     assert f"{d / 'images'}/new\\nline.jpg: image without a mask (no masks/new\\nline.* file)" in lines
     assert f"{d / 'images'}/esc\\x1b[31m.jpg: empty file (0 bytes)" in lines
     assert any(l.startswith(f"{d / 'images'}/bad\\udcff.jpg: image without a mask") for l in lines)

@@ -1,4 +1,4 @@
-"Issue 19: several classes and grey images. The paper's binary polyp case is pinned to what it was before."
+"Several classes and grey images. The paper's binary polyp case is pinned to what it was before."
 
 import hashlib
 import json
@@ -40,7 +40,7 @@ def sha(t) -> str:
 
 
 def test_binary_png_masks_same_arrays_as_before(tmp_path):
-    "The procedural demo set (RGB JPEG images, 0/255 PNG masks): the arrays the code before issue 19 made (pinned)."
+    "The procedural demo set (RGB JPEG images, 0/255 PNG masks): the arrays the code made before several classes existed (pinned)."
     d = make_demo_dataset(tmp_path / "d", n=6, size=48, seed=3)
     rep = check_classes(d)
     assert rep.ok and rep.layout == Layout() and rep.layout.is_default
@@ -147,7 +147,7 @@ def test_data_stage_multiclass_grey(tmp_path):
 
 
 def _old_inpaint_inputs(x4, d):
-    "The 4-channel code before issue 19, verbatim."
+    "The 4-channel code before several classes existed, verbatim."
     import torch
     from diffusegen.data import dilate_mask
 
@@ -157,7 +157,7 @@ def _old_inpaint_inputs(x4, d):
 
 
 def test_binary_model_and_read_back_bit_identical():
-    """A tiny seeded 4-channel model: the same network, the same samples as before issue 19 (numbers of the code
+    """A tiny seeded 4-channel model: the same network, the same samples as before several classes existed (numbers of the code
     before it, measured on the CPU), and the same RePaint inputs and read-back as the 4-channel code."""
     import torch
     from diffusegen.data import channels_to_labels, from_tensor, from_tensor4
