@@ -24,8 +24,9 @@ from .core import DataError, fsync_path, fsync_tree, write_json
 # %% auto #0
 __all__ = ['DEMO_VERSION', 'DEMO_AREA_RANGE', 'MULTICLASS_VERSION', 'MULTICLASS_CLASSES', 'DATASETS', 'IMAGE_EXTS',
            'EXTERNAL_DIR', 'EXTERNAL_SETS', 'EXTERNAL_VERSION', 'demo_pair', 'make_demo_dataset', 'multiclass_pair',
-           'make_multiclass_dataset', 'RemoteDataset', 'safe_extract', 'check_layout', 'download_dataset',
-           'ExternalSet', 'convert_external', 'extract_archive', 'external_dir', 'download_external']
+           'make_multiclass_dataset', 'RemoteDataset', 'safe_extract', 'check_layout', 'fetch_or_explain',
+           'download_dataset', 'ExternalSet', 'convert_external', 'extract_archive', 'external_dir',
+           'download_external']
 
 # %% ../nbs/01a_datasets.ipynb #7efd420a
 DEMO_VERSION = "demo-v1"  # bump when the generator's output changes
@@ -545,6 +546,28 @@ def _finish(part: Path, zip_path: Path, url: str, total: int | None, accept=zipf
 _NET_ERRORS = (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException, OSError)
 
 
+def fetch_or_explain(url: str, path: Path, title: str, hint: str, timeout: float, progress: bool, accept=None):
+    """`_http_download(url, path)`; a failure is one DataError naming the URL, the bytes kept for resuming and `hint`
+    (where to put the file by hand). A DataError of the download itself (a short or wrong file) gets the hint too."""
+    try:
+        _http_download(url, path, timeout, progress, **({"accept": accept} if accept else {}))
+    except urllib.error.HTTPError as e:
+        raise DataError(
+            f"could not download {title}: {url} answered HTTP {e.code} {_one_line(e.reason)}; {hint}"
+        ) from None
+    except DataError as e:
+        raise DataError(f"{e}; or {hint}") from None
+    except _NET_ERRORS as e:
+        why = _one_line(getattr(e, "reason", None) or e) or type(e).__name__
+        part = path.with_name(path.name + ".part")
+        got = (
+            f", {part.stat().st_size} bytes kept in {part.name} for resuming"
+            if part.exists() and part.stat().st_size
+            else ""
+        )
+        raise DataError(f"could not download {title} from {url} ({why}{got}); {hint}") from None
+
+
 def download_dataset(
     name: str,
     dest,
@@ -572,23 +595,7 @@ def download_dataset(
     if not zip_path.is_file():
         dest.mkdir(parents=True, exist_ok=True)
         hint = f"fetch {url} on a machine with internet and put it at {zip_path}, then run again"
-        try:
-            _http_download(url, zip_path, timeout, progress)
-        except urllib.error.HTTPError as e:
-            raise DataError(
-                f"could not download {ds.title}: {url} answered HTTP {e.code} {_one_line(e.reason)}; {hint}"
-            ) from None
-        except DataError:
-            raise
-        except _NET_ERRORS as e:
-            why = _one_line(getattr(e, "reason", None) or e) or type(e).__name__
-            part = zip_path.with_name(zip_path.name + ".part")
-            got = (
-                f", {part.stat().st_size} bytes kept in {part.name} for resuming"
-                if part.exists() and part.stat().st_size
-                else ""
-            )
-            raise DataError(f"could not download {ds.title} from {url} ({why}{got}); {hint}") from None
+        fetch_or_explain(url, zip_path, ds.title, hint, timeout, progress)
     tmp = dest / f".{name}.extract-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         safe_extract(zip_path, tmp)
@@ -985,23 +992,7 @@ def download_external(
     fresh = not arch.is_file()
     if fresh:
         final.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _http_download(url, arch, timeout, progress, accept=_is_archive)
-        except urllib.error.HTTPError as e:
-            raise DataError(
-                f"could not download {spec.title}: {url} answered HTTP {e.code} {_one_line(e.reason)}; {hint}"
-            ) from None
-        except DataError as e:
-            raise DataError(f"{e}; or {hint}") from None
-        except _NET_ERRORS as e:
-            why = _one_line(getattr(e, "reason", None) or e) or type(e).__name__
-            part = arch.with_name(arch.name + ".part")
-            got = (
-                f", {part.stat().st_size} bytes kept in {part.name} for resuming"
-                if part.exists() and part.stat().st_size
-                else ""
-            )
-            raise DataError(f"could not download {spec.title} from {url} ({why}{got}); {hint}") from None
+        fetch_or_explain(url, arch, spec.title, hint, timeout, progress, accept=_is_archive)
     record = _archive_record(spec, arch, url, fresh)
     tmp = final.parent / f".{name}.extract-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
