@@ -1159,7 +1159,7 @@ def checkpoint_curve(
     from diffusegen.inpainting import CPU_BATCH
     from diffusegen.intrinsic import file_features, fid_from_features, kid_from_features
 
-    c = cfg.replace(inpaint_variant="paper-code")  # from pure noise: how the demo uses a shipped model
+    c = cfg.replace(inpaint_variant="paper-code")  # from pure noise: the model draws every tissue pixel itself
     run_d, dev = stage_dirs(cfg, "checkpoint_curve")[0], resolve_device(cfg)
     inp = _curve_inputs(cfg, n_images, run_d)
     ref = file_features(cfg, inp["real_files"])
