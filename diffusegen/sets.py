@@ -385,5 +385,7 @@ CELL_COLUMNS = KEY_COLUMNS + [
     "status",
     "n_syn",
     "short_of_r",
+    "class_iou",  # issue 19, several classes: {class: mean IoU} as JSON ('' for one class: iou is that class's)
+    "class_dice",  # and {class: mean Dice}; iou, dice are then the means over the classes
 ]
 RESULT_COLUMNS = CELL_COLUMNS + ["test_set"]  # results.csv: one row per cell and test set (in-domain first)
