@@ -44,6 +44,8 @@ from diffusegen.sets import (
     KEY_COLUMNS,
     CELL_COLUMNS,
     RESULT_COLUMNS,
+    class_text,
+    class_values,
     read_set,
     type_label,
     filtered_key,
@@ -54,14 +56,13 @@ from diffusegen.sets import (
 # %% auto #0
 __all__ = ['MEAN', 'STD', 'LEDGER_COLUMNS', 'EXTERNAL_COLUMNS', 'STALE', 'SCORE_COLUMNS', 'AGREEMENT_CELL', 'AGREEMENT_COLUMNS',
            'polyp_channel', 'confusion', 'iou_score', 'dice_score', 'soft_dice_loss', 'class_dice_loss', 'class_scores',
-           'class_text', 'class_values', 'encoder_weights_file', 'encoder_provenance', 'build_model',
-           'train_augmentation', 'to_tensors', 'hash_rank', 'grouped_split', 'augment_small_set', 'evaluate',
-           'train_cell', 'cell_seed', 'filtered_rows', 'grid', 'Sets', 'cell_data', 'data_hash', 'cell_hash',
-           'results_paths', 'checkpoint_path', 'save_cell_checkpoint', 'load_cell_model', 'evaluate_external',
-           'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables', 'agreement_paths',
-           'agreement_segmenter', 'mask_stats', 'touches_region', 'predict', 'model_classes', 'predict_labels',
-           'label_agreement', 'agreement_table', 'agreement_figure', 'memorization_provenance', 'run_label_agreement',
-           'table_artifact', 'run_segmentation']
+           'encoder_weights_file', 'encoder_provenance', 'build_model', 'train_augmentation', 'to_tensors', 'hash_rank',
+           'grouped_split', 'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'filtered_rows', 'grid', 'Sets',
+           'cell_data', 'data_hash', 'cell_hash', 'results_paths', 'checkpoint_path', 'save_cell_checkpoint',
+           'load_cell_model', 'evaluate_external', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text',
+           'quick_tables', 'agreement_paths', 'agreement_segmenter', 'mask_stats', 'touches_region', 'predict',
+           'model_classes', 'predict_labels', 'label_agreement', 'agreement_table', 'agreement_figure',
+           'memorization_provenance', 'run_label_agreement', 'table_artifact', 'run_segmentation']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
 def polyp_channel(prob: torch.Tensor) -> torch.Tensor:
@@ -117,17 +118,6 @@ def class_scores(prob: torch.Tensor, labels: torch.Tensor, eps: float = 1e-7) ->
         iou.append((tp + eps) / (tp + fp + fn + eps))
         dice.append((2 * tp + eps) / (2 * tp + fp + fn + eps))
     return {"dice_loss": class_dice_loss(prob, labels), "iou": torch.stack(iou, 1), "dice": torch.stack(dice, 1)}
-
-
-def class_text(names, values) -> str:
-    "Per-class values as results.csv keeps them: JSON {class: value}; '' for one class (or none given)."
-    return "" if values is None or len(names) < 2 else json.dumps(dict(zip(names, map(float, values))))
-
-
-def class_values(text) -> dict:
-    "Inverse of `class_text`: {class: value}, {} for ''/NaN (one class, or results written before issue 19)."
-    s = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text).strip()
-    return json.loads(s) if s else {}
 
 # %% ../nbs/07_segmentation.ipynb #a81f7212
 def _arch(name: str):

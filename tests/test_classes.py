@@ -411,3 +411,24 @@ def test_binary_results_have_empty_class_columns_and_old_ledgers_read(tmp_path):
         cfg, led, [dict(table=2, type="real", n=1, r=0, mode="", repeat=0)], {("2", "real", "1", "0", "", "0"): "abc"}
     )
     assert res.class_iou[0] == "" and res.iou[0] == 0.3
+
+
+def test_multiclass_statistics_tables_have_per_class_columns(tmp_path):
+    "Tables 2 and 3 of the statistics stage: the mean over the classes as the headline, each class's IoU beside."
+    from diffusegen.statistics import read_results, run_statistics
+
+    cfg, _ = _mc_segmentation(tmp_path)
+    import pandas as pd
+
+    run_statistics(cfg, progress=False)
+
+    fig = cfg.root / "figures" / cfg.profile / "statistics"
+    t2 = pd.read_csv(fig / "table2.csv", keep_default_na=False)
+    assert {"IoU round", "IoU elongated", "Dice round"} <= set(t2.columns) and list(t2.columns)[-1] == "status"
+    real = t2[t2.type == "Real"].iloc[0]
+    res = read_results(cfg)
+    assert float(real["IoU"]) == pytest.approx(
+        float(res[(res.table == 2) & (res.test_set == "in-domain")].iou.iloc[0]), abs=1e-4
+    )
+    t3 = pd.read_csv(fig / "table3.csv", keep_default_na=False)
+    assert "IoU elongated" in t3.columns
