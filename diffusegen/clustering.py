@@ -31,14 +31,15 @@ from .data import read_image, read_mask_grey, read_mask, load_split
 from .weights import resolve_weights, inception_features
 
 # %% auto #0
-__all__ = ['MASK_MODES', 'FEATURE_VERSION', 'PAPER_K', 'PAPER_K20_SIZES', 'union_mask', 'feature_inputs', 'pair_features',
-           'feature_cache_key', 'feature_cache_dir', 'cached_pair_features', 'kmeans_labels', 'match_clusters',
-           'paper_agreement', 'seed_stability', 'paper_partition_fit', 'cluster_mosaic', 'fig3_clusters',
-           'projection_2d', 'projection_figure', 'contingency_figure', 'clusters_path', 'load_clusters', 'size_table',
-           'run_clustering']
+__all__ = ['MASK_MODES', 'UNION', 'FEATURE_VERSION', 'PAPER_K', 'PAPER_K20_SIZES', 'union_mask', 'feature_inputs',
+           'pair_features', 'feature_cache_key', 'feature_cache_dir', 'cached_pair_features', 'kmeans_labels',
+           'match_clusters', 'paper_agreement', 'seed_stability', 'paper_partition_fit', 'cluster_mosaic',
+           'fig3_clusters', 'projection_2d', 'projection_figure', 'contingency_figure', 'clusters_path',
+           'load_clusters', 'size_table', 'run_clustering']
 
 # %% ../nbs/02_clustering.ipynb #1a057840
-MASK_MODES = ("grey", "raw", "binary", "union")  # union: several classes (issue 19), set by the stage, not a setting
+MASK_MODES = ("grey", "raw", "binary")  # the setting cluster_mask_read
+UNION = "union"  # several classes (issue 19): the union of the classes, set by the stage (not a setting)
 FEATURE_VERSION = 1  # bump when the feature computation changes: old cache files are then ignored
 
 
@@ -55,8 +56,9 @@ def union_mask(image, mask, threshold: int = 128) -> np.ndarray:
 
     mask = Path(mask)
     if not mask.is_dir():
-        with Image.open(mask) as im:
-            return (np.asarray(im) > 0).astype(np.uint8) * np.uint8(255)
+        with Image.open(mask) as im:  # label / palette indices as they are; anything else as grey levels
+            a = np.asarray(im if im.mode in ("L", "P", "I", "I;16") else im.convert("L"))
+        return (a > 0).astype(np.uint8) * np.uint8(255)
     out, sid = None, Path(image).stem
     for d in _class_folders(mask):
         p = _class_file(mask, d.name, sid)
@@ -75,14 +77,14 @@ def feature_inputs(
     mask_mode: 'raw' = the file decoded as RGB (the paper's `Image.open(mask).convert("RGB")`, the default); 'grey' =
     the mask's L grey levels replicated to RGB; 'binary' = thresholded at `threshold`, {0, 255}; 'union' = the union of
     the classes (`union_mask`, issue 19), {0, 255}."""
-    if mask_mode not in MASK_MODES:
-        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    if mask_mode not in MASK_MODES + (UNION,):
+        raise ValueError(f"mask_mode must be one of {MASK_MODES + (UNION,)}, got {mask_mode!r}")
     img = read_image(image)
     if mask_mode == "raw":
         m = read_image(mask)
     elif mask_mode == "grey":
         m = read_mask_grey(mask)
-    elif mask_mode == "union":
+    elif mask_mode == UNION:
         m = union_mask(image, mask, threshold)
     else:
         m = read_mask(mask, threshold).astype(np.uint8) * np.uint8(255)
@@ -543,7 +545,7 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
 
     layout = data_layout(cfg)
     if layout.n_classes > 1 or layout.mask_format == "folders":  # issue 19: the union of the classes is the mask
-        mask_mode = "union"
+        mask_mode = UNION
     t1 = time.time()
     feats, cache, hit = cached_pair_features(
         pairs,

@@ -38,7 +38,7 @@ from diffusegen.core import (
     resumable,
 )
 from .core import read_ledger as read_ledger_file
-from .data import IN_DOMAIN, test_set_specs, load_test_set
+from .data import IN_DOMAIN, Layout, test_set_specs, load_test_set
 from diffusegen.sets import (
     TYPES,
     KEY_COLUMNS,
@@ -1335,6 +1335,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     run_d.mkdir(parents=True, exist_ok=True)
     fig_d.mkdir(parents=True, exist_ok=True)
     sets = Sets(cfg)
+    layout = getattr(sets, "layout", None) or Layout()  # issue 19: the classes (a stand-in Sets may have none)
     cells = grid(cfg)
     todo = cells if only is None else [c for c in cells if any(all(str(c[k]) == str(o[k]) for k in o) for o in only)]
     ledger = read_ledger(cfg)
@@ -1417,7 +1418,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                 continue
             t0 = time.time()
             label = f"table {cell['table']} {cell['type']} n={cell['n']} r={cell['r']}"
-            K = sets.layout.n_classes
+            K = layout.n_classes
             res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress, label, n_classes=K)
             save_cell_checkpoint(cfg, cell, res.pop("state"), h)  # external test sets; the Real cell's: label agreement
             trained += 1
@@ -1430,7 +1431,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                 "n_val": len(data["val"][0]),
                 "status": "ok",
                 **counts,
-                **{c: class_text(sets.layout.classes, res.get(c)) for c in ("class_iou", "class_dice")},
+                **{c: class_text(layout.classes, res.get(c)) for c in ("class_iou", "class_dice")},
                 "settings_hash": h,
                 "seconds": round(time.time() - t0, 2),
             }
