@@ -1483,6 +1483,13 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         "train/validation split grouped by source image (the paper code's split is not; paper-code-facts b.7.12)",
         f"Table 3 mode: {cfg.table3_mode} ({'r siblings added with probability α, the text' if cfg.table3_mode == 'add' else 'each real image replaced by r siblings with probability α, the caption'})",
     ]
+    if layout.n_classes > 1 or layout.image_channels == 1:  # issue 19
+        notes.append(
+            f"data: {layout.image_channels} image channel(s), classes {' '.join(layout.classes)}: the segmenter predicts "
+            f"{layout.n_classes + 1} classes (softmax, background 0), trained on the mean of the classes' soft Dice "
+            "losses; dice, iou = the means over the classes of the arg-max prediction's per-class scores, each class's "
+            "in class_iou, class_dice; grey images are repeated to 3 channels for the encoder"
+        )
     notes += [f"{k}: {v}" for k, v in sets.notes.items()] + (agreement["notes"] if agreement else anotes)
     if test_set_specs(cfg):
         notes.append(
