@@ -31,13 +31,15 @@ from .data import read_image, read_mask_grey, read_mask, load_split
 from .weights import resolve_weights, inception_features
 
 # %% auto #0
-__all__ = ['MASK_MODES', 'FEATURE_VERSION', 'PAPER_K', 'PAPER_K20_SIZES', 'feature_inputs', 'pair_features', 'feature_cache_key',
-           'feature_cache_dir', 'cached_pair_features', 'kmeans_labels', 'match_clusters', 'paper_agreement',
-           'seed_stability', 'paper_partition_fit', 'cluster_mosaic', 'fig3_clusters', 'projection_2d',
-           'projection_figure', 'contingency_figure', 'clusters_path', 'load_clusters', 'size_table', 'run_clustering']
+__all__ = ['MASK_MODES', 'UNION', 'FEATURE_VERSION', 'PAPER_K', 'PAPER_K20_SIZES', 'union_mask', 'feature_inputs',
+           'pair_features', 'feature_cache_key', 'feature_cache_dir', 'cached_pair_features', 'kmeans_labels',
+           'match_clusters', 'paper_agreement', 'seed_stability', 'paper_partition_fit', 'cluster_mosaic',
+           'fig3_clusters', 'projection_2d', 'projection_figure', 'contingency_figure', 'clusters_path',
+           'load_clusters', 'size_table', 'run_clustering']
 
 # %% ../nbs/02_clustering.ipynb #1a057840
-MASK_MODES = ("grey", "raw", "binary")
+MASK_MODES = ("grey", "raw", "binary")  # the setting cluster_mask_read
+UNION = "union"  # several classes (issue 19): the union of the classes, set by the stage (not a setting)
 FEATURE_VERSION = 1  # bump when the feature computation changes: old cache files are then ignored
 
 
@@ -46,19 +48,44 @@ def _resize(a: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.LANCZOS))
 
 
+def union_mask(image, mask, threshold: int = 128) -> np.ndarray:
+    """Several classes (issue 19): the union of the classes of one pair as an H×W {0, 255} `uint8` mask: `mask` a
+    label or palette PNG (every label > 0), or the `masks` folder of class sub-folders (each class file of the image's
+    id thresholded at `threshold`)."""
+    from diffusegen.data import _class_file, _class_folders
+
+    mask = Path(mask)
+    if not mask.is_dir():
+        with Image.open(mask) as im:  # label / palette indices as they are; anything else as grey levels
+            a = np.asarray(im if im.mode in ("L", "P", "I", "I;16") else im.convert("L"))
+        return (a > 0).astype(np.uint8) * np.uint8(255)
+    out, sid = None, Path(image).stem
+    for d in _class_folders(mask):
+        p = _class_file(mask, d.name, sid)
+        if p is not None:
+            m = read_mask(p, threshold)
+            out = m if out is None else out | m
+    if out is None:
+        raise DataError(f"{mask}: no class mask for {sid}")
+    return out.astype(np.uint8) * np.uint8(255)
+
+
 def feature_inputs(
     image, mask, size: int = 256, mask_mode: str = "raw", threshold: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
     """The two Inception inputs of one pair: (image, mask as RGB), each `size`×`size`×3 `uint8`.
     mask_mode: 'raw' = the file decoded as RGB (the paper's `Image.open(mask).convert("RGB")`, the default); 'grey' =
-    the mask's L grey levels replicated to RGB; 'binary' = thresholded at `threshold`, {0, 255}."""
-    if mask_mode not in MASK_MODES:
-        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    the mask's L grey levels replicated to RGB; 'binary' = thresholded at `threshold`, {0, 255}; 'union' = the union of
+    the classes (`union_mask`, issue 19), {0, 255}."""
+    if mask_mode not in MASK_MODES + (UNION,):
+        raise ValueError(f"mask_mode must be one of {MASK_MODES + (UNION,)}, got {mask_mode!r}")
     img = read_image(image)
     if mask_mode == "raw":
         m = read_image(mask)
     elif mask_mode == "grey":
         m = read_mask_grey(mask)
+    elif mask_mode == UNION:
+        m = union_mask(image, mask, threshold)
     else:
         m = read_mask(mask, threshold).astype(np.uint8) * np.uint8(255)
     if img.shape[:2] != m.shape[:2]:
@@ -290,9 +317,11 @@ def _thumb(image, mask, size: int, threshold: int) -> np.ndarray:
     t = _resize(read_image(image), size).copy()
     m = (
         np.asarray(
-            Image.fromarray(read_mask(mask, threshold).astype(np.uint8) * 255).resize(
-                (size, size), Image.Resampling.BILINEAR
-            )
+            Image.fromarray(
+                union_mask(image, mask, threshold)
+                if Path(mask).is_dir()
+                else read_mask(mask, threshold).astype(np.uint8) * 255
+            ).resize((size, size), Image.Resampling.BILINEAR)
         )
         >= 128
     )
@@ -512,6 +541,11 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
     if dev.type != "cpu":
         model = model.to(dev)
     pairs, mask_mode = list(zip(train.image, train["mask"])), cfg.cluster_mask_read  # raw: the paper's read
+    from diffusegen.data import data_layout
+
+    layout = data_layout(cfg)
+    if layout.n_classes > 1 or layout.mask_format == "folders":  # issue 19: the union of the classes is the mask
+        mask_mode = UNION
     t1 = time.time()
     feats, cache, hit = cached_pair_features(
         pairs,
@@ -544,7 +578,7 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
     with atomic_write(clusters_path(cfg)) as f:
         pd.DataFrame({"id": train.id, "cluster": used}).to_csv(f, index=False)
     notes = [
-        f"features: FID Inception-v3 pool3 of the image and of its mask (read as {dict(raw='RGB, as the paper', grey='grey levels as RGB', binary='thresholded')[mask_mode]}: cluster_mask_read={mask_mode}), "
+        f"features: FID Inception-v3 pool3 of the image and of its mask (read as {dict(raw='RGB, as the paper', grey='grey levels as RGB', binary='thresholded', union='the union of the classes (several classes)')[mask_mode]}: cluster_mask_read={mask_mode}), "
         f"each LANCZOS-resized to {cfg.feature_size}×{cfg.feature_size}: {feats.shape[1]}-d; "
         + (f"read from the cache {cache}" if hit else f"computed in {t_feat:.0f} s, cached as {cache}"),
         f"KMeans(n_clusters={cfg.n_clusters}, random_state={cfg.kmeans_seed}, n_init={cfg.kmeans_n_init}) on {len(train)} training images",

@@ -1183,7 +1183,10 @@ def check_test_sets(cfg: Config) -> list[dict]:
     for name, root in test_set_specs(cfg):
         if not (root / "images").is_dir() or not (root / "masks").is_dir():
             raise DataError(f"{root}: test set {name!r} needs images/ and masks/ folders (setting test_sets)")
-        pairs, problems = find_pairs(root)
+        if _class_folders(root / "masks"):  # masks/<class>/<id>.png (issue 19)
+            pairs, problems, _ = find_class_pairs(root)
+        else:
+            pairs, problems = find_pairs(root)
         if problems and cfg.on_bad_pairs != "skip":
             _raise_problems(root, problems, f"test set {name!r}")
         if not pairs:
@@ -1192,21 +1195,38 @@ def check_test_sets(cfg: Config) -> list[dict]:
     return out
 
 
-def load_test_set(cfg: Config, name: str, root) -> dict:
+def load_test_set(cfg: Config, name: str, root, layout: Layout | None = None) -> dict:
     """One external test set, checked (every file decoded) and resized as the in-domain test set: {'images': N×S×S×3
     uint8, 'masks': N×S×S uint8 0/1, 'ids', 'fingerprint' (of the folder and the resizing), 'notes'}; cached under
-    runs/<profile>/data/test_sets/."""
+    runs/<profile>/data/test_sets/. Another `layout` (issue 19; the training data's): its image channels, and class
+    masks (label or palette PNGs, or class folders) read with its class names, into label maps 0…K."""
     root = Path(root)
-    fp = content_key([dataset_fingerprint(root), cfg.image_size, cfg.resize_mode, cfg.mask_threshold], 16)
+    layout = layout or Layout()
+    key = [dataset_fingerprint(root), cfg.image_size, cfg.resize_mode, cfg.mask_threshold]
+    fp = content_key(key if layout.is_default else key + [layout.image_channels, list(layout.classes)], 16)
     cache = cfg.run_dir / "data" / "test_sets" / f"{name}_{cfg.image_size}_{fp}.safetensors"
     notes = []
     if not cache.exists():
-        rep = check_dataset(root, cfg.mask_threshold, cfg.mask_grey_tolerance, max_pixels=cfg.max_image_pixels)
+        if layout.is_default:
+            rep = check_dataset(root, cfg.mask_threshold, cfg.mask_grey_tolerance, max_pixels=cfg.max_image_pixels)
+        else:
+            classes = " ".join(layout.classes) if layout.n_classes > 1 else "auto"
+            rep = check_classes(
+                root, classes, str(layout.image_channels), cfg.mask_threshold, max_pixels=cfg.max_image_pixels
+            )
+            if not rep.problems and rep.layout.n_classes != layout.n_classes:
+                raise DataError(
+                    f"{root}: test set {name!r} has {rep.layout.n_classes} class(es), the training data {layout.n_classes}"
+                )
         if rep.problems and cfg.on_bad_pairs != "skip":
             _raise_problems(root, rep.problems, f"test set {name!r}")
         if not rep.valid:
             raise DataError(f"{root}: test set {name!r} has no valid pairs")
-        t = preprocess_pairs(rep.valid, cfg, progress=False)
+        t = (
+            preprocess_pairs(rep.valid, cfg, progress=False)
+            if layout.is_default
+            else preprocess_labels(rep.valid, cfg, rep.layout, progress=False)
+        )
         save_pairs(
             t, [p.id for p in rep.valid], cache, {"dataset": str(root), "skipped": [str(p) for p in rep.problems]}
         )

@@ -191,7 +191,7 @@ def pair_indices(n: int, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def ms_ssim_pairs(imgs: np.ndarray, n_pairs: int, seed: int, win: int = 11, batch: int = 64) -> float:
-    "Mean MS-SSIM over `n_pairs` seeded random pairs (i ≠ j, `pair_indices`) of `imgs` (N, S, S, 3) uint8."
+    "Mean MS-SSIM over `n_pairs` seeded random pairs (i ≠ j, `pair_indices`) of `imgs` (N, S, S, 3) uint8 (or (N, S, S, 1): grey)."
     import pytorch_msssim
 
     n = len(imgs)
@@ -296,10 +296,11 @@ def real_training_files(cfg: Config) -> pd.DataFrame:
         if i not in train:
             continue
         ip, mp = d / "images" / f"{i}.png", d / "masks" / f"{i}.png"
-        if not ip.exists():
-            save_png(t["images"][k].permute(1, 2, 0).numpy(), ip)
-        if not mp.exists():
-            save_png(t["masks"][k].numpy().astype(np.uint8) * 255, mp)
+        if not ip.exists():  # grey images (issue 19) as one-channel PNGs
+            a = t["images"][k].permute(1, 2, 0).numpy()
+            save_png(a[..., 0] if a.shape[-1] == 1 else a, ip)
+        if not mp.exists():  # several classes: their union (the audit's mask; the classes are in the data stage)
+            save_png((t["masks"][k].numpy() > 0).astype(np.uint8) * 255, mp)
         rows.append({"id": i, "image_path": str(ip), "mask_path": str(mp)})
     if not rows:
         raise DiffusegenError(f"{cfg.run_dir / 'data' / 'splits.csv'}: no training images")
@@ -362,10 +363,14 @@ def synthetic_sets(cfg: Config, train_ids=None) -> dict:
 def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = False) -> dict:
     "{row: {'fid': [...], 'kid': [...], 'msssim': [...], 'n': images per repeat}} over `cfg.fid_repeats` seeded repeats."
     from diffusegen.memorization import read_rgb
+    from diffusegen.data import data_layout, pairs_path
 
     cap = cfg.fid_images if cfg.fid_images > 0 else 10**9
     rfiles = list(real.image_path)
-    rimgs = np.stack([read_rgb(p, cfg.image_size) for p in rfiles])
+    C = (
+        data_layout(cfg).image_channels if pairs_path(cfg).exists() else 3
+    )  # grey (issue 19): MS-SSIM on the one channel; FID reads the files as clean-fid
+    rimgs = np.stack([read_rgb(p, cfg.image_size)[..., :C] for p in rfiles])
     out = {}
 
     def feats(files):
@@ -393,7 +398,7 @@ def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = 
         files = list(df.image_path)
         m = min(len(rfiles), len(files), cap)
         fid, kid, ms = [], [], []
-        simgs = np.stack([read_rgb(p, cfg.image_size) for p in files])
+        simgs = np.stack([read_rgb(p, cfg.image_size)[..., :C] for p in files])
         for k in range(cfg.fid_repeats):
             s = cfg.seed + k
             ia, ib = seeded_draw(len(rfiles), m, s), seeded_draw(len(files), m, s + 500)
@@ -582,6 +587,16 @@ def run_intrinsic(cfg: Config, progress: bool = True, write_filtered: bool = Fal
     real = real_training_files(cfg)
     sets = synthetic_sets(cfg, real.id)
     notes = []
+    from diffusegen.data import data_layout
+
+    if data_layout(cfg).image_channels == 1:  # issue 19
+        notes.append(
+            "grey images: FID as clean-fid computes it (each file read as RGB: the grey channel repeated to 3), MS-SSIM "
+            "on the one grey channel; the memorization audit compares the grey channel repeated to 3 (region SSIM and "
+            "Inception features)"
+        )
+    if data_layout(cfg).n_classes > 1:
+        notes.append("several classes: the audit's mask (its region R) is the union of the classes")
     for label, df in sets.items():
         if df is None:
             notes.append(

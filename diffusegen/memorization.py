@@ -14,8 +14,8 @@ from PIL import Image
 from .core import Config, atomic_write
 
 # %% auto #0
-__all__ = ['ssim_window', 'region_ssim', 'cosine_matrix', 'read_rgb', 'read_mask01', 'audit_region', 'audit', 'real_control',
-           'audit_counts', 'closest_pairs_figure', 'write_filtered_manifests']
+__all__ = ['ssim_window', 'region_ssim', 'cosine_matrix', 'read_rgb', 'read_mask01', 'mask_labels', 'audit_region', 'audit',
+           'real_control', 'audit_counts', 'closest_pairs_figure', 'write_filtered_manifests']
 
 # %% ../nbs/06b_memorization.ipynb #225d1d0b
 def ssim_window(side: int, win: int = 11) -> int:
@@ -67,14 +67,22 @@ def read_rgb(path, size: int | None = None) -> np.ndarray:
     return np.asarray(im)
 
 
-def read_mask01(path, size: int | None = None) -> np.ndarray:
-    "A mask file as (H, W) 0/1 (L ≥ 128), resized (nearest) to size×size when it differs; unreadable: one DataError line."
+def read_mask01(path, size: int | None = None, labels: bool = False) -> np.ndarray:
+    """A mask file as (H, W) 0/1 (L ≥ 128), resized (nearest) to size×size when it differs; unreadable: one DataError
+    line. `labels` (issue 19, several classes): a label PNG 0…K, whose union of the classes is the mask (L > 0)."""
     from diffusegen.data import read_mask_grey
 
     im = Image.fromarray(read_mask_grey(path))
     if size and im.size != (size, size):
         im = im.resize((size, size), Image.NEAREST)
-    return (np.asarray(im) >= 128).astype(np.uint8)
+    return ((np.asarray(im) > 0) if labels else (np.asarray(im) >= 128)).astype(np.uint8)
+
+
+def mask_labels(cfg: Config) -> bool:
+    "Whether this run's masks are label maps of several classes (issue 19): the audit's mask is then their union."
+    from diffusegen.data import data_layout, pairs_path
+
+    return pairs_path(cfg).exists() and data_layout(cfg).n_classes > 1
 
 
 def audit_region(cfg: Config, mask01: np.ndarray, source_mask01: np.ndarray | None) -> np.ndarray:
@@ -95,7 +103,7 @@ def audit(
     image of `real` (id, image_path, mask_path) by feature cosine and by region SSIM (`audit_region`), the source's
     values apart, and the flags. `feats_fn(files)` gives the (N, 2048) FID-Inception features of image files;
     `inpainted`: the images keep their source outside the dilated source mask (False: GAN, real images)."""
-    S = cfg.image_size
+    S, lab = cfg.image_size, mask_labels(cfg)  # grey images: read_rgb repeats the channel to 3 (SSIM, Inception)
     rids = list(real.id)
     rmask = dict(zip(real.id, real.mask_path)) if "mask_path" in real else {}
     rimgs = np.stack([read_rgb(p, S) for p in real.image_path]).transpose(0, 3, 1, 2)
@@ -106,8 +114,8 @@ def audit(
     rows = []
     for k, r in enumerate(synth.itertuples()):
         img = read_rgb(r.image_path, S).transpose(2, 0, 1)
-        src_mask = read_mask01(rmask[r.source_id], S) if inpainted and r.source_id in rmask else None
-        region = audit_region(cfg, read_mask01(r.mask_path, S), src_mask)
+        src_mask = read_mask01(rmask[r.source_id], S, lab) if inpainted and r.source_id in rmask else None
+        region = audit_region(cfg, read_mask01(r.mask_path, S, lab), src_mask)
         ss = region_ssim(img, rimgs, region, win=win)
         own = np.array([i == r.source_id for i in rids])
         c_other, s_other = np.where(own, -np.inf, cos[k]), np.where(own, -np.inf, ss)
@@ -220,12 +228,12 @@ def closest_pairs_figure(cfg: Config, audit_df: pd.DataFrame, real: pd.DataFrame
             if i == 0:
                 ax[i, j].set_title(cols[j], fontsize=7)
         src_mask = (
-            read_mask01(masks[r.source_id], size)
+            read_mask01(masks[r.source_id], size, mask_labels(cfg))
             if r.type not in ("GAN", "Real (control)") and r.source_id in masks
             else None
         )
         ax[i, 0].contour(
-            audit_region(cfg, read_mask01(r.mask_path, size), src_mask).astype(float),
+            audit_region(cfg, read_mask01(r.mask_path, size, mask_labels(cfg)), src_mask).astype(float),
             levels=[0.5],
             colors="yellow",
             linewidths=0.8,

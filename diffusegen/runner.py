@@ -63,7 +63,7 @@ def stage_key(cfg: Config, stage: Stage, nb_path, upstream: dict, data_fingerpri
     return content_key(parts)
 
 # %% ../nbs/90_runner.ipynb #2ae4dcfb
-BINARY_ONLY_STAGES = ("styling", "intrinsic", "segmentation", "statistics")  # RGB + one binary mask only (issue 19)
+BINARY_ONLY_STAGES: tuple = ()  # RGB + one binary mask only; none since issue 19 (every stage takes classes, grey)
 
 
 def layout_not_supported(cfg: Config, stage: str) -> str:
@@ -80,11 +80,6 @@ def layout_not_supported(cfg: Config, stage: str) -> str:
         return (
             f"not yet for this data ({what}): {stage} assumes RGB images with one binary mask (issue 19); "
             f"`diffusegen make-synthetic` makes the labelled synthetic set"
-        )
-    if stage == "clustering" and layout.mask_format == "folders":
-        return (
-            f"not yet for masks in class folders ({what}): clustering reads one mask file per image (issue 19); "
-            f"`diffusegen make-synthetic` needs no clusters"
         )
     return ""
 

@@ -38,12 +38,14 @@ from diffusegen.core import (
     resumable,
 )
 from .core import read_ledger as read_ledger_file
-from .data import IN_DOMAIN, test_set_specs, load_test_set
+from .data import IN_DOMAIN, Layout, test_set_specs, load_test_set
 from diffusegen.sets import (
     TYPES,
     KEY_COLUMNS,
     CELL_COLUMNS,
     RESULT_COLUMNS,
+    class_text,
+    class_values,
     read_set,
     type_label,
     filtered_key,
@@ -53,14 +55,14 @@ from diffusegen.sets import (
 
 # %% auto #0
 __all__ = ['MEAN', 'STD', 'LEDGER_COLUMNS', 'EXTERNAL_COLUMNS', 'STALE', 'SCORE_COLUMNS', 'AGREEMENT_CELL', 'AGREEMENT_COLUMNS',
-           'polyp_channel', 'confusion', 'iou_score', 'dice_score', 'soft_dice_loss', 'encoder_weights_file',
-           'encoder_provenance', 'build_model', 'train_augmentation', 'to_tensors', 'hash_rank', 'grouped_split',
-           'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'filtered_rows', 'grid', 'Sets', 'cell_data',
-           'data_hash', 'cell_hash', 'results_paths', 'checkpoint_path', 'save_cell_checkpoint', 'load_cell_model',
-           'evaluate_external', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text', 'quick_tables',
-           'agreement_paths', 'agreement_segmenter', 'mask_stats', 'touches_region', 'predict', 'label_agreement',
-           'agreement_table', 'agreement_figure', 'memorization_provenance', 'run_label_agreement', 'table_artifact',
-           'run_segmentation']
+           'polyp_channel', 'confusion', 'iou_score', 'dice_score', 'soft_dice_loss', 'class_dice_loss', 'class_scores',
+           'encoder_weights_file', 'encoder_provenance', 'build_model', 'train_augmentation', 'to_tensors', 'hash_rank',
+           'grouped_split', 'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'filtered_rows', 'grid', 'Sets',
+           'cell_data', 'data_hash', 'cell_hash', 'results_paths', 'checkpoint_path', 'save_cell_checkpoint',
+           'load_cell_model', 'evaluate_external', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text',
+           'quick_tables', 'agreement_paths', 'agreement_segmenter', 'mask_stats', 'touches_region', 'predict',
+           'model_classes', 'predict_labels', 'label_agreement', 'agreement_table', 'agreement_figure',
+           'memorization_provenance', 'run_label_agreement', 'table_artifact', 'run_segmentation']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
 def polyp_channel(prob: torch.Tensor) -> torch.Tensor:
@@ -96,6 +98,26 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0, p
         p, g = p.reshape(1, -1), g.reshape(1, -1)
     out = 1 - (2 * (p * g).sum(1) + eps) / (p.sum(1) + g.sum(1) + eps)
     return out if per_image else out[0]
+
+
+def class_dice_loss(prob: torch.Tensor, labels: torch.Tensor, per_image: bool = True) -> torch.Tensor:
+    """Several classes (issue 19): the soft Dice loss of each class channel k = 1…K of the softmax output (B, K+1, H, W)
+    against `labels == k`, averaged over the classes (background 0 ignored, as the binary loss ignores it)."""
+    K = prob.shape[1] - 1
+    return sum(soft_dice_loss(prob[:, k], labels == k, per_image=per_image) for k in range(1, K + 1)) / K
+
+
+def class_scores(prob: torch.Tensor, labels: torch.Tensor, eps: float = 1e-7) -> dict:
+    """Several classes: the predicted label map is the arg-max over the K+1 softmax channels; per image and class k,
+    IoU and Dice of `pred == k` against `labels == k` (Eq. (1), (2); a class absent from both scores 1, as an empty
+    binary mask does). Returns {'dice_loss': (B,), 'iou': (B, K), 'dice': (B, K)}."""
+    K, pred = prob.shape[1] - 1, prob.argmax(1)
+    iou, dice = [], []
+    for k in range(1, K + 1):
+        tp, fp, fn = confusion((pred == k).float(), labels == k, 0.5)
+        iou.append((tp + eps) / (tp + fp + fn + eps))
+        dice.append((2 * tp + eps) / (2 * tp + fp + fn + eps))
+    return {"dice_loss": class_dice_loss(prob, labels), "iou": torch.stack(iou, 1), "dice": torch.stack(dice, 1)}
 
 # %% ../nbs/07_segmentation.ipynb #a81f7212
 def _arch(name: str):
@@ -184,14 +206,17 @@ def encoder_provenance(cfg: Config) -> dict:
     return {"name": f"segmentation encoder {cfg.seg_encoder}", "label": label, "sha256": sha, "substitute": False}
 
 
-def build_model(cfg: Config, encoder: str | None = None, arch: str | None = None, weights: bool = True):
-    "smp `seg_arch` with `seg_encoder`, 2 classes, softmax2d; ImageNet encoder weights when the settings ask for them."
+def build_model(
+    cfg: Config, encoder: str | None = None, arch: str | None = None, weights: bool = True, n_classes: int = 1
+):
+    """smp `seg_arch` with `seg_encoder`, `n_classes` + 1 outputs (background 0; the paper's 2), softmax2d; ImageNet
+    encoder weights when the settings ask for them."""
     enc = encoder or cfg.seg_encoder
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model = _arch(arch or cfg.seg_arch)(
-                encoder_name=enc, encoder_weights=None, classes=2, activation="softmax2d"
+                encoder_name=enc, encoder_weights=None, classes=int(n_classes) + 1, activation="softmax2d"
             )
         except (KeyError, ValueError, RuntimeError) as e:
             raise ConfigError(f"setting seg_encoder={enc!r}: {str(e).splitlines()[0][:160]}") from None
@@ -233,7 +258,10 @@ def train_augmentation(seed: int):
 
 
 def to_tensors(images: np.ndarray, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    "uint8 (B, S, S, 3) and 0/1 (B, S, S) → ImageNet-normalised float (B, 3, S, S) and float (B, S, S)."
+    """uint8 (B, S, S, 3) and 0/1 (B, S, S) → ImageNet-normalised float (B, 3, S, S) and float (B, S, S). Grey images
+    (B, S, S, 1; issue 19) are repeated to 3 channels for the ImageNet-shaped encoder; label maps 0…K stay labels."""
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
     x = (images.astype(np.float32) / 255 - MEAN) / STD
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(masks.astype(np.float32))
 
@@ -283,16 +311,28 @@ def augment_small_set(
 def evaluate(
     model, images: np.ndarray, masks: np.ndarray, threshold: float = 0.5, batch: int = 32, device="cpu"
 ) -> dict:
-    "Mean per-image soft Dice loss, Dice and IoU (thresholded) of the polyp channel on uint8 images and 0/1 masks."
+    """Mean per-image soft Dice loss, Dice and IoU (thresholded) of the polyp channel on uint8 images and 0/1 masks.
+    A model with several classes (issue 19; K + 1 outputs) on label maps 0…K: `class_scores`; dice and iou are then the
+    means over the classes, and 'class_iou', 'class_dice' hold each class's mean over the images."""
     model.eval()
-    out = {"dice_loss": [], "dice": [], "iou": []}
+    out, per = {"dice_loss": [], "dice": [], "iou": []}, {"class_iou": [], "class_dice": []}
     for b in range(0, len(images), batch):
         x, t = to_tensors(images[b : b + batch], masks[b : b + batch])
-        p = polyp_channel(model(x.to(device))).float().cpu()
+        prob = model(x.to(device)).float().cpu()
+        if prob.shape[1] > 2:
+            s = class_scores(prob, t)
+            out["dice_loss"].append(s["dice_loss"])
+            out["dice"].append(s["dice"].mean(1))
+            out["iou"].append(s["iou"].mean(1))
+            per["class_iou"].append(s["iou"])
+            per["class_dice"].append(s["dice"])
+            continue
+        p = polyp_channel(prob)
         out["dice_loss"].append(soft_dice_loss(p, t))
         out["dice"].append(dice_score(p, t, threshold))
         out["iou"].append(iou_score(p, t, threshold))
-    return {k: float(torch.cat(v).mean()) if v else float("nan") for k, v in out.items()}
+    res = {k: float(torch.cat(v).mean()) if v else float("nan") for k, v in out.items()}
+    return res | {k: torch.cat(v).mean(0).tolist() for k, v in per.items() if v}
 
 
 def train_cell(
@@ -303,12 +343,14 @@ def train_cell(
     seed: int,
     progress: bool = False,
     desc: str = "",
+    n_classes: int = 1,
 ) -> dict:
     """Train one model on `train` (images, masks), keep the best state by validation IoU, test it. Returns scores and
-    that state (`state`), which the stage keeps as the cell's checkpoint (`save_cell_checkpoint`)."""
+    that state (`state`), which the stage keeps as the cell's checkpoint (`save_cell_checkpoint`). `n_classes` > 1
+    (issue 19): masks are label maps 0…K, the loss `class_dice_loss`, the validation IoU the mean over the classes."""
     device = resolve_device(cfg)
     seed_everything(seed % 2**32)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, n_classes=n_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.seg_lr)
     aug = train_augmentation(seed) if cfg.seg_train_aug else None
     order_rng = np.random.default_rng(seed % 2**63)
@@ -331,7 +373,10 @@ def train_cell(
             else:
                 bi, bm = ims[idx], mks[idx]
             x, t = to_tensors(bi, bm)
-            loss = soft_dice_loss(polyp_channel(model(x.to(device))), t.to(device), per_image=False)
+            if n_classes == 1:
+                loss = soft_dice_loss(polyp_channel(model(x.to(device))), t.to(device), per_image=False)
+            else:
+                loss = class_dice_loss(model(x.to(device)), t.to(device), per_image=False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -412,12 +457,19 @@ def grid(cfg: Config) -> list[dict]:
 
 # %% ../nbs/07_segmentation.ipynb #4c63a29e
 def _read_pair(
-    img_path, mask_path, size: int, mode: str = "stretch", threshold: int = 128
+    img_path, mask_path, size: int, mode: str = "stretch", threshold: int = 128, layout=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    "One synthetic pair as the real ones: the data stage's `load_pair` (resize_mode, mask_threshold); DataError names a bad file."
-    from diffusegen.data import Pair, load_pair
+    """One synthetic pair as the real ones: the data stage's `load_pair` (resize_mode, mask_threshold); DataError names a
+    bad file. Another `layout` (issue 19): `C` image channels, and the mask a label PNG 0…K as RePaint writes it for
+    several classes (one class: 0/255, thresholded)."""
+    from diffusegen.data import Layout, Pair, load_labels, load_pair
 
-    im, mk = load_pair(Pair(Path(img_path).stem, Path(img_path), Path(mask_path)), size, mode, threshold)
+    pair = Pair(Path(img_path).stem, Path(img_path), Path(mask_path))
+    if layout is None or layout.is_default:
+        im, mk = load_pair(pair, size, mode, threshold)
+    else:
+        fmt = "binary" if layout.n_classes == 1 else "labels"
+        im, mk = load_labels(pair, Layout(layout.image_channels, layout.classes, fmt), size, mode, threshold)
     return np.ascontiguousarray(im, dtype=np.uint8), mk.astype(np.uint8)
 
 
@@ -425,12 +477,13 @@ class Sets:
     "The real pairs, the test set and every synthetic set as in-memory arrays (loaded once per stage)."
 
     def __init__(self, cfg: Config):
-        from diffusegen.data import load_pairs, pairs_path
+        from diffusegen.data import Layout, load_pairs, pairs_path
 
         p = pairs_path(cfg)
         if not p.exists():
             raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
         t, ids, meta = load_pairs(p)
+        self.layout = Layout.from_meta(meta.get("layout"))  # issue 19: image channels and classes (none: the paper's)
         split = meta["split"]
         split = [split[i] for i in ids] if isinstance(split, dict) else list(split)
         imgs, masks = t["images"].permute(0, 2, 3, 1).numpy(), t["masks"].numpy().astype(np.uint8)
@@ -476,7 +529,7 @@ class Sets:
                 df = None
         if df is not None:
             pairs = [
-                _read_pair(a, b, self.size, self.cfg.resize_mode, self.cfg.mask_threshold)
+                _read_pair(a, b, self.size, self.cfg.resize_mode, self.cfg.mask_threshold, self.layout)
                 for a, b in zip(df.image_path, df.mask_path)
             ]
             df["image"], df["mask"] = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -645,8 +698,10 @@ def load_cell_model(cfg: Config, cell: dict, settings_hash: str, device="cpu"):
     with safe_open(str(p), "pt") as f:
         if (f.metadata() or {}).get("settings_hash") != settings_hash:
             return None
-    model = build_model(cfg, weights=False)
-    model.load_state_dict(load_file(str(p)))
+    sd = load_file(str(p))
+    head = [v for k, v in sd.items() if k.startswith("segmentation_head.") and k.endswith(".weight")]
+    model = build_model(cfg, weights=False, n_classes=head[0].shape[0] - 1 if head else 1)  # classes: the checkpoint's
+    model.load_state_dict(sd)
     return model.to(device).eval()
 
 
@@ -659,6 +714,8 @@ EXTERNAL_COLUMNS = KEY_COLUMNS + [
     "iou",
     "n_test",
     "status",
+    "class_iou",
+    "class_dice",
 ]
 
 
@@ -689,8 +746,11 @@ def evaluate_external(cfg: Config, ledger: pd.DataFrame, cells: list[dict], curr
     }
     prev = {(_key(r), str(r["test_set"])): r for _, r in old.iterrows()}
     device, rows, new, evaluated, reused, notes = resolve_device(cfg), [], [], 0, 0, []
+    from diffusegen.data import data_layout
+
+    layout = data_layout(cfg)  # issue 19: external sets read with the training data's classes and image channels
     for name, root in specs:
-        ts = load_test_set(cfg, name, root)
+        ts = load_test_set(cfg, name, root, layout)
         notes += [f"test set {name} ({root}, {len(ts['ids'])} images): {n}" for n in ts["notes"]]
         for cell in cells:
             k = _key(cell)
@@ -698,7 +758,7 @@ def evaluate_external(cfg: Config, ledger: pd.DataFrame, cells: list[dict], curr
                 continue
             h, r0 = current[k], prev.get((k, name))
             if r0 is not None and str(r0["settings_hash"]) == h and str(r0["set_hash"]) == ts["fingerprint"]:
-                e, reused = r0.to_dict(), reused + 1
+                e, reused = {"class_iou": "", "class_dice": "", **r0.to_dict()}, reused + 1
             else:
                 model = load_cell_model(cfg, cell, h, device)
                 sc = (
@@ -707,17 +767,22 @@ def evaluate_external(cfg: Config, ledger: pd.DataFrame, cells: list[dict], curr
                     else {m: float("nan") for m in ("dice_loss", "dice", "iou")}
                 )
                 status = "ok" if model is not None else "skipped: no kept checkpoint (cell trained by an older version)"
+                sc = {**sc, **{c: class_text(layout.classes, sc.get(c)) for c in ("class_iou", "class_dice")}}
                 e = {**cell, "test_set": name, "set_hash": ts["fingerprint"], "settings_hash": h, **sc}
                 e.update(n_test=len(ts["ids"]), status=status)
                 evaluated += model is not None
                 new.append(e)
-            row = {**trained[k].to_dict(), **{c: e[c] for c in ("dice_loss", "dice", "iou", "n_test", "status")}}
+            cs = ("dice_loss", "dice", "iou", "n_test", "status", "class_iou", "class_dice")
+            row = {**trained[k].to_dict(), **{c: e[c] for c in cs}}
             rows.append({**row, "test_set": name})
     if new:  # the re-tested rows replaced where they stand, new ones appended; every other row kept as its text
         fresh = {(_key(e), str(e["test_set"])): e for e in new}
         text = (
             pd.read_csv(p, dtype=str, keep_default_na=False) if p.exists() else pd.DataFrame(columns=EXTERNAL_COLUMNS)
         )
+        for c in ("class_iou", "class_dice"):  # a ledger written before issue 19
+            if c not in text.columns:
+                text[c] = ""
         out = [fresh.pop((_key(r), str(r["test_set"])), None) or r.to_dict() for _, r in text.iterrows()]
         write_ledger(pd.DataFrame(out + list(fresh.values()), columns=EXTERNAL_COLUMNS), p, EXTERNAL_COLUMNS)
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), evaluated, reused, notes
@@ -745,7 +810,7 @@ def read_ledger(cfg: Config) -> pd.DataFrame:
         what="cells ledger",
         hint="delete it to retrain every cell",
     )
-    for c in ("n_syn", "short_of_r"):  # written before these columns existed: unknown ("")
+    for c in ("n_syn", "short_of_r", "class_iou", "class_dice"):  # written before these columns existed: unknown ("")
         df[c] = (df[c] if c in df.columns else pd.Series("", index=df.index)).astype(object)
     miss = [c for c in LEDGER_COLUMNS if c not in df.columns]
     if miss:
@@ -777,6 +842,9 @@ def write_results(
         cur.loc[stale, SCORE_COLUMNS] = float("nan")
         cur["status"] = cur["status"].astype(object)
         cur.loc[stale, "status"] = STALE
+        for c in ("class_iou", "class_dice"):
+            cur[c] = cur[c].astype(object)
+            cur.loc[stale, c] = ""
     res = cur.sort_values("_o").assign(test_set=IN_DOMAIN)[RESULT_COLUMNS]
     if external is not None and len(external):
         res = pd.concat([res, external[RESULT_COLUMNS]], ignore_index=True)
@@ -821,6 +889,16 @@ def quick_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         st = "ok" if len(ok) == len(g) else "; ".join(sorted(set(g.status)))
         return m("dice_loss"), m("dice"), m("iou"), int(ok.n_train.astype(int).mean()) if len(ok) else 0, len(ok), st
 
+    def per_class(g):
+        "Several classes (issue 19): 'IoU <class>' and 'Dice <class>', each class's mean over the ok repeats."
+        ok = g[g.status == "ok"]
+        out = {}
+        for col, label in (("class_iou", "IoU"), ("class_dice", "Dice")):
+            vals = [class_values(v) for v in (ok[col] if col in ok.columns else [])]
+            for c in dict.fromkeys(k for v in vals for k in v):
+                out[f"{label} {c}"] = _fmt(float(np.mean([v[c] for v in vals if c in v])))
+        return out
+
     rows2, rows3, paper = [], [], paper_seg_scores()
     for (t, n), g in res[res.table.astype(int) == 2].groupby(["type", "n"], sort=False):
         dl, d, i, ntr, reps, st = summarise(g)
@@ -831,6 +909,7 @@ def quick_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "Dice loss": _fmt(dl),
                 "IoU": _fmt(i),
                 "Dice": _fmt(d),
+                **per_class(g),
                 "paper Dice loss": _fmt(p[0]),
                 "paper IoU": _fmt(p[1]),
                 "n_train": ntr,
@@ -850,6 +929,7 @@ def quick_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "Dice loss": _fmt(dl),
                 "IoU": _fmt(i),
                 "Dice": _fmt(d),
+                **per_class(g),
                 "paper Dice loss": _fmt(p[0]),
                 "paper IoU": _fmt(p[1]),
                 "n_train": ntr,
@@ -857,7 +937,7 @@ def quick_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "status": st,
             }
         )
-    return pd.DataFrame(rows2), pd.DataFrame(rows3)
+    return pd.DataFrame(rows2).fillna(""), pd.DataFrame(rows3).fillna("")
 
 # %% ../nbs/07_segmentation.ipynb #7bce79be
 AGREEMENT_CELL = dict(table=2, type="real", n=1, r=0, mode="", repeat=0)  # whose model measures label agreement
@@ -872,6 +952,7 @@ AGREEMENT_COLUMNS = [
     "area_share",
     "components",
     "touches_region",
+    "class_iou",  # several classes (issue 19): {class: IoU} as JSON; iou, dice are the means over the classes
 ]
 
 
@@ -928,6 +1009,23 @@ def predict(model, images: np.ndarray, batch: int = 32) -> torch.Tensor:
     ]
     return torch.cat(out) if out else torch.zeros(0)
 
+
+def model_classes(model) -> int:
+    "The number of classes K of a segmenter (its K + 1 outputs: background and one per class)."
+    return int(model.segmentation_head[0].out_channels) - 1
+
+
+@torch.no_grad()
+def predict_labels(model, images: np.ndarray, batch: int = 32) -> torch.Tensor:
+    "Several classes (issue 19): the predicted label maps (N×H×W, 0…K: the arg-max over the K + 1 softmax outputs)."
+    dev = next(model.parameters()).device
+    model.eval()
+    out = [
+        model(to_tensors(images[b : b + batch], np.zeros(images[b : b + batch].shape[:3]))[0].to(dev)).argmax(1).cpu()
+        for b in range(0, len(images), batch)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
 # %% ../nbs/07_segmentation.ipynb #0aee7774
 def label_agreement(cfg: Config, sets: Sets, model, types: list[str] | None = None) -> pd.DataFrame:
     """Per sample (AGREEMENT_COLUMNS): the real-only segmenter's IoU and Dice against the sample's own mask, the mask's
@@ -938,10 +1036,19 @@ def label_agreement(cfg: Config, sets: Sets, model, types: list[str] | None = No
 
     rows = []
 
+    K, names = model_classes(model), list(getattr(getattr(sets, "layout", None), "classes", ()))
+    names = names if len(names) == K else [f"class{k}" for k in range(1, K + 1)]
+
     def add(kind, keys, files, sids, samples, images, masks, regions):
-        p = predict(model, images)
         t = torch.from_numpy(masks.astype(np.float32))
-        iou, dice = iou_score(p, t, cfg.seg_threshold), dice_score(p, t, cfg.seg_threshold)
+        per = None
+        if K == 1:
+            p = predict(model, images)
+            iou, dice = iou_score(p, t, cfg.seg_threshold), dice_score(p, t, cfg.seg_threshold)
+        else:  # per class, against the sample's label map; the sample's iou, dice: the means over the classes
+            hot = torch.nn.functional.one_hot(predict_labels(model, images), K + 1).permute(0, 3, 1, 2).float()
+            s = class_scores(hot, t)
+            per, iou, dice = s["iou"], s["iou"].mean(1), s["dice"].mean(1)
         for j in range(len(images)):
             a, c = mask_stats(masks[j])
             rows.append(
@@ -956,6 +1063,7 @@ def label_agreement(cfg: Config, sets: Sets, model, types: list[str] | None = No
                     area_share=a,
                     components=c,
                     touches_region=float("nan") if regions is None else float(touches_region(masks[j], regions[j])),
+                    class_iou="" if per is None else class_text(names, per[j].tolist()),
                 )
             )
 
@@ -1008,9 +1116,22 @@ def agreement_table(cfg: Config, per: pd.DataFrame, sets: Sets, record: dict | N
                 "W1 components vs real": round(float(wasserstein_distance(g.components.astype(float), rc)), 4),
                 "touches region border": round(float(tr.mean()), 4) if len(tr) else "",
                 "reference": "held-out real test images" if kind == "real" else "",
+                **{  # several classes (issue 19): each class's median label IoU
+                    f"label IoU median {c}": round(float(np.median(v)), 4)
+                    for c, v in _by_class(g.get("class_iou", pd.Series(dtype=object))).items()
+                },
             }
         )
     return pd.DataFrame(rows)
+
+
+def _by_class(texts) -> dict:
+    "{class: [values]} of a column of `class_text` JSON strings ('' rows skipped)."
+    out = {}
+    for t in texts:
+        for c, v in class_values(t).items():
+            out.setdefault(c, []).append(v)
+    return out
 
 # %% ../nbs/07_segmentation.ipynb #f572c83d
 def agreement_figure(cfg: Config, per: pd.DataFrame, sets: Sets, model, k: int = 2):
@@ -1045,10 +1166,14 @@ def agreement_figure(cfg: Config, per: pd.DataFrame, sets: Sets, model, k: int =
             ims, mks = [df.loc[p.key, "image"] for p in pick], [df.loc[p.key, "mask"] for p in pick]
         if not ims:
             continue
-        pr = (predict(model, np.stack(ims)) > cfg.seg_threshold).numpy()
+        if model_classes(model) == 1:
+            pr = (predict(model, np.stack(ims)) > cfg.seg_threshold).numpy()
+        else:  # several classes: the union of the predicted classes against the union of the sample's
+            pr = (predict_labels(model, np.stack(ims)) > 0).numpy()
         for c, (p, im, mk, q) in enumerate(zip(pick, ims, mks, pr)):
             a = fig.add_subplot(gs[1 + r, c])
-            a.imshow(im)
+            a.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray")  # grey images (issue 19)
+            mk = np.asarray(mk) > 0
             for m, col in ((mk, "lime"), (q, "red")):
                 if np.asarray(m).any():
                     a.contour(np.asarray(m).astype(float), levels=[0.5], colors=col, linewidths=0.8)
@@ -1210,6 +1335,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     run_d.mkdir(parents=True, exist_ok=True)
     fig_d.mkdir(parents=True, exist_ok=True)
     sets = Sets(cfg)
+    layout = getattr(sets, "layout", None) or Layout()  # issue 19: the classes (a stand-in Sets may have none)
     cells = grid(cfg)
     todo = cells if only is None else [c for c in cells if any(all(str(c[k]) == str(o[k]) for k in o) for o in only)]
     ledger = read_ledger(cfg)
@@ -1277,6 +1403,8 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                 "status": data["status"],
                 "n_syn": 0,
                 "short_of_r": 0,
+                "class_iou": "",
+                "class_dice": "",
                 "settings_hash": h,
                 "seconds": 0.0,
             }
@@ -1290,7 +1418,8 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                 continue
             t0 = time.time()
             label = f"table {cell['table']} {cell['type']} n={cell['n']} r={cell['r']}"
-            res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress=progress, desc=label)
+            K = layout.n_classes
+            res = train_cell(cfg, data["train"], data["val"], sets.test, seed, progress, label, n_classes=K)
             save_cell_checkpoint(cfg, cell, res.pop("state"), h)  # external test sets; the Real cell's: label agreement
             trained += 1
             work[0] += time.time() - t0
@@ -1302,6 +1431,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
                 "n_val": len(data["val"][0]),
                 "status": "ok",
                 **counts,
+                **{c: class_text(layout.classes, res.get(c)) for c in ("class_iou", "class_dice")},
                 "settings_hash": h,
                 "seconds": round(time.time() - t0, 2),
             }
@@ -1353,6 +1483,13 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         "train/validation split grouped by source image (the paper code's split is not; paper-code-facts b.7.12)",
         f"Table 3 mode: {cfg.table3_mode} ({'r siblings added with probability α, the text' if cfg.table3_mode == 'add' else 'each real image replaced by r siblings with probability α, the caption'})",
     ]
+    if layout.n_classes > 1 or layout.image_channels == 1:  # issue 19
+        notes.append(
+            f"data: {layout.image_channels} image channel(s), classes {' '.join(layout.classes)}: the segmenter predicts "
+            f"{layout.n_classes + 1} classes (softmax, background 0), trained on the mean of the classes' soft Dice "
+            "losses; dice, iou = the means over the classes of the arg-max prediction's per-class scores, each class's "
+            "in class_iou, class_dice; grey images are repeated to 3 channels for the encoder"
+        )
     notes += [f"{k}: {v}" for k, v in sets.notes.items()] + (agreement["notes"] if agreement else anotes)
     if test_set_specs(cfg):
         notes.append(

@@ -5,6 +5,8 @@ added later), where each set lives, the columns of its manifest, and the one rea
 
 # %% ../nbs/01b_sets.ipynb #891ae743
 from __future__ import annotations
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
@@ -17,7 +19,7 @@ __all__ = ['TYPES', 'KNOWN', 'LABEL_IOU', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 
            'register_filtered', 'filtered_types', 'manifest_columns', 'set_dir', 'read_manifest_csv',
            'write_manifest_csv', 'read_set', 'memorization_flags_path', 'write_memorization_flags',
            'read_memorization_flags', 'write_filtered_set', 'split_ledger', 'move_aside', 'prune_rows',
-           'write_unplanned']
+           'write_unplanned', 'class_text', 'class_values']
 
 # %% ../nbs/01b_sets.ipynb #a1a9ecfe
 @dataclass(frozen=True)
@@ -385,5 +387,18 @@ CELL_COLUMNS = KEY_COLUMNS + [
     "status",
     "n_syn",
     "short_of_r",
+    "class_iou",  # issue 19, several classes: {class: mean IoU} as JSON ('' for one class: iou is that class's)
+    "class_dice",  # and {class: mean Dice}; iou, dice are then the means over the classes
 ]
 RESULT_COLUMNS = CELL_COLUMNS + ["test_set"]  # results.csv: one row per cell and test set (in-domain first)
+
+
+def class_text(names, values) -> str:
+    "Per-class values as results.csv keeps them: JSON {class: value}; '' for one class (or none given)."
+    return "" if values is None or len(names) < 2 else json.dumps(dict(zip(names, map(float, values))))
+
+
+def class_values(text) -> dict:
+    "Inverse of `class_text`: {class: value}, {} for ''/NaN (one class, or results written before issue 19)."
+    s = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text).strip()
+    return json.loads(s) if s else {}

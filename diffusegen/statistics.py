@@ -21,14 +21,15 @@ from diffusegen.core import (
     stage_dirs,
     read_csv,
 )
-from .sets import type_label, type_labels
+from .sets import type_label, type_labels, class_values
 from .stats import METRICS, TTest, mean_std, fmt_pm, ttest
 from .audit import audit_paper, write_paper_audit, load_paper_tables, normalize_seg, normalize_t1, values
 
 # %% auto #0
 __all__ = ['table1_types', 'agreement_path', 'join_label_agreement', 'results_path', 'table1_values_path', 'read_results',
-           'table1_from_wide', 'read_table1_values', 'table1_stats', 'table2_stats', 'table3_stats', 'tex_escape',
-           'latex_table', 'write_tables', 'figure_table2', 'figure_table3', 'figure_table1', 'run_statistics']
+           'table1_from_wide', 'read_table1_values', 'table1_stats', 'class_columns', 'table2_stats', 'table3_stats',
+           'tex_escape', 'latex_table', 'write_tables', 'figure_table2', 'figure_table3', 'figure_table1',
+           'run_statistics']
 
 # %% ../nbs/08_statistics.ipynb #c40017a5
 def table1_types() -> list[str]:
@@ -197,6 +198,27 @@ def table1_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
     return pd.DataFrame(rows)[cols], tests
 
 # %% ../nbs/08_statistics.ipynb #bf2e3bac
+def class_columns(rows: pd.DataFrame | None) -> dict:
+    """Several classes (issue 19): 'IoU <class>' and 'Dice <class>', mean ± std of each class's score over the ok rows
+    (results.csv's class_iou, class_dice); {} for one class. The table's IoU and DL stay the means over the classes."""
+    if rows is None or "class_iou" not in rows.columns:
+        return {}
+    ok, out = rows[rows.status == "ok"], {}
+    for col, label in (("class_iou", "IoU"), ("class_dice", "Dice")):
+        vals = [class_values(v) for v in (ok[col] if col in ok.columns else [])]
+        for c in dict.fromkeys(k for v in vals for k in v):
+            out[f"{label} {c}"] = fmt_pm(np.array([v[c] for v in vals if c in v], dtype=float))
+    return out
+
+
+def _with_class_columns(rows: list[dict], cols: list[str]) -> pd.DataFrame:
+    "The table with `cols`, and any per-class columns (`class_columns`) before status; one class: exactly `cols`."
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in cols))
+    if not extra:
+        return pd.DataFrame(rows)[cols]
+    return pd.DataFrame(rows).reindex(columns=cols[:-1] + extra + cols[-1:]).fillna("")
+
+
 def table2_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[pd.DataFrame, list[dict]]:
     "Table 2: DL and IoU mean ± std across N (and repeats), each type against Styled-Diff paired on N, the paper's values."
     alpha, tests, rows = cfg.significance, [], []
@@ -245,7 +267,7 @@ def table2_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
             if seg is None
             else _status(sub, ["dice_loss", "iou"])
         )
-        rows.append(row)
+        rows.append({**row, **class_columns(sub)})
     cols = [
         "type",
         "N",
@@ -260,7 +282,7 @@ def table2_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
         "paper p IoU",
         "status",
     ]
-    return pd.DataFrame(rows)[cols], tests
+    return _with_class_columns(rows, cols), tests
 
 # %% ../nbs/08_statistics.ipynb #9ea0e26c
 def table3_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[pd.DataFrame, list[dict]]:
@@ -328,7 +350,7 @@ def table3_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
                     if seg is None
                     else _status(sub, ["dice_loss", "iou"])
                 )
-                rows.append(row)
+                rows.append({**row, **class_columns(sub)})
     cols = [
         "mode",
         "N",
@@ -349,7 +371,7 @@ def table3_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
         "paper p IoU vs GAN",
         "status",
     ]
-    return pd.DataFrame(rows)[cols], tests
+    return _with_class_columns(rows, cols), tests
 
 # %% ../nbs/08_statistics.ipynb #7be63eb7
 _TEX = {

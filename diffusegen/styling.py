@@ -168,8 +168,9 @@ LOSS_KEYS = ("sty", "l2", "sem", "rng", "zecon", "vgg", "mse")
 class StyleNets:
     "The networks and settings of the styling losses (the UNet, the respaced diffusion, [CLS] and VGG networks); on CUDA with the speed settings (autocast, channels_last, compile)."
 
-    def __init__(self, unet, cfg: Config, cls_net, vgg_net, device="cpu"):
+    def __init__(self, unet, cfg: Config, cls_net, vgg_net, device="cpu", image_channels: int = 3):
         base = make_diffusion(cfg)
+        self.image_channels = int(image_channels)  # issue 19: 1 (grey) or 3; the class channels follow them
         self.unet = unet.eval().requires_grad_(False)
         self.model_fn = sampling_fn(self.unet, cfg, device)  # the full forward (compiled when cfg.compile)
         self.amp = amp_dtype(cfg, device)
@@ -189,6 +190,11 @@ class StyleNets:
             "vgg": cfg.lambda_vgg,
             "mse": cfg.lambda_mse,
         }
+
+    def rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """The image channels of `x` (B, C + K, S, S) as the 3 channels the style networks (DINO, VGG) take: RGB as it
+        is; a grey image repeated to 3 (issue 19). The class channels are never shown to them."""
+        return x[:, :3] if self.image_channels == 3 else x[:, :1].repeat(1, 3, 1, 1)
 
     def autocast(self):
         "The autocast context of the loss networks (bf16/fp16 on CUDA per `mixed_precision`; a no-op on the CPU)."
@@ -227,13 +233,13 @@ def guidance(
         fac = float(diff.sqrt_one_minus_alphas_cumprod[i])
         x_aug = x0 * fac + x * (1 - fac)  # noise augmentation (DiffuseIT noisy_aug)
         x_in = x_aug if cfg.noise_aug else x0
-        x3 = x_in[:, :3]
+        x3 = nets.rgb(x_in)  # RGB; grey repeated to 3 (issue 19)
         mix = lambda n: init * fac + diff.q_sample(init, t, n) * (1 - fac)  # y_t: noisy mix of the inpainted x_0
         terms = {}
         cls_x = nets.cls_net(x3).float()
         terms["sty"] = style_loss(cls_x, cls_src)
         terms["sem"] = semantic_divergence(cls_x, cls_prev) if i > cfg.diff_iter else torch.zeros(B, device=x.device)
-        terms["l2"] = mse_per_sample(x3, src)
+        terms["l2"] = mse_per_sample(x3, nets.rgb(src))
         terms["rng"] = range_loss(x0)
         if nets.lambdas["zecon"]:
             with torch.no_grad():
@@ -245,11 +251,11 @@ def guidance(
             terms["zecon"] = torch.zeros(B, device=x.device)
         if nets.lambdas["vgg"]:
             with torch.no_grad():
-                fy = {k: v.float() for k, v in nets.vgg_net(mix(nv)[:, :3]).items()}
+                fy = {k: v.float() for k, v in nets.vgg_net(nets.rgb(mix(nv))).items()}
             terms["vgg"] = vgg_loss({k: v.float() for k, v in nets.vgg_net(x3).items()}, fy)
         else:
             terms["vgg"] = torch.zeros(B, device=x.device)
-        terms["mse"] = mse_per_sample(x3, mix(nm)[:, :3])
+        terms["mse"] = mse_per_sample(x3, nets.rgb(mix(nm)))
         loss = sum(nets.lambdas[k] * terms[k].float() for k in LOSS_KEYS).sum()
     grad = -torch.autograd.grad(loss, x)[0]
     return grad, model_out.detach(), x0.detach(), cls_x.detach(), {k: v.detach() for k, v in terms.items()}
@@ -281,8 +287,8 @@ def style_samples(nets: StyleNets, init: torch.Tensor, src: torch.Tensor, genera
         raise ValueError(f"{len(generators)} generators for {len(init)} samples")
     s = cfg.style_start
     with torch.no_grad(), nets.autocast():
-        cls_src = nets.cls_net(src).float()
-        cls_prev = nets.cls_net(init[:, :3]).float()  # ℓ_sem's "previous step" before the first step
+        cls_src = nets.cls_net(nets.rgb(src)).float()
+        cls_prev = nets.cls_net(nets.rgb(init)).float()  # ℓ_sem's "previous step" before the first step
         x = diff.q_sample(init, s, _noise(generators, init))  # x_s ~ q(x_s | x_0), s = style_start
     log = []
     steps = range(s, -1, -1)
@@ -309,7 +315,7 @@ def mkl_transfer(src: np.ndarray, ref: np.ndarray) -> np.ndarray:
     "Pitié & Kokaram's MKL colour transfer: src (…, 3) values → the same shape with ref's mean and covariance (float64)."
     xs, xr = src.reshape(-1, src.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
     mu_s, mu_r = xs.mean(0), xr.mean(0)
-    cs, cr = np.cov(xs, rowvar=False), np.cov(xr, rowvar=False)
+    cs, cr = np.atleast_2d(np.cov(xs, rowvar=False)), np.atleast_2d(np.cov(xr, rowvar=False))  # 1 channel: 1×1
     cs_h, cs_ih = _sym_sqrt(cs), _sym_sqrt(cs, inverse=True)
     A = cs_ih @ _sym_sqrt(cs_h @ cr @ cs_h) @ cs_ih
     return ((xs - mu_s) @ A.T + mu_r).reshape(src.shape)
@@ -368,6 +374,31 @@ def _read_mask01(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return (np.asarray(im.convert("L")) > 127).astype(np.uint8)
+
+
+def _read_image(path: Path, channels: int = 3) -> np.ndarray:
+    "An image file as (H, W, 3) RGB, or (H, W, 1) grey for `channels` = 1 (issue 19)."
+    from PIL import Image
+
+    if channels == 3:
+        return _read_rgb(path)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"))[..., None]
+
+
+def _read_label_map(path: Path, n_classes: int = 1) -> np.ndarray:
+    "A mask file as (H, W) labels: one class, 0/1 (> 127, as `_read_mask01`); several (issue 19), the label PNG 0…K."
+    from PIL import Image
+
+    if n_classes == 1:
+        return _read_mask01(path)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L")).astype(np.uint8)
+
+
+def _png(a: np.ndarray) -> np.ndarray:
+    "An (H, W, 1) grey array as (H, W) for `save_png`; RGB unchanged."
+    return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
 
 
 def _to_pm1(rgb_u8: np.ndarray) -> torch.Tensor:
@@ -489,6 +520,11 @@ def style_type(
     With `real_masks` ({id: 0/1 mask}) each row records `known_mad`: the mean |styled − inpainted| outside the source's
     dilated mask.
     Styled samples outside the plan are kept (manifest_unplanned.csv); `prune` removes them, printing each file."""
+    from diffusegen.data import data_layout, labels_to_channels
+    from diffusegen.inpainting import read_back
+
+    layout = data_layout(cfg)  # issue 19: C image channels, then one ±1 channel per class
+    C, K = layout.image_channels, layout.n_classes
     up_kind = STYLED_TYPES[kind]
     up = read_set(cfg, up_kind)
     if up is None:
@@ -535,7 +571,7 @@ def style_type(
             release_memory()
             mdir = cfg.run_dir / "training" / str(model_name)
             sha = sha256_file(weights_file(mdir))
-            nets_cache[model_name] = (StyleNets(load_unet(mdir, device), cfg, cls_net, vgg_net, device), sha)
+            nets_cache[model_name] = (StyleNets(load_unet(mdir, device), cfg, cls_net, vgg_net, device, C), sha)
         nets, sha = nets_cache[model_name]
         bs = cfg.style_batch if cfg.style_batch > 0 else style_auto_batch(nets, cap=len(grp))
         for b0 in range(0, len(grp), bs):
@@ -550,32 +586,39 @@ def style_type(
                     raise DiffusegenError(
                         f"{set_dir(cfg, up_kind) / 'manifest.csv'}: source_id {r.source_id} is not in the data stage's pairs"
                     )
-                rgb, m = _read_rgb(set_dir(cfg, up_kind) / r.file), _read_mask01(set_dir(cfg, up_kind) / r.mask_file)
+                rgb = _read_image(set_dir(cfg, up_kind) / r.file, C)
+                m = _read_label_map(set_dir(cfg, up_kind) / r.mask_file, K)
                 if rgb.shape[:2] != (cfg.image_size, cfg.image_size):
                     raise DiffusegenError(
                         f"{set_dir(cfg, up_kind) / r.file}: {rgb.shape[1]}×{rgb.shape[0]} px, expected image_size {cfg.image_size}"
                     )
-                init.append(torch.cat([_to_pm1(rgb), torch.from_numpy(m).float()[None] * 2 - 1]))
+                init.append(torch.cat([_to_pm1(rgb), labels_to_channels(m, K)]))  # the class channels ride along
                 src.append(_to_pm1(real[r.source_id]))
             x0, log = style_samples(nets, torch.stack(init), torch.stack(src), gens)
             new_rows = []
             for j, r in enumerate(chunk.itertuples()):
-                raw = _to_u8(x0[j, :3])
+                raw = _to_u8(x0[j, :C])
                 out = colour_match(raw, real[r.source_id]) if cfg.color_match else raw
                 name = names[j]
                 kmad = (
                     known_mad(
                         out,
-                        _read_rgb(set_dir(cfg, up_kind) / r.file),
+                        _read_image(set_dir(cfg, up_kind) / r.file, C),
                         dilate_mask(real_masks[r.source_id], cfg.dilation),
                     )
                     if real_masks is not None and r.source_id in real_masks
                     else float("nan")
                 )
-                save_png(raw, tdir / "raw" / f"{name}.png")
-                save_png(out, tdir / "images" / f"{name}.png")
-                if cfg.styled_mask == "regenerated":  # the styled 4th channel, > 127 and opened (paper-code-facts b.5)
+                save_png(_png(raw), tdir / "raw" / f"{name}.png")
+                save_png(_png(out), tdir / "images" / f"{name}.png")
+                if (
+                    cfg.styled_mask == "regenerated" and layout.is_default
+                ):  # the styled 4th channel, > 127 and opened (paper-code-facts b.5)
                     save_png(refine_mask(_to_u8(x0[j, 3:4])[..., 0], cfg.mask_open), tdir / "masks" / f"{name}.png")
+                elif (
+                    cfg.styled_mask == "regenerated"
+                ):  # issue 19: read back as in inpainting (arg-max, per-class opening)
+                    save_png(read_back(_to_u8(x0[j]), C, cfg.mask_open)[1], tdir / "masks" / f"{name}.png")
                 else:  # the inpainted sample's mask, byte for byte (the paper's Fig. 6 caption)
                     with atomic_path(tdir / "masks" / f"{name}.png") as tmp:
                         shutil.copyfile(set_dir(cfg, up_kind) / r.mask_file, tmp)
@@ -597,6 +640,7 @@ def style_type(
                     "loss_first": {k: float(first[k][j]) for k in LOSS_KEYS},
                     "loss_last": {k: float(last[k][j]) for k in LOSS_KEYS},
                     "upstream": _upstream_key(r),
+                    **({} if C == 3 else {"style_networks_input": "the grey image repeated to 3 channels (issue 19)"}),
                 }
                 nfe_in = params["inpaint_nfe"] or 0
                 new_rows.append(
@@ -657,7 +701,9 @@ def style_figure(cfg: Config, kind: str, real: dict, real_masks: dict, tag: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tdir = set_dir(cfg, kind)
+    from diffusegen.data import data_layout
+
+    tdir, K = set_dir(cfg, kind), data_layout(cfg).n_classes
     df = pd.read_csv(tdir / "manifest.csv", dtype=str, keep_default_na=False).head(n)
     cols = ["source", "source mask", "inpainted", "inpainted mask", "styled (before colour match)", "styled"]
     fig, ax = plt.subplots(
@@ -669,12 +715,12 @@ def style_figure(cfg: Config, kind: str, real: dict, real_masks: dict, tag: str,
             real[r.source_id],
             real_masks[r.source_id],
             _read_rgb(up),
-            _read_mask01(tdir / r.mask_file),  # the inpainted mask (copied)
+            _read_label_map(tdir / r.mask_file, K),  # the inpainted mask (copied)
             _read_rgb(tdir / "raw" / Path(r.file).name),
             _read_rgb(tdir / r.file),
         ]
-        for j, im in enumerate(ims):
-            ax[i, j].imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1 if im.ndim == 2 else None)
+        for j, im in enumerate(map(_png, ims)):  # grey (issue 19): one channel; label maps 0…K
+            ax[i, j].imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=K if j in (1, 3) else None)
             if i == 0:
                 ax[i, j].set_title(cols[j], fontsize=7)
     for a in ax.ravel():
@@ -795,5 +841,22 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
             else "the inpainted sample's mask, unchanged (styled_mask = inpainted, the paper's Fig. 6 caption)"
         ),
     ] + [f"SUBSTITUTE in use: {p['label']}" for p in subs]
+    from diffusegen.data import data_layout
+
+    layout = data_layout(cfg)
+    if layout.image_channels == 1:  # issue 19
+        notes.append(
+            "grey images: the style networks (DINO ViT-B/8, VGG-19) see the grey image repeated to 3 channels; the "
+            "diffusion model and the saved samples keep one channel"
+        )
+    if layout.n_classes > 1:
+        notes.append(
+            f"{layout.n_classes} classes: their ±1 channels ride along as the mask channel does; masks "
+            + (
+                "read back as in inpainting (arg-max of the positive class channels, each class opened)"
+                if cfg.styled_mask == "regenerated"
+                else "copied from the inpainted sample"
+            )
+        )
     write_manifest(cfg, "styling", arts, prov, {"types": results, "device": str(device)}, notes)
     return {"types": results, "table": table.to_dict("records"), "status": "done", "notes": notes}

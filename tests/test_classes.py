@@ -313,3 +313,161 @@ def test_cli_make_synthetic_writes_a_dataset(tmp_path):
         "n=0: must be an integer ≥ 1 (the number of pairs to write)"
     )
     assert "Traceback" not in r.stderr
+
+
+# ---- segmentation: K + 1 outputs, per-class IoU/Dice; the binary case unchanged ----
+
+
+def test_binary_segmentation_cell_pinned(tmp_path):
+    "A tiny seeded binary cell: the scores the code before issue 19's evaluation part gave (pinned), no class columns."
+    import diffusegen.segmentation as S
+
+    d = make_demo_dataset(tmp_path / "d", n=10, size=48, seed=3)
+    cfg = load_config("smoke", {"seg_epochs": 2, "seg_encoder": "resnet18"})
+    rep = check_classes(d)
+    t = preprocess_labels(rep.valid, cfg, rep.layout, progress=False)
+    ims, mks = t["images"].permute(0, 2, 3, 1).numpy(), t["masks"].numpy()
+    res = S.train_cell(cfg, (ims[:6], mks[:6]), (ims[6:8], mks[6:8]), (ims[8:], mks[8:]), seed=7)
+    got = {k: res[k] for k in ("dice_loss", "dice", "iou", "val_iou", "best_epoch")}
+    before = {
+        "dice_loss": 0.839611828327179,
+        "dice": 0.18073177337646484,
+        "iou": 0.09994348883628845,
+        "val_iou": 0.07922178506851196,
+        "best_epoch": 1,
+    }
+    assert got == pytest.approx(before, rel=1e-5)
+    assert "class_iou" not in res and "class_dice" not in res
+    m = S.build_model(cfg)
+    m.load_state_dict(res["state"])
+    assert float(S.predict(m, ims[8:]).sum()) == pytest.approx(990.6072998046875, rel=1e-5)
+
+
+def _mc_segmentation(tmp_path, channels=1):
+    "The procedural two-class set through the data stage and the segmentation stage (Real cells), an external set too."
+    import diffusegen.segmentation as S
+
+    d = make_multiclass_dataset(tmp_path / "mc", n=16, size=48, seed=1, channels=channels)
+    ext = make_multiclass_dataset(tmp_path / "ext", n=4, size=40, seed=5, channels=channels, mask_format="folders")
+    cfg = load_config(
+        "smoke",
+        {
+            "out": str(tmp_path / "out"),
+            "classes": "round elongated",
+            "table2_types": "real",
+            "table3_n": "4",
+            "table3_types": "real",
+            "seg_epochs": 2,
+            "test_sets": f"ext={ext}",
+        },
+    )
+    run_data(cfg, d, progress=False)
+    return cfg, S.run_segmentation(cfg, progress=False)
+
+
+def test_multiclass_grey_segmentation_per_class_scores(tmp_path):
+    import pandas as pd
+    import diffusegen.segmentation as S
+
+    cfg, s = _mc_segmentation(tmp_path)
+    res = pd.read_csv(S.results_paths(cfg)[1], keep_default_na=False)
+    assert list(res.test_set) == ["in-domain", "in-domain", "ext", "ext"] and (res.status == "ok").all()
+    for _, r in res.iterrows():
+        iou, dice = S.class_values(r.class_iou), S.class_values(r.class_dice)
+        assert list(iou) == ["round", "elongated"] == list(dice)
+        assert r.iou == pytest.approx(np.mean(list(iou.values())), abs=1e-6)  # the headline: the mean over classes
+        assert r.dice == pytest.approx(np.mean(list(dice.values())), abs=1e-6)
+    t2 = pd.DataFrame(s["table2"])
+    assert {"IoU round", "IoU elongated", "Dice round", "Dice elongated"} <= set(t2.columns)
+    # the kept checkpoint has 3 outputs (background + 2 classes) and is read back with them
+    h = pd.read_csv(S.results_paths(cfg)[0], dtype=str).settings_hash[0]
+    m = S.load_cell_model(cfg, S.AGREEMENT_CELL, h)
+    assert S.model_classes(m) == 2
+    # label agreement per class: every sample's per-class IoU, and the per-class medians in the table
+    per = pd.read_csv(S.agreement_paths(cfg)[2], keep_default_na=False)
+    assert len(per) and all(list(S.class_values(v)) == ["round", "elongated"] for v in per.class_iou)
+    tab = pd.read_csv(cfg.root / "figures" / cfg.profile / "segmentation" / "label_agreement.csv")
+    assert {"label IoU median round", "label IoU median elongated"} <= set(tab.columns)
+
+
+def test_binary_results_have_empty_class_columns_and_old_ledgers_read(tmp_path):
+    "results.csv of one class: class_iou/class_dice empty; a ledger written before these columns still reads."
+    import pandas as pd
+    import diffusegen.segmentation as S
+    from diffusegen.sets import CELL_COLUMNS
+
+    cfg = load_config("smoke", {"out": str(tmp_path)})
+    p = S.results_paths(cfg)[0]
+    p.parent.mkdir(parents=True)
+    old = [c for c in S.LEDGER_COLUMNS if c not in ("class_iou", "class_dice")]
+    row = dict(table=2, type="real", n=1, r=0, mode="", repeat=0, seed=1, dice_loss=0.5, dice=0.5, iou=0.3)
+    row.update(val_iou=0.3, best_epoch=1, epochs=2, n_train=3, n_val=1, n_test=2, encoder="x", status="ok")
+    row.update(n_syn=0, short_of_r=0, settings_hash="abc", seconds=1.0)
+    pd.DataFrame([row])[old].to_csv(p, index=False)
+    led = S.read_ledger(cfg)
+    assert list(led.columns) == S.LEDGER_COLUMNS and led.class_iou[0] == "" and led.iou[0] == 0.3
+    assert CELL_COLUMNS[-2:] == ["class_iou", "class_dice"]
+    res = S.write_results(
+        cfg, led, [dict(table=2, type="real", n=1, r=0, mode="", repeat=0)], {("2", "real", "1", "0", "", "0"): "abc"}
+    )
+    assert res.class_iou[0] == "" and res.iou[0] == 0.3
+
+
+def test_multiclass_statistics_tables_have_per_class_columns(tmp_path):
+    "Tables 2 and 3 of the statistics stage: the mean over the classes as the headline, each class's IoU beside."
+    from diffusegen.statistics import read_results, run_statistics
+
+    cfg, _ = _mc_segmentation(tmp_path)
+    import pandas as pd
+
+    run_statistics(cfg, progress=False)
+
+    fig = cfg.root / "figures" / cfg.profile / "statistics"
+    t2 = pd.read_csv(fig / "table2.csv", keep_default_na=False)
+    assert {"IoU round", "IoU elongated", "Dice round"} <= set(t2.columns) and list(t2.columns)[-1] == "status"
+    real = t2[t2.type == "Real"].iloc[0]
+    res = read_results(cfg)
+    assert float(real["IoU"]) == pytest.approx(
+        float(res[(res.table == 2) & (res.test_set == "in-domain")].iou.iloc[0]), abs=1e-4
+    )
+    t3 = pd.read_csv(fig / "table3.csv", keep_default_na=False)
+    assert "IoU elongated" in t3.columns
+
+
+# ---- the whole pipeline on the procedural grey two-class set ----
+
+
+def test_reproduce_smoke_on_grey_two_class_set(tmp_path):
+    """`diffusegen reproduce --profile smoke` on the procedural grey set with two classes: every stage runs (none is
+    blocked), and Tables 2 and 3 carry each class's IoU beside the mean over the classes."""
+    import pandas as pd
+    from diffusegen.runner import reproduce
+    from diffusegen.segmentation import results_paths
+    from diffusegen.sets import class_values
+
+    d = make_multiclass_dataset(tmp_path / "mc", n=20, size=48, seed=2, channels=1)
+    fast = {
+        "train_steps": 3,
+        "full_train_steps": 3,
+        "save_interval": 3,
+        "monitor_samples": 2,
+        "monitor_sample_steps": 2,
+    }
+    runs = reproduce(
+        "smoke", data=d, out=tmp_path / "out", overrides={**fast, "classes": "round elongated"}, progress=False
+    )
+    st = {r.stage.name: (r.status, r.detail) for r in runs}
+    assert all(s == "ran" for s, _ in st.values()), st
+    cfg = load_config("smoke", {"out": str(tmp_path / "out")})
+    assert data_layout(cfg).image_channels == 1 and data_layout(cfg).classes == ("round", "elongated")
+    res = pd.read_csv(results_paths(cfg)[1], keep_default_na=False)
+    ok = res[res.status == "ok"]
+    assert len(ok) and all(list(class_values(v)) == ["round", "elongated"] for v in ok.class_iou)
+    fig = cfg.fig_dir / "statistics"
+    for t in ("table2", "table3"):
+        cols = set(pd.read_csv(fig / f"{t}.csv", keep_default_na=False).columns)
+        assert {"IoU round", "IoU elongated"} <= cols, (t, cols)
+    seg = pd.read_csv(cfg.fig_dir / "segmentation" / "table2.csv", keep_default_na=False)
+    assert {"IoU round", "IoU elongated"} <= set(seg.columns)
+    styled = pd.read_csv(cfg.run_dir / "synthetic" / "styled-diff" / "manifest.csv", keep_default_na=False)
+    assert len(styled) and "grey image repeated to 3 channels" in styled.params[0]

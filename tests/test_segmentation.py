@@ -296,7 +296,9 @@ def test_stage_end_to_end_resume_and_settings(stage, monkeypatch, kvasir_root):
     assert (ok.iou.astype(float) <= ok.dice.astype(float) + 1e-9).all()
     assert (ok.best_epoch.between(1, 2)).all() and (ok.epochs == 2).all() and (ok.n_test == 8).all()
     assert (ok.encoder == cfg.seg_encoder).all()
-    assert list(res.columns[-3:]) == ["n_syn", "short_of_r", "test_set"] and (ok[ok.type == "real"].n_syn == 0).all()
+    assert list(res.columns[-5:]) == ["n_syn", "short_of_r", "class_iou", "class_dice", "test_set"]
+    assert (res.class_iou.fillna("") == "").all() and (res.class_dice.fillna("") == "").all()  # one class: none
+    assert (ok[ok.type == "real"].n_syn == 0).all()
     # Table 2: N samples per source, 80/20 by source (10 sources: 8 train, 2 validation)
     row = lambda t, ty, n, r=0: ok[(ok.table == t) & (ok.type == ty) & (ok.n == n) & (ok.r == r)].iloc[0]
     assert (row(2, "diff", 1).n_train, row(2, "diff", 1).n_val) == (8, 2)
@@ -471,6 +473,8 @@ def _ledger_rows(cells, hashes):
                 status="ok",
                 n_syn=0,
                 short_of_r=0,
+                class_iou="",
+                class_dice="",
                 settings_hash=h,
                 seconds=1.0,
             )

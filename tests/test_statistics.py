@@ -198,6 +198,8 @@ def upstream(tmp_path):
         status="ok",
         n_syn=0,
         short_of_r=0,
+        class_iou="",
+        class_dice="",
     )
     rows = [dict(base, table=2, type="real", n=1, r=0, repeat=0, dice_loss=0.2, iou=0.7)]
     for t, ns in (("diff", (1, 2, 3)), ("styled-diff", (1, 2, 3)), ("full-diff", (1,))):
