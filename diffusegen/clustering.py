@@ -39,7 +39,7 @@ __all__ = ['MASK_MODES', 'UNION', 'FEATURE_VERSION', 'PAPER_K', 'PAPER_K20_SIZES
 
 # %% ../nbs/02_clustering.ipynb #1a057840
 MASK_MODES = ("grey", "raw", "binary")  # the setting cluster_mask_read
-UNION = "union"  # several classes (issue 19): the union of the classes, set by the stage (not a setting)
+UNION = "union"  # several classes: the union of the classes, set by the stage (not a setting)
 FEATURE_VERSION = 1  # bump when the feature computation changes: old cache files are then ignored
 
 
@@ -49,7 +49,7 @@ def _resize(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def union_mask(image, mask, threshold: int = 128) -> np.ndarray:
-    """Several classes (issue 19): the union of the classes of one pair as an H×W {0, 255} `uint8` mask: `mask` a
+    """Several classes: the union of the classes of one pair as an H×W {0, 255} `uint8` mask: `mask` a
     label or palette PNG (every label > 0), or the `masks` folder of class sub-folders (each class file of the image's
     id thresholded at `threshold`)."""
     from diffusegen.data import _class_file, _class_folders
@@ -76,7 +76,7 @@ def feature_inputs(
     """The two Inception inputs of one pair: (image, mask as RGB), each `size`×`size`×3 `uint8`.
     mask_mode: 'raw' = the file decoded as RGB (the paper's `Image.open(mask).convert("RGB")`, the default); 'grey' =
     the mask's L grey levels replicated to RGB; 'binary' = thresholded at `threshold`, {0, 255}; 'union' = the union of
-    the classes (`union_mask`, issue 19), {0, 255}."""
+    the classes (`union_mask`), {0, 255}."""
     if mask_mode not in MASK_MODES + (UNION,):
         raise ValueError(f"mask_mode must be one of {MASK_MODES + (UNION,)}, got {mask_mode!r}")
     img = read_image(image)
@@ -544,7 +544,7 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
     from diffusegen.data import data_layout
 
     layout = data_layout(cfg)
-    if layout.n_classes > 1 or layout.mask_format == "folders":  # issue 19: the union of the classes is the mask
+    if layout.n_classes > 1 or layout.mask_format == "folders":  # the union of the classes is the mask
         mask_mode = UNION
     t1 = time.time()
     feats, cache, hit = cached_pair_features(

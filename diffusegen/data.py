@@ -1183,7 +1183,7 @@ def check_test_sets(cfg: Config) -> list[dict]:
     for name, root in test_set_specs(cfg):
         if not (root / "images").is_dir() or not (root / "masks").is_dir():
             raise DataError(f"{root}: test set {name!r} needs images/ and masks/ folders (setting test_sets)")
-        if _class_folders(root / "masks"):  # masks/<class>/<id>.png (issue 19)
+        if _class_folders(root / "masks"):  # masks/<class>/<id>.png
             pairs, problems, _ = find_class_pairs(root)
         else:
             pairs, problems = find_pairs(root)
@@ -1198,7 +1198,7 @@ def check_test_sets(cfg: Config) -> list[dict]:
 def load_test_set(cfg: Config, name: str, root, layout: Layout | None = None) -> dict:
     """One external test set, checked (every file decoded) and resized as the in-domain test set: {'images': N×S×S×3
     uint8, 'masks': N×S×S uint8 0/1, 'ids', 'fingerprint' (of the folder and the resizing), 'notes'}; cached under
-    runs/<profile>/data/test_sets/. Another `layout` (issue 19; the training data's): its image channels, and class
+    runs/<profile>/data/test_sets/. Another `layout` (the training data's): its image channels, and class
     masks (label or palette PNGs, or class folders) read with its class names, into label maps 0…K."""
     root = Path(root)
     layout = layout or Layout()

@@ -296,7 +296,7 @@ def real_training_files(cfg: Config) -> pd.DataFrame:
         if i not in train:
             continue
         ip, mp = d / "images" / f"{i}.png", d / "masks" / f"{i}.png"
-        if not ip.exists():  # grey images (issue 19) as one-channel PNGs
+        if not ip.exists():  # grey images as one-channel PNGs
             a = t["images"][k].permute(1, 2, 0).numpy()
             save_png(a[..., 0] if a.shape[-1] == 1 else a, ip)
         if not mp.exists():  # several classes: their union (the audit's mask; the classes are in the data stage)
@@ -369,7 +369,7 @@ def table1_values(cfg: Config, real: pd.DataFrame, sets: dict, progress: bool = 
     rfiles = list(real.image_path)
     C = (
         data_layout(cfg).image_channels if pairs_path(cfg).exists() else 3
-    )  # grey (issue 19): MS-SSIM on the one channel; FID reads the files as clean-fid
+    )  # grey: MS-SSIM on the one channel; FID reads the files as clean-fid
     rimgs = np.stack([read_rgb(p, cfg.image_size)[..., :C] for p in rfiles])
     out = {}
 
@@ -589,7 +589,7 @@ def run_intrinsic(cfg: Config, progress: bool = True, write_filtered: bool = Fal
     notes = []
     from diffusegen.data import data_layout
 
-    if data_layout(cfg).image_channels == 1:  # issue 19
+    if data_layout(cfg).image_channels == 1:
         notes.append(
             "grey images: FID as clean-fid computes it (each file read as RGB: the grey channel repeated to 3), MS-SSIM "
             "on the one grey channel; the memorization audit compares the grey channel repeated to 3 (region SSIM and "

@@ -69,7 +69,7 @@ def read_rgb(path, size: int | None = None) -> np.ndarray:
 
 def read_mask01(path, size: int | None = None, labels: bool = False) -> np.ndarray:
     """A mask file as (H, W) 0/1 (L ≥ 128), resized (nearest) to size×size when it differs; unreadable: one DataError
-    line. `labels` (issue 19, several classes): a label PNG 0…K, whose union of the classes is the mask (L > 0)."""
+    line. `labels` (several classes): a label PNG 0…K, whose union of the classes is the mask (L > 0)."""
     from diffusegen.data import read_mask_grey
 
     im = Image.fromarray(read_mask_grey(path))
@@ -79,7 +79,7 @@ def read_mask01(path, size: int | None = None, labels: bool = False) -> np.ndarr
 
 
 def mask_labels(cfg: Config) -> bool:
-    "Whether this run's masks are label maps of several classes (issue 19): the audit's mask is then their union."
+    "Whether this run's masks are label maps of several classes: the audit's mask is then their union."
     from diffusegen.data import data_layout, pairs_path
 
     return pairs_path(cfg).exists() and data_layout(cfg).n_classes > 1

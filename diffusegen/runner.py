@@ -63,11 +63,11 @@ def stage_key(cfg: Config, stage: Stage, nb_path, upstream: dict, data_fingerpri
     return content_key(parts)
 
 # %% ../nbs/90_runner.ipynb #2ae4dcfb
-BINARY_ONLY_STAGES: tuple = ()  # RGB + one binary mask only; none since issue 19 (every stage takes classes, grey)
+BINARY_ONLY_STAGES: tuple = ()  # RGB + one binary mask only; none: every stage takes several classes and grey images
 
 
 def layout_not_supported(cfg: Config, stage: str) -> str:
-    "Why `stage` cannot run on this run's data layout yet ('' when it can): issue 19's stages not yet multi-class."
+    "Why `stage` cannot run on this run's data layout yet ('' when it can): a stage listed in `BINARY_ONLY_STAGES`."
     from diffusegen.data import data_layout, pairs_path
 
     if not pairs_path(cfg).exists():
@@ -78,7 +78,7 @@ def layout_not_supported(cfg: Config, stage: str) -> str:
     what = f"{layout.image_channels} image channel(s), classes {' '.join(layout.classes)} ({layout.mask_format} masks)"
     if stage in BINARY_ONLY_STAGES:
         return (
-            f"not yet for this data ({what}): {stage} assumes RGB images with one binary mask (issue 19); "
+            f"not yet for this data ({what}): {stage} assumes RGB images with one binary mask; "
             f"`diffusegen make-synthetic` makes the labelled synthetic set"
         )
     return ""

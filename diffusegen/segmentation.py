@@ -101,7 +101,7 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0, p
 
 
 def class_dice_loss(prob: torch.Tensor, labels: torch.Tensor, per_image: bool = True) -> torch.Tensor:
-    """Several classes (issue 19): the soft Dice loss of each class channel k = 1…K of the softmax output (B, K+1, H, W)
+    """Several classes: the soft Dice loss of each class channel k = 1…K of the softmax output (B, K+1, H, W)
     against `labels == k`, averaged over the classes (background 0 ignored, as the binary loss ignores it)."""
     K = prob.shape[1] - 1
     return sum(soft_dice_loss(prob[:, k], labels == k, per_image=per_image) for k in range(1, K + 1)) / K
@@ -259,7 +259,7 @@ def train_augmentation(seed: int):
 
 def to_tensors(images: np.ndarray, masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (B, S, S, 3) and 0/1 (B, S, S) → ImageNet-normalised float (B, 3, S, S) and float (B, S, S). Grey images
-    (B, S, S, 1; issue 19) are repeated to 3 channels for the ImageNet-shaped encoder; label maps 0…K stay labels."""
+    (B, S, S, 1) are repeated to 3 channels for the ImageNet-shaped encoder; label maps 0…K stay labels."""
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     x = (images.astype(np.float32) / 255 - MEAN) / STD
@@ -312,7 +312,7 @@ def evaluate(
     model, images: np.ndarray, masks: np.ndarray, threshold: float = 0.5, batch: int = 32, device="cpu"
 ) -> dict:
     """Mean per-image soft Dice loss, Dice and IoU (thresholded) of the polyp channel on uint8 images and 0/1 masks.
-    A model with several classes (issue 19; K + 1 outputs) on label maps 0…K: `class_scores`; dice and iou are then the
+    A model with several classes (K + 1 outputs) on label maps 0…K: `class_scores`; dice and iou are then the
     means over the classes, and 'class_iou', 'class_dice' hold each class's mean over the images."""
     model.eval()
     out, per = {"dice_loss": [], "dice": [], "iou": []}, {"class_iou": [], "class_dice": []}
@@ -346,8 +346,8 @@ def train_cell(
     n_classes: int = 1,
 ) -> dict:
     """Train one model on `train` (images, masks), keep the best state by validation IoU, test it. Returns scores and
-    that state (`state`), which the stage keeps as the cell's checkpoint (`save_cell_checkpoint`). `n_classes` > 1
-    (issue 19): masks are label maps 0…K, the loss `class_dice_loss`, the validation IoU the mean over the classes."""
+     that state (`state`), which the stage keeps as the cell's checkpoint (`save_cell_checkpoint`). `n_classes` > 1
+    : masks are label maps 0…K, the loss `class_dice_loss`, the validation IoU the mean over the classes."""
     device = resolve_device(cfg)
     seed_everything(seed % 2**32)
     model = build_model(cfg, n_classes=n_classes).to(device)
@@ -460,7 +460,7 @@ def _read_pair(
     img_path, mask_path, size: int, mode: str = "stretch", threshold: int = 128, layout=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic pair as the real ones: the data stage's `load_pair` (resize_mode, mask_threshold); DataError names a
-    bad file. Another `layout` (issue 19): `C` image channels, and the mask a label PNG 0…K as RePaint writes it for
+    bad file. Another `layout`: `C` image channels, and the mask a label PNG 0…K as RePaint writes it for
     several classes (one class: 0/255, thresholded)."""
     from diffusegen.data import Layout, Pair, load_labels, load_pair
 
@@ -483,7 +483,7 @@ class Sets:
         if not p.exists():
             raise DiffusegenError(f"{p}: no resized pairs; run the data stage first (diffusegen reproduce --only data)")
         t, ids, meta = load_pairs(p)
-        self.layout = Layout.from_meta(meta.get("layout"))  # issue 19: image channels and classes (none: the paper's)
+        self.layout = Layout.from_meta(meta.get("layout"))  # image channels and classes (none: the paper's)
         split = meta["split"]
         split = [split[i] for i in ids] if isinstance(split, dict) else list(split)
         imgs, masks = t["images"].permute(0, 2, 3, 1).numpy(), t["masks"].numpy().astype(np.uint8)
@@ -748,7 +748,7 @@ def evaluate_external(cfg: Config, ledger: pd.DataFrame, cells: list[dict], curr
     device, rows, new, evaluated, reused, notes = resolve_device(cfg), [], [], 0, 0, []
     from diffusegen.data import data_layout
 
-    layout = data_layout(cfg)  # issue 19: external sets read with the training data's classes and image channels
+    layout = data_layout(cfg)  # external sets read with the training data's classes and image channels
     for name, root in specs:
         ts = load_test_set(cfg, name, root, layout)
         notes += [f"test set {name} ({root}, {len(ts['ids'])} images): {n}" for n in ts["notes"]]
@@ -780,7 +780,7 @@ def evaluate_external(cfg: Config, ledger: pd.DataFrame, cells: list[dict], curr
         text = (
             pd.read_csv(p, dtype=str, keep_default_na=False) if p.exists() else pd.DataFrame(columns=EXTERNAL_COLUMNS)
         )
-        for c in ("class_iou", "class_dice"):  # a ledger written before issue 19
+        for c in ("class_iou", "class_dice"):  # a ledger written before per-class scores
             if c not in text.columns:
                 text[c] = ""
         out = [fresh.pop((_key(r), str(r["test_set"])), None) or r.to_dict() for _, r in text.iterrows()]
@@ -890,7 +890,7 @@ def quick_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         return m("dice_loss"), m("dice"), m("iou"), int(ok.n_train.astype(int).mean()) if len(ok) else 0, len(ok), st
 
     def per_class(g):
-        "Several classes (issue 19): 'IoU <class>' and 'Dice <class>', each class's mean over the ok repeats."
+        "Several classes: 'IoU <class>' and 'Dice <class>', each class's mean over the ok repeats."
         ok = g[g.status == "ok"]
         out = {}
         for col, label in (("class_iou", "IoU"), ("class_dice", "Dice")):
@@ -952,7 +952,7 @@ AGREEMENT_COLUMNS = [
     "area_share",
     "components",
     "touches_region",
-    "class_iou",  # several classes (issue 19): {class: IoU} as JSON; iou, dice are the means over the classes
+    "class_iou",  # several classes: {class: IoU} as JSON; iou, dice are the means over the classes
 ]
 
 
@@ -1017,7 +1017,7 @@ def model_classes(model) -> int:
 
 @torch.no_grad()
 def predict_labels(model, images: np.ndarray, batch: int = 32) -> torch.Tensor:
-    "Several classes (issue 19): the predicted label maps (N×H×W, 0…K: the arg-max over the K + 1 softmax outputs)."
+    "Several classes: the predicted label maps (N×H×W, 0…K: the arg-max over the K + 1 softmax outputs)."
     dev = next(model.parameters()).device
     model.eval()
     out = [
@@ -1116,7 +1116,7 @@ def agreement_table(cfg: Config, per: pd.DataFrame, sets: Sets, record: dict | N
                 "W1 components vs real": round(float(wasserstein_distance(g.components.astype(float), rc)), 4),
                 "touches region border": round(float(tr.mean()), 4) if len(tr) else "",
                 "reference": "held-out real test images" if kind == "real" else "",
-                **{  # several classes (issue 19): each class's median label IoU
+                **{  # several classes: each class's median label IoU
                     f"label IoU median {c}": round(float(np.median(v)), 4)
                     for c, v in _by_class(g.get("class_iou", pd.Series(dtype=object))).items()
                 },
@@ -1172,7 +1172,7 @@ def agreement_figure(cfg: Config, per: pd.DataFrame, sets: Sets, model, k: int =
             pr = (predict_labels(model, np.stack(ims)) > 0).numpy()
         for c, (p, im, mk, q) in enumerate(zip(pick, ims, mks, pr)):
             a = fig.add_subplot(gs[1 + r, c])
-            a.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray")  # grey images (issue 19)
+            a.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray")  # grey images
             mk = np.asarray(mk) > 0
             for m, col in ((mk, "lime"), (q, "red")):
                 if np.asarray(m).any():
@@ -1335,7 +1335,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
     run_d.mkdir(parents=True, exist_ok=True)
     fig_d.mkdir(parents=True, exist_ok=True)
     sets = Sets(cfg)
-    layout = getattr(sets, "layout", None) or Layout()  # issue 19: the classes (a stand-in Sets may have none)
+    layout = getattr(sets, "layout", None) or Layout()  # the classes (a stand-in Sets may have none)
     cells = grid(cfg)
     todo = cells if only is None else [c for c in cells if any(all(str(c[k]) == str(o[k]) for k in o) for o in only)]
     ledger = read_ledger(cfg)
@@ -1483,7 +1483,7 @@ def run_segmentation(cfg: Config, progress: bool = True, only: list[dict] | None
         "train/validation split grouped by source image (the paper code's split is not; paper-code-facts b.7.12)",
         f"Table 3 mode: {cfg.table3_mode} ({'r siblings added with probability α, the text' if cfg.table3_mode == 'add' else 'each real image replaced by r siblings with probability α, the caption'})",
     ]
-    if layout.n_classes > 1 or layout.image_channels == 1:  # issue 19
+    if layout.n_classes > 1 or layout.image_channels == 1:
         notes.append(
             f"data: {layout.image_channels} image channel(s), classes {' '.join(layout.classes)}: the segmenter predicts "
             f"{layout.n_classes + 1} classes (softmax, background 0), trained on the mean of the classes' soft Dice "

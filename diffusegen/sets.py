@@ -387,7 +387,7 @@ CELL_COLUMNS = KEY_COLUMNS + [
     "status",
     "n_syn",
     "short_of_r",
-    "class_iou",  # issue 19, several classes: {class: mean IoU} as JSON ('' for one class: iou is that class's)
+    "class_iou",  # several classes: {class: mean IoU} as JSON ('' for one class: iou is that class's)
     "class_dice",  # and {class: mean Dice}; iou, dice are then the means over the classes
 ]
 RESULT_COLUMNS = CELL_COLUMNS + ["test_set"]  # results.csv: one row per cell and test set (in-domain first)
@@ -399,6 +399,6 @@ def class_text(names, values) -> str:
 
 
 def class_values(text) -> dict:
-    "Inverse of `class_text`: {class: value}, {} for ''/NaN (one class, or results written before issue 19)."
+    "Inverse of `class_text`: {class: value}, {} for ''/NaN (one class, or results written before per-class scores)."
     s = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text).strip()
     return json.loads(s) if s else {}

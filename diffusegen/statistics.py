@@ -199,7 +199,7 @@ def table1_stats(cfg: Config, ours: pd.DataFrame | None, paper: dict) -> tuple[p
 
 # %% ../nbs/08_statistics.ipynb #bf2e3bac
 def class_columns(rows: pd.DataFrame | None) -> dict:
-    """Several classes (issue 19): 'IoU <class>' and 'Dice <class>', mean ± std of each class's score over the ok rows
+    """Several classes: 'IoU <class>' and 'Dice <class>', mean ± std of each class's score over the ok rows
     (results.csv's class_iou, class_dice); {} for one class. The table's IoU and DL stay the means over the classes."""
     if rows is None or "class_iou" not in rows.columns:
         return {}

@@ -170,7 +170,7 @@ class StyleNets:
 
     def __init__(self, unet, cfg: Config, cls_net, vgg_net, device="cpu", image_channels: int = 3):
         base = make_diffusion(cfg)
-        self.image_channels = int(image_channels)  # issue 19: 1 (grey) or 3; the class channels follow them
+        self.image_channels = int(image_channels)  # 1 (grey) or 3; the class channels follow them
         self.unet = unet.eval().requires_grad_(False)
         self.model_fn = sampling_fn(self.unet, cfg, device)  # the full forward (compiled when cfg.compile)
         self.amp = amp_dtype(cfg, device)
@@ -193,7 +193,7 @@ class StyleNets:
 
     def rgb(self, x: torch.Tensor) -> torch.Tensor:
         """The image channels of `x` (B, C + K, S, S) as the 3 channels the style networks (DINO, VGG) take: RGB as it
-        is; a grey image repeated to 3 (issue 19). The class channels are never shown to them."""
+        is; a grey image repeated to 3. The class channels are never shown to them."""
         return x[:, :3] if self.image_channels == 3 else x[:, :1].repeat(1, 3, 1, 1)
 
     def autocast(self):
@@ -233,7 +233,7 @@ def guidance(
         fac = float(diff.sqrt_one_minus_alphas_cumprod[i])
         x_aug = x0 * fac + x * (1 - fac)  # noise augmentation (DiffuseIT noisy_aug)
         x_in = x_aug if cfg.noise_aug else x0
-        x3 = nets.rgb(x_in)  # RGB; grey repeated to 3 (issue 19)
+        x3 = nets.rgb(x_in)  # RGB; grey repeated to 3
         mix = lambda n: init * fac + diff.q_sample(init, t, n) * (1 - fac)  # y_t: noisy mix of the inpainted x_0
         terms = {}
         cls_x = nets.cls_net(x3).float()
@@ -377,7 +377,7 @@ def _read_mask01(path: Path) -> np.ndarray:
 
 
 def _read_image(path: Path, channels: int = 3) -> np.ndarray:
-    "An image file as (H, W, 3) RGB, or (H, W, 1) grey for `channels` = 1 (issue 19)."
+    "An image file as (H, W, 3) RGB, or (H, W, 1) grey for `channels` = 1."
     from PIL import Image
 
     if channels == 3:
@@ -387,7 +387,7 @@ def _read_image(path: Path, channels: int = 3) -> np.ndarray:
 
 
 def _read_label_map(path: Path, n_classes: int = 1) -> np.ndarray:
-    "A mask file as (H, W) labels: one class, 0/1 (> 127, as `_read_mask01`); several (issue 19), the label PNG 0…K."
+    "A mask file as (H, W) labels: one class, 0/1 (> 127, as `_read_mask01`); several, the label PNG 0…K."
     from PIL import Image
 
     if n_classes == 1:
@@ -523,7 +523,7 @@ def style_type(
     from diffusegen.data import data_layout, labels_to_channels
     from diffusegen.inpainting import read_back
 
-    layout = data_layout(cfg)  # issue 19: C image channels, then one ±1 channel per class
+    layout = data_layout(cfg)  # C image channels, then one ±1 channel per class
     C, K = layout.image_channels, layout.n_classes
     up_kind = STYLED_TYPES[kind]
     up = read_set(cfg, up_kind)
@@ -615,9 +615,7 @@ def style_type(
                     cfg.styled_mask == "regenerated" and layout.is_default
                 ):  # the styled 4th channel, > 127 and opened (paper-code-facts b.5)
                     save_png(refine_mask(_to_u8(x0[j, 3:4])[..., 0], cfg.mask_open), tdir / "masks" / f"{name}.png")
-                elif (
-                    cfg.styled_mask == "regenerated"
-                ):  # issue 19: read back as in inpainting (arg-max, per-class opening)
+                elif cfg.styled_mask == "regenerated":  # read back as in inpainting (arg-max, per-class opening)
                     save_png(read_back(_to_u8(x0[j]), C, cfg.mask_open)[1], tdir / "masks" / f"{name}.png")
                 else:  # the inpainted sample's mask, byte for byte (the paper's Fig. 6 caption)
                     with atomic_path(tdir / "masks" / f"{name}.png") as tmp:
@@ -640,7 +638,7 @@ def style_type(
                     "loss_first": {k: float(first[k][j]) for k in LOSS_KEYS},
                     "loss_last": {k: float(last[k][j]) for k in LOSS_KEYS},
                     "upstream": _upstream_key(r),
-                    **({} if C == 3 else {"style_networks_input": "the grey image repeated to 3 channels (issue 19)"}),
+                    **({} if C == 3 else {"style_networks_input": "the grey image repeated to 3 channels"}),
                 }
                 nfe_in = params["inpaint_nfe"] or 0
                 new_rows.append(
@@ -719,7 +717,7 @@ def style_figure(cfg: Config, kind: str, real: dict, real_masks: dict, tag: str,
             _read_rgb(tdir / "raw" / Path(r.file).name),
             _read_rgb(tdir / r.file),
         ]
-        for j, im in enumerate(map(_png, ims)):  # grey (issue 19): one channel; label maps 0…K
+        for j, im in enumerate(map(_png, ims)):  # grey: one channel; label maps 0…K
             ax[i, j].imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=K if j in (1, 3) else None)
             if i == 0:
                 ax[i, j].set_title(cols[j], fontsize=7)
@@ -844,7 +842,7 @@ def run_styling(cfg: Config, progress: bool = True, stop_after: int | None = Non
     from diffusegen.data import data_layout
 
     layout = data_layout(cfg)
-    if layout.image_channels == 1:  # issue 19
+    if layout.image_channels == 1:
         notes.append(
             "grey images: the style networks (DINO ViT-B/8, VGG-19) see the grey image repeated to 3 channels; the "
             "diffusion model and the saved samples keep one channel"

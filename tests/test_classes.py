@@ -319,7 +319,7 @@ def test_cli_make_synthetic_writes_a_dataset(tmp_path):
 
 
 def test_binary_segmentation_cell_pinned(tmp_path):
-    "A tiny seeded binary cell: the scores the code before issue 19's evaluation part gave (pinned), no class columns."
+    "A tiny seeded binary cell: the scores the code before per-class evaluation gave (pinned), no class columns."
     import diffusegen.segmentation as S
 
     d = make_demo_dataset(tmp_path / "d", n=10, size=48, seed=3)
