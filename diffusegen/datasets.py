@@ -23,9 +23,9 @@ from .core import DataError, fsync_path, fsync_tree, write_json
 
 # %% auto #0
 __all__ = ['DEMO_VERSION', 'DEMO_AREA_RANGE', 'MULTICLASS_VERSION', 'MULTICLASS_CLASSES', 'DATASETS', 'IMAGE_EXTS',
-           'EXTERNAL_DIR', 'EXTERNAL_SETS', 'EXTERNAL_VERSION', 'demo_pair', 'make_demo_dataset', 'multiclass_pair',
-           'make_multiclass_dataset', 'RemoteDataset', 'safe_extract', 'check_layout', 'fetch_or_explain',
-           'download_dataset', 'ExternalSet', 'convert_external', 'extract_archive', 'external_dir',
+           'EXTERNAL_DIR', 'EXTERNAL_SETS', 'EXTERNAL_VERSION', 'demo_pair', 'write_set', 'make_demo_dataset',
+           'multiclass_pair', 'make_multiclass_dataset', 'RemoteDataset', 'safe_extract', 'check_layout',
+           'fetch_or_explain', 'download_dataset', 'ExternalSet', 'convert_external', 'extract_archive', 'external_dir',
            'download_external']
 
 # %% ../nbs/01a_datasets.ipynb #7efd420a
@@ -166,6 +166,36 @@ def demo_pair(seed: int, index: int, size: int = 256) -> tuple[Image.Image, Imag
     )
     return im, Image.fromarray(mask.astype(np.uint8) * 255, "L")
 
+# %% ../nbs/01a_datasets.ipynb #fc114d45
+def write_set(dest: Path, fill, complete) -> Path:
+    """Write a generated set in `dest` without ever leaving it half-written: `fill(tmp)` writes `images/`, `masks/`
+    and `dataset.json` into a temp folder beside `dest`; then fsync, any old `dest` moved aside, the rename, the old
+    one removed. `complete()` says whether `dest` already holds the set (another process won the race)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
+        fill(tmp)
+        fsync_tree(tmp)  # on disk before the rename
+        old = None
+        if dest.exists():  # an empty folder or an outdated set of the same kind
+            old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(dest, old)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if complete():
+                return dest  # another process won the race
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return dest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
 # %% ../nbs/01a_datasets.ipynb #eee0f4e6
 def _demo_meta(dest: Path) -> dict | None:
     try:
@@ -209,11 +239,8 @@ def make_demo_dataset(dest, n: int = 60, size: int = 256, seed: int = 0) -> Path
         return dest
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and _demo_meta(dest) is None)):
         raise DataError(f"{dest}: exists and is not a diffusegen demo set; choose another folder or remove it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        (tmp / "images").mkdir(parents=True)
-        (tmp / "masks").mkdir()
+
+    def fill(tmp: Path):
         shares = []
         for i in range(n):
             im, m = demo_pair(seed, i, size)
@@ -237,23 +264,8 @@ def make_demo_dataset(dest, n: int = 60, size: int = 256, seed: int = 0) -> Path
                 "polyp_share": shares,
             },
         )
-        fsync_tree(tmp)  # on disk before the rename
-        old = None
-        if dest.exists():  # an empty folder or an outdated demo set
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(dest, old)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if _demo_complete(dest, n, size, seed):
-                return dest  # another process won the race
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return dest
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    return write_set(dest, fill, lambda: _demo_complete(dest, n, size, seed))
 
 # %% ../nbs/01a_datasets.ipynb #49e51a2c
 MULTICLASS_VERSION = "multiclass-v1"  # bump when the generator's output changes
@@ -304,16 +316,19 @@ def make_multiclass_dataset(
             f"folders (got n={n}, size={size}, channels={channels}, mask_format={mask_format!r})"
         )
     spec = {"n": int(n), "size": int(size), "seed": int(seed), "channels": channels, "mask_format": mask_format}
-    m = _demo_meta(dest)
-    if m and m.get("generator_version") == MULTICLASS_VERSION and all(m.get(k) == v for k, v in spec.items()):
+
+    def complete() -> bool:
+        m = _demo_meta(dest)
+        return (
+            bool(m) and m.get("generator_version") == MULTICLASS_VERSION and all(m.get(k) == v for k, v in spec.items())
+        )
+
+    if complete():
         return dest
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and m is None)):
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and _demo_meta(dest) is None)):
         raise DataError(f"{dest}: exists and is not a diffusegen procedural set; choose another folder or remove it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        (tmp / "images").mkdir(parents=True)
-        (tmp / "masks").mkdir()
+
+    def fill(tmp: Path):
         counts = {c: 0 for c in MULTICLASS_CLASSES}
         for i in range(n):
             im, lab = multiclass_pair(seed, i, size, channels)
@@ -345,14 +360,8 @@ def make_multiclass_dataset(
                 "images_per_class": counts,
             },
         )
-        fsync_tree(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-        return dest
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    return write_set(dest, fill, complete)
 
 # %% ../nbs/01a_datasets.ipynb #c5c94173
 @dataclass(frozen=True)

@@ -60,8 +60,8 @@ __all__ = ['MEAN', 'STD', 'LEDGER_COLUMNS', 'EXTERNAL_COLUMNS', 'STALE', 'SCORE_
            'grouped_split', 'augment_small_set', 'evaluate', 'train_cell', 'cell_seed', 'filtered_rows', 'grid', 'Sets',
            'cell_data', 'data_hash', 'cell_hash', 'results_paths', 'checkpoint_path', 'save_cell_checkpoint',
            'load_cell_model', 'evaluate_external', 'read_ledger', 'write_results', 'paper_seg_scores', 'paper_seg_text',
-           'quick_tables', 'agreement_paths', 'agreement_segmenter', 'mask_stats', 'touches_region', 'predict',
-           'model_classes', 'predict_labels', 'label_agreement', 'agreement_table', 'agreement_figure',
+           'quick_tables', 'agreement_paths', 'agreement_segmenter', 'mask_stats', 'touches_region', 'batch_outputs',
+           'predict', 'model_classes', 'predict_labels', 'label_agreement', 'agreement_table', 'agreement_figure',
            'memorization_provenance', 'run_label_agreement', 'table_artifact', 'run_segmentation']
 
 # %% ../nbs/07_segmentation.ipynb #0454e9e6
@@ -997,16 +997,19 @@ def touches_region(mask: np.ndarray, region: np.ndarray) -> bool:
 
 
 @torch.no_grad()
-def predict(model, images: np.ndarray, batch: int = 32) -> torch.Tensor:
-    "The polyp channel's probabilities (N×H×W, CPU float) of uint8 images."
+def batch_outputs(model, images: np.ndarray, batch: int, head) -> list[torch.Tensor]:
+    "`head` of the model's softmax outputs on uint8 images, batch by batch, on the CPU (the model in eval mode)."
     dev = next(model.parameters()).device
     model.eval()
-    out = [
-        polyp_channel(model(to_tensors(images[b : b + batch], np.zeros(images[b : b + batch].shape[:3]))[0].to(dev)))
-        .float()
-        .cpu()
+    return [
+        head(model(to_tensors(images[b : b + batch], np.zeros(images[b : b + batch].shape[:3]))[0].to(dev))).cpu()
         for b in range(0, len(images), batch)
     ]
+
+
+def predict(model, images: np.ndarray, batch: int = 32) -> torch.Tensor:
+    "The polyp channel's probabilities (N×H×W, CPU float) of uint8 images."
+    out = batch_outputs(model, images, batch, lambda p: polyp_channel(p).float())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -1015,15 +1018,9 @@ def model_classes(model) -> int:
     return int(model.segmentation_head[0].out_channels) - 1
 
 
-@torch.no_grad()
 def predict_labels(model, images: np.ndarray, batch: int = 32) -> torch.Tensor:
     "Several classes: the predicted label maps (N×H×W, 0…K: the arg-max over the K + 1 softmax outputs)."
-    dev = next(model.parameters()).device
-    model.eval()
-    out = [
-        model(to_tensors(images[b : b + batch], np.zeros(images[b : b + batch].shape[:3]))[0].to(dev)).argmax(1).cpu()
-        for b in range(0, len(images), batch)
-    ]
+    out = batch_outputs(model, images, batch, lambda p: p.argmax(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 # %% ../nbs/07_segmentation.ipynb #0aee7774
