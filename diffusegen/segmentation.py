@@ -346,8 +346,8 @@ def train_cell(
     n_classes: int = 1,
 ) -> dict:
     """Train one model on `train` (images, masks), keep the best state by validation IoU, test it. Returns scores and
-     that state (`state`), which the stage keeps as the cell's checkpoint (`save_cell_checkpoint`). `n_classes` > 1
-    : masks are label maps 0…K, the loss `class_dice_loss`, the validation IoU the mean over the classes."""
+    that state (`state`), which the stage keeps as the cell's checkpoint (`save_cell_checkpoint`). With `n_classes` > 1
+    the masks are label maps 0…K, the loss `class_dice_loss`, the validation IoU the mean over the classes."""
     device = resolve_device(cfg)
     seed_everything(seed % 2**32)
     model = build_model(cfg, n_classes=n_classes).to(device)
