@@ -6,7 +6,7 @@ VENV ?= .venv
 PROFILE ?= demo
 ARGS ?=
 
-.PHONY: install reproduce dry-run test export clean-nbs lint format
+.PHONY: install reproduce dry-run gpu-check test export clean-nbs lint format
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -26,6 +26,12 @@ reproduce: install
 # A dry run of a profile (e.g. `make dry-run PROFILE=paper`): its networks and formats with every count cut, into dry-run/.
 dry-run: install
 	$(VENV)/bin/diffusegen reproduce --profile $(PROFILE) --dry-run $(ARGS)
+
+# On a borrowed GPU (about 14 minutes): the paper dry run on CUDA, the styled pair at the paper's evaluation count and
+# the fast sampler at scale, into figures/bench/gpu-<name>/ (e.g. `make gpu-check DATA=data/kvasir-seg`).
+DATA ?= data/kvasir-seg
+gpu-check: install
+	scripts/gpu-check.sh $(DATA)
 
 test: install
 	$(VENV)/bin/python -m pytest $(ARGS)
