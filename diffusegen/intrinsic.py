@@ -29,7 +29,15 @@ from diffusegen.core import (
     paper_table,
     content_key,
 )
-from .sets import set_dir, read_set, synthetic_types, type_label, write_memorization_flags
+from diffusegen.sets import (
+    set_dir,
+    read_set,
+    synthetic_types,
+    type_key,
+    type_label,
+    write_memorization_flags,
+    absent_status,
+)
 
 # %% auto #0
 __all__ = ['MSSSIM_WEIGHTS', 'fid_extractor', 'file_features', 'fid_from_features', 'seeded_draw', 'fid_between',
@@ -600,7 +608,9 @@ def run_intrinsic(cfg: Config, progress: bool = True, write_filtered: bool = Fal
     for label, df in sets.items():
         if df is None:
             notes.append(
-                f"{label}: not provided" + (" (gan_root = none)" if label == "GAN" else " (no such synthetic set)")
+                f"{label}: not provided (gan_root = none)"
+                if label == "GAN"
+                else f"{label}: {absent_status(cfg, type_key(label))}"
             )
     if sets.get("GAN") is not None:
         mc = sets["GAN"].attrs.get("mapping_check", {})

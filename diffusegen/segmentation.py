@@ -51,6 +51,7 @@ from diffusegen.sets import (
     filtered_key,
     filtered_types,
     get_type,
+    absent_status,
 )
 
 # %% auto #0
@@ -550,7 +551,7 @@ def cell_data(cfg: Config, sets: Sets, cell: dict) -> dict:
         else:
             df = sets.synthetic(kind)
             if df is None:
-                return {"status": "not provided" if kind == "gan" else f"skipped: no {kind} set (run its stage)"}
+                return {"status": absent_status(cfg, kind)}
             sel = df[df["sample"] < n]
             if sel.empty:
                 return {"status": f"skipped: no {kind} samples with index < {n}"}
@@ -587,7 +588,7 @@ def cell_data(cfg: Config, sets: Sets, cell: dict) -> dict:
     if kind != "real":
         df = sets.synthetic(kind)
         if df is None:
-            return {"status": "not provided" if kind == "gan" else f"skipped: no {kind} set (run its stage)"}
+            return {"status": absent_status(cfg, kind)}
         for key, sid, j in zip(df.key, df.source_id, df["sample"]):
             if j < cfg.samples_per_image:
                 sib.setdefault(sid, []).append(key)  # X̃_ij, j = 1..M

@@ -18,7 +18,7 @@ __all__ = ['TYPES', 'KNOWN', 'LABEL_IOU', 'MANIFEST_COLUMNS', 'STRING_COLUMNS', 
            'type_label', 'type_labels', 'type_key', 'types_made_by', 'synthetic_types', 'filtered_key',
            'register_filtered', 'filtered_types', 'manifest_columns', 'set_dir', 'read_manifest_csv',
            'write_manifest_csv', 'read_set', 'memorization_flags_path', 'write_memorization_flags',
-           'read_memorization_flags', 'write_filtered_set', 'split_ledger', 'move_aside', 'prune_rows',
+           'read_memorization_flags', 'write_filtered_set', 'absent_status', 'split_ledger', 'move_aside', 'prune_rows',
            'write_unplanned', 'class_text', 'class_values']
 
 # %% ../nbs/01b_sets.ipynb #a1a9ecfe
@@ -310,6 +310,23 @@ def write_filtered_set(
     }
     write_json(d / "filter.json", {**counts, "provenance": provenance or {}})
     return counts
+
+# %% ../nbs/01b_sets.ipynb #55236d7a
+def absent_status(cfg: Config, kind: str) -> str:
+    """The status of a cell whose set `kind` has no samples, saying why: the GAN set is not provided; copy-paste is
+    made for RGB images with one class only; a filtered subset the label filter emptied; else the stage has not run."""
+    from diffusegen.data import data_layout
+
+    t = get_type(kind)
+    if kind == "gan":
+        return "not provided"
+    if t.copies_real and not data_layout(cfg).is_default:
+        return f"skipped: {t.label} is made for RGB images with one class only"
+    if (set_dir(cfg, kind) / "manifest.csv").exists():
+        if t.made_by == "filter":
+            return f"skipped: the filter kept no {t.made_from[0]} sample (label_min_iou = {cfg.label_min_iou})"
+        return f"skipped: the {kind} set has no samples"
+    return f"skipped: no {kind} set (run its stage)"
 
 # %% ../nbs/01b_sets.ipynb #3631611b
 UNPLANNED = "manifest_unplanned.csv"  # beside manifest.csv: finished samples outside the current plan, kept
