@@ -6,6 +6,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# pytest-xdist (pyproject's addopts): each worker gets its share of the cores' threads. Workers with a full thread pool
+# each wait on one another's cores (on 2 cores that is many times slower); the notebook kernels and CLI subprocesses a
+# test starts inherit the variables.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_v] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
 # the tests never touch the network: no profile run by a test downloads a dataset (a test that means to sets its own)
 os.environ.setdefault("DIFFUSEGEN_DATA_DOWNLOAD", "none")
 # real data for the tests that need it: $DIFFUSEGEN_KVASIR, else the project's own data/kvasir-seg (never committed)
