@@ -1205,7 +1205,7 @@ def curve_figure(df: pd.DataFrame, title: str):
             ax.axhline(floor[k], color="tab:red", ls=":", lw=0.9, label=f"the sources themselves ({floor[k]:.3g})")
             ax.legend(fontsize=7)
         ax.set_xlabel("training step")
-        ax.set_ylabel(f"{name} vs the real training images")
+        ax.set_ylabel(f"{name} vs the training images")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -215,14 +215,16 @@ def _cmd_style(a) -> int:
 # %% ../nbs/91_cli.ipynb #6325a258
 def _cmd_ship(a) -> int:
     from diffusegen.bench import ship_checkpoint
+    from diffusegen.training import shipped_names
 
     cfg = _stage_cfg(a)
+    data = "" if cfg.data_search.strip().lower() in ("", "none") else "--data KVASIR-SEG "  # none: the procedural set
     made = (
-        f"diffusegen reproduce --profile {a.profile} --data KVASIR-SEG --only data clustering && "
+        f"diffusegen reproduce --profile {a.profile} {data}--only data clustering && "
         f"diffusegen train --profile {a.profile} --full"
     )
     card = ship_checkpoint(
-        cfg, a.src, a.dest or cfg.shipped_weights, curve=a.curve or [], n_images=a.images, command=made
+        cfg, a.src, a.dest or shipped_names(cfg)[0], curve=a.curve or [], n_images=a.images, command=made
     )
     print(
         f"{card['file']}: {card['steps']} steps, sha256 {card['sha256'][:12]}…, FID/KID "

@@ -33,18 +33,18 @@ def _full_model(cfg, images, ids, layout, progress: bool) -> dict:
     from diffusegen.training import (
         ModelSpec,
         _batch,
+        choose_shipped,
         install_shipped,
-        read_shipped,
-        shipped_fit,
         train_model,
     )
 
     mdir = stage_dirs(cfg, "training")[0] / "full"
     if cfg.init_from == "shipped" and layout.is_default:
-        card, why = read_shipped(cfg)
-        if card is not None and not shipped_fit(cfg, card, ids):
-            return install_shipped(cfg, card, images, mdir)
+        name, card, why = choose_shipped(cfg, ids)
+        if card is not None:
+            return install_shipped(cfg, card, images, mdir, name)
     n = len(ids)
+
     spec = ModelSpec(
         "full", sorted(ids), True, cfg.full_train_steps, cfg.full_lr, _batch(cfg.full_batch_size, n), cfg.microbatch
     )

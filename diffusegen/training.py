@@ -43,8 +43,9 @@ from .data import channels_to_labels, data_layout
 __all__ = ['parse_ints', 'unet_kwargs', 'build_unet', 'make_diffusion', 'ModelSpec', 'select_clusters', 'model_specs',
            'spec_hash', 'batch_indices', 'draw_batch', 'ConstantEMA', 'train_step', 'fixed_loss', 'save_checkpoint',
            'load_unet', 'weights_file', 'loss_figure', 'sample_grid', 'get_accelerator', 'train_model',
-           'training_images', 'full_init', 'stage_specs', 'run_training', 'shipped_paths', 'card_settings',
-           'read_shipped', 'shipped_fit', 'install_shipped', 'ship_weights', 'card_markdown']
+           'training_images', 'full_init', 'stage_specs', 'run_training', 'shipped_names', 'shipped_paths',
+           'card_settings', 'read_shipped', 'shipped_fit', 'choose_shipped', 'install_shipped', 'card_data',
+           'ship_weights', 'card_markdown']
 
 # %% ../nbs/03_training.ipynb #9bc14f01
 def parse_ints(s: str) -> tuple[int, ...]:
@@ -821,15 +822,13 @@ def run_training(
     recs, init, shipped, not_shipped = [], None, None, ""
     first, rest = stage_specs(cfg, cl, clusters, full)
     if cfg.init_from == "shipped" and any(s.full for s in first):
-        card, not_shipped = read_shipped(cfg)
-        if card is not None:
-            not_shipped = shipped_fit(cfg, card, ids) or (
-                ""
-                if layout.is_default
-                else f"they are an RGB + one-mask network; this data has {layout.channels} channels"
-            )
+        name, card, not_shipped = (
+            choose_shipped(cfg, ids)
+            if layout.is_default
+            else (None, None, f"they are RGB + one-mask networks; this data has {layout.channels} channels")
+        )
         if not not_shipped and main:
-            shipped = install_shipped(cfg, card, images, run_d / "full")
+            shipped = install_shipped(cfg, card, images, run_d / "full", name)
     for group in (first, rest):
         if group is rest and first:
             init = full_init(cfg)
@@ -925,7 +924,7 @@ def run_training(
         )
     elif cfg.init_from == "shipped" and not_shipped:
         notes.append(
-            f"init_from = shipped, but the shipped full model does not fit this run ({not_shipped}): the full model is "
+            f"init_from = shipped, but no shipped full model fits this run ({not_shipped}): the full model is "
             f"trained here, as with init_from = full"
         )
     if init:
@@ -953,9 +952,15 @@ def run_training(
     return summary
 
 # %% ../nbs/03_training.ipynb #31df5a94
-def shipped_paths(cfg: Config) -> tuple[Path, Path]:
-    "(weights file, model card) that `shipped_weights` names; a relative name is relative to the project root."
-    base = Path(cfg.shipped_weights)
+def shipped_names(cfg: Config) -> list[str]:
+    "The shipped models `shipped_weights` names (several, space-separated: the first that fits a run is used)."
+    return cfg.shipped_weights.split()
+
+
+def shipped_paths(cfg: Config, name: str | None = None) -> tuple[Path, Path]:
+    """(weights file, model card) of the shipped model `name` (default: the first `shipped_weights` names); a relative
+    name is relative to the project root."""
+    base = Path(name or shipped_names(cfg)[0])
     if not base.is_absolute():
         base = project_root() / base
     return base.parent / f"{base.name}.safetensors", base.parent / f"{base.name}.json"
@@ -977,9 +982,11 @@ def card_settings(cfg: Config) -> dict:
     )
 
 
-def read_shipped(cfg: Config) -> tuple[dict | None, str]:
-    "(card, '') of the shipped weights, or (None, why not) when there are none; an unreadable card is one line."
-    w, c = shipped_paths(cfg)
+def read_shipped(cfg: Config, name: str | None = None) -> tuple[dict | None, str]:
+    """(card, '') of the shipped model `name` (default: the first), or (None, why not) when there is none; an
+    unreadable card is one line."""
+
+    w, c = shipped_paths(cfg, name)
     if not (w.exists() and c.exists()):
         return None, f"no shipped weights at {w} (with its card {c.name})"
     try:
@@ -1005,15 +1012,29 @@ def shipped_fit(cfg: Config, card: dict, ids) -> str:
         )
     return ""
 
+
+def choose_shipped(cfg: Config, ids) -> tuple[str | None, dict | None, str]:
+    """(name, card, '') of the first shipped model that fits a run with these training ids (`shipped_fit`), or
+    (None, None, why none does: one reason per shipped model)."""
+    why = []
+    for name in shipped_names(cfg):
+        card, no = read_shipped(cfg, name)
+        no = no or shipped_fit(cfg, card, ids)
+        if not no:
+            return name, card, ""
+        why.append(f"{Path(name).name}: {no}" if len(shipped_names(cfg)) > 1 else no)
+    return None, None, "; ".join(why) or "shipped_weights names none"
+
 # %% ../nbs/03_training.ipynb #7ba3d06b
-def install_shipped(cfg: Config, card: dict, images: torch.Tensor, mdir) -> dict:
-    """Make the shipped weights this run's finished full-data model (`mdir`/final): check their sha256 against the card,
+def install_shipped(cfg: Config, card: dict, images: torch.Tensor, mdir, name: str | None = None) -> dict:
+    """Make the shipped model `name` (default: the first `shipped_weights` names) this run's finished full-data model
+    (`mdir`/final): check their sha256 against the card,
     write them in fp32 as `unet/` and `unet_ema/` (they are EMA weights) with a `model.json` naming their source. A full
     model finished here under other settings is moved aside to `final.was-<hash>`, never deleted."""
     import matplotlib.pyplot as plt
     from safetensors.torch import load_file
 
-    w, c = shipped_paths(cfg)
+    w, c = shipped_paths(cfg, name)
     h = sha256_file(w)
     if h != card.get("sha256"):
         raise DiffusegenError(
@@ -1100,6 +1121,43 @@ def _downsample(losses: list, n: int = 400) -> list:
     return [[int(b[-1, 0])] + [round(float(v), 6) for v in b[:, 1:].mean(0)] for b in np.array_split(a, min(n, len(a)))]
 
 
+def card_data(cfg: Config, ids) -> dict:
+    """What a model card says of its training data: the dataset, whether its images are real, where the training ids
+    come from and the data's terms. Read from the folder the data stage used: the procedural set says so in its
+    `dataset.json`; ids from `train_ids` are the paper's Kvasir-SEG ones; any other set is named by its folder."""
+    from diffusegen.core import read_manifest
+    from diffusegen.data import read_id_list
+    from diffusegen.datasets import DATASETS
+
+    root = Path(((read_manifest(cfg, "data") or {}).get("summary") or {}).get("dataset", "."))
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("procedural"):
+        return {
+            "dataset": "the procedural demo set",
+            "real_data": False,
+            "ids_source": f"the procedural demo set's seeded split ({meta.get('n')} images of {meta.get('size')} px, "
+            f"seed {meta.get('seed')}, made by {meta.get('generator')} version {meta.get('generator_version')})",
+            "data_terms": "Procedural images drawn by diffusegen: no patient data, no terms beyond diffusegen's licence.",
+        }
+    listed = None if cfg.train_ids.lower() in ("none", "") else set(read_id_list(cfg.train_ids).iloc[:, 0].astype(str))
+    if listed and set(map(str, ids)) <= listed:
+        return {
+            "dataset": "Kvasir-SEG",
+            "real_data": True,
+            "ids_source": f"{cfg.train_ids} (the paper's training ids: Kvasir-SEG file names)",
+            "data_terms": DATASETS["kvasir-seg"].terms,
+        }
+    return {
+        "dataset": root.name,
+        "real_data": True,
+        "ids_source": f"the seeded split of {root}",
+        "data_terms": f"the terms of the dataset in {root} (state them here before sharing these weights)",
+    }
+
+
 def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None, floor: dict | None = None) -> dict:
     """Write shipped weights from a full model trained under `cfg`: `src` is its model folder (the final EMA weights) or
     a checkpoint folder; `dest` the base name (e.g. `weights/demo-full-64`). Writes `<dest>.safetensors` (the EMA weights
@@ -1108,7 +1166,6 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
     of the source images themselves against the same reference (what a perfect inpainting would score)."""
     from safetensors.torch import save_file
     from diffusegen.core import atomic_path, versions
-    from diffusegen.datasets import DATASETS
 
     src, dest = Path(src), Path(dest)
     if (src / "final" / "model.json").exists():
@@ -1154,8 +1211,7 @@ def ship_weights(cfg: Config, src, dest, command: str, curve: list | None = None
         "fits": card_settings(cfg),
         "ids": list(map(str, ids)),
         "n_images": len(ids),
-        "ids_source": f"{cfg.train_ids} (the paper's training ids: Kvasir-SEG file names)",
-        "data_terms": DATASETS["kvasir-seg"].terms,
+        **card_data(cfg, ids),
         "steps": int(steps),
         "final_loss": round(float(tail.mean()), 6),
         "fixed_loss_fp32": loss32,
@@ -1180,7 +1236,7 @@ def card_markdown(card: dict) -> str:
     L = [
         f"# Model card: `{card['name']}`",
         "",
-        f"The full-data diffusion model that diffusegen's demo uses on Kvasir-SEG (`init_from = shipped`): a "
+        f"The full-data diffusion model that diffusegen's demo uses on {card.get('dataset', 'Kvasir-SEG')} (`init_from = shipped`): a "
         f"{card['parameters'] / 1e6:.1f} M-parameter 4-channel UNet (RGB + mask) at {card['fits']['image_size']} px, "
         f"{card['weights']} weights, stored in {card['dtype']} (`{card['file']}`, sha256 `{card['sha256']}`).",
         "",
@@ -1210,7 +1266,7 @@ def card_markdown(card: dict) -> str:
         L += [
             "",
             "FID and KID of RePaint-inpainted samples (from pure noise, the demo's sampler; `diffusegen ship`) against the "
-            f"real training images, at {card['fits']['image_size']} px, over the training steps (`{card['name']}-curve.png`):",
+            f"{'real ' if card.get('real_data', True) else ''}training images, at {card['fits']['image_size']} px, over the training steps (`{card['name']}-curve.png`):",
             "",
             "| step | images | FID | KID |",
             "|---:|---:|---:|---:|",
@@ -1222,16 +1278,24 @@ def card_markdown(card: dict) -> str:
                 f"| floor: the {f['images']} source images themselves | {f['images']} | {f['fid']:.2f} | {f['kid']:.4f} |",
                 "",
                 "The known region is pasted back into every sample, so most of each FID is the floor's (the same images "
-                "against the same reference); KID is unbiased at small n, so it reads directly.",
+                "against the same reference); KID is unbiased at small n, so it reads directly."
+                if f["fid"] > 1
+                else "The source images are the whole reference set here (every training image), so the floor is 0 and each "
+                "FID measures the inpainted regions alone; KID is unbiased at small n, so it reads directly.",
             ]
+
     L += [
         "",
         "## Data: terms and attribution",
         "",
         card["data_terms"],
         "",
-        "The weights are derived from these images; use them under the same terms (research and education), and cite "
-        "Kvasir-SEG and HyperKvasir with the paper (see `CITATION.cff`).",
-        "",
     ]
+    if card.get("dataset", "Kvasir-SEG") == "Kvasir-SEG":
+        L += [
+            "The weights are derived from these images; use them under the same terms (research and education), and cite "
+            "Kvasir-SEG and HyperKvasir with the paper (see `CITATION.cff`).",
+            "",
+        ]
+
     return "\n".join(L)

@@ -8,7 +8,15 @@ from diffusegen.core import ConfigError, load_config, profiles, read_settings, s
 
 
 def test_profiles_exist_and_build():
-    assert profiles() == ["smoke", "demo", "demo-weights", "dry-run", "paper", "paper-revision"]
+    assert profiles() == [
+        "smoke",
+        "demo",
+        "demo-weights",
+        "demo-weights-procedural",
+        "dry-run",
+        "paper",
+        "paper-revision",
+    ]
     for p in profiles():
         cfg = load_config(p)
         assert isinstance(cfg, Config) and cfg.profile == p
