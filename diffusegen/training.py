@@ -985,7 +985,6 @@ def card_settings(cfg: Config) -> dict:
 def read_shipped(cfg: Config, name: str | None = None) -> tuple[dict | None, str]:
     """(card, '') of the shipped model `name` (default: the first), or (None, why not) when there is none; an
     unreadable card is one line."""
-
     w, c = shipped_paths(cfg, name)
     if not (w.exists() and c.exists()):
         return None, f"no shipped weights at {w} (with its card {c.name})"
@@ -1016,21 +1015,21 @@ def shipped_fit(cfg: Config, card: dict, ids) -> str:
 def choose_shipped(cfg: Config, ids) -> tuple[str | None, dict | None, str]:
     """(name, card, '') of the first shipped model that fits a run with these training ids (`shipped_fit`), or
     (None, None, why none does: one reason per shipped model)."""
-    why = []
-    for name in shipped_names(cfg):
+    why, names = [], shipped_names(cfg)
+    for name in names:
         card, no = read_shipped(cfg, name)
         no = no or shipped_fit(cfg, card, ids)
         if not no:
             return name, card, ""
-        why.append(f"{Path(name).name}: {no}" if len(shipped_names(cfg)) > 1 else no)
+        why.append(f"{Path(name).name}: {no}" if len(names) > 1 else no)
     return None, None, "; ".join(why) or "shipped_weights names none"
 
 # %% ../nbs/03_training.ipynb #7ba3d06b
 def install_shipped(cfg: Config, card: dict, images: torch.Tensor, mdir, name: str | None = None) -> dict:
     """Make the shipped model `name` (default: the first `shipped_weights` names) this run's finished full-data model
-    (`mdir`/final): check their sha256 against the card,
-    write them in fp32 as `unet/` and `unet_ema/` (they are EMA weights) with a `model.json` naming their source. A full
-    model finished here under other settings is moved aside to `final.was-<hash>`, never deleted."""
+       (`mdir`/final): check its sha256 against the card, write it in fp32
+    as `unet/` and `unet_ema/` (they are EMA weights) with a `model.json` naming their source. A full
+       model finished here under other settings is moved aside to `final.was-<hash>`, never deleted."""
     import matplotlib.pyplot as plt
     from safetensors.torch import load_file
 
