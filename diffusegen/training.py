@@ -1027,9 +1027,9 @@ def choose_shipped(cfg: Config, ids) -> tuple[str | None, dict | None, str]:
 # %% ../nbs/03_training.ipynb #7ba3d06b
 def install_shipped(cfg: Config, card: dict, images: torch.Tensor, mdir, name: str | None = None) -> dict:
     """Make the shipped model `name` (default: the first `shipped_weights` names) this run's finished full-data model
-       (`mdir`/final): check its sha256 against the card, write it in fp32
-    as `unet/` and `unet_ema/` (they are EMA weights) with a `model.json` naming their source. A full
-       model finished here under other settings is moved aside to `final.was-<hash>`, never deleted."""
+    (`mdir`/final): check its sha256 against the card, write it in fp32 as `unet/` and `unet_ema/` (they are EMA
+    weights) with a `model.json` naming their source. A full model finished here under other settings is moved
+    aside to `final.was-<hash>`, never deleted."""
     import matplotlib.pyplot as plt
     from safetensors.torch import load_file
 
