@@ -26,16 +26,18 @@ from diffusegen.core import (
     stage_dirs,
     resolve_device,
     content_key,
+    project_root,
+    sha256_file,
 )
 from .data import read_image, read_mask_grey, read_mask, load_split
 from .weights import resolve_weights, inception_features
 
 # %% auto #0
 __all__ = ['MASK_MODES', 'UNION', 'FEATURE_VERSION', 'PAPER_K', 'PAPER_K20_SIZES', 'union_mask', 'feature_inputs',
-           'pair_features', 'feature_cache_key', 'feature_cache_dir', 'cached_pair_features', 'kmeans_labels',
-           'match_clusters', 'paper_agreement', 'seed_stability', 'paper_partition_fit', 'cluster_mosaic',
-           'fig3_clusters', 'projection_2d', 'projection_figure', 'contingency_figure', 'clusters_path',
-           'load_clusters', 'size_table', 'run_clustering']
+           'pair_features', 'feature_cache_key', 'feature_cache_dir', 'shipped_feature_files', 'cached_pair_features',
+           'kmeans_labels', 'match_clusters', 'paper_agreement', 'seed_stability', 'paper_partition_fit',
+           'cluster_mosaic', 'fig3_clusters', 'projection_2d', 'projection_figure', 'contingency_figure',
+           'clusters_path', 'load_clusters', 'size_table', 'run_clustering']
 
 # %% ../nbs/02_clustering.ipynb #1a057840
 MASK_MODES = ("grey", "raw", "binary")  # the setting cluster_mask_read
@@ -141,14 +143,17 @@ def pair_features(
     return np.concatenate(out).astype(np.float32)
 
 
-def _file_sig(p) -> list:
-    p = Path(p).resolve()
-    st = p.stat()
-    return [str(p), st.st_size, st.st_mtime_ns]
+def _file_sig(p) -> str | list:
+    "A file's sha256 (its content, wherever it lies); a folder of class masks: its path and mtime."
+    p = Path(p)
+    if p.is_dir():
+        return [str(p.resolve()), p.stat().st_mtime_ns]
+    return sha256_file(p)
 
 
 def feature_cache_key(pairs: list, weights_sha256: str, size: int, mask_mode: str = "raw", threshold: int = 128) -> str:
-    "Hash of what the features depend on: the weights, `size`, the mask mode and each file's path, size and mtime."
+    """Hash of what the features depend on: the weights, `size`, the mask mode and each file's content (sha256), in
+    order: the same files give the same key on any machine and in any folder."""
     try:
         files = [[_file_sig(i), _file_sig(m)] for i, m in pairs]
     except OSError as e:
@@ -168,6 +173,25 @@ def feature_cache_dir(cfg: Config) -> Path:
     return cfg.root / "runs" / "cache" / "inception_features"
 
 
+def shipped_feature_files() -> list[Path]:
+    "Feature files shipped with diffusegen (`weights/*.features.safetensors`): cache files whose metadata holds their key."
+    return sorted((project_root() / "weights").glob("*.features.safetensors"))
+
+
+def _read_features(path: Path, n: int, key: str | None = None):
+    "The (n, 4096) features of a cache file, or None (absent, unreadable, another shape, or not `key` when given)."
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            if key is not None and (f.metadata() or {}).get("key") != key:
+                return None
+            a = f.get_tensor("features")
+    except Exception:
+        return None  # absent, unreadable or partial: recompute (and overwrite a cache file)
+    return a if a.shape == (n, 4096) else None
+
+
 def cached_pair_features(
     pairs: list,
     model,
@@ -178,24 +202,25 @@ def cached_pair_features(
     threshold: int = 128,
     batch_size: int = 16,
     progress: bool = True,
+    shipped: list = (),
 ) -> tuple[np.ndarray, Path, bool]:
-    "`pair_features`, read from / written to `cache_dir`/<key>.safetensors: (features, cache file, whether it was a hit)."
-    from safetensors.numpy import load_file, save_file
+    """`pair_features`, read from `cache_dir`/<key>.safetensors or from a `shipped` file whose metadata holds the same
+    key, else computed and written to the cache: (features, the file, whether it was read)."""
+    from safetensors.numpy import save_file
 
-    path = Path(cache_dir) / f"{feature_cache_key(pairs, weights_sha256, size, mask_mode, threshold)}.safetensors"
-    if path.exists():
-        try:
-            f = load_file(str(path))["features"]
-            if f.shape == (len(pairs), 4096):
-                return f, path, True
-        except Exception:
-            pass  # unreadable or partial: recompute and overwrite
+    key = feature_cache_key(pairs, weights_sha256, size, mask_mode, threshold)
+    path = Path(cache_dir) / f"{key}.safetensors"
+    for p, k in [(path, None)] + [(Path(s), key) for s in shipped]:
+        f = _read_features(p, len(pairs), k)
+        if f is not None:
+            return f, p, True
     f = pair_features(pairs, model, size, batch_size, mask_mode, threshold, progress)
     meta = {
+        "key": key,
         "weights_sha256": weights_sha256,
         "size": str(size),
         "mask_mode": mask_mode,
-        "images": json.dumps([str(i) for i, _ in pairs]),
+        "images": json.dumps([Path(i).name for i, _ in pairs]),
     }
     with atomic_path(path) as tmp:
         save_file({"features": f}, str(tmp), metadata=meta)
@@ -557,11 +582,18 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
         cfg.mask_threshold,
         batch_size=16,
         progress=progress,
+        shipped=shipped_feature_files(),
     )
     t_feat = time.time() - t1
+    shipped = hit and cache.parent != feature_cache_dir(cfg)
+    read_from = (
+        f"shipped with diffusegen, {cache.name} (its key: these files' sha256, the weights, the size and the mask mode)"
+        if shipped
+        else f"the cache {cache}"
+    )
     if progress:
         print(
-            f"features: {feats.shape[0]}×{feats.shape[1]} ({'cache ' + cache.name if hit else f'computed in {t_feat:.0f} s'})"
+            f"features: {feats.shape[0]}×{feats.shape[1]} ({'read from ' + read_from if hit else f'computed in {t_feat:.0f} s'})"
         )
     t1 = time.time()
     labels, centres = kmeans_labels(feats, cfg.n_clusters, cfg.kmeans_seed, cfg.kmeans_n_init)
@@ -580,7 +612,7 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
     notes = [
         f"features: FID Inception-v3 pool3 of the image and of its mask (read as {dict(raw='RGB, as the paper', grey='grey levels as RGB', binary='thresholded', union='the union of the classes (several classes)')[mask_mode]}: cluster_mask_read={mask_mode}), "
         f"each LANCZOS-resized to {cfg.feature_size}×{cfg.feature_size}: {feats.shape[1]}-d; "
-        + (f"read from the cache {cache}" if hit else f"computed in {t_feat:.0f} s, cached as {cache}"),
+        + (f"read from {read_from}" if hit else f"computed in {t_feat:.0f} s, cached as {cache}"),
         f"KMeans(n_clusters={cfg.n_clusters}, random_state={cfg.kmeans_seed}, n_init={cfg.kmeans_n_init}) on {len(train)} training images",
     ]
     has_paper = "paper_cluster" in train and (train.paper_cluster >= 0).any()
@@ -694,6 +726,7 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
         "agreement": agree,
         "projection": method,
         "features_cached": hit,
+        "features_shipped": shipped,
         "feature_cache": str(cache),
         "seconds_features": round(t_feat, 1),
         "seconds_kmeans": round(t_km, 2),

@@ -267,6 +267,7 @@ class Config:
     # segmentation (§2.7, Appendix B.2; paper-code-facts b.6)
     seg_arch: str = _f("UnetPlusPlus", "segmentation")
     seg_encoder: str = _f("se_resnext50_32x4d", "segmentation")
+    seg_decoder_channels: str = _f("256 128 64 32 16", "segmentation", hash_default=False)
     seg_encoder_weights: str = _f("none", "segmentation")
     seg_epochs: int = _f(150, "segmentation", ge=1)
     seg_lr: float = _f(1e-4, "segmentation", gt=0)

@@ -447,11 +447,13 @@ def test_multiclass_statistics_tables_have_per_class_columns(tmp_path):
 # ---- the whole pipeline on the procedural grey two-class set ----
 
 
-def test_reproduce_smoke_on_grey_two_class_set(tmp_path):
-    """`diffusegen reproduce --profile smoke` on the procedural grey set with two classes: every stage runs (none is
-    blocked), and Tables 2 and 3 carry each class's IoU beside the mean over the classes."""
+def test_every_stage_runs_on_grey_two_class_set(tmp_path):
+    """Every stage function in pipeline order (what each section notebook calls) on the procedural grey set with two
+    classes: none refuses the layout, and Tables 2 and 3 carry each class's IoU beside the mean over the classes. The
+    notebooks around these functions are run by test_notebooks (their checks) and test_runner (`reproduce`)."""
     import pandas as pd
-    from diffusegen.runner import reproduce
+    from diffusegen.core import STAGES, ensure, stage_function
+    from diffusegen.runner import layout_not_supported
     from diffusegen.segmentation import results_paths
     from diffusegen.sets import class_values
 
@@ -463,12 +465,11 @@ def test_reproduce_smoke_on_grey_two_class_set(tmp_path):
         "monitor_samples": 2,
         "monitor_sample_steps": 2,
     }
-    runs = reproduce(
-        "smoke", data=d, out=tmp_path / "out", overrides={**fast, "classes": "round elongated"}, progress=False
-    )
-    st = {r.stage.name: (r.status, r.detail) for r in runs}
-    assert all(s == "ran" for s, _ in st.values()), st
-    cfg = load_config("smoke", {"out": str(tmp_path / "out")})
+    cfg = load_config("smoke", {**fast, "classes": "round elongated", "out": str(tmp_path / "out")})
+    last = STAGES[-1]
+    assert ensure(cfg, last.name, data=d) == [s.name for s in STAGES[:-1]]  # every upstream stage ran
+    stage_function(last)(cfg, progress=False)
+    assert not [s.name for s in STAGES if layout_not_supported(cfg, s.name)]  # the runner would block none
     assert data_layout(cfg).image_channels == 1 and data_layout(cfg).classes == ("round", "elongated")
     res = pd.read_csv(results_paths(cfg)[1], keep_default_na=False)
     ok = res[res.status == "ok"]

@@ -142,3 +142,38 @@ def test_too_many_clusters_and_missing_inputs_are_one_line_errors(smoke_run, tmp
         run_clustering(fresh, progress=False)
     with pytest.raises(DataError, match="run the clustering stage first"):
         load_clusters(fresh)
+
+
+def test_shipped_features_are_the_paper_ids_as_the_demo_reads_them(inception):
+    """The shipped features (weights/kvasir-seg-paper348.features.safetensors): the paper's 348 Kvasir-SEG training
+    pairs, the FID Inception's sha256, and the demo's and the paper's feature settings, with the key the stage looks up."""
+    from pathlib import Path
+    from safetensors import safe_open
+
+    files = clu.shipped_feature_files()
+    assert [f.name for f in files] == ["kvasir-seg-paper348.features.safetensors"]
+    with safe_open(str(files[0]), "np") as h:
+        meta, a = h.metadata(), h.get_tensor("features")
+    paper = pd.read_csv(Path(__file__).resolve().parents[1] / "data" / "paper" / "paper_clusters_k20.csv", dtype=str)
+    assert sorted(json.loads(meta["images"])) == sorted(f"{i}.jpg" for i in paper.iloc[:, 0])
+    assert a.shape == (348, 4096) and a.dtype == np.float32 and np.isfinite(a).all()
+    for p in ("demo", "paper"):
+        cfg = load_config(p)
+        assert (meta["size"], meta["mask_mode"]) == (str(cfg.feature_size), cfg.cluster_mask_read)
+    assert meta["weights_sha256"] == inception[1]["sha256"] and len(meta["key"]) == 24
+
+
+def test_demo_on_kvasir_reads_the_shipped_features(kvasir_root, tmp_path, monkeypatch):
+    "The demo's clustering stage on Kvasir-SEG: the key of these files is the shipped one, so no Inception pass runs."
+    cfg = load_config("demo", {"out": str(tmp_path)})
+    run_data(cfg, kvasir_root, progress=False)
+
+    def no_forward(*a, **k):
+        raise AssertionError("the Inception ran although the features were shipped")
+
+    monkeypatch.setattr(clu, "_forward", no_forward)
+    s = run_clustering(cfg, progress=False)
+    assert s["features_cached"] and s["features_shipped"] and s["n_images"] == 348
+    assert "shipped with diffusegen" in json.dumps(
+        json.loads((stage_dirs(cfg, "clustering")[0] / "manifest.json").read_text())["notes"]
+    )
