@@ -1030,17 +1030,12 @@ def batch_outputs(model, images: np.ndarray, batch: int, head) -> list[torch.Ten
     "`head` of the model's softmax outputs on uint8 images, batch by batch, on the CPU (the model in eval mode)."
     dev = next(model.parameters()).device
     model.eval()
+    out = []
     with channels_last(model):
-        return [
-            head(
-                model(
-                    to_tensors(images[b : b + batch], np.zeros(images[b : b + batch].shape[:3]))[0].to(
-                        dev, memory_format=torch.channels_last
-                    )
-                )
-            ).cpu()
-            for b in range(0, len(images), batch)
-        ]
+        for b in range(0, len(images), batch):
+            x = to_tensors(images[b : b + batch], np.zeros(images[b : b + batch].shape[:3]))[0]
+            out.append(head(model(x.to(dev, memory_format=torch.channels_last))).cpu())
+    return out
 
 
 def predict(model, images: np.ndarray, batch: int = 32) -> torch.Tensor:
