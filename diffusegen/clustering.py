@@ -587,10 +587,21 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
     t_feat = time.time() - t1
     shipped = hit and cache.parent != feature_cache_dir(cfg)
     read_from = (
-        f"shipped with diffusegen, {cache.name} (its key: these files' sha256, the weights, the size and the mask mode)"
+        f"the features shipped with diffusegen, weights/{cache.name} (their key, these files' sha256 with the weights, "
+        f"the size and the mask mode, is this run's)"
         if shipped
         else f"the cache {cache}"
     )
+    provenance = [prov]
+    if shipped:  # the features come from a file of the repository: its sha256 goes into the manifest
+        provenance.append(
+            {
+                "name": "clustering features (shipped)",
+                "label": "Inception features of these training pairs, shipped with diffusegen",
+                "source": f"weights/{cache.name}",
+                "sha256": sha256_file(cache),
+            }
+        )
     if progress:
         print(
             f"features: {feats.shape[0]}×{feats.shape[1]} ({'read from ' + read_from if hit else f'computed in {t_feat:.0f} s'})"
@@ -733,5 +744,5 @@ def run_clustering(cfg: Config, progress: bool = True) -> dict:
         "seconds": round(time.time() - t0, 1),
         "mask_mode": mask_mode,
     }
-    write_manifest(cfg, "clustering", arts, [prov], summary, notes)
+    write_manifest(cfg, "clustering", arts, provenance, summary, notes)
     return summary

@@ -174,6 +174,7 @@ def test_demo_on_kvasir_reads_the_shipped_features(kvasir_root, tmp_path, monkey
     monkeypatch.setattr(clu, "_forward", no_forward)
     s = run_clustering(cfg, progress=False)
     assert s["features_cached"] and s["features_shipped"] and s["n_images"] == 348
-    assert "shipped with diffusegen" in json.dumps(
-        json.loads((stage_dirs(cfg, "clustering")[0] / "manifest.json").read_text())["notes"]
-    )
+    m = json.loads((stage_dirs(cfg, "clustering")[0] / "manifest.json").read_text())
+    assert "the features shipped with diffusegen" in json.dumps(m["notes"])
+    (w,) = [w for w in m["weights"] if w["name"] == "clustering features (shipped)"]  # their sha256 in the provenance
+    assert w["sha256"] == sha256_file(clu.shipped_feature_files()[0])
