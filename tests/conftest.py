@@ -58,14 +58,3 @@ def numeric_dataset(dest: Path, n: int = 24, size: int = 96) -> Path:
 def numeric_data(tmp_path_factory) -> Path:
     "A small dataset with numeric file names (see `numeric_dataset`)."
     return numeric_dataset(tmp_path_factory.mktemp("numeric") / "data")
-
-
-# The longest test files, longest first (one process, `--durations`: test_runner's reproduce test alone is 6 minutes).
-# `--dist loadfile` hands whole files to the workers in collection order; a long file collected last runs alone on one
-# worker while the others idle (16 minutes instead of about 12 on 2 cores), so these go first.
-LONGEST_FILES = ("test_runner.py", "test_notebooks.py", "test_classes.py", "test_bench.py", "test_training.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: each file keeps its own order
